@@ -1,0 +1,206 @@
+"""The `pipeline` command: extract LaRE caches, inspect and verify them.
+
+Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    help="Feature-cache pipeline for detecting diffusion-generated images (LaRE^2, Learning on Less).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="Inspect and check caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@app.command()
+def extract(
+    data_root: Path = typer.Option(
+        ..., "--data-root", help="Folder holding the GenImage subsets (or one subset)."
+    ),
+    subset: str = typer.Option(
+        ...,
+        help="adm, biggan, glide, midjourney, sdv14, sdv15, vqdm, wukong "
+        "(or a GenImage archive folder name).",
+    ),
+    cache_dir: str = typer.Option(
+        "cache", "--cache-dir", help="Where <subset>.zarr is written (path or URL)."
+    ),
+    model: str = typer.Option(
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        help="Hub id (id@revision), local diffusers folder, or 'tiny' (random weights).",
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    split: list[str] = typer.Option(["train", "val"], "--split", help="Splits to index (repeat the option)."),
+    timestep: int = typer.Option(200, help="Diffusion timestep the latent is noised at."),
+    ensemble: int = typer.Option(4, help="Noises per image, averaged (e in the paper)."),
+    size: int = typer.Option(256, help="Side of the square image the VAE encodes."),
+    preprocess: str = typer.Option(
+        "resize",
+        help="resize: straight resize to --size (reference); "
+        "crop: resample-free centre crop, aligned with the pixel cache.",
+    ),
+    prompt: str = typer.Option("a photo", help="Fixed text condition for the UNet."),
+    prompt_template: str = typer.Option(
+        None,
+        help="Per-image prompt, e.g. 'a photo of a {cls}', with the "
+        "ImageNet class parsed from GenImage file names (reference).",
+    ),
+    dtype: str = typer.Option("float16", help="Storage dtype of the maps: float16 or float32."),
+    precision: str = typer.Option(
+        "auto", help="Compute precision: auto (fp32 on CPU, fp16 on GPU), fp32, bf16, fp16."
+    ),
+    seed: int = typer.Option(0, help="Seed of the per-image noise generators (keyed by image content)."),
+    pixels: bool = typer.Option(True, "--pixels/--no-pixels", help="Also store uint8 pixel crops."),
+    pixel_size: int = typer.Option(
+        256, help="Side of the stored pixel crop (no resampling; small images tiled)."
+    ),
+    max_pixels: int = typer.Option(
+        64 * 1024 * 1024, help="Images with more pixels are refused (decompression bombs)."
+    ),
+    batch_size: int = typer.Option(16, help="Images per model call. Changes the last bits of the maps only."),
+    rows_per_shard: int = typer.Option(
+        512, help="Rows per shard (layout only; not part of the fingerprint)."
+    ),
+    loader_workers: int = typer.Option(-1, help="DataLoader decode workers; -1: none on CPU, 8 on GPU."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr."""
+    from stages.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        data_root=str(data_root),
+        subset=subset,
+        cache_dir=cache_dir,
+        model=model,
+        splits=tuple(split),
+        timestep=timestep,
+        ensemble=ensemble,
+        size=size,
+        preprocess=preprocess,
+        prompt=prompt,
+        prompt_template=prompt_template,
+        dtype=dtype,
+        precision=precision,
+        seed=seed,
+        pixels=pixels,
+        pixel_size=pixel_size,
+        max_pixels=max_pixels,
+        batch_size=batch_size,
+        rows_per_shard=rows_per_shard,
+        device=device,
+        loader_workers=loader_workers,
+        progress=progress,
+    )
+    run_extract(cfg, log=lambda msg: typer.echo(msg, err=True))
+
+
+def _describe_artifact(path: str, art: dict[str, Any]) -> list[str]:
+    p = art.get("params", {})
+    state = "complete" if art["complete"] else "INCOMPLETE"
+    done = f"{art['shards_done']}/{art['n_shards']} shards"
+    head = f"{path:<28} {state} {done}, {art['n_rows']} rows, {art['n_failed']} failed"
+    lines = [head]
+    if art["kind"] == "lare":
+        m = art.get("model", {})
+        note = "  (random weights: no forensic signal)" if m.get("source") == "tiny" else ""
+        prompt = (
+            f"template '{p['prompt_template']}'"
+            if p.get("prompt_template")
+            else f"prompt '{p.get('prompt')}'"
+        )
+        lines.append(
+            f"  model {m.get('spec')} [{m.get('source')}, weights {str(m.get('weights'))[:12]}]{note}"
+        )
+        lines.append(
+            f"  t={p['timestep']} e={p['ensemble']} size={p['size']} {p['preprocess']} {prompt} "
+            f"{p['dtype']} compute {p['precision']} seed {p['seed']}"
+        )
+    else:
+        lines.append(f"  {p.get('size')}x{p.get('size')} uint8, {p.get('geometry')}")
+    return lines
+
+
+@cache_app.command("info")
+def cache_info(
+    cache: str = typer.Argument(..., help="Path or URL of a <subset>.zarr cache."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """What a cache holds: index, artifacts (parameters, model, progress) and failed rows."""
+    from pipeline.store import CacheStore
+
+    store = CacheStore(cache, mode="r")
+    manifest = store.read_json("manifest.json") or store.build_manifest()
+    if as_json:
+        typer.echo(json.dumps(manifest, indent=1, sort_keys=True))
+        return
+    typer.echo(
+        f"cache {cache}  subset {manifest['subset']}  schema {manifest['schema_version']}  "
+        f"updated {manifest['updated_at']}"
+    )
+    for path, attrs in sorted(manifest["indexes"].items()):
+        latest = "  (latest)" if path == manifest.get("latest_index") else ""
+        typer.echo(f"{path:<28} {attrs['n_rows']} rows, splits {','.join(attrs['splits'])}{latest}")
+    failed = {}
+    for path, art in sorted(manifest["artifacts"].items()):
+        for line in _describe_artifact(path, art):
+            typer.echo(line)
+        for f in art["failed"]:
+            failed.setdefault(f["path"], f["reason"])
+    if failed:
+        typer.echo(f"failed rows ({len(failed)}):")
+        for path, reason in sorted(failed.items()):
+            typer.echo(f"  {path}: {reason}")
+
+
+@cache_app.command("verify")
+def cache_verify(cache: str = typer.Argument(..., help="Path or URL of a <subset>.zarr cache.")) -> None:
+    """Recompute every checksum in the manifest: exit 0 when intact, 1 naming each damaged object."""
+    from pipeline.store import CacheStore, manifest_files, verify
+
+    store = CacheStore(cache, mode="r")
+    problems = verify(store)
+    if problems:
+        for line in problems:
+            typer.echo(f"FAILED {line}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"ok: {len(manifest_files(store.manifest()))} objects match the manifest of {cache}")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Folder to create the synthetic GenImage-layout set in."),
+    subset: str = typer.Option("sdv14", help="Which subset's folder names to use."),
+    train: int = typer.Option(16, help="Images per class in train."),
+    val: int = typer.Option(8, help="Images per class in val."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Write a small synthetic set (generated = upsampled from low resolution) for demos and tests."""
+    from stages.index import canonical_subset
+    from stages.synthetic import make_genimage
+
+    folder = make_genimage(out, canonical_subset(subset), {"train": train, "val": val}, seed=seed)
+    typer.echo(f"wrote {2 * (train + val)} images to {folder}")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished shards are kept; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

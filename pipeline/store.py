@@ -1,0 +1,416 @@
+"""The cache store: one Zarr v3 group per subset, written in whole shards, described by a manifest.
+
+Layout (cache_schema.md is the contract; this module is its only writer):
+
+    <subset>.zarr/
+      zarr.json                       root group, attrs: schema_version, subset
+      index/<fp16>/{id,path,...}      the index the artifacts' rows refer to
+      <kind>/<fp16>/<array>           an artifact (kind: lare, pixels), named by its fingerprint
+      <kind>/<fp16>/status            per row: 0 not computed, 1 ok, 2 failed
+      _progress/<kind>/<fp16>/<shard>.json   written AFTER the shard's data: the resume record
+      manifest.json                   written atomically, last: what a reader trusts
+
+Zarr loses data silently when two writers touch one shard, so every array is created once at its
+full shape and a writer only ever writes whole shards of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from pipeline.errors import UserError
+from pipeline.fingerprint import checksum_bytes
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PROGRESS = "_progress"
+PACKAGES = ("lare-pipeline", "torch", "diffusers", "transformers", "zarr", "numpy", "pillow")
+STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def safe_key(key: str) -> str:
+    """Refuse store keys that could escape the cache root (a manifest from a stranger)."""
+    norm = posixpath.normpath(key)
+    if key.startswith("/") or "\\" in key or norm.startswith("..") or norm != key or ":" in key:
+        raise UserError(f"refusing unsafe path in cache manifest: '{key}'")
+    return key
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-row array of an artifact: each row has `row_shape`; chunks hold about 1 MiB."""
+
+    row_shape: tuple[int, ...]
+    dtype: str
+    chunk_bytes: int = 1 << 20
+    fill_value: Any = 0
+    compressor: str = "zstd"  # "zstd" (fast, for pixels) or "blosc-shuffle" (floats)
+
+    def chunk_rows(self, rows_per_shard: int) -> int:
+        """The largest divisor of the shard's rows whose chunk stays within `chunk_bytes`."""
+        row_bytes = int(np.prod(self.row_shape)) * np.dtype(self.dtype).itemsize
+        target = max(1, self.chunk_bytes // max(row_bytes, 1))
+        return max(d for d in range(1, min(target, rows_per_shard) + 1) if rows_per_shard % d == 0)
+
+    def codec(self):
+        if self.compressor == "blosc-shuffle":
+            return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+        return ZstdCodec(level=1)
+
+
+@dataclass
+class Artifact:
+    """A stage output stored in the cache: its kind, fingerprint, arrays and what made it."""
+
+    kind: str
+    fingerprint: str
+    arrays: dict[str, ArraySpec]
+    attrs: dict[str, Any] = field(default_factory=dict)  # params, model, upstream, code version...
+
+    @property
+    def path(self) -> str:
+        return f"{self.kind}/{self.fingerprint[:16]}"
+
+
+@dataclass
+class ShardWrite:
+    """Everything one finished shard puts in the store."""
+
+    artifact: str  # Artifact.path
+    shard: int
+    start: int
+    stop: int
+    data: dict[str, np.ndarray]
+    status: np.ndarray
+    failed: list[dict[str, Any]]
+    info: dict[str, Any]
+
+
+class CacheStore:
+    """A cache at a local path or an fsspec URL; zarr for arrays, plain JSON objects for records."""
+
+    def __init__(self, url: str, mode: str = "r", subset: str | None = None):
+        if mode not in ("r", "a"):
+            raise ValueError(mode)
+        self.url = str(url)
+        self.read_only = mode == "r"
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
+        if self.read_only and not self._exists(""):
+            raise UserError(f"no cache at {self.url}")
+        if self.local:
+            self.zstore = zarr.storage.LocalStore(self.root, read_only=self.read_only)
+        else:
+            self.zstore = zarr.storage.FsspecStore(self.fs, path=self.root, read_only=self.read_only)
+        self._open_root(subset)
+
+    # ---- root group and schema ---------------------------------------------------------------
+    def _open_root(self, subset: str | None) -> None:
+        try:
+            self.group = zarr.open_group(self.zstore, mode="r" if self.read_only else "a")
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{self.url} is not a readable Zarr cache ({e})") from None
+        found = self.group.attrs.get("schema_version")
+        if found is None:
+            if self.read_only or list(self.group.keys()):
+                raise UserError(f"{self.url} is not a cache made by this pipeline (no schema_version)")
+            self.group.attrs.update({"schema_version": SCHEMA_VERSION, "subset": subset, "created_at": now()})
+        elif found != SCHEMA_VERSION:
+            raise UserError(
+                f"{self.url} has cache schema version {found}; this pipeline reads version {SCHEMA_VERSION} "
+                "and has no migration for it (see cache_schema.md)"
+            )
+        elif subset is not None and self.group.attrs.get("subset") not in (None, subset):
+            raise UserError(f"{self.url} holds subset '{self.group.attrs['subset']}', not '{subset}'")
+
+    @property
+    def subset(self) -> str | None:
+        return self.group.attrs.get("subset")
+
+    # ---- plain objects (records, manifest) -----------------------------------------------------
+    def _full(self, key: str) -> str:
+        return posixpath.join(self.root, key) if key else self.root
+
+    def _exists(self, key: str) -> bool:
+        return self.fs.exists(self._full(key))
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.fs.cat_file(self._full(safe_key(key)))
+
+    def read_json(self, key: str) -> dict | None:
+        try:
+            return json.loads(self.read_bytes(key))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, key: str, obj: Any) -> None:
+        """Atomic: a reader sees the old object or the new one, never half of one."""
+        data = json.dumps(obj, indent=1, sort_keys=True).encode()
+        full = self._full(safe_key(key))
+        if self.local:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            tmp = f"{full}.tmp{os.getpid()}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, full)
+        else:
+            self.fs.pipe_file(full, data)  # one PUT: object stores replace whole objects atomically
+
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._full(prefix)
+        if not self.fs.exists(base):
+            return []
+        root = self.root.rstrip("/") + "/"
+        return sorted(p[len(root) :] if p.startswith(root) else p for p in self.fs.find(base))
+
+    def checksum(self, key: str) -> str:
+        return checksum_bytes(self.read_bytes(key))
+
+    # ---- tables (the index) ------------------------------------------------------------------
+    def write_table(self, path: str, columns: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+        """Write a table of per-row columns once; its checksums go in its attrs, written last."""
+        group = self.group.require_group(path)
+        files = {}
+        for name, values in columns.items():
+            n = len(values)
+            is_str = values.dtype == object
+            arr = group.create_array(
+                name,
+                shape=(n,),
+                dtype=str if is_str else values.dtype,
+                chunks=(min(max(n, 1), 1 << 16),),
+                overwrite=True,
+                config={"write_empty_chunks": True},
+            )
+            arr[:] = values
+            for key in self._array_keys(f"{path}/{name}", arr):
+                files[key] = self.checksum(key)
+        group.attrs.update({**attrs, "files": files, "complete": True})
+
+    def read_table(self, path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        group = self.group[path]
+        return {name: arr[:] for name, arr in group.arrays()}, dict(group.attrs)
+
+    def _subgroups(self, path: str | None = None):
+        """Child groups; zarr warns about our plain objects (records, manifest), which is expected."""
+        group = self.group if path is None else self.group[path]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+            return list(group.groups())
+
+    def tables(self, prefix: str) -> dict[str, dict[str, Any]]:
+        """attrs of each complete table under `prefix` (e.g. every index), by path."""
+        if prefix not in self.group:
+            return {}
+        out = {}
+        for name, sub in self._subgroups(prefix):
+            if sub.attrs.get("complete"):
+                out[f"{prefix}/{name}"] = dict(sub.attrs)
+        return out
+
+    # ---- artifacts ---------------------------------------------------------------------------
+    def open_artifact(self, artifact: Artifact, n_rows: int, rows_per_shard: int) -> int:
+        """Create the artifact's arrays at full shape, or reopen them; returns the rows per shard in force.
+
+        Rows per shard is a layout knob: an artifact already started keeps its own layout.
+        """
+        path = artifact.path
+        if path in self.group:
+            attrs = self.group[path].attrs
+            if attrs.get("n_rows") != n_rows:
+                raise UserError(f"{self.url}/{path} has {attrs.get('n_rows')} rows, expected {n_rows}")
+            return int(attrs["rows_per_shard"])
+        group = self.group.require_group(path)
+        for name, spec in artifact.arrays.items():
+            group.create_array(
+                name,
+                shape=(n_rows, *spec.row_shape),
+                dtype=spec.dtype,
+                shards=(rows_per_shard, *spec.row_shape),
+                chunks=(spec.chunk_rows(rows_per_shard), *spec.row_shape),
+                fill_value=spec.fill_value,
+                compressors=spec.codec(),
+                config={"write_empty_chunks": True},
+            )
+        group.create_array(
+            "status",
+            shape=(n_rows,),
+            dtype="uint8",
+            chunks=(rows_per_shard,),
+            fill_value=STATUS_PENDING,
+            config={"write_empty_chunks": True},
+        )
+        group.attrs.update(
+            {
+                "kind": artifact.kind,
+                "fingerprint": artifact.fingerprint,
+                "n_rows": n_rows,
+                "rows_per_shard": rows_per_shard,
+                "n_shards": -(-n_rows // rows_per_shard),
+                "arrays": sorted([*artifact.arrays, "status"]),
+                "created_at": now(),
+                "packages": package_versions(),
+                **artifact.attrs,
+            }
+        )
+        return rows_per_shard
+
+    def artifacts(self) -> dict[str, dict[str, Any]]:
+        """attrs of every artifact in the cache, by path (`<kind>/<fp16>`)."""
+        out = {}
+        for kind, _ in self._subgroups():
+            if kind == "index":
+                continue
+            for name, art in self._subgroups(kind):
+                if "fingerprint" in art.attrs:
+                    out[f"{kind}/{name}"] = dict(art.attrs)
+        return out
+
+    def _array_keys(self, array_path: str, arr: zarr.Array) -> Iterator[str]:
+        grid = (
+            arr.cdata_shape
+            if arr.shards is None
+            else tuple(-(-s // c) for s, c in zip(arr.shape, arr.shards, strict=True))
+        )
+        for coords in np.ndindex(*grid):
+            yield f"{array_path}/{arr.metadata.encode_chunk_key(coords)}"
+
+    def shard_keys(self, artifact_path: str, shard: int) -> list[str]:
+        """The store objects that hold one shard: one per array (a sharded array's shard, or a chunk)."""
+        group = self.group[artifact_path]
+        keys = []
+        for name in group.attrs["arrays"]:
+            arr = group[name]
+            coords = (shard,) + (0,) * (arr.ndim - 1)
+            keys.append(f"{artifact_path}/{name}/{arr.metadata.encode_chunk_key(coords)}")
+        return keys
+
+    def write_shard(self, w: ShardWrite) -> dict[str, Any]:
+        """Write one whole shard of every array, then its progress record: the record means 'done'."""
+        group = self.group[w.artifact]
+        for name, values in w.data.items():
+            group[name][w.start : w.stop] = values
+        group["status"][w.start : w.stop] = w.status
+        record = {
+            "shard": w.shard,
+            "rows": [w.start, w.stop],
+            "files": {key: self.checksum(key) for key in self.shard_keys(w.artifact, w.shard)},
+            "n_ok": int((w.status == STATUS_OK).sum()),
+            "failed": w.failed,
+            "written_at": now(),
+            **w.info,
+        }
+        self.write_json(f"{PROGRESS}/{w.artifact}/{w.shard:06d}.json", record)
+        return record
+
+    def done_shards(self, artifact_path: str) -> dict[int, dict[str, Any]]:
+        """Progress records of the shards finished so far, by shard number."""
+        out = {}
+        for key in self.list_keys(f"{PROGRESS}/{artifact_path}"):
+            if key.endswith(".json"):
+                record = self.read_json(key)
+                out[int(record["shard"])] = record
+        return out
+
+    # ---- manifest ----------------------------------------------------------------------------
+    def build_manifest(self) -> dict[str, Any]:
+        """What the cache holds, with a checksum of every object, assembled from the store itself."""
+        indexes = self.tables("index")
+        artifacts = {}
+        for path, attrs in self.artifacts().items():
+            shards = self.done_shards(path)
+            failed = [f for s in sorted(shards) for f in shards[s]["failed"]]
+            artifacts[path] = {
+                **attrs,
+                "shards_done": len(shards),
+                "complete": len(shards) == attrs["n_shards"],
+                "n_failed": len(failed),
+                "failed": failed,
+                "shards": {
+                    str(s): {"rows": r["rows"], "files": r["files"], "n_ok": r["n_ok"]}
+                    for s, r in sorted(shards.items())
+                },
+            }
+        metadata = {key: self.checksum(key) for key in self.list_keys("") if key.endswith("zarr.json")}
+        latest = max(indexes.items(), key=lambda kv: kv[1].get("created_at", ""), default=(None, None))[0]
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "subset": self.subset,
+            "updated_at": now(),
+            "packages": package_versions(),
+            "latest_index": latest,
+            "indexes": indexes,
+            "artifacts": artifacts,
+            "metadata_files": metadata,
+        }
+
+    def write_manifest(self) -> dict[str, Any]:
+        manifest = self.build_manifest()
+        self.write_json(MANIFEST, manifest)
+        return manifest
+
+    def manifest(self) -> dict[str, Any]:
+        manifest = self.read_json(MANIFEST)
+        if manifest is None:
+            raise UserError(f"{self.url} has no {MANIFEST}: the run that wrote it did not finish (rerun it)")
+        return manifest
+
+
+def manifest_files(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Every object a manifest vouches for: key -> (checksum, what it is, for messages)."""
+    files: dict[str, tuple[str, str]] = {}
+    for key, digest in manifest.get("metadata_files", {}).items():
+        files[safe_key(key)] = (digest, "metadata")
+    for path, attrs in manifest.get("indexes", {}).items():
+        for key, digest in attrs.get("files", {}).items():
+            files[safe_key(key)] = (digest, f"index {path}")
+    for path, art in manifest.get("artifacts", {}).items():
+        for shard, info in art.get("shards", {}).items():
+            for key, digest in info["files"].items():
+                files[safe_key(key)] = (digest, f"shard {shard} of {path}")
+    return files
+
+
+def verify(store: CacheStore) -> list[str]:
+    """Recompute every checksum the manifest records; returns one line per problem (empty: intact)."""
+    problems = []
+    for key, (digest, what) in sorted(manifest_files(store.manifest()).items()):
+        try:
+            actual = store.checksum(key)
+        except FileNotFoundError:
+            problems.append(f"{what}: {key} is missing")
+            continue
+        if actual != digest:
+            problems.append(f"{what}: {key} does not match its checksum")
+    return problems

@@ -1,0 +1,62 @@
+"""Decoding one image safely, and the two geometries the caches use: resize, and crop with tiling.
+
+The crop never resamples: a resampled image loses exactly the high-frequency traces detectors
+look for. Images smaller than the crop are enlarged by tiling copies of themselves, as LoL does.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 8192 x 8192; GenImage's largest images are far smaller
+
+
+class BadImage(Exception):
+    """An image that cannot be used; the message is the reason recorded in the cache."""
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode file bytes to an RGB uint8 array (H, W, 3), or raise BadImage with a reason."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadImage(
+                    f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
+                )
+            img.load()
+            return np.array(img.convert("RGB"))
+    except BadImage:
+        raise
+    except Image.UnidentifiedImageError:
+        raise BadImage("not an image (format not recognised)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all are recorded
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BadImage(f"corrupt or truncated: {msg}") from None
+
+
+def crop_tiled(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Centre `size` x `size` crop, tiling the image first along any side shorter than `size`."""
+    h, w = rgb.shape[:2]
+    reps = (math.ceil(size / h), math.ceil(size / w), 1)
+    if reps != (1, 1, 1):
+        rgb = np.tile(rgb, reps)
+        h, w = rgb.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
+
+
+def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Straight resize to `size` x `size`, aspect ratio not kept: the LaRE reference's preprocessing."""
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))

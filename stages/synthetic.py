@@ -1,0 +1,115 @@
+"""A small synthetic dataset in GenImage's folder layout, for the demo and the tests.
+
+The generated class carries a real, simple generator artifact: it is made at a quarter of its
+resolution and upsampled, as many generators' last stages do, so it lacks the per-pixel sensor
+noise of the "real" class. Formats (JPEG / PNG) and sizes are drawn independently of the label,
+so the only signal a detector can learn is the artifact itself.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from stages.index import SUBSETS, imagenet_classes
+
+SIZES = ((256, 256), (320, 240), (200, 180), (288, 352), (512, 384), (160, 224))
+GENERATOR_TAG = {
+    "adm": "adm",
+    "biggan": "biggan",
+    "glide": "glide",
+    "midjourney": "midjourney",
+    "sdv14": "sdv4",
+    "sdv15": "sdv5",
+    "vqdm": "vqdm",
+    "wukong": "wukong",
+}
+
+
+def _scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Smooth random content: a few octaves of upsampled colour noise (float, 0..255)."""
+    out = np.zeros((h, w, 3), dtype=np.float32)
+    for cells, amp in ((3, 90.0), (8, 45.0), (24, 20.0)):
+        grid = rng.uniform(-1, 1, size=(cells, cells, 3)).astype(np.float32)
+        img = Image.fromarray(((grid + 1) * 127.5).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        out += (np.asarray(img, dtype=np.float32) / 127.5 - 1) * amp
+    return out + 128.0
+
+
+def make_image(rng: np.random.Generator, h: int, w: int, generated: bool) -> np.ndarray:
+    if generated:
+        small = _scene(rng, max(h // 4, 8), max(w // 4, 8)) + rng.normal(
+            0, 6, size=(max(h // 4, 8), max(w // 4, 8), 3)
+        )
+        small = np.clip(small, 0, 255).astype(np.uint8)
+        return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+    return np.clip(_scene(rng, h, w) + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _encode(rgb: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+    else:
+        Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def make_genimage(
+    root: str | Path,
+    subset: str = "sdv14",
+    per_class: dict[str, int] | None = None,
+    seed: int = 0,
+    layout: str = "genimage",
+) -> Path:
+    """Write `per_class[split]` real and generated images per split; returns the subset folder.
+
+    layout "genimage": `<root>/<top>/<archive>/{train,val}/{ai,nature}` (nested as GenImage ships);
+    layout "binary": `<root>/<alias>/{train,val}/{0_real,1_fake}`.
+    """
+    per_class = per_class or {"train": 16, "val": 8}
+    archive, top = SUBSETS[subset]
+    if layout == "genimage":
+        base, dirs = Path(root) / top / archive, {1: "ai", 0: "nature"}
+    elif layout == "binary":
+        base, dirs = Path(root) / subset, {1: "1_fake", 0: "0_real"}
+    else:
+        raise ValueError(layout)
+    wnids = list(imagenet_classes()[0])
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for label, folder in dirs.items():
+            out = base / split / folder
+            out.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                h, w = SIZES[int(rng.integers(len(SIZES)))]
+                fmt = "JPEG" if rng.random() < 0.5 else "PNG"
+                cls = int(rng.integers(1000))
+                rgb = make_image(rng, h, w, generated=bool(label))
+                ext = ".JPEG" if fmt == "JPEG" else ".png"
+                name = (
+                    f"{cls:03d}_{GENERATOR_TAG[subset]}_{k:05d}{ext}" if label else f"{wnids[cls]}_{k}{ext}"
+                )
+                (out / name).write_bytes(_encode(rgb, fmt))
+    return base
+
+
+def add_bad_files(split_dir: str | Path) -> dict[str, str]:
+    """Drop one of each kind of bad file into a label folder; returns file name -> expected reason prefix."""
+    d = Path(split_dir)
+    good = _encode(np.full((64, 64, 3), 128, dtype=np.uint8), "PNG")
+    (d / "bad_truncated.png").write_bytes(good[: len(good) // 2])
+    (d / "bad_empty.png").write_bytes(b"")
+    (d / "bad_text.jpg").write_bytes(b"this is not an image, it is a text file\n" * 4)
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")
+    (d / "bad_bomb.png").write_bytes(bomb.getvalue())
+    return {
+        "bad_truncated.png": "corrupt or truncated",
+        "bad_empty.png": "empty file",
+        "bad_text.jpg": "not an image",
+        "bad_bomb.png": "decompression bomb",
+    }
