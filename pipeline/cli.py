@@ -13,6 +13,8 @@ from typing import Any
 
 import typer
 
+from pipeline.errors import UserError
+
 app = typer.Typer(
     help="Feature-cache pipeline for detecting diffusion-generated images (LaRE^2, Learning on Less).",
     no_args_is_help=True,
@@ -197,6 +199,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
+    except UserError as e:
+        typer.echo(f"Error: {e}", err=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished shards are kept; rerun the same command to resume", err=True)
         sys.exit(130)

@@ -228,6 +228,7 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
     cfg.check()
     t0 = time.perf_counter()
     subset = index_stage.canonical_subset(cfg.subset)
+    index_stage.resolve_subset_root(cfg.data_root, subset)  # a bad --data-root fails before a cache is made
     cache_url = f"{cfg.cache_dir.rstrip('/')}/{subset}.zarr"
     store = CacheStore(cache_url, mode="a", subset=subset)
     idx, index_path = _load_or_scan_index(store, cfg)

@@ -1,0 +1,73 @@
+"""The CLI as a user types it: the installed `pipeline` command in a subprocess."""
+
+import json
+
+from conftest import run_cli
+
+
+def test_help_lists_commands_and_options():
+    top = run_cli("--help").stdout
+    for command in ("extract", "cache", "synth"):
+        assert command in top
+    extract = run_cli("extract", "--help").stdout
+    for option in (
+        "--data-root",
+        "--subset",
+        "--model",
+        "--timestep",
+        "--ensemble",
+        "--preprocess",
+        "--prompt-template",
+        "--dtype",
+        "--rows-per-shard",
+        "--batch-size",
+    ):
+        assert option in extract
+    assert "verify" in run_cli("cache", "--help").stdout
+
+
+def test_extract_info_verify_tamper(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    assert "wrote 12 images" in run_cli("synth", str(data), "--train", "4", "--val", "2").stdout
+    args = [
+        "extract",
+        "--data-root",
+        str(data),
+        "--subset",
+        "sdv14",
+        "--cache-dir",
+        str(cache),
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--rows-per-shard",
+        "4",
+    ]
+    first = run_cli(*args)
+    assert "12 rows done, 0 failed" in first.stderr and "images/s" in first.stderr
+    assert "no forensic signal" in first.stderr
+    assert "up to date" in run_cli(*args).stderr
+
+    zarr_path = str(cache / "sdv14.zarr")
+    info = run_cli("cache", "info", zarr_path).stdout
+    assert "subset sdv14" in info and "complete 3/3 shards" in info and "t=200 e=4 size=256 resize" in info
+    manifest = json.loads(run_cli("cache", "info", zarr_path, "--json").stdout)
+    lare = next(a for a in manifest["artifacts"].values() if a["kind"] == "lare")
+    assert lare["params"]["timestep"] == 200 and lare["n_rows"] == 12
+
+    ok = run_cli("cache", "verify", zarr_path)
+    assert ok.stdout.startswith("ok:")
+    shard_key = next(iter(lare["shards"]["1"]["files"]))
+    target = cache / "sdv14.zarr" / shard_key
+    data_bytes = bytearray(target.read_bytes())
+    data_bytes[-1] ^= 0x01
+    target.write_bytes(bytes(data_bytes))
+    bad = run_cli("cache", "verify", zarr_path, check=False)
+    assert bad.returncode == 1
+    assert "shard 1 of lare/" in bad.stderr and shard_key in bad.stderr
+
+
+def test_info_on_a_missing_cache_is_one_line(tmp_path):
+    proc = run_cli("cache", "info", str(tmp_path / "nothing.zarr"), check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no cache at" in proc.stderr

@@ -1,0 +1,226 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import artifact_arrays, run_cli
+
+from pipeline.store import STATUS_FAILED, STATUS_OK, CacheStore, verify
+from stages import pixels, sd
+from stages.extract import ExtractConfig, RowDataset, run_extract
+from stages.synthetic import add_bad_files
+
+FP16_ULP = 2.0**-10  # relative spacing of float16 numbers
+
+
+def _extract(genimage, cache_dir, **overrides):
+    cfg = dict(
+        data_root=str(genimage),
+        subset="sdv14",
+        cache_dir=str(cache_dir),
+        model="tiny",
+        device="cpu",
+        rows_per_shard=8,
+        batch_size=4,
+        progress=False,
+    )
+    cfg.update(overrides)
+    return run_extract(ExtractConfig(**cfg), log=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def base(genimage, tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("base-cache")
+    result = _extract(genimage, cache_dir)
+    return result, cache_dir / "sdv14.zarr"
+
+
+def _maps(cache: Path, art_path: str) -> np.ndarray:
+    return zarr.open_group(str(cache), mode="r")[art_path]["maps"][:]
+
+
+def test_maps_pixels_manifest(base, genimage):
+    result, cache = base
+    assert not result.up_to_date and result.rows_done == 20 and result.failed == 0
+    group = zarr.open_group(str(cache), mode="r")
+    maps = group[result.artifacts["lare"]]["maps"]
+    crops = group[result.artifacts["pixels"]]["crops"]
+    assert maps.shape == (20, 4, 32, 32) and maps.dtype == np.float16
+    assert crops.shape == (20, 3, 256, 256) and crops.dtype == np.uint8
+    assert np.isfinite(maps[:]).all() and (maps[:] > 0).any()
+    assert (group[result.artifacts["lare"]]["status"][:] == STATUS_OK).all()
+    store = CacheStore(str(cache))
+    index_cols, _ = store.read_table(result.index)
+    for row in (0, 11):
+        path = Path(store.read_table(result.index)[1]["root"]) / index_cols["path"][row]
+        expected = pixels.crop_tiled(pixels.decode_rgb(path.read_bytes()), 256).transpose(2, 0, 1)
+        np.testing.assert_array_equal(crops[row], expected)
+    manifest = store.manifest()
+    assert all(a["complete"] for a in manifest["artifacts"].values())
+    assert manifest["artifacts"][result.artifacts["lare"]]["model"]["source"] == "tiny"
+    assert verify(store) == []
+
+
+def test_rerun_is_up_to_date_and_loads_no_model(base, genimage, monkeypatch):
+    result, cache = base
+
+    def forbidden(*a, **k):
+        raise AssertionError("a model was loaded for an up-to-date cache")
+
+    monkeypatch.setattr(sd, "load_model", forbidden)
+    again = _extract(genimage, cache.parent)
+    assert again.up_to_date and again.artifacts == result.artifacts and again.rows_done == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"timestep": 300},
+        {"ensemble": 2},
+        {"prompt": "a painting"},
+        {"size": 128},
+        {"preprocess": "crop"},
+        {"dtype": "float32"},
+        {"seed": 1},
+        {"prompt_template": "a photo of a {cls}"},
+        {"max_pixels": 10**6},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_every_value_parameter_makes_a_new_artifact_beside_the_old(base, genimage, tmp_path, change):
+    result, cache = base
+    work = tmp_path / "c"
+    shutil.copytree(cache.parent, work)
+    before = artifact_arrays(work / "sdv14.zarr", result.artifacts["lare"])
+    new = _extract(genimage, work, pixels=False, **change)
+    assert new.artifacts["lare"] != result.artifacts["lare"]
+    assert artifact_arrays(work / "sdv14.zarr", result.artifacts["lare"]) == before  # never overwritten
+    manifest = CacheStore(str(work / "sdv14.zarr")).manifest()
+    assert {result.artifacts["lare"], new.artifacts["lare"]} <= set(manifest["artifacts"])
+    maps = _maps(work / "sdv14.zarr", new.artifacts["lare"])
+    assert np.isfinite(maps).all()
+
+
+def test_another_model_is_another_artifact(base, genimage, tmp_path):
+    result, cache = base
+    other = tmp_path / "other-sd"
+    shutil.copytree(sd.resolve_model("tiny").folder, other)
+    weights = other / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 1
+    weights.write_bytes(bytes(data))
+    work = tmp_path / "c"
+    shutil.copytree(cache.parent, work)
+    new = _extract(genimage, work, model=str(other))
+    assert new.artifacts["lare"] != result.artifacts["lare"]
+    assert new.artifacts["pixels"] == result.artifacts["pixels"] and new.rows_done == 20
+
+
+def test_pixels_are_reused_when_only_lare_changes(base, genimage, tmp_path):
+    result, cache = base
+    work = tmp_path / "c"
+    shutil.copytree(cache.parent, work)
+    store = CacheStore(str(work / "sdv14.zarr"))
+    records = store.done_shards(result.artifacts["pixels"])
+    new = _extract(genimage, work, timestep=100)
+    assert new.artifacts["pixels"] == result.artifacts["pixels"]
+    assert CacheStore(str(work / "sdv14.zarr")).done_shards(result.artifacts["pixels"]) == records
+
+
+def test_rows_per_shard_is_layout_not_value(base, genimage, tmp_path):
+    result, cache = base
+    new = _extract(genimage, tmp_path, rows_per_shard=4)
+    assert new.artifacts == result.artifacts
+    # batch size 4 divides both layouts, so the batches and hence the bits are the same
+    assert (
+        artifact_arrays(tmp_path / "sdv14.zarr", new.artifacts["lare"])["maps"]
+        == artifact_arrays(cache, result.artifacts["lare"])["maps"]
+    )
+    assert CacheStore(str(tmp_path / "sdv14.zarr")).group[new.artifacts["lare"]]["maps"].shards[0] == 4
+
+
+def test_decode_workers_do_not_change_a_bit(base, genimage, tmp_path):
+    result, cache = base
+    new = _extract(genimage, tmp_path, loader_workers=2)
+    for kind in ("lare", "pixels"):
+        assert artifact_arrays(tmp_path / "sdv14.zarr", new.artifacts[kind]) == artifact_arrays(
+            cache, result.artifacts[kind]
+        )
+
+
+def test_batch_size_moves_only_the_last_bits(genimage, tmp_path):
+    """Stated tolerance: fp32 maps within 1e-5 of the map's scale; fp16 storage within one fp16 ulp."""
+    a = _extract(genimage, tmp_path / "a", batch_size=4, dtype="float32", pixels=False)
+    b = _extract(genimage, tmp_path / "b", batch_size=3, dtype="float32", pixels=False)
+    assert a.artifacts == b.artifacts  # batch size is not part of the fingerprint
+    ma, mb = (
+        _maps(tmp_path / "a" / "sdv14.zarr", a.artifacts["lare"]),
+        _maps(tmp_path / "b" / "sdv14.zarr", b.artifacts["lare"]),
+    )
+    scale = np.abs(ma).max(axis=(1, 2, 3), keepdims=True)
+    assert (np.abs(ma - mb) <= 1e-5 * scale).all()
+    h16 = _extract(genimage, tmp_path / "a", batch_size=3, pixels=False)
+    h16_ref = _extract(genimage, tmp_path / "b", batch_size=4, pixels=False)
+    m16, r16 = (
+        _maps(tmp_path / d / "sdv14.zarr", r.artifacts["lare"]) for d, r in (("a", h16), ("b", h16_ref))
+    )
+    diff = np.abs(m16.astype(np.float32) - r16.astype(np.float32))
+    assert (diff <= FP16_ULP * np.abs(r16.astype(np.float32)) + 1e-7).all()
+
+
+def test_bad_files_are_recorded_not_zeroed(genimage, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(genimage, data)
+    reasons = add_bad_files(next(data.glob("*/*/train/ai")))
+    result = _extract(data, tmp_path / "c")
+    assert result.failed == 4 and result.rows_done == 24
+    store = CacheStore(str(tmp_path / "c" / "sdv14.zarr"))
+    manifest = store.manifest()
+    for kind in ("lare", "pixels"):
+        failed = {
+            Path(f["path"]).name: f["reason"] for f in manifest["artifacts"][result.artifacts[kind]]["failed"]
+        }
+        assert set(failed) == set(reasons)
+        for name, prefix in reasons.items():
+            assert failed[name].startswith(prefix), failed[name]
+    cols, _ = store.read_table(result.index)
+    bad_rows = [i for i, p in enumerate(cols["path"]) if Path(p).name in reasons]
+    status = store.group[result.artifacts["lare"]]["status"][:]
+    maps = store.group[result.artifacts["lare"]]["maps"][:]
+    assert (status[bad_rows] == STATUS_FAILED).all() and np.isnan(maps[bad_rows]).all()
+    good = np.setdiff1d(np.arange(len(status)), bad_rows)
+    assert (status[good] == STATUS_OK).all() and np.isfinite(maps[good]).all()
+    info = run_cli("cache", "info", str(tmp_path / "c" / "sdv14.zarr")).stdout
+    assert "failed rows (4):" in info
+    for name, prefix in reasons.items():
+        assert any(name in line and prefix in line for line in info.splitlines())
+
+
+def test_prompt_template_encodes_each_class_once(genimage, tmp_path, monkeypatch):
+    seen = []
+    real = sd.SDModel.encode_prompts
+
+    def spy(self, prompts):
+        seen.append(list(prompts))
+        return real(self, prompts)
+
+    monkeypatch.setattr(sd.SDModel, "encode_prompts", spy)
+    _extract(genimage, tmp_path, prompt_template="a photo of a {cls}", pixels=False)
+    (prompts,) = seen
+    assert len(prompts) == len(set(prompts)) and all(p.startswith("a photo of a ") for p in prompts)
+    assert 1 < len(prompts) <= 20
+
+
+def test_crop_preprocess_feeds_the_pixel_crop_to_the_vae(genimage):
+    from stages.index import scan
+
+    idx = scan(genimage, "sdv14", progress=False)
+    cfg = ExtractConfig(data_root=str(genimage), subset="sdv14", preprocess="crop", size=256, pixel_size=256)
+    ds = RowDataset(
+        [idx.abspath(r) for r in range(len(idx))], idx.columns["id"], np.zeros(len(idx), int), cfg, (4, 32)
+    )
+    for row in (0, 5):
+        item = ds[row]
+        assert torch.equal(item["image"], item["crops"])  # map cell (i, j) covers crop pixels 8i..8i+7
