@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,8 @@ class ShardWriter:
         self.on_written = on_written
         self.queue: queue.Queue[ShardWrite | None] = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
+        self.seconds = 0.0  # spent writing
+        self.wait_seconds = 0.0  # the producer spent waiting for a free slot (the writer is the bottleneck)
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
@@ -74,7 +77,9 @@ class ShardWriter:
             if self.error is not None:
                 continue
             try:
+                t0 = time.perf_counter()
                 record = self.store.write_shard(item)
+                self.seconds += time.perf_counter() - t0
                 if self.on_written:
                     self.on_written(record)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
@@ -86,7 +91,9 @@ class ShardWriter:
 
     def put(self, item: ShardWrite) -> None:
         self._check()
+        t0 = time.perf_counter()
         self.queue.put(item)
+        self.wait_seconds += time.perf_counter() - t0
 
     def close(self) -> None:
         """Finish the shards already handed over (also when the caller is failing), then stop."""
@@ -127,7 +134,7 @@ class ShardAssembler:
         data: dict[str, np.ndarray],
         ok: np.ndarray,
         failed: dict[int, str],
-        paths: dict[int, str],
+        paths: Sequence[str],
     ) -> None:
         """Rows of one batch (all in one shard) for one artifact; `failed` maps row -> reason."""
         shard = int(rows[0]) // self.plan.rows_per_shard

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -165,6 +166,7 @@ class RowDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int) -> dict[str, Any]:
         cfg = self.cfg
+        t0 = time.perf_counter()
         item: dict[str, Any] = {"row": row, "ok": True, "reason": ""}
         try:
             with open(self.files[row], "rb") as f:
@@ -184,6 +186,7 @@ class RowDataset(torch.utils.data.Dataset):
                 cfg.seed, str(self.ids[row]), cfg.ensemble, (channels, side, side)
             )
             item["prompt"] = int(self.prompt_idx[row])
+        item["decode_s"] = time.perf_counter() - t0
         return item
 
 
@@ -196,6 +199,35 @@ class ExtractResult:
     rows_done: int
     failed: int
     seconds: float
+    stats: dict[str, float] = field(default_factory=dict)  # where the time went (see ShardComputer)
+
+
+@dataclass
+class ExtractJob:
+    """The plan of one extraction: everything a process needs to compute any of its shards.
+
+    Plain data (no model, no open store), so it can be handed to other processes or machines.
+    """
+
+    cfg: ExtractConfig
+    cache_url: str
+    subset: str
+    index_path: str
+    files: list[str]  # absolute path of each row's image
+    ids: np.ndarray
+    paths: list[str]  # path relative to the subset folder, for failure records
+    prompts: list[str]
+    prompt_idx: np.ndarray
+    model: sd.ModelRef
+    device: str
+    precision: str
+    latent: tuple[int, int]
+    artifacts: dict[str, Artifact]  # kind -> artifact
+    plan: ShardPlan
+
+    @property
+    def needs_lare(self) -> bool:
+        return bool(self.plan.pending.get(self.artifacts["lare"].path))
 
 
 def _load_or_scan_index(store: CacheStore, cfg: ExtractConfig) -> tuple[index_stage.Index, str]:
@@ -209,24 +241,14 @@ def _load_or_scan_index(store: CacheStore, cfg: ExtractConfig) -> tuple[index_st
     fp = idx.fingerprint
     path = f"index/{fp[:16]}"
     if path not in tables:
-        store.write_table(
-            path,
-            idx.columns,
-            {
-                "fingerprint": fp,
-                "subset": idx.subset,
-                "root": idx.root,
-                "splits": list(cfg.splits),
-                "n_rows": len(idx),
-                "created_at": now(),
-            },
-        )
+        attrs = {"fingerprint": fp, "subset": idx.subset, "root": idx.root, "splits": list(cfg.splits)}
+        store.write_table(path, idx.columns, {**attrs, "n_rows": len(idx), "created_at": now()})
     return idx, path
 
 
-def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
+def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
+    """Index the subset, name the artifacts by fingerprint, create them, and list the shards left."""
     cfg.check()
-    t0 = time.perf_counter()
     subset = index_stage.canonical_subset(cfg.subset)
     index_stage.resolve_subset_root(cfg.data_root, subset)  # a bad --data-root fails before a cache is made
     cache_url = f"{cfg.cache_dir.rstrip('/')}/{subset}.zarr"
@@ -239,11 +261,11 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
         log("model 'tiny' is randomly initialised: its maps carry no forensic signal (tests and demo only)")
     latent = sd.latent_geometry(model_ref, cfg.size)
 
-    wanted = [lare_artifact(cfg, idx.fingerprint, model_ref, precision, latent)]
+    artifacts = {"lare": lare_artifact(cfg, idx.fingerprint, model_ref, precision, latent)}
     if cfg.pixels:
-        wanted.append(pixel_artifact(cfg, idx.fingerprint))
+        artifacts["pixels"] = pixel_artifact(cfg, idx.fingerprint)
     n = len(idx)
-    layouts = {store.open_artifact(a, n, cfg.rows_per_shard) for a in wanted}
+    layouts = {store.open_artifact(a, n, cfg.rows_per_shard) for a in artifacts.values()}
     if len(layouts) > 1:
         raise UserError(
             f"the artifacts in {cache_url} were started with different --rows-per-shard; "
@@ -252,79 +274,160 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
     rows_per_shard = layouts.pop()
     if rows_per_shard != cfg.rows_per_shard:
         log(f"note: continuing with the cache's own layout, {rows_per_shard} rows per shard")
-    plan = ShardPlan.for_store(store, [a.path for a in wanted], n, rows_per_shard)
-    kinds = {a.kind: a.path for a in wanted}
+    plan = ShardPlan.for_store(store, [a.path for a in artifacts.values()], n, rows_per_shard)
+    prompts, prompt_idx, missing = prompts_for(cfg, idx.columns["path"])
+    if missing and plan.shards():
+        log(f"note: {missing} file name(s) name no ImageNet class; they use the prompt '{cfg.prompt}'")
+    return ExtractJob(
+        cfg=cfg, cache_url=cache_url, subset=subset, index_path=index_path,
+        files=[idx.abspath(r) for r in range(n)], ids=idx.columns["id"],
+        paths=[str(p) for p in idx.columns["path"]], prompts=prompts, prompt_idx=prompt_idx,
+        model=model_ref, device=device, precision=precision, latent=latent, artifacts=artifacts, plan=plan,
+    )  # fmt: skip
 
-    if not plan.shards():
+
+class ShardComputer:
+    """Computes and writes shards of a job; loads the model once, however many shards it is given.
+
+    Decoding runs in DataLoader workers, the device works on batch k while the host finishes batch
+    k-1, and shards are written by a background thread. `stats` says where the time went.
+    """
+
+    def __init__(self, job: ExtractJob):
+        self.job = job
+        self.cfg = job.cfg
+        self.lare = None
+        if job.needs_lare:
+            dtype = lare_math.PRECISIONS[job.precision]
+            model = sd.load_model(job.model, job.device, dtype)
+            self.lare = lare_math.LaRE(model, model.encode_prompts(job.prompts), self.cfg.timestep, dtype)
+        self.cuda = job.device.startswith("cuda")
+        self.stats = dict.fromkeys(
+            ("data_wait_s", "decode_s", "vae_s", "unet_s", "write_s", "write_wait_s"), 0.0
+        )
+
+    def _loader(self, shards: list[int]) -> torch.utils.data.DataLoader:
+        job, cfg = self.job, self.cfg
+        sub = ShardPlan(job.plan.n_rows, job.plan.rows_per_shard, {"all": shards})
+        dataset = RowDataset(job.files, job.ids, job.prompt_idx, cfg, job.latent if self.lare else None)
+        workers = cfg.loader_workers if cfg.loader_workers >= 0 else (0 if job.device == "cpu" else 8)
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=sub.batches(cfg.batch_size), num_workers=workers, pin_memory=self.cuda,
+            prefetch_factor=4 if workers else None,
+        )  # fmt: skip
+
+    def _maps(self, batch: dict[str, Any]):
+        """Launch the LaRE computation of a batch; returns (maps on host, event to wait on)."""
+        noise = batch["noise"]
+        if self.cuda:
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev[0].record()
+            z0 = self.lare.encode(batch["image"], noise[:, 0])
+            ev[1].record()
+            maps = self.lare.error(z0, noise[:, 1:], batch["prompt"]).to("cpu", non_blocking=True)
+            ev[2].record()
+            return maps, ev
+        t0 = time.perf_counter()
+        z0 = self.lare.encode(batch["image"], noise[:, 0])
+        t1 = time.perf_counter()
+        maps = self.lare.error(z0, noise[:, 1:], batch["prompt"])
+        self.stats["vae_s"] += t1 - t0
+        self.stats["unet_s"] += time.perf_counter() - t1
+        return maps, None
+
+    def _finish(self, assembler: ShardAssembler, batch: dict[str, Any], maps, events) -> int:
+        """Hand a computed batch to the assembler; returns how many of its rows failed."""
+        job, cfg = self.job, self.cfg
+        rows = batch["row"].numpy()
+        ok = batch["ok"].numpy().astype(bool)
+        reasons = {int(r): why for r, why, good in zip(rows, batch["reason"], ok, strict=True) if not good}
+        if "pixels" in job.artifacts:
+            crops = {"crops": batch["crops"].numpy()}
+            assembler.add(job.artifacts["pixels"].path, rows, crops, ok, reasons, job.paths)
+        if maps is None:
+            return len(reasons)
+        if events is not None:
+            events[2].synchronize()
+            self.stats["vae_s"] += events[0].elapsed_time(events[1]) / 1000
+            self.stats["unet_s"] += events[1].elapsed_time(events[2]) / 1000
+        maps = maps.numpy().astype(cfg.dtype)
+        finite = np.isfinite(maps).reshape(len(rows), -1).all(axis=1)
+        lare_reasons = dict(reasons)
+        for r, good, fin in zip(rows, ok, finite, strict=True):
+            if good and not fin:
+                lare_reasons[int(r)] = "non-finite LaRE map (numerical overflow)"
+        lare_ok = ok & finite
+        maps[~lare_ok] = np.nan
+        assembler.add(job.artifacts["lare"].path, rows, {"maps": maps}, lare_ok, lare_reasons, job.paths)
+        return len(lare_reasons)
+
+    def run(self, shards: list[int], on_rows=lambda n: None) -> int:
+        """Compute and write the given shards (of the job's pending ones); returns the failed-row count."""
+        job = self.job
+        store = CacheStore(job.cache_url, mode="a")
+        plan = ShardPlan(
+            job.plan.n_rows, job.plan.rows_per_shard,
+            {p: [s for s in pend if s in set(shards)] for p, pend in job.plan.pending.items()},
+        )  # fmt: skip
+        specs = {
+            a.path: {n: (s.row_shape, s.dtype) for n, s in a.arrays.items()} for a in job.artifacts.values()
+        }
+        info = {"batch_size": self.cfg.batch_size, "device": job.device, "host": platform.node()}
+        writer = ShardWriter(store)
+        assembler = ShardAssembler(plan, specs, writer, info)
+        failed = 0
+        in_flight: deque = deque()
+        try:
+            batches = iter(self._loader(plan.shards()))
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                self.stats["data_wait_s"] += time.perf_counter() - t0
+                if batch is None:
+                    break
+                self.stats["decode_s"] += float(batch["decode_s"].sum())
+                maps, events = self._maps(batch) if self.lare is not None else (None, None)
+                in_flight.append((batch, maps, events))
+                if len(in_flight) > 1:  # the device already has the next batch queued
+                    done = in_flight.popleft()
+                    failed += self._finish(assembler, *done)
+                    on_rows(len(done[0]["row"]))
+            while in_flight:
+                done = in_flight.popleft()
+                failed += self._finish(assembler, *done)
+                on_rows(len(done[0]["row"]))
+        finally:
+            writer.close()
+            self.stats["write_s"] += writer.seconds
+            self.stats["write_wait_s"] += writer.wait_seconds
+        return failed
+
+
+def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
+    """`pipeline extract`: plan, return at once when nothing is left, else compute every pending shard."""
+    t0 = time.perf_counter()
+    job = plan_extract(cfg, log)
+    kinds = {kind: a.path for kind, a in job.artifacts.items()}
+    store = CacheStore(job.cache_url, mode="a")
+    if not job.plan.shards():
         store.write_manifest()
         failed = sum(len(r["failed"]) for r in store.done_shards(kinds["lare"]).values())
-        log(f"{subset}: up to date ({', '.join(kinds.values())}; {n} rows, {failed} failed)")
-        return ExtractResult(cache_url, index_path, kinds, True, 0, failed, time.perf_counter() - t0)
-
-    need_lare = bool(plan.pending[kinds["lare"]])
-    prompt_idx = np.zeros(n, dtype=np.int64)
-    lare = None
-    if need_lare:
-        prompts, prompt_idx, missing = prompts_for(cfg, idx.columns["path"])
-        if missing:
-            log(f"note: {missing} file name(s) name no ImageNet class; they use the prompt '{cfg.prompt}'")
-        model = sd.load_model(model_ref, device, lare_math.PRECISIONS[precision])
-        lare = lare_math.LaRE(
-            model, model.encode_prompts(prompts), cfg.timestep, lare_math.PRECISIONS[precision]
+        log(
+            f"{job.subset}: up to date ({', '.join(kinds.values())}; {job.plan.n_rows} rows, {failed} failed)"
         )
-    dataset = RowDataset(
-        [idx.abspath(r) for r in range(n)], idx.columns["id"], prompt_idx, cfg, latent if need_lare else None
-    )
-    workers = cfg.loader_workers if cfg.loader_workers >= 0 else (0 if device == "cpu" else 8)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=plan.batches(cfg.batch_size),
-        num_workers=workers,
-        pin_memory=device.startswith("cuda"),
-        prefetch_factor=4 if workers else None,
-    )
-    specs = {a.path: {name: (s.row_shape, s.dtype) for name, s in a.arrays.items()} for a in wanted}
-    info = {"batch_size": cfg.batch_size, "device": device, "host": platform.node()}
-    writer = ShardWriter(store)
-    assembler = ShardAssembler(plan, specs, writer, info)
-    n_failed = 0
-    paths = {r: str(p) for r, p in enumerate(idx.columns["path"])}
-    bar = tqdm(total=plan.rows(), desc=f"extract {subset}", unit="img", disable=not cfg.progress)
+        return ExtractResult(job.cache_url, job.index_path, kinds, True, 0, failed, time.perf_counter() - t0)
+
+    computer = ShardComputer(job)
+    rows = job.plan.rows()
+    bar = tqdm(total=rows, desc=f"extract {job.subset}", unit="img", disable=not cfg.progress)
     try:
-        for batch in loader:
-            rows = batch["row"].numpy()
-            ok = batch["ok"].numpy().astype(bool)
-            failed = {
-                int(r): reason for r, reason, good in zip(rows, batch["reason"], ok, strict=True) if not good
-            }
-            n_failed += len(failed)
-            if cfg.pixels:
-                assembler.add(kinds["pixels"], rows, {"crops": batch["crops"].numpy()}, ok, failed, paths)
-            if lare is not None:
-                maps = lare(batch["image"], batch["noise"], batch["prompt"]).cpu().numpy()
-                finite = np.isfinite(maps).reshape(len(rows), -1).all(axis=1)
-                lare_failed = dict(failed)
-                lare_failed.update(
-                    {
-                        int(r): "non-finite LaRE map (numerical overflow)"
-                        for r, f, good in zip(rows, finite, ok, strict=True)
-                        if good and not f
-                    }
-                )
-                n_failed += len(lare_failed) - len(failed)
-                lare_ok = ok & finite
-                maps = maps.astype(cfg.dtype)
-                maps[~lare_ok] = np.nan
-                assembler.add(kinds["lare"], rows, {"maps": maps}, lare_ok, lare_failed, paths)
-            bar.update(len(rows))
+        failed = computer.run(job.plan.shards(), on_rows=bar.update)
     finally:
         bar.close()
-        writer.close()
         store.write_manifest()
     seconds = time.perf_counter() - t0
-    rows_done = plan.rows()
     log(
-        f"{subset}: {rows_done} rows done, {n_failed} failed, {seconds:.1f} s, "
-        f"{rows_done / seconds:.1f} images/s -> {cache_url}"
+        f"{job.subset}: {rows} rows done, {failed} failed, {seconds:.1f} s, "
+        f"{rows / seconds:.1f} images/s -> {job.cache_url}"
     )
-    return ExtractResult(cache_url, index_path, kinds, False, rows_done, n_failed, seconds)
+    return ExtractResult(job.cache_url, job.index_path, kinds, False, rows, failed, seconds, computer.stats)

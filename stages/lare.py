@@ -61,21 +61,22 @@ class LaRE:
             raise ValueError(f"timestep {timestep} outside the scheduler's range [0, {n})")
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor, noise: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
-        """images uint8 (B, 3, H, W); noise (B, 1 + e, C, h, w) from `draw_noise`; prompt_idx (B,).
-
-        Returns the float32 maps (B, C, h, w).
-        """
+    def encode(self, images: torch.Tensor, eps_vae: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, H, W) -> scaled latents z0 (B, C, h, w), the posterior sampled with eps_vae."""
         device = self.prompt_embeds.device
         x = to_model_input(images.to(device, non_blocking=True), self.dtype)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        noise = noise.to(device, non_blocking=True)
-        eps_vae, eps = noise[:, 0], noise[:, 1:]
-        b, e = eps.shape[:2]
-
         posterior = self.vae.encode(x).latent_dist
-        z0 = (posterior.mean + posterior.std * eps_vae.to(posterior.mean.dtype)) * self.scaling
+        eps_vae = eps_vae.to(device, non_blocking=True).to(posterior.mean.dtype)
+        return (posterior.mean + posterior.std * eps_vae) * self.scaling
+
+    @torch.inference_mode()
+    def error(self, z0: torch.Tensor, eps: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
+        """Noise z0 with each of the ensemble's noises eps (B, e, C, h, w), one UNet call, float32 maps."""
+        device = z0.device
+        eps = eps.to(device, non_blocking=True)
+        b, e = eps.shape[:2]
         z0 = z0.repeat_interleave(e, dim=0)  # (B*e, C, h, w): one encoding shared by the ensemble
         flat_eps = eps.reshape(b * e, *eps.shape[2:]).to(z0.dtype)
         t = torch.full((b * e,), self.timestep, device=device, dtype=torch.long)
@@ -83,3 +84,10 @@ class LaRE:
         cond = self.prompt_embeds[prompt_idx.to(device)].repeat_interleave(e, dim=0)
         eps_pred = self.unet(zt, t, encoder_hidden_states=cond).sample
         return lare_map(eps, eps_pred.reshape(eps.shape))
+
+    def __call__(self, images: torch.Tensor, noise: torch.Tensor, prompt_idx: torch.Tensor) -> torch.Tensor:
+        """images uint8 (B, 3, H, W); noise (B, 1 + e, C, h, w) from `draw_noise`; prompt_idx (B,).
+
+        Returns the float32 maps (B, C, h, w).
+        """
+        return self.error(self.encode(images, noise[:, 0]), noise[:, 1:], prompt_idx)
