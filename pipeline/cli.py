@@ -40,7 +40,7 @@ def extract(
     ),
     model: str = typer.Option(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        help="Hub id (id@revision), local diffusers folder, or 'tiny' (random weights).",
+        help="Hub id (id@revision), local diffusers folder, or random weights: 'tiny', 'random-sd15'.",
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     split: list[str] = typer.Option(["train", "val"], "--split", help="Splits to index (repeat the option)."),
@@ -75,6 +75,7 @@ def extract(
         512, help="Rows per shard (layout only; not part of the fingerprint)."
     ),
     loader_workers: int = typer.Option(-1, help="DataLoader decode workers; -1: none on CPU, 8 on GPU."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the VAE encoder and UNet (GPU)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr."""
@@ -115,7 +116,7 @@ def _describe_artifact(path: str, art: dict[str, Any]) -> list[str]:
     lines = [head]
     if art["kind"] == "lare":
         m = art.get("model", {})
-        note = "  (random weights: no forensic signal)" if m.get("source") == "tiny" else ""
+        note = "  (random weights: no forensic signal)" if m.get("source") == "random" else ""
         prompt = (
             f"template '{p['prompt_template']}'"
             if p.get("prompt_template")

@@ -1,8 +1,8 @@
 """The Stable Diffusion components LaRE needs: where they come from, who they are, how they load.
 
 A model is a diffusers folder (the hub's layout). A hub id is resolved to its snapshot folder,
-`tiny` to a small randomly initialised model written once in that same layout, so the tests load
-the tiny model through exactly the code that loads Stable Diffusion v1.5.
+`tiny` (and `random-sd15`) to a randomly initialised model written once in that same layout, so
+the tests load the tiny model through exactly the code that loads Stable Diffusion v1.5.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from pipeline.errors import UserError
 from pipeline.fingerprint import checksum_files
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-TINY = "tiny"
-TINY_VERSION = "2"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # the weight file diffusers / transformers load from each component folder, in order of preference
 WEIGHTS = {
@@ -48,7 +46,7 @@ class ModelRef:
 
     spec: str
     folder: Path
-    source: str  # "hub", "local" or "tiny"
+    source: str  # "hub", "local" or "random" (tiny, random-sd15: no forensic signal)
     weights: str
     revision: str | None = None
 
@@ -81,9 +79,9 @@ def _weights_hash(folder: Path) -> str:
 
 def resolve_model(spec: str) -> ModelRef:
     """Turn `--model` into a folder and an identity, without loading any weights."""
-    if spec == TINY:
-        folder = ensure_tiny()
-        return ModelRef(spec, folder, "tiny", _weights_hash(folder))
+    if spec in ARCHITECTURES:
+        folder = ensure_random(spec)
+        return ModelRef(spec, folder, "random", _weights_hash(folder))
     path = Path(spec).expanduser()
     if path.is_dir():
         folder = path.resolve()
@@ -124,36 +122,55 @@ def _tiny_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n")
 
 
-def build_tiny(folder: Path) -> None:
-    """Write a small, randomly initialised (fixed seed) SD v1-style model in the diffusers layout.
+# Random-weight architectures, built from configs: `tiny` for tests and the demo, `random-sd15` (the
+# full SD v1.5 architecture: same cost as the real model, no signal) for benchmarks.
+ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "unet": dict(
+            sample_size=32, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=8,
+        ),
+        "vae": dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8,
+                    sample_size=256),
+        "text": dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2),
+    },
+    "random-sd15": {
+        "unet": dict(
+            sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+            cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        ),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+        "text": dict(
+            hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+            hidden_act="quick_gelu", projection_dim=768,
+        ),
+    },
+}  # fmt: skip
+RANDOM_VERSION = "2"
 
-    Same architecture family as SD v1 (8x VAE downsampling, 4 latent channels, cross-attention
-    UNet, CLIP text encoder, SD's scaled-linear DDPM schedule) at a few hundred kB. Its maps carry
-    no forensic signal: it exists so tests and the demo run the real code on a CPU.
+
+def build_random(folder: Path, arch: str) -> None:
+    """Write a randomly initialised (fixed seed) SD v1-style model of `arch` in the diffusers layout.
+
+    SD v1's structure (8x VAE downsampling, 4 latent channels, cross-attention UNet, CLIP text
+    encoder, scaled-linear DDPM schedule). Its maps carry no forensic signal: `tiny` exists so the
+    tests and the demo run the real code on a CPU, `random-sd15` to measure the real model's cost.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    cfg = ARCHITECTURES[arch]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = UNet2DConditionModel(**cfg["unet"])
     vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=256,
         scaling_factor=0.18215,
+        **cfg["vae"],
     )
     with tempfile.TemporaryDirectory() as tmp:
         _tiny_tokenizer_files(Path(tmp))
@@ -161,14 +178,11 @@ def build_tiny(folder: Path) -> None:
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **cfg["text"],
         )
     )
     scheduler = DDPMScheduler(
@@ -193,15 +207,15 @@ def build_tiny(folder: Path) -> None:
     pipe.save_pretrained(folder)
 
 
-def ensure_tiny() -> Path:
-    """The tiny model's folder under the tool's home, built once (atomically) on first use."""
-    folder = home() / "models" / f"tiny-sd-v{TINY_VERSION}"
+def ensure_random(arch: str) -> Path:
+    """A random-weight model's folder under the tool's home, built once (atomically) on first use."""
+    folder = home() / "models" / f"{arch}-v{RANDOM_VERSION}"
     if (folder / "model_index.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tiny-"))
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{arch}-"))
     try:
-        build_tiny(tmp)
+        build_random(tmp, arch)
         os.rename(tmp, folder)
     except OSError:
         if not (folder / "model_index.json").is_file():
@@ -252,6 +266,7 @@ def load_model(ref: ModelRef, device: str, dtype: torch.dtype) -> SDModel:
     for m in (vae, unet, text_encoder):
         m.to(device).eval().requires_grad_(False)
     if device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         vae.to(memory_format=torch.channels_last)
         unet.to(memory_format=torch.channels_last)
     return SDModel(vae, unet, text_encoder, tokenizer, scheduler)

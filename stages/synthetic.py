@@ -49,7 +49,7 @@ def make_image(rng: np.random.Generator, h: int, w: int, generated: bool) -> np.
     return np.clip(_scene(rng, h, w) + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def _encode(rgb: np.ndarray, fmt: str) -> bytes:
+def encode_image(rgb: np.ndarray, fmt: str) -> bytes:
     buf = io.BytesIO()
     if fmt == "JPEG":
         Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
@@ -93,14 +93,14 @@ def make_genimage(
                 name = (
                     f"{cls:03d}_{GENERATOR_TAG[subset]}_{k:05d}{ext}" if label else f"{wnids[cls]}_{k}{ext}"
                 )
-                (out / name).write_bytes(_encode(rgb, fmt))
+                (out / name).write_bytes(encode_image(rgb, fmt))
     return base
 
 
 def add_bad_files(split_dir: str | Path) -> dict[str, str]:
     """Drop one of each kind of bad file into a label folder; returns file name -> expected reason prefix."""
     d = Path(split_dir)
-    good = _encode(np.full((64, 64, 3), 128, dtype=np.uint8), "PNG")
+    good = encode_image(np.full((64, 64, 3), 128, dtype=np.uint8), "PNG")
     (d / "bad_truncated.png").write_bytes(good[: len(good) // 2])
     (d / "bad_empty.png").write_bytes(b"")
     (d / "bad_text.jpg").write_bytes(b"this is not an image, it is a text file\n" * 4)

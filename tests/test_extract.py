@@ -59,7 +59,7 @@ def test_maps_pixels_manifest(base, genimage):
         np.testing.assert_array_equal(crops[row], expected)
     manifest = store.manifest()
     assert all(a["complete"] for a in manifest["artifacts"].values())
-    assert manifest["artifacts"][result.artifacts["lare"]]["model"]["source"] == "tiny"
+    assert manifest["artifacts"][result.artifacts["lare"]]["model"]["source"] == "random"
     assert verify(store) == []
 
 
