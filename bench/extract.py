@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stages import lare as lare_math
 from stages import sd
-from stages.extract import ExtractConfig, RowDataset, run_extract
+from stages.extract import ExtractConfig, RowDataset, default_workers, run_extract
 from stages.index import SUBSETS
 from stages.synthetic import encode_image, make_image
 
@@ -197,11 +197,14 @@ def main() -> None:
     ap.add_argument("--rows-per-shard", type=int, default=512)
     ap.add_argument("--dire", default=None, help="adm256 or tiny: also time a DIRE-style 40-pass model")
     ap.add_argument("--compile", action="store_true", help="torch.compile in our extractor")
+    ap.add_argument("--compile-both", action="store_true", help="run each config without and with compile")
+    ap.add_argument("--configs", nargs="*", default=None, help="explicit SIZE:E pairs instead of the sweep")
+    ap.add_argument("--tag", default="", help="suffix of the result files")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir, removed after)")
     args = ap.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-extract-"))
-    workers = args.workers if args.workers >= 0 else (0 if args.device == "cpu" else 8)
+    workers = args.workers if args.workers >= 0 else default_workers(args.device)
     t0 = time.perf_counter()
     data = make_dataset(work / "data", args.images)
     files = sorted(str(p) for p in (data).rglob("*") if p.is_file())
@@ -215,7 +218,7 @@ def main() -> None:
         "compiled": args.compile,
     }  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"extract-{'cuda' if args.device.startswith('cuda') else 'cpu'}-{args.model}"
+    stem = RESULTS / f"extract-{'cuda' if args.device.startswith('cuda') else 'cpu'}-{args.model}{args.tag}"
 
     def save() -> None:  # after every measurement: a run cut short still leaves its figures
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
@@ -228,36 +231,44 @@ def main() -> None:
     }  # fmt: skip
     print("decode only:", result["decode_only_images_per_s"], flush=True)
 
-    def ours(size: int, ensemble: int, precision: str, tag: str, dtype: str = "float16") -> dict:
+    def ours(
+        size: int, ensemble: int, precision: str, tag: str, dtype: str = "float16", compile=args.compile
+    ):
         cache = work / f"cache-{tag}"
         cfg = ExtractConfig(
             data_root=str(data), subset="sdv14", cache_dir=str(cache), model=args.model, device=args.device,
             size=size, ensemble=ensemble, precision=precision, batch_size=args.batch_size, dtype=dtype,
-            rows_per_shard=args.rows_per_shard, loader_workers=workers, compile=args.compile, progress=False,
+            rows_per_shard=args.rows_per_shard, loader_workers=workers, compile=compile, progress=False,
         )  # fmt: skip
         res = run_extract(cfg, log=lambda m: None)
-        out = {"images_per_s": res.rows_done / res.stats["run_s"], "wall_s": res.seconds, **res.stats}
+        out = {"images_per_s": res.rows_done / res.stats["run_s"], "wall_s": res.seconds, "failed": res.failed,
+               **res.stats}  # fmt: skip
         out["cache"] = str(cache / "sdv14.zarr")
         out["artifact"] = res.artifacts["lare"]
         return out
 
     ref_files = files[: args.reference_images]
-    for size in args.sizes:
-        for ensemble in args.ensembles:
-            flops = flops_per_image(args.model, size, ensemble, args.device)
-            run = ours(size, ensemble, args.precision, f"{size}-{ensemble}")
-            ref_ips = reference_loop(args.model, ref_files, size, ensemble, args.device, work / "ref-pt")
-            shutil.rmtree(work / "ref-pt", ignore_errors=True)
+    configs = [tuple(map(int, c.split(":"))) for c in args.configs] if args.configs else [
+        (size, e) for size in args.sizes for e in args.ensembles]  # fmt: skip
+    variants = [False, True] if args.compile_both else [args.compile]
+    for size, ensemble in configs:
+        flops = flops_per_image(args.model, size, ensemble, args.device)
+        ref_ips = reference_loop(args.model, ref_files, size, ensemble, args.device, work / "ref-pt")
+        shutil.rmtree(work / "ref-pt", ignore_errors=True)
+        for compiled in variants:
+            run = ours(size, ensemble, args.precision, f"{size}-{ensemble}-{compiled}", compile=compiled)
             per_image = flops["vae"] + flops["unet"]
             tflops = per_image * run["images_per_s"] / 1e12
             entry = {
-                "size": size, "ensemble": ensemble, "flops_per_image": per_image, "vae_flops": flops["vae"],
+                "size": size, "ensemble": ensemble, "compiled": compiled, "failed": run["failed"],
+                "flops_per_image": per_image, "vae_flops": flops["vae"],
                 "unet_flops": flops["unet"], "ours_images_per_s": run["images_per_s"],
                 "reference_images_per_s": ref_ips, "speedup_vs_reference": run["images_per_s"] / ref_ips,
                 "achieved_tflops": tflops, "pct_of_peak": 100 * tflops / PEAK_TFLOPS[args.device]
                 if args.device in PEAK_TFLOPS else None,
                 "time_split_s": {k: run[k] for k in ("data_wait_s", "decode_s", "vae_s", "unet_s", "write_s",
                                                     "write_wait_s", "run_s")},
+                "warmup_s": run.get("warmup_s", 0.0),
             }  # fmt: skip
             result["runs"].append(entry)
             save()
@@ -309,14 +320,14 @@ def markdown(r: dict) -> str:
         f"Device: {r['device']}; model {r['model']}; torch {r['torch']}; batch {r['batch_size']}; "
         f"{r['images']} images; decode workers {r['decode_workers']}",
         "",
-        "| size | e | ours img/s | reference img/s | speedup | GFLOP/img | TFLOP/s | % of peak | split (s): wait / vae / unet / write |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | e | compiled | ours img/s | reference img/s | speedup | GFLOP/img | TFLOP/s | % of peak | split (s): wait / vae / unet / write |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for e in r["runs"]:
         s = e["time_split_s"]
         pct = f"{e['pct_of_peak']:.1f}" if e["pct_of_peak"] is not None else "n/a"
         lines.append(
-            f"| {e['size']} | {e['ensemble']} | {e['ours_images_per_s']:.1f} | {e['reference_images_per_s']:.1f} | "
+            f"| {e['size']} | {e['ensemble']} | {e.get('compiled', False)} | {e['ours_images_per_s']:.1f} | {e['reference_images_per_s']:.1f} | "
             f"{e['speedup_vs_reference']:.1f}x | {e['flops_per_image'] / 1e9:.1f} | {e['achieved_tflops']:.2f} | "
             f"{pct} | {s['data_wait_s']:.2f} / {s['vae_s']:.2f} / {s['unet_s']:.2f} / {s['write_s']:.2f} |"
         )

@@ -74,7 +74,9 @@ def extract(
     rows_per_shard: int = typer.Option(
         512, help="Rows per shard (layout only; not part of the fingerprint)."
     ),
-    loader_workers: int = typer.Option(-1, help="DataLoader decode workers; -1: none on CPU, 8 on GPU."),
+    loader_workers: int = typer.Option(
+        -1, help="DataLoader decode workers; -1: none on CPU, all cores but two on GPU."
+    ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the VAE encoder and UNet (GPU)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
