@@ -105,6 +105,7 @@ def extract(
         rows_per_shard=rows_per_shard,
         device=device,
         loader_workers=loader_workers,
+        compile=compile,
         progress=progress,
     )
     run_extract(cfg, log=lambda msg: typer.echo(msg, err=True))
