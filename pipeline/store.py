@@ -414,3 +414,20 @@ def verify(store: CacheStore) -> list[str]:
         if actual != digest:
             problems.append(f"{what}: {key} does not match its checksum")
     return problems
+
+
+def require_intact(url_or_store: str | CacheStore, check: bool = True) -> CacheStore:
+    """Open a cache for reading; unless check is False, refuse it (UserError) when any checksum differs.
+
+    The one gate every consumer of a cache (training, evaluation, detection) goes through.
+    """
+    store = url_or_store if isinstance(url_or_store, CacheStore) else CacheStore(str(url_or_store), mode="r")
+    if check:
+        problems = verify(store)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise UserError(
+                f"{store.url} failed verification: {problems[0]}{more}; "
+                "rerun the extraction or pull it again, or pass --no-verify to use it anyway"
+            )
+    return store
