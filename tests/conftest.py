@@ -43,6 +43,14 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> su
     return proc
 
 
+def extract_args(data: Path, cache: Path, *extra: str, subset: str = "sdv14") -> list[str]:
+    """`pipeline extract` arguments for the tiny model on CPU, 4 rows per shard."""
+    return [
+        "extract", "--data-root", str(data), "--subset", subset, "--cache-dir", str(cache),
+        "--model", "tiny", "--device", "cpu", "--rows-per-shard", "4", *extra,
+    ]  # fmt: skip
+
+
 def artifact_arrays(cache: Path, artifact: str) -> dict[str, bytes]:
     """Raw bytes of every array of an artifact, for bitwise comparison (NaN-safe)."""
     import zarr

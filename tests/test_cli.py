@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_cli
+from conftest import extract_args, run_cli
 
 
 def test_help_lists_commands_and_options():
@@ -29,21 +29,7 @@ def test_help_lists_commands_and_options():
 def test_extract_info_verify_tamper(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     assert "wrote 12 images" in run_cli("synth", str(data), "--train", "4", "--val", "2").stdout
-    args = [
-        "extract",
-        "--data-root",
-        str(data),
-        "--subset",
-        "sdv14",
-        "--cache-dir",
-        str(cache),
-        "--model",
-        "tiny",
-        "--device",
-        "cpu",
-        "--rows-per-shard",
-        "4",
-    ]
+    args = extract_args(data, cache)
     first = run_cli(*args)
     assert "12 rows done, 0 failed" in first.stderr and "images/s" in first.stderr
     assert "no forensic signal" in first.stderr

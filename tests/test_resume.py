@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PIPELINE, artifact_arrays, run_cli
+from conftest import PIPELINE, artifact_arrays, extract_args, run_cli
 
 from stages.synthetic import make_genimage
 
@@ -21,24 +21,7 @@ def bigger(tmp_path_factory):
 
 
 def _args(data, cache):
-    return [
-        "extract",
-        "--data-root",
-        str(data),
-        "--subset",
-        "sdv14",
-        "--cache-dir",
-        str(cache),
-        "--model",
-        "tiny",
-        "--device",
-        "cpu",
-        "--rows-per-shard",
-        "4",
-        "--batch-size",
-        "2",
-        "--no-progress",
-    ]
+    return extract_args(data, cache, "--batch-size", "2", "--no-progress")
 
 
 def _done(cache, kind):
