@@ -1,11 +1,14 @@
 """Extraction on many GPUs or machines with dask.distributed: a task per shard, a model per worker.
 
 The client plans the job (index, artifacts, pending shards) and holds the cache lock; every pending
-shard becomes one task with a pure key, `lare-shard-<job>-<shard>`, which computes and writes that
-whole shard and its progress record. A `WorkerPlugin` carries the job to every worker, including
-workers that join (or are restarted) later, and keeps the worker's model: it is loaded by the
-worker's first task, not in `setup` (which runs on the worker's event loop and would stall its
-heartbeats for the minutes a large model takes), and reused by every later task. On a GPU, tasks ask
+shard becomes one task, keyed `lare-shard-<job>-<run>-<shard>`, which computes and writes that whole
+shard and its progress record. The run token is in the key because the fingerprint does not name the
+cache: a long-lived scheduler must never answer a run on one cache with a result kept from another.
+
+A `WorkerPlugin` carries the job to every worker, including workers that join (or are restarted)
+later, and keeps the worker's model: it is loaded by the worker's first task, not in `setup` (which
+runs on the worker's event loop and would stall its heartbeats for the minutes a large model takes),
+and reused by every later task. On a GPU, tasks ask
 for `resources={"GPU": 1}`, so a worker started with `--resources GPU=1` (one per GPU) runs one at
 a time. When a worker dies, dask reruns its tasks elsewhere; since a shard's record is written after
 its data and values depend only on the row (never on which worker or in which order), the cache ends
@@ -19,6 +22,7 @@ import logging
 import os
 import platform
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +79,8 @@ class ExtractPlugin(WorkerPlugin):
 
     def __init__(self, job: ExtractJob):
         self.job = job
-        self.name = f"lare-extract-{job_id(job)}"
+        self.run = uuid.uuid4().hex[:8]  # two runs with equal parameters on one cluster stay apart
+        self.name = f"lare-extract-{job_id(job)}-{self.run}"
         self.loads = 0  # how many times this worker built a model for the job (1 is the point)
         self._computer: ShardComputer | None = None
         self._lock: threading.Lock | None = None
@@ -186,10 +191,9 @@ def run_on_cluster(
                 compute_shard,
                 plugin.name,
                 s,
-                key=f"lare-shard-{job_id(job)}-{s}",
+                key=f"lare-shard-{job_id(job)}-{plugin.run}-{s}",
                 resources=resources,
-                pure=True,
-            )  # fmt: skip
+            )
             for s in shards
         ]
         reports = []
