@@ -23,19 +23,28 @@ from pipeline.errors import UserError
 from pipeline.lock import EXTRACT_LOCK, extract_lock
 from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite, verify
 from stages.extract import ExtractConfig, plan_extract, run_extract
+from stages.synthetic import make_genimage
 
-SHARDS = 10  # the genimage fixture's 20 rows, 2 per shard
+SHARDS = 8  # one row each: small, so that the tests stay fast, and many, so that a kill lands mid-run
+
+
+@pytest.fixture(scope="module")
+def genimage(tmp_path_factory):
+    """8 images (this module's own: the session's set would cost 2.5 times the compute)."""
+    root = tmp_path_factory.mktemp("genimage-small")
+    make_genimage(root, "sdv14", {"train": 2, "val": 2}, seed=5)
+    return root
 
 
 def _cfg(genimage, cache_dir, **overrides) -> ExtractConfig:
     cfg = dict(data_root=str(genimage), subset="sdv14", cache_dir=str(cache_dir), model="tiny", device="cpu",
-               rows_per_shard=2, batch_size=2, progress=False)  # fmt: skip
+               rows_per_shard=1, batch_size=1, progress=False)  # fmt: skip
     return ExtractConfig(**{**cfg, **overrides})
 
 
 def _cli_args(genimage, cache_dir) -> list[str]:
     return ["extract", "--data-root", str(genimage), "--subset", "sdv14", "--cache-dir", str(cache_dir),
-            "--model", "tiny", "--device", "cpu", "--rows-per-shard", "2", "--batch-size", "2",
+            "--model", "tiny", "--device", "cpu", "--rows-per-shard", "1", "--batch-size", "1",
             "--no-progress"]  # fmt: skip
 
 
@@ -81,7 +90,7 @@ def client():
 
 def test_two_workers_write_the_bytes_of_a_single_process_run(reference, client, genimage, tmp_path):
     result = run_extract(_cfg(genimage, tmp_path), log=lambda m: None, compute=_compute_on(client))
-    assert result.rows_done == 20 and result.failed == 0
+    assert result.rows_done == SHARDS and result.failed == 0
     _assert_same_cache(tmp_path, reference)
     records = list((tmp_path / "sdv14.zarr" / "_progress" / result.artifacts["lare"]).glob("*.json"))
     assert len(records) == SHARDS and {json.loads(r.read_text())["threads"] for r in records} == {1}
@@ -114,12 +123,12 @@ def test_killed_worker_is_rescheduled_and_the_cache_is_identical(reference, clie
 def test_a_half_written_shard_is_recomputed_on_the_cluster(reference, client, genimage, tmp_path):
     cache = tmp_path / "sdv14.zarr"
     shutil.copytree(reference / "sdv14.zarr", cache)
-    lare = next((cache / "lare").iterdir()).name
+    lare = next(p.name for p in (cache / "lare").iterdir() if p.is_dir())
     (cache / "_progress" / "lare" / lare / "000003.json").unlink()  # killed between data and record
     shard = cache / "lare" / lare / "maps" / "c" / "3" / "0" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:40])  # and torn
     result = run_extract(_cfg(genimage, tmp_path), log=lambda m: None, compute=_compute_on(client))
-    assert result.rows_done == 2
+    assert result.rows_done == 1
     _assert_same_cache(tmp_path, reference)
 
 
@@ -207,3 +216,10 @@ def test_two_extractions_at_once_one_refuses_nothing_is_lost(reference, genimage
     _, err = holder.communicate(timeout=120)
     assert holder.returncode == 0, err
     _assert_same_cache(tmp_path, reference)
+
+
+def test_an_object_store_cache_is_not_locked_and_the_user_is_told():
+    notes = []
+    with extract_lock("memory://bucket/caches/sdv14.zarr", log=notes.append):
+        pass
+    assert len(notes) == 1 and "cannot be locked" in notes[0]
