@@ -48,10 +48,9 @@ def _cli_args(genimage, cache_dir) -> list[str]:
             "--no-progress"]  # fmt: skip
 
 
-def _compute_on(client):
-    return lambda job, shards, on_rows: sum(
-        r["failed"] for r in distributed.run_on_cluster(client, job, shards, on_rows)
-    )
+def _on(client):
+    """What `--scheduler ADDRESS` runs: a client of the module's cluster, made for the run."""
+    return distributed.cluster_compute(None, client.scheduler.address, log=lambda m: None)
 
 
 def _assert_same_cache(cache: Path, reference: Path) -> None:
@@ -89,7 +88,7 @@ def client():
 
 
 def test_two_workers_write_the_bytes_of_a_single_process_run(reference, client, genimage, tmp_path):
-    result = run_extract(_cfg(genimage, tmp_path), log=lambda m: None, compute=_compute_on(client))
+    result = run_extract(_cfg(genimage, tmp_path), log=lambda m: None, compute=_on(client))
     assert result.rows_done == SHARDS and result.failed == 0
     _assert_same_cache(tmp_path, reference)
     records = list((tmp_path / "sdv14.zarr" / "_progress" / result.artifacts["lare"]).glob("*.json"))
@@ -127,7 +126,7 @@ def test_a_half_written_shard_is_recomputed_on_the_cluster(reference, client, ge
     (cache / "_progress" / "lare" / lare / "000003.json").unlink()  # killed between data and record
     shard = cache / "lare" / lare / "maps" / "c" / "3" / "0" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:40])  # and torn
-    result = run_extract(_cfg(genimage, tmp_path), log=lambda m: None, compute=_compute_on(client))
+    result = run_extract(_cfg(genimage, tmp_path), log=lambda m: None, compute=_on(client))
     assert result.rows_done == 1
     _assert_same_cache(tmp_path, reference)
 
@@ -190,11 +189,11 @@ def test_a_held_lock_refuses_a_second_extraction_naming_the_holder(genimage, tmp
     assert holder["pid"] == os.getpid()
 
 
-def test_two_extractions_at_once_one_refuses_nothing_is_lost(reference, genimage, tmp_path):
+def test_two_extractions_at_once_one_refuses_nothing_is_lost(reference, client, genimage, tmp_path):
     """Both start together; whichever takes the lock is frozen while the other tries, then finishes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([PIPELINE, *_cli_args(genimage, tmp_path)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]  # fmt: skip
+    args = [*_cli_args(genimage, tmp_path), "--scheduler", client.scheduler.address]
+    procs = [subprocess.Popen([PIPELINE, *args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(2)]  # fmt: skip
     lock = tmp_path / "sdv14.zarr" / EXTRACT_LOCK
     by_pid = {p.pid: p for p in procs}
     deadline = time.time() + 120
