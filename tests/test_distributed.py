@@ -126,7 +126,9 @@ def test_a_half_written_shard_is_recomputed_on_the_cluster(reference, client, ge
     (cache / "_progress" / "lare" / lare / "000003.json").unlink()  # killed between data and record
     shard = cache / "lare" / lare / "maps" / "c" / "3" / "0" / "0" / "0"
     shard.write_bytes(shard.read_bytes()[:40])  # and torn
-    result = run_extract(_cfg(genimage, tmp_path), log=lambda m: None, compute=_on(client))
+    # with a decode process, as on a GPU: the cluster's workers must be allowed children (not daemonic)
+    cfg = _cfg(genimage, tmp_path, loader_workers=1)
+    result = run_extract(cfg, log=lambda m: None, compute=_on(client))
     assert result.rows_done == 1
     _assert_same_cache(tmp_path, reference)
 
