@@ -79,8 +79,19 @@ def extract(
     ),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the VAE encoder and UNet (GPU)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    workers: int = typer.Option(
+        None, "--workers", help="Run on a dask cluster of N workers started here (cuda: one per GPU)."
+    ),
+    scheduler: str = typer.Option(
+        None, "--scheduler", help="Run on an existing dask cluster, e.g. tcp://host:8786."
+    ),
 ) -> None:
     """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr."""
+    compute = None
+    if workers is not None or scheduler:
+        from pipeline.distributed import cluster_compute
+
+        compute = cluster_compute(workers, scheduler, log=lambda msg: typer.echo(msg, err=True))
     from stages.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
@@ -108,7 +119,7 @@ def extract(
         compile=compile,
         progress=progress,
     )
-    run_extract(cfg, log=lambda msg: typer.echo(msg, err=True))
+    run_extract(cfg, log=lambda msg: typer.echo(msg, err=True), compute=compute)
 
 
 def _describe_artifact(path: str, art: dict[str, Any]) -> list[str]:

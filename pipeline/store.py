@@ -16,6 +16,7 @@ full shape and a writer only ever writes whole shards of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -141,7 +142,10 @@ class CacheStore:
             raise UserError(f"{self.url} is not a readable Zarr cache ({e})") from None
         found = self.group.attrs.get("schema_version")
         if found is None:
-            if self.read_only or list(self.group.keys()):
+            with warnings.catch_warnings():  # our plain `_locks/` folder may precede the group
+                warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr")
+                members = list(self.group.keys())
+            if self.read_only or members:
                 raise UserError(f"{self.url} is not a cache made by this pipeline (no schema_version)")
             self.group.attrs.update({"schema_version": SCHEMA_VERSION, "subset": subset, "created_at": now()})
         elif found != SCHEMA_VERSION:
@@ -319,6 +323,10 @@ class CacheStore:
     def write_shard(self, w: ShardWrite) -> dict[str, Any]:
         """Write one whole shard of every array, then its progress record: the record means 'done'."""
         group = self.group[w.artifact]
+        # zarr reads a shard object back before rewriting it: a torn one from a killed writer would fail
+        for key in self.shard_keys(w.artifact, w.shard):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self._full(key))
         for name, values in w.data.items():
             group[name][w.start : w.stop] = values
         group["status"][w.start : w.stop] = w.status

@@ -11,6 +11,7 @@ import os
 import platform
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
+from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriter
 from pipeline.store import ArraySpec, Artifact, CacheStore, now
 from stages import index as index_stage
@@ -259,12 +261,18 @@ def _load_or_scan_index(store: CacheStore, cfg: ExtractConfig) -> tuple[index_st
     return idx, path
 
 
-def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
-    """Index the subset, name the artifacts by fingerprint, create them, and list the shards left."""
+def cache_url_for(cfg: ExtractConfig) -> str:
+    """Where the subset's cache goes; checks the options and the data root before anything is created."""
     cfg.check()
     subset = index_stage.canonical_subset(cfg.subset)
     index_stage.resolve_subset_root(cfg.data_root, subset)  # a bad --data-root fails before a cache is made
-    cache_url = f"{cfg.cache_dir.rstrip('/')}/{subset}.zarr"
+    return f"{cfg.cache_dir.rstrip('/')}/{subset}.zarr"
+
+
+def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
+    """Index the subset, name the artifacts by fingerprint, create them, and list the shards left."""
+    cache_url = cache_url_for(cfg)
+    subset = index_stage.canonical_subset(cfg.subset)
     store = CacheStore(cache_url, mode="a", subset=subset)
     idx, index_path = _load_or_scan_index(store, cfg)
     device = resolve_device(cfg.device)
@@ -310,6 +318,8 @@ class ShardComputer:
         self.job = job
         self.cfg = job.cfg
         self.lare = None
+        if job.device.startswith("cuda:"):  # kernels and allocations without an explicit device go there too
+            torch.cuda.set_device(job.device)
         if job.needs_lare:
             dtype = lare_math.PRECISIONS[job.precision]
             model = sd.load_model(job.model, job.device, dtype)
@@ -408,7 +418,7 @@ class ShardComputer:
             a.path: {n: (s.row_shape, s.dtype) for n, s in a.arrays.items()} for a in job.artifacts.values()
         }
         info = {"batch_size": self.cfg.batch_size, "device": job.device, "host": platform.node(),
-                "compiled": self.cfg.compile}  # fmt: skip
+                "compiled": self.cfg.compile, "threads": torch.get_num_threads()}  # fmt: skip
         writer = ShardWriter(store)
         assembler = ShardAssembler(plan, specs, writer, info)
         failed = 0
@@ -439,9 +449,22 @@ class ShardComputer:
         return failed
 
 
-def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
-    """`pipeline extract`: plan, return at once when nothing is left, else compute every pending shard."""
+Compute = Callable[[ExtractJob, list[int], Callable[[int], None]], int]
+
+
+def run_extract(cfg: ExtractConfig, log=print, compute: Compute | None = None) -> ExtractResult:
+    """`pipeline extract`: plan, return at once when nothing is left, else compute every pending shard.
+
+    `compute(job, shards, on_rows)` computes and writes the shards and returns the failed-row count;
+    by default this process does it (ShardComputer), pipeline.distributed hands it to a dask cluster.
+    The whole run holds the cache's extraction lock: a second run on the same cache refuses at once.
+    """
     t0 = time.perf_counter()
+    with extract_lock(cache_url_for(cfg), log):
+        return _run_locked(cfg, log, compute, t0)
+
+
+def _run_locked(cfg: ExtractConfig, log, compute: Compute | None, t0: float) -> ExtractResult:
     job = plan_extract(cfg, log)
     kinds = {kind: a.path for kind, a in job.artifacts.items()}
     store = CacheStore(job.cache_url, mode="a")
@@ -453,15 +476,22 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
         )
         return ExtractResult(job.cache_url, job.index_path, kinds, True, 0, failed, time.perf_counter() - t0)
 
-    computer = ShardComputer(job)
-    if cfg.compile:
-        computer.warmup()
+    stats: dict[str, float] = {}
+    if compute is None:
+        computer = ShardComputer(job)
+        if cfg.compile:
+            computer.warmup()
+        stats = computer.stats
+
+        def compute(job: ExtractJob, shards: list[int], on_rows: Callable[[int], None]) -> int:
+            return computer.run(shards, on_rows=on_rows)
+
     rows = job.plan.rows()
     bar = tqdm(total=rows, desc=f"extract {job.subset}", unit="img", disable=not cfg.progress)
     t_run = time.perf_counter()
     try:
-        failed = computer.run(job.plan.shards(), on_rows=bar.update)
-        computer.stats["run_s"] = time.perf_counter() - t_run  # steady state: no index scan, no model load
+        failed = compute(job, job.plan.shards(), bar.update)
+        stats["run_s"] = time.perf_counter() - t_run  # steady state: no index scan, no model load
     finally:
         bar.close()
         store.write_manifest()
@@ -470,4 +500,4 @@ def run_extract(cfg: ExtractConfig, log=print) -> ExtractResult:
         f"{job.subset}: {rows} rows done, {failed} failed, {seconds:.1f} s, "
         f"{rows / seconds:.1f} images/s -> {job.cache_url}"
     )
-    return ExtractResult(job.cache_url, job.index_path, kinds, False, rows, failed, seconds, computer.stats)
+    return ExtractResult(job.cache_url, job.index_path, kinds, False, rows, failed, seconds, stats)

@@ -1,0 +1,65 @@
+"""One extraction per cache at a time: an advisory lock file `<cache>/_locks/extract.lock`.
+
+Two writers of one Zarr shard lose data silently, so a second `pipeline extract` on a cache that is
+being extracted refuses at once, naming the holder, instead of sharing the shards. The lock is an
+fcntl (flock) lock held by the process that plans and drives the run (the dask client, in a
+distributed run): the kernel drops it when that process dies, even by kill -9, so a stale lock
+never blocks a resume. The file itself stays (removing a lock file races with the next taker); its
+JSON names the last holder and is only read when the lock is busy.
+
+Object stores have no locks: there the caller is told, and must not start two runs at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import platform
+from collections.abc import Callable, Iterator
+
+import fsspec
+
+from pipeline.errors import UserError
+from pipeline.store import now
+
+LOCKS = "_locks"
+EXTRACT_LOCK = f"{LOCKS}/extract.lock"
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        info = {}
+    if not info:
+        return "another process"
+    return f"pid {info.get('pid')} on {info.get('host')} (started {info.get('started')})"
+
+
+@contextlib.contextmanager
+def extract_lock(cache_url: str, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the cache's extraction lock for the body; UserError at once when another process holds it."""
+    fs, root = fsspec.core.url_to_fs(cache_url)
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" not in protocols:
+        log(f"note: {cache_url} is not a local path and cannot be locked: run one extraction on it at a time")
+        yield
+        return
+    os.makedirs(os.path.join(root, LOCKS), exist_ok=True)
+    fd = os.open(os.path.join(root, EXTRACT_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{cache_url} is being extracted by {_holder(fd)}; wait for it to finish "
+                "(then rerun to resume) or use another --cache-dir"
+            ) from None
+        holder = {"host": platform.node(), "pid": os.getpid(), "started": now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
