@@ -266,7 +266,10 @@ def load_model(ref: ModelRef, device: str, dtype: torch.dtype) -> SDModel:
     for m in (vae, unet, text_encoder):
         m.to(device).eval().requires_grad_(False)
     if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
+        # Kernel choice by cuDNN's fixed heuristics, not by per-process timing (benchmark mode): a resumed
+        # run or another worker on the same GPU model then computes the same bits at a fixed batch size.
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
         vae.to(memory_format=torch.channels_last)
         unet.to(memory_format=torch.channels_last)
     return SDModel(vae, unet, text_encoder, tokenizer, scheduler)
