@@ -175,7 +175,7 @@ def cache_verify(cache: str = typer.Argument(..., help="Path or URL of a <subset
     from pipeline.store import CacheStore, manifest_files, verify
 
     store = CacheStore(cache, mode="r")
-    problems = verify(store)
+    problems = verify(store, progress=sys.stderr.isatty())
     if problems:
         for line in problems:
             typer.echo(f"FAILED {line}", err=True)

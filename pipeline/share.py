@@ -159,42 +159,40 @@ def copy_cache(
         dst.write_json(JOURNAL, snapshot)
 
     present = dst.sizes()
-    records = _progress_keys(src)
-    # zarr metadata first, then data, then progress records: a record never precedes its shard
-    order = sorted(wanted, key=lambda k: (not k.endswith("zarr.json"), k)) + records
     report = CopyReport()
     todo = []
-    for key in order:
-        if not recheck and key in present and key in wanted and landed.get(key) == wanted[key]:
+    for key in sorted(wanted, key=lambda k: (not k.endswith("zarr.json"), k)):  # zarr metadata first
+        if not recheck and key in present and landed.get(key) == wanted[key]:
             report.skipped += 1
         else:
             todo.append(key)
+    records = _progress_keys(src)  # in a second pass: a resume record never lands before its shard
 
-    def copy_one(key: str) -> int:
+    def copy_one(key: str) -> tuple[bool, int]:
         data = src.read_bytes(key)
         digest = checksum_bytes(data)
         if key in wanted and digest != wanted[key]:
             raise UserError(f"source {src_url}: {key} does not match its checksum; verify the source first")
         cheap = dst.local or recheck or key not in wanted  # a local read, or a small record
-        if cheap and present.get(key) == len(data) and dst.read(key) == data:
-            with lock:
-                landed[key] = digest
-            return 0
-        dst.write(key, data)
+        copied = not (cheap and present.get(key) == len(data) and dst.read(key) == data)
+        if copied:
+            dst.write(key, data)
         with lock:
             landed[key] = digest
-        return len(data)
+        return copied, len(data)
 
-    bar = tqdm(total=len(todo), desc=f"copy to {dst_url}", unit="obj", disable=not progress, leave=False)
+    total = len(todo) + len(records)
+    bar = tqdm(total=total, desc=f"copy to {dst_url}", unit="obj", disable=not progress, leave=False)
     pool = ThreadPoolExecutor(max(1, jobs))
     try:
-        for i, n in enumerate(pool.map(copy_one, todo), 1):
-            report.copied += n > 0
-            report.skipped += n == 0
-            report.bytes_copied += n
-            bar.update()
-            if i % FLUSH_EVERY == 0:
-                flush()
+        for keys in (todo, records):
+            for copied, n in pool.map(copy_one, keys):
+                report.copied += copied
+                report.skipped += not copied
+                report.bytes_copied += n if copied else 0
+                bar.update()
+                if (report.copied + report.skipped) % FLUSH_EVERY == 0:
+                    flush()
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         with contextlib.suppress(Exception):  # the first error is the one to report

@@ -23,6 +23,7 @@ import re
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
+from tqdm import tqdm
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import UserError
@@ -185,8 +187,7 @@ class CacheStore:
         self.read_only = mode == "r"
         self.fs, self.root = open_fs(self.url, writable=not self.read_only)
         self.local = is_local(self.fs)
-        if self.read_only:
-            self._check_safe()
+        self._check_safe(missing_ok=not self.read_only)
         if self.local:
             self.zstore = zarr.storage.LocalStore(self.root, read_only=self.read_only)
         else:
@@ -195,7 +196,7 @@ class CacheStore:
             )
         self._open_root(subset)
 
-    def _check_safe(self) -> None:
+    def _check_safe(self, missing_ok: bool) -> None:
         """Before zarr parses anything: the cache exists, and no metadata names an unsafe codec.
 
         The metadata objects are those the manifest lists (every zarr.json), so a remote cache needs
@@ -203,7 +204,9 @@ class CacheStore:
         """
         try:
             root_meta = json.loads(self.read_bytes("zarr.json"))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            if missing_ok:  # a new cache, about to be created
+                return
             raise UserError(f"no cache at {self.url}") from None
         except ValueError:
             raise UserError(f"{self.url} is not a readable Zarr cache (bad zarr.json)") from None
@@ -480,18 +483,24 @@ def manifest_files(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return files
 
 
-def verify(store: CacheStore) -> list[str]:
-    """Recompute every checksum the manifest records; returns one line per problem (empty: intact)."""
-    problems = []
-    for key, (digest, what) in sorted(manifest_files(store.manifest()).items()):
+def verify(store: CacheStore, jobs: int = 8, progress: bool = False) -> list[str]:
+    """Recompute every checksum the manifest records; returns one line per problem (empty: intact).
+
+    Objects are read `jobs` at a time: on an object store each read is a round trip.
+    """
+    files = sorted(manifest_files(store.manifest()).items())
+
+    def check(item: tuple[str, tuple[str, str]]) -> str | None:
+        key, (digest, what) = item
         try:
             actual = store.checksum(key)
         except FileNotFoundError:
-            problems.append(f"{what}: {key} is missing")
-            continue
-        if actual != digest:
-            problems.append(f"{what}: {key} does not match its checksum")
-    return problems
+            return f"{what}: {key} is missing"
+        return None if actual == digest else f"{what}: {key} does not match its checksum"
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        results = tqdm(pool.map(check, files), total=len(files), desc="verify", disable=not progress)
+        return [problem for problem in results if problem]
 
 
 def require_intact(url_or_store: str | CacheStore, check: bool = True) -> CacheStore:
