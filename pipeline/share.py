@@ -139,6 +139,8 @@ def copy_cache(
     manifest = src.manifest()
     wanted = {key: digest for key, (digest, _) in manifest_files(manifest).items()}
     dst = _Target(dst_url)
+    if type(dst.fs) is type(src.fs) and dst.root == src.root:
+        raise UserError(f"{src_url} and {dst_url} are the same cache")
 
     journal = json.loads(dst.read(JOURNAL) or "null") or {}
     old = dst.read(MANIFEST)

@@ -114,7 +114,7 @@ def test_extract_to_s3_then_pull_push_round_trip_is_bitwise(s3, extracted, tmp_p
 
 def test_push_resumes_after_an_interruption(s3, extracted, monkeypatch):
     src, dst = "s3://team/extracted/sdv14.zarr", "s3://team/resume/sdv14.zarr"
-    real_write, calls = share._Target.write, []
+    real_write, real_read, calls = share._Target.write, share._Target.read, []
 
     def failing_write(self, key, data):
         if key != JOURNAL:
@@ -132,8 +132,11 @@ def test_push_resumes_after_an_interruption(s3, extracted, monkeypatch):
         require_intact(dst, check=False)
     assert len(json.loads(s3["fs"].cat_file(f"{dst[5:]}/{JOURNAL}"))["landed"]) == 10
 
+    reads = []
+    monkeypatch.setattr(share._Target, "read", lambda self, key: reads.append(key) or real_read(self, key))
     rest = copy_cache(src, dst, jobs=3, progress=False)
     assert rest.skipped == 10 and rest.copied > 0
+    assert sorted(reads) == sorted([JOURNAL, "manifest.json"])  # arrival checked by ETag: no read-back
     assert verify(CacheStore(dst)) == [] and not s3["fs"].exists(f"{dst[5:]}/{JOURNAL}")
 
 
@@ -170,6 +173,8 @@ def test_push_adds_to_a_shared_cache_without_unlisting_others(s3, extracted, tmp
     merged = CacheStore(dst)
     assert set(extracted.artifacts.values()) | {art.path} <= set(merged.manifest()["artifacts"])
     assert verify(merged) == []
+    with pytest.raises(UserError, match="are the same cache"):
+        copy_cache(dst, dst + "/", progress=False)
     with pytest.raises(UserError, match="holds subset 'sdv14', not 'adm'"):
         adm = CacheStore(str(tmp_path / "adm.zarr"), mode="a", subset="adm")
         adm.write_manifest()
