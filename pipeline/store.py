@@ -211,10 +211,16 @@ class CacheStore:
         except ValueError:
             raise UserError(f"{self.url} is not a readable Zarr cache (bad zarr.json)") from None
         check_codecs(root_meta, f"{self.url}/zarr.json")
-        manifest = self.read_json(MANIFEST)
-        for key in manifest.get("metadata_files", {}) if manifest else ():
-            if key != "zarr.json":
-                check_codecs(self.read_json(key), f"{self.url}/{key}")
+        manifest = self.read_json(MANIFEST) or {}
+        keys = [safe_key(k) for k in manifest.get("metadata_files", {}) if k != "zarr.json"]
+        # one batch: concurrent requests on an object store; a missing object is verify's to report
+        found = self.fs.cat([self._full(k) for k in keys], on_error="omit") if keys else {}
+        for path, data in found.items():
+            try:
+                metadata = json.loads(data)
+            except ValueError:
+                raise UserError(f"refusing {path}: not JSON") from None
+            check_codecs(metadata, path)
 
     # ---- root group and schema ---------------------------------------------------------------
     def _open_root(self, subset: str | None) -> None:
