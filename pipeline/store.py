@@ -211,8 +211,14 @@ class CacheStore:
         except ValueError:
             raise UserError(f"{self.url} is not a readable Zarr cache (bad zarr.json)") from None
         check_codecs(root_meta, f"{self.url}/zarr.json")
-        manifest = self.read_json(MANIFEST) or {}
-        keys = [safe_key(k) for k in manifest.get("metadata_files", {}) if k != "zarr.json"]
+        manifest = self.read_json(MANIFEST)
+        if manifest is not None:
+            keys = [safe_key(k) for k in manifest.get("metadata_files", {}) if k != "zarr.json"]
+        else:  # an unfinished cache: whatever metadata a listing finds (none where it cannot list)
+            try:
+                keys = [k for k in self.list_keys("") if k.endswith("/zarr.json")]
+            except (OSError, NotImplementedError, ValueError):
+                keys = []
         # one batch: concurrent requests on an object store; a missing object is verify's to report
         found = self.fs.cat([self._full(k) for k in keys], on_error="omit") if keys else {}
         for path, data in found.items():

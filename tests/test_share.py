@@ -237,3 +237,6 @@ def test_unsafe_names_and_pickle_codecs_are_refused(s3, extracted, tmp_path):
     with pytest.raises(UserError, match="numcodecs.pickle"):
         copy_cache(str(local), "s3://team/pickled/sdv14.zarr", progress=False)
     assert not s3["fs"].exists("team/pickled")
+    (local / "manifest.json").unlink()  # an unfinished cache: its metadata is found by listing
+    with pytest.raises(UserError, match="numcodecs.pickle"):
+        CacheStore(str(local), mode="a")
