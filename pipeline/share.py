@@ -102,6 +102,9 @@ class _Target:
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.full(key))
+        if self.local:  # no empty folder left behind (object stores have none)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(self.full(key)))  # only if empty
 
 
 def _progress_keys(src: CacheStore) -> list[str]:

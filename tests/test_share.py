@@ -102,6 +102,7 @@ def test_extract_to_s3_then_pull_push_round_trip_is_bitwise(s3, extracted, tmp_p
     copy_cache("s3://team/shared/sdv14.zarr", str(back), progress=False)
     for path in extracted.artifacts.values():
         assert artifact_arrays(back, path) == artifact_arrays(pulled, path)
+    assert not (back / "_share").exists()  # the copy journal is gone once the manifest is written
     files = sorted(p.relative_to(pulled) for p in pulled.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(back) for p in back.rglob("*") if p.is_file())
     for rel in files:
