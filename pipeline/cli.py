@@ -21,7 +21,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-cache_app = typer.Typer(help="Inspect and check caches.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect, check and share caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
@@ -186,12 +186,47 @@ def cache_verify(cache: str = typer.Argument(..., help="Path or URL of a <subset
     from pipeline.store import CacheStore, manifest_files, verify
 
     store = CacheStore(cache, mode="r")
-    problems = verify(store)
+    problems = verify(store, progress=sys.stderr.isatty())
     if problems:
         for line in problems:
             typer.echo(f"FAILED {line}", err=True)
         raise typer.Exit(1)
     typer.echo(f"ok: {len(manifest_files(store.manifest()))} objects match the manifest of {cache}")
+
+
+def _copy(src: str, dst: str, jobs: int, recheck: bool, verb: str) -> None:
+    from pipeline.share import copy_cache
+
+    report = copy_cache(src, dst, jobs=jobs, progress=sys.stderr.isatty(), recheck=recheck)
+    typer.echo(report.line(verb, src, dst))
+
+
+_JOBS = typer.Option(8, "--jobs", "-j", help="Objects copied in parallel.")
+_RECHECK = typer.Option(
+    False, "--recheck", help="Read back objects the target's manifest vouches for (repairs a damaged target)."
+)
+
+
+@cache_app.command("push")
+def cache_push(
+    local: str = typer.Argument(..., help="The <subset>.zarr cache to share (path or URL)."),
+    url: str = typer.Argument(..., help="Where to put it: s3://bucket/prefix/<subset>.zarr, a folder, ..."),
+    jobs: int = _JOBS,
+    recheck: bool = _RECHECK,
+) -> None:
+    """Copy a cache to shared storage: only objects missing or different there; resumable; manifest last."""
+    _copy(local, url, jobs, recheck, "pushed")
+
+
+@cache_app.command("pull")
+def cache_pull(
+    url: str = typer.Argument(..., help="A shared cache: s3://..., https://..., a .zip, a folder."),
+    local: str = typer.Argument(..., help="Local <subset>.zarr folder to copy it into."),
+    jobs: int = _JOBS,
+    recheck: bool = _RECHECK,
+) -> None:
+    """Copy a shared cache here: only objects missing or different; resumable; checked on arrival."""
+    _copy(url, local, jobs, recheck, "pulled")
 
 
 @app.command()

@@ -20,9 +20,11 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -30,6 +32,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
+from tqdm import tqdm
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import UserError
@@ -57,11 +60,72 @@ def now() -> str:
 
 
 def safe_key(key: str) -> str:
-    """Refuse store keys that could escape the cache root (a manifest from a stranger)."""
+    """Refuse store keys that could escape the cache root (a manifest from a stranger).
+
+    Absolute paths, `..`, backslashes, empty or `.` parts and anything with a `:` (a URL scheme, a
+    drive letter) are refused.
+    """
     norm = posixpath.normpath(key)
     if key.startswith("/") or "\\" in key or norm.startswith("..") or norm != key or ":" in key:
         raise UserError(f"refusing unsafe path in cache manifest: '{key}'")
     return key
+
+
+# Codecs a cache may use: plain numeric/string encodings and compressors. Anything else (e.g.
+# numcodecs.pickle, an object codec) could run code or is not ours, so the cache is refused before
+# zarr reads a byte of its data.
+SAFE_CODECS = frozenset(
+    {"bytes", "transpose", "sharding_indexed", "zstd", "blosc", "gzip", "crc32c", "vlen-utf8", "vlen-bytes"}
+)
+READ_ONLY_PROTOCOLS = ("http", "https", "zip")
+_ZIP_PATH = re.compile(r"^(?P<archive>.+?\.zip)(?:/(?P<inner>.*))?$", re.IGNORECASE)
+
+
+def check_codecs(metadata: Any, where: str) -> None:
+    """Refuse zarr metadata (a parsed zarr.json, consolidated or not) naming a codec outside SAFE_CODECS."""
+    if isinstance(metadata, dict):
+        for codec in metadata.get("codecs", []) if isinstance(metadata.get("codecs"), list) else []:
+            name = codec.get("name") if isinstance(codec, dict) else codec
+            if name not in SAFE_CODECS:
+                raise UserError(f"refusing {where}: codec '{name}' is not one this pipeline reads safely")
+        for value in metadata.values():
+            check_codecs(value, where)
+    elif isinstance(metadata, list):
+        for value in metadata:
+            check_codecs(value, where)
+
+
+def fsspec_url(url: str) -> str:
+    """The fsspec URL for a cache location; a `.zip` in the path is read inside the archive.
+
+    `a/b.zip/c` -> `zip://c::a/b.zip` (also over http or s3: `zip://c::s3://bkt/b.zip`). A local
+    directory that happens to end in `.zip` stays a directory.
+    """
+    m = _ZIP_PATH.match(url)
+    if "::" in url or m is None or os.path.isdir(m["archive"]):
+        return url
+    return f"zip://{m['inner'] or ''}::{m['archive']}"
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in _protocols(fs)
+
+
+def open_fs(url: str, writable: bool) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root path) for a cache URL; http(s) and zip are read-only: writing to them is refused."""
+    full = fsspec_url(str(url))
+    try:
+        fs, root = fsspec.core.url_to_fs(full)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"cannot open {url}: {e}") from None
+    protocols = _protocols(fs)
+    if writable and set(protocols) & set(READ_ONLY_PROTOCOLS):
+        raise UserError(f"{url} is read-only ({protocols[0]}); write to a local folder or an object store")
+    return fs, root.rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -122,17 +186,48 @@ class CacheStore:
             raise ValueError(mode)
         self.url = str(url)
         self.read_only = mode == "r"
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.local = "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
-        if self.read_only and not self._exists(""):
-            raise UserError(f"no cache at {self.url}")
+        self.fs, self.root = open_fs(self.url, writable=not self.read_only)
+        self.local = is_local(self.fs)
+        self._check_safe(missing_ok=not self.read_only)
         if self.local:
             self.zstore = zarr.storage.LocalStore(self.root, read_only=self.read_only)
         else:
-            self.zstore = zarr.storage.FsspecStore(self.fs, path=self.root, read_only=self.read_only)
+            self.zstore = zarr.storage.FsspecStore.from_mapper(
+                self.fs.get_mapper(self.root), read_only=self.read_only
+            )
         self._open_root(subset)
+
+    def _check_safe(self, missing_ok: bool) -> None:
+        """Before zarr parses anything: the cache exists, and no metadata names an unsafe codec.
+
+        The metadata objects are those the manifest lists (every zarr.json), so a remote cache needs
+        no listing; the root zarr.json is checked in any case (it may hold consolidated metadata).
+        """
+        try:
+            root_meta = json.loads(self.read_bytes("zarr.json"))
+        except (FileNotFoundError, NotADirectoryError):
+            if missing_ok:  # a new cache, about to be created
+                return
+            raise UserError(f"no cache at {self.url}") from None
+        except ValueError:
+            raise UserError(f"{self.url} is not a readable Zarr cache (bad zarr.json)") from None
+        check_codecs(root_meta, f"{self.url}/zarr.json")
+        manifest = self.read_json(MANIFEST)
+        if manifest is not None:
+            keys = [safe_key(k) for k in manifest.get("metadata_files", {}) if k != "zarr.json"]
+        else:  # an unfinished cache: whatever metadata a listing finds (none where it cannot list)
+            try:
+                keys = [k for k in self.list_keys("") if k.endswith("/zarr.json")]
+            except (OSError, NotImplementedError, ValueError):
+                keys = []
+        # one batch: concurrent requests on an object store; a missing object is verify's to report
+        found = self.fs.cat([self._full(k) for k in keys], on_error="omit") if keys else {}
+        for path, data in found.items():
+            try:
+                metadata = json.loads(data)
+            except ValueError:
+                raise UserError(f"refusing {path}: not JSON") from None
+            check_codecs(metadata, path)
 
     # ---- root group and schema ---------------------------------------------------------------
     def _open_root(self, subset: str | None) -> None:
@@ -164,9 +259,6 @@ class CacheStore:
     def _full(self, key: str) -> str:
         return posixpath.join(self.root, key) if key else self.root
 
-    def _exists(self, key: str) -> bool:
-        return self.fs.exists(self._full(key))
-
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self._full(safe_key(key)))
 
@@ -193,6 +285,7 @@ class CacheStore:
 
     def list_keys(self, prefix: str) -> list[str]:
         base = self._full(prefix)
+        self.fs.invalidate_cache()  # zarr writes through its own (async) instance: listings may be stale
         if not self.fs.exists(base):
             return []
         root = self.root.rstrip("/") + "/"
@@ -410,18 +503,24 @@ def manifest_files(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return files
 
 
-def verify(store: CacheStore) -> list[str]:
-    """Recompute every checksum the manifest records; returns one line per problem (empty: intact)."""
-    problems = []
-    for key, (digest, what) in sorted(manifest_files(store.manifest()).items()):
+def verify(store: CacheStore, jobs: int = 8, progress: bool = False) -> list[str]:
+    """Recompute every checksum the manifest records; returns one line per problem (empty: intact).
+
+    Objects are read `jobs` at a time: on an object store each read is a round trip.
+    """
+    files = sorted(manifest_files(store.manifest()).items())
+
+    def check(item: tuple[str, tuple[str, str]]) -> str | None:
+        key, (digest, what) = item
         try:
             actual = store.checksum(key)
         except FileNotFoundError:
-            problems.append(f"{what}: {key} is missing")
-            continue
-        if actual != digest:
-            problems.append(f"{what}: {key} does not match its checksum")
-    return problems
+            return f"{what}: {key} is missing"
+        return None if actual == digest else f"{what}: {key} does not match its checksum"
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        results = tqdm(pool.map(check, files), total=len(files), desc="verify", disable=not progress)
+        return [problem for problem in results if problem]
 
 
 def require_intact(url_or_store: str | CacheStore, check: bool = True) -> CacheStore:
