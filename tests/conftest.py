@@ -49,3 +49,26 @@ def artifact_arrays(cache: Path, artifact: str) -> dict[str, bytes]:
 
     group = zarr.open_group(str(cache), mode="r")[artifact]
     return {name: np.ascontiguousarray(arr[:]).tobytes() for name, arr in group.arrays()}
+
+
+# ---- training and evaluation (issue 3) ---------------------------------------------------------
+TINY_TRAIN = ("--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-size", "32", "--lr", "1e-3")
+
+
+def extract_cache(data_root: Path, cache_dir: Path, subset: str = "sdv14") -> Path:
+    """Extract a subset with the tiny SD model (64 px, crop geometry: LaRE aligned with the pixels)."""
+    from stages.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        data_root=str(data_root), subset=subset, cache_dir=str(cache_dir), model="tiny", device="cpu",
+        size=64, pixel_size=64, preprocess="crop", rows_per_shard=16, progress=False,
+    )  # fmt: skip
+    return Path(run_extract(cfg, log=lambda m: None).cache)
+
+
+@pytest.fixture(scope="session")
+def learn_set(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, cache) of a synthetic sdv14 set: 24 train + 16 val images per class."""
+    root = tmp_path_factory.mktemp("learn")
+    make_genimage(root / "data", "sdv14", {"train": 24, "val": 16}, seed=3)
+    return root / "data", extract_cache(root / "data", root / "cache")
