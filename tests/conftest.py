@@ -72,3 +72,17 @@ def learn_set(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("learn")
     make_genimage(root / "data", "sdv14", {"train": 24, "val": 16}, seed=3)
     return root / "data", extract_cache(root / "data", root / "cache")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is several times faster than two."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesses

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from stages import backbone
 from stages.egre import EGRE
 from stages.train import make_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_egre(crop: int = 64) -> EGRE:

@@ -5,19 +5,11 @@ nothing is learned when the labels are shuffled."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from stages.evaluate import evaluate
 from stages.train import TrainConfig, run_train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is 4x faster than two fighting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("method", ["egre", "lol"])

@@ -30,7 +30,8 @@ def test_mask_rectangle(height, width, r_mask, r_aspect, seed):
     For the aspect, log(h/w) differs from log(r) by at most 2|log(1 - 1/(2 h0))| + |log(1 - h/(2S))|.
     """
     top, left, h, w = lol.mask_rect(height, width, r_mask, r_aspect, torch.Generator().manual_seed(seed))
-    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h >= 1 and w >= 1
+    assert top >= 0 and left >= 0 and h >= 1 and w >= 1
+    assert top + h <= height and left + w <= width
     area = height * width * r_mask
     h0 = math.sqrt(area * r_aspect)
     fits = h0 <= height - 0.5 and area / h <= width - 0.5 and h0 >= 2
