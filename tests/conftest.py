@@ -86,3 +86,23 @@ def one_thread():
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesses
+
+
+@pytest.fixture(scope="session")
+def egre_run(learn_set, tmp_path_factory) -> Path:
+    """A short EGRE run (tiny backbone, 2 epochs) on `learn_set`, for evaluation and detection tests."""
+    import torch
+
+    from stages.train import TrainConfig, run_train
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = TrainConfig(
+            caches=[str(learn_set[1])], method="egre", out=str(tmp_path_factory.mktemp("runs")), epochs=2,
+            batch_size=16, lr=1e-3, crop_size=32, backbone="tiny-RN", backbone_weights="random",
+            progress=False,
+        )  # fmt: skip
+        return run_train(cfg, log=lambda m: None)
+    finally:
+        torch.set_num_threads(n)
