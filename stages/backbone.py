@@ -1,9 +1,11 @@
 """The CLIP ResNet image tower both detectors fine-tune, loaded through open_clip.
 
 `RN50` with the `openai` weights is the papers' backbone; `--backbone-weights PATH` loads a local
-open_clip checkpoint file instead (safetensors or a torch state dict, loaded weights-only). `tiny-RN`
-is a small config of the same ModifiedResNet class (our own, in stages/data/open_clip) for tests and
-the demo: a new architecture is a config, not a fork, so tests run the very code real runs use.
+open_clip checkpoint file instead (safetensors or a torch state dict, loaded weights-only). The
+attention pool's positional embedding fixes the input size: a checkpoint loads at the crop size it
+was made for (224 for RN50). `tiny-RN` is a small config of the same ModifiedResNet class (our
+own, in stages/data/open_clip) for tests and the demo: a new architecture is a config, not a
+fork, so tests run the very code real runs use.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - offline download, bad file: one line for the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = " ".join(str(e).strip().split("\n")[:2]).strip() or type(e).__name__
         hint = "pass --backbone-weights PATH to a local copy" if spec.weights == "openai" else ""
         raise UserError(
             f"could not load the {spec.arch} backbone weights '{spec.weights}' ({first}); {hint}"
@@ -75,14 +77,14 @@ def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module
     return visual
 
 
-def save_random_clip(arch: str, path: str | Path, seed: int = 0) -> Path:
+def save_random_clip(arch: str, path: str | Path, seed: int = 0, image_size: int = 224) -> Path:
     """Write a randomly initialised open_clip model's weights (safetensors): a stand-in for a real file."""
     import open_clip
     from safetensors.torch import save_file
 
     _register_configs()
     torch.manual_seed(seed)
-    model = open_clip.create_model(arch, pretrained=None)
+    model = open_clip.create_model(arch, pretrained=None, force_image_size=image_size)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return Path(path)
 

@@ -52,3 +52,19 @@ def test_aligned_crop_takes_the_same_window_of_map_and_image():
         assert first_pixel_value == 10 * int(mp[0, 0, 0])  # the window starts on the same cell
     _, m_whole = make_inputs("egre", hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=False)
     assert m_whole.shape == (4, 4, 8, 8)  # reference (resize) maps: whole map, pooled later
+
+
+def test_backbone_weights_file_is_loaded_by_the_real_open_clip_path(tmp_path):
+    path = backbone.save_random_clip(backbone.TINY, tmp_path / "clip.safetensors", seed=5, image_size=64)
+    loaded = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, str(path)), 64, seed=0)
+    built = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, "random"), 64, seed=5)
+    other = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, "random"), 64, seed=0)
+    a, b, c = (m.state_dict() for m in (loaded, built, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the file's weights, not the seed's
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    spec = backbone.BackboneSpec(backbone.TINY, str(path))
+    assert spec.identity()["xxh3"] and "weights" in spec.identity()
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="no file"):
+        backbone.BackboneSpec(backbone.TINY, str(tmp_path / "missing.safetensors")).identity()
