@@ -74,6 +74,25 @@ def open_source(url: str, verify: bool = True) -> tuple[Source, CacheStore]:
     return src, store
 
 
+def read_spans(wanted: np.ndarray, chunk: int, shard: int) -> list[tuple[int, int]]:
+    """Row ranges to read so that each wanted row is covered, in whole inner chunks.
+
+    Within a shard, the chunks from the first to the last wanted one are read in one call (zarr
+    fetches and decodes them concurrently) when at least half of them are wanted; otherwise each
+    wanted chunk alone.
+    """
+    spans = []
+    chunks = np.unique(wanted // chunk)
+    for s in np.unique(chunks * chunk // shard):
+        mine = chunks[(chunks * chunk // shard) == s]
+        lo, hi = int(mine[0]), int(mine[-1])
+        if 2 * len(mine) >= hi - lo + 1:
+            spans.append((lo * chunk, (hi + 1) * chunk))
+        else:
+            spans += [(int(c) * chunk, (int(c) + 1) * chunk) for c in mine]
+    return spans
+
+
 @dataclass
 class Rows:
     """Selected rows across sources: (source number, row) pairs and their labels."""
@@ -181,12 +200,9 @@ class CacheData:
                 if name == "maps" and maps_out is None:
                     maps_out = np.empty((len(rows), *arr.shape[1:]), dtype=np.float32)
                 out = crops_out if name == "crops" else maps_out
-                step = arr.chunks[0]
-                wanted = rows.row[pos]
-                for c in np.unique(wanted // step):
-                    hit = pos[(wanted // step) == c]
-                    block = arr[c * step : min((c + 1) * step, arr.shape[0])]
-                    out[hit] = block[rows.row[hit] - c * step]
+                for start, stop in read_spans(rows.row[pos], arr.chunks[0], (arr.shards or arr.chunks)[0]):
+                    hit = pos[(rows.row[pos] >= start) & (rows.row[pos] < stop)]
+                    out[hit] = arr[start : min(stop, arr.shape[0])][rows.row[hit] - start]
                     if name == "maps":
                         bar.update(len(hit))
         bar.close()

@@ -32,3 +32,11 @@ def test_sampling_is_class_balanced_seeded_and_from_the_train_split(learn_set):
     assert np.array_equal(a.row, data.sample(rows, 5, seed=0).row)
     assert not np.array_equal(a.row, data.sample(rows, 5, seed=1).row)
     assert data.aligned()  # extracted with --preprocess crop at the pixel size
+
+
+def test_read_spans_cover_whole_chunks_and_merge_dense_ones():
+    from stages.cachedata import read_spans
+
+    assert read_spans(np.array([0, 1, 5, 9]), chunk=4, shard=16) == [(0, 12)]  # 3 of 3 chunks: one read
+    assert read_spans(np.array([0, 61]), chunk=4, shard=64) == [(0, 4), (60, 64)]  # sparse: chunk by chunk
+    assert read_spans(np.array([3, 17]), chunk=4, shard=16) == [(0, 4), (16, 20)]  # never across shards
