@@ -129,7 +129,7 @@ def build_model(method: str, params: dict, lare_channels: int) -> torch.nn.Modul
     spec = backbone.BackboneSpec(params["backbone"]["arch"], params["backbone"]["spec_weights"])
     c = params["hparams"]["crop_size"]
     level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip warns on purpose-random weights
+    logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs random weights, failed downloads
     try:
         visual = backbone.load_visual(spec, c, seed=params["seed"])
     finally:

@@ -26,5 +26,6 @@ def test_learns_the_artifact_and_not_shuffled_labels(learn_set, tmp_path, method
         (result,) = evaluate(run, [str(cache)], tmp_path / "results", progress=False, log=lambda m: None)
         assert result["metrics"]["n"] == 32  # every held-out (val) image, none sampled twice
         acc[shuffled] = result["metrics"]["acc"]
+    print(f"{method}: held-out ACC {acc[False]:.3f}, uninformative labels {acc[True]:.3f}")
     assert acc[False] >= 0.90, acc
     assert acc[True] <= 0.65, acc
