@@ -124,9 +124,14 @@ def make_inputs(
     return x, maps
 
 
-def build_model(method: str, params: dict, lare_channels: int) -> torch.nn.Module:
-    """The network of a run, initialised from its seed (backbone weights from its spec)."""
-    spec = backbone.BackboneSpec(params["backbone"]["arch"], params["backbone"]["spec_weights"])
+def build_model(method: str, params: dict, lare_channels: int, pretrained: bool = True) -> torch.nn.Module:
+    """The network of a run, initialised from its seed and (pretrained) the backbone weights of its spec.
+
+    pretrained=False builds the architecture only, for loading a checkpoint that holds every weight:
+    evaluation and detection need neither the download nor the original weight file.
+    """
+    weights = params["backbone"]["spec_weights"] if pretrained else "random"
+    spec = backbone.BackboneSpec(params["backbone"]["arch"], weights)
     c = params["hparams"]["crop_size"]
     level = logging.getLogger().level
     logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs random weights, failed downloads
@@ -336,7 +341,7 @@ def load_run(path: str | Path) -> Run:
     epochs = json.loads(done.read_text())["epochs"]
     first = load_file(str(run / f"epoch-{epochs:03d}.safetensors"))
     channels = first["to_heads.weight"].shape[1] if "to_heads.weight" in first else 0  # LoL: unused
-    model = build_model(params["method"], params, channels)
+    model = build_model(params["method"], params, channels, pretrained=False)
     model.load_state_dict(first)
     model.eval()
     return Run(run, params, model)
