@@ -237,6 +237,9 @@ def train(
     aspect_range: str = typer.Option("0.33,3.0", help="LoL: r_aspect drawn uniformly in LOW,HIGH."),
     shuffle_labels: bool = typer.Option(False, help="Control experiment: permute the training labels."),
     stop_after: int = typer.Option(None, help="Stop after this epoch as if interrupted (rerun resumes)."),
+    memory_rows: int = typer.Option(
+        16384, help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -248,7 +251,7 @@ def train(
         seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, crop_size=crop_size, backbone=backbone,
         backbone_weights=backbone_weights, mask_range=_range(mask_range, "--mask-range"),
         aspect_range=_range(aspect_range, "--aspect-range"), shuffle_labels=shuffle_labels,
-        verify=not no_verify, progress=progress, stop_after=stop_after,
+        verify=not no_verify, progress=progress, stop_after=stop_after, memory_rows=memory_rows,
     )  # fmt: skip
     run = run_train(cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(str(run))

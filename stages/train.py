@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -55,6 +56,7 @@ class TrainConfig:
     verify: bool = True
     progress: bool = True
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
+    memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
 
     def hparams(self) -> dict[str, Any]:
         if self.method not in METHODS:
@@ -69,6 +71,7 @@ class TrainConfig:
             "crop_size": self.crop_size,
             "max_per_class": self.max_per_class,
             "shuffle_labels": self.shuffle_labels,
+            "memory_rows": self.memory_rows,
         }
         if self.method == "lol":
             hp.update(mask_range=list(self.mask_range), aspect_range=list(self.aspect_range))
@@ -209,6 +212,68 @@ def uninformative_labels(labels: torch.Tensor, seed: int) -> torch.Tensor:
     return out
 
 
+class EpochBatches:
+    """The training batches of an epoch, in an order drawn from the epoch's generator.
+
+    Up to `memory_rows` rows are read once and kept in memory (a random permutation per epoch).
+    More are streamed: the rows' shards are visited in a random order, about `memory_rows` rows'
+    worth at a time are read (whole chunks) and shuffled together; the remainder that does not fill
+    a batch is carried into the next buffer, so every batch but the epoch's last is full.
+    """
+
+    def __init__(self, data, rows, labels: torch.Tensor, batch_size: int, memory_rows: int, progress: bool):
+        self.data, self.rows, self.labels, self.bs = data, rows, labels, batch_size
+        self.memory_rows = memory_rows
+        self.stream = len(rows) > memory_rows
+        if self.stream:
+            block = int(data.sources[0].pixels_attrs["rows_per_shard"])
+            key = rows.source.astype(np.int64) * (1 << 40) + rows.row // block
+            order = np.argsort(key, kind="stable")
+            starts = np.unique(key[order], return_index=True)[1]
+            self.blocks = np.split(order, starts[1:])
+            self.lare_channels = int(data.stores[0].group[f"{data.sources[0].lare}/maps"].shape[1])
+        else:
+            crops, maps = data.load(rows, progress=progress)
+            self.crops, self.maps = torch.from_numpy(crops), torch.from_numpy(maps)
+            self.lare_channels = self.maps.shape[1]
+
+    def _read(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.rows
+        crops, maps = self.data.load(type(r)(r.source[pos], r.row[pos], r.label[pos]), progress=False)
+        return torch.from_numpy(crops), torch.from_numpy(maps)
+
+    def epoch(self, gen: torch.Generator):
+        """Yields (row positions, crops uint8, maps, labels) per batch; every row exactly once."""
+        if not self.stream:
+            order = torch.randperm(len(self.rows), generator=gen)
+            for b in range(0, len(order), self.bs):
+                idx = order[b : b + self.bs]
+                yield idx.numpy(), self.crops[idx], self.maps[idx], self.labels[idx]
+            return
+        carry = (np.zeros(0, dtype=np.int64), None, None)
+        pending: list[np.ndarray] = []
+        block_order = torch.randperm(len(self.blocks), generator=gen).tolist()
+        for i, k in enumerate(block_order):
+            pending.append(self.blocks[k])
+            if sum(map(len, pending)) < self.memory_rows and i < len(block_order) - 1:
+                continue
+            pos = np.concatenate(pending)
+            pending = []
+            crops, maps = self._read(pos)
+            if len(carry[0]):
+                pos = np.concatenate([carry[0], pos])
+                crops, maps = torch.cat([carry[1], crops]), torch.cat([carry[2], maps])
+            perm = torch.randperm(len(pos), generator=gen)
+            last = i == len(block_order) - 1
+            full = len(pos) if last else len(pos) // self.bs * self.bs
+            for b in range(0, full, self.bs):
+                idx = perm[b : min(b + self.bs, full)]
+                p = torch.from_numpy(pos[idx.numpy()])
+                yield pos[idx.numpy()], crops[idx], maps[idx], self.labels[p]
+            rest = perm[full:]
+            carry = (pos[rest.numpy()], crops[rest], maps[rest])
+
+
 # ---- a run ------------------------------------------------------------------------------------
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & ((1 << 63) - 1)
@@ -268,37 +333,33 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
-    crops_np, maps_np = data.load(rows, progress=cfg.progress)
-    crops, maps = torch.from_numpy(crops_np), torch.from_numpy(maps_np)
-
-    model = build_model(cfg.method, params, maps.shape[1])
+    batches = EpochBatches(data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress)
+    model = build_model(cfg.method, params, batches.lare_channels)
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
     done = finished_epochs(run)
     start = done[-1] if done else 0
     if start:
         load_epoch(run, start, model, opt)
         log(f"resuming {run.name} after epoch {start}")
-    n, bs = len(rows), hp["batch_size"]
+    n = len(rows)
     for epoch in range(start + 1, hp["epochs"] + 1):
         seed = epoch_seed(cfg.seed, epoch)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
         model.train()
-        order = torch.randperm(n, generator=gen)
         total, t0 = 0.0, time.perf_counter()
-        bar = tqdm(
-            range(0, n, bs), desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress
-        )
-        for b in bar:
-            idx = order[b : b + bs]
-            x, m = make_inputs(cfg.method, hp, crops[idx], maps[idx], True, gen, params["aligned"])
-            loss = model.loss(model(x, m), labels[idx])
+        bar = tqdm(total=n, desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress)
+        for _, crops, maps, y in batches.epoch(gen):
+            x, m = make_inputs(cfg.method, hp, crops, maps, True, gen, params["aligned"])
+            loss = model.loss(model(x, m), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if hp["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(loss.detach()) * len(y)
+            bar.update(len(y))
+        bar.close()
         info = {"loss": total / n, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
         save_epoch(run, epoch, model, opt, info)
         log(f"epoch {epoch}: loss {info['loss']:.4f}")

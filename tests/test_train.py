@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ONE_THREAD, TINY_TRAIN, extract_cache, run_cli
 
@@ -61,12 +62,15 @@ def test_cli_trains_from_deleted_folder_concatenated_resumes_and_is_not_retraine
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))  # no pickle
 
 
-def test_resume_is_bitwise_equal_to_an_uninterrupted_run(two_caches, tmp_path):
-    whole = run_train(cfg_for(two_caches[:1], tmp_path / "a"), log=lambda m: None)
-    part = run_train(cfg_for(two_caches[:1], tmp_path / "b", stop_after=1), log=lambda m: None)
+@pytest.mark.parametrize("memory_rows", [16384, 7])  # rows held in memory, or streamed by shard
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(two_caches, tmp_path, memory_rows):
+    whole = run_train(cfg_for(two_caches[:1], tmp_path / "a", memory_rows=memory_rows), log=lambda m: None)
+    part = run_train(
+        cfg_for(two_caches[:1], tmp_path / "b", stop_after=1, memory_rows=memory_rows), log=lambda m: None
+    )
     assert part.name == whole.name  # stopping is not part of what the run is
     assert not (part / "done.json").exists()
-    resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b"), log=lambda m: None)
+    resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b", memory_rows=memory_rows), log=lambda m: None)
     for name in ("epoch-002.safetensors", "epoch-003.safetensors", "epoch-003.optim.safetensors"):
         assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
 
@@ -93,3 +97,26 @@ def test_tampered_cache_is_refused_unless_no_verify(two_caches, tmp_path):
     with pytest.raises(UserError, match="pass --no-verify to use it anyway"):
         run_train(cfg_for([cache], tmp_path / "runs", epochs=1), log=lambda m: None)
     run_train(cfg_for([cache], tmp_path / "runs", epochs=1, verify=False), log=lambda m: None)
+
+
+def test_streamed_epoch_visits_every_row_once_in_full_batches(two_caches):
+    import torch
+
+    from stages.cachedata import CacheData
+    from stages.train import EpochBatches
+
+    data = CacheData([str(c) for c in two_caches])
+    rows = data.rows("train")
+    labels = torch.from_numpy(rows.label)
+    stream = EpochBatches(data, rows, labels, batch_size=3, memory_rows=7, progress=False)
+    memory = EpochBatches(data, rows, labels, batch_size=3, memory_rows=10**6, progress=False)
+    assert stream.stream and not memory.stream
+    batches = list(stream.epoch(torch.Generator().manual_seed(0)))
+    seen = np.concatenate([b[0] for b in batches])
+    assert sorted(seen.tolist()) == list(range(len(rows)))  # every row exactly once
+    assert all(len(b[0]) == 3 for b in batches[:-1])  # only the epoch's last batch may be short
+    for pos, crops, maps, y in batches:  # each row comes with its own crop, map and label
+        assert torch.equal(crops, memory.crops[pos]) and torch.equal(maps, memory.maps[pos])
+        assert torch.equal(y, labels[pos])
+    again = [b[0].tolist() for b in stream.epoch(torch.Generator().manual_seed(0))]
+    assert again == [b[0].tolist() for b in batches]  # the order is the generator's
