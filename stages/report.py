@@ -28,13 +28,22 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
             records.append(r)
     if not records:
         raise UserError(f"no evaluation results (*.json from `pipeline eval`) in {results}")
-    rows = sorted({f"{r['method']}:{'+'.join(r['train_subsets'])}" for r in records})
+
+    def short(r: dict) -> str:
+        return f"{r['method']}:{'+'.join(r['train_subsets'])}"
+
+    runs_per_label: dict[str, set] = {}
+    for r in records:
+        runs_per_label.setdefault(short(r), set()).add(r["run"])
+
+    def label(r: dict) -> str:  # several runs of one method on one subset (seeds, settings): name each
+        return short(r) if len(runs_per_label[short(r)]) == 1 else f"{short(r)} {r['run'][-12:]}"
+
+    rows = sorted({label(r) for r in records})
     cols = sorted({r["test_subset"] for r in records})
     mat = np.full((len(rows), len(cols)), np.nan)
     for r in records:
-        mat[rows.index(f"{r['method']}:{'+'.join(r['train_subsets'])}"), cols.index(r["test_subset"])] = r[
-            "metrics"
-        ][metric]
+        mat[rows.index(label(r)), cols.index(r["test_subset"])] = r["metrics"][metric]
     return rows, cols, mat
 
 
