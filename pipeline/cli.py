@@ -237,6 +237,7 @@ def train(
     aspect_range: str = typer.Option("0.33,3.0", help="LoL: r_aspect drawn uniformly in LOW,HIGH."),
     shuffle_labels: bool = typer.Option(False, help="Control experiment: permute the training labels."),
     stop_after: int = typer.Option(None, help="Stop after this epoch as if interrupted (rerun resumes)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     memory_rows: int = typer.Option(
         16384, help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
     ),
@@ -252,6 +253,7 @@ def train(
         backbone_weights=backbone_weights, mask_range=_range(mask_range, "--mask-range"),
         aspect_range=_range(aspect_range, "--aspect-range"), shuffle_labels=shuffle_labels,
         verify=not no_verify, progress=progress, stop_after=stop_after, memory_rows=memory_rows,
+        device=device,
     )  # fmt: skip
     run = run_train(cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(str(run))
@@ -267,6 +269,7 @@ def eval_(
     out: str = typer.Option("results", help="Folder for <run>__<subset>-<key>.csv/.json."),
     split: str = typer.Option("val", help="Which split of the test caches to score."),
     batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -275,7 +278,7 @@ def eval_(
 
     evaluate(
         checkpoint, _caches(from_cache, extra_caches), out, split=split, batch_size=batch_size,
-        verify=not no_verify, progress=progress, log=typer.echo,
+        verify=not no_verify, progress=progress, log=typer.echo, device=device,
     )  # fmt: skip
 
 

@@ -77,7 +77,7 @@ def detect(
     log=print,
 ) -> tuple[int, int]:
     """Writes `path,score,decision,error` per file; returns (scored, failed)."""
-    run = load_run(run_path)
+    run = load_run(run_path, device)
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")
@@ -103,7 +103,7 @@ def detect(
                 x, m = make_inputs(
                     run.method, run.params["hparams"], crop, maps, False, None, run.params["aligned"]
                 )
-                score = float(run.model.score(run.model(x, m))[0])
+                score = float(run.scores(x, m)[0])
             w.writerow([str(path), f"{score:.6f}", "generated" if score > threshold else "real", ""])
             scored += 1
     return scored, failed

@@ -19,6 +19,7 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score
 from tqdm import tqdm
 
+from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages import cachedata
@@ -77,7 +78,7 @@ def predict(
             x, m = make_inputs(
                 run.method, hp, crops[i : i + batch_size], maps[i : i + batch_size], False, None, aligned
             )
-            scores.append(run.model.score(run.model(x, m)).numpy())
+            scores.append(run.scores(x, m).numpy())
             bar.update(len(x))
     bar.close()
     return np.concatenate(scores) if scores else np.zeros(0)
@@ -107,9 +108,10 @@ def evaluate(
     verify: bool = True,
     progress: bool = True,
     log=print,
+    device: str = "cpu",
 ) -> list[dict]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache."""
-    run = load_run(run_path)
+    run = load_run(run_path, resolve_device(device))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from stages import backbone, cachedata, egre, lol
@@ -55,6 +56,7 @@ class TrainConfig:
     shuffle_labels: bool = False  # a control: labels permuted, nothing should be learned
     verify: bool = True
     progress: bool = True
+    device: str = "auto"  # where the model trains; not in the fingerprint (last bits only, like batch order)
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
 
@@ -157,7 +159,7 @@ def _atomic_json(path: Path, obj: Any) -> None:
 
 def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, path)
 
 
@@ -334,7 +336,8 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
     batches = EpochBatches(data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress)
-    model = build_model(cfg.method, params, batches.lare_channels)
+    device = resolve_device(cfg.device)
+    model = build_model(cfg.method, params, batches.lare_channels).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
     done = finished_epochs(run)
     start = done[-1] if done else 0
@@ -351,7 +354,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         bar = tqdm(total=n, desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress)
         for _, crops, maps, y in batches.epoch(gen):
             x, m = make_inputs(cfg.method, hp, crops, maps, True, gen, params["aligned"])
-            loss = model.loss(model(x, m), y)
+            loss = model.loss(model(x.to(device), m.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if hp["grad_clip"]:
@@ -379,6 +382,12 @@ class Run:
     path: Path
     params: dict
     model: torch.nn.Module
+    device: str = "cpu"
+
+    @torch.inference_mode()
+    def scores(self, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """P(generated) of a prepared batch, on the CPU."""
+        return self.model.score(self.model(x.to(self.device), maps.to(self.device))).cpu()
 
     @property
     def name(self) -> str:
@@ -389,7 +398,7 @@ class Run:
         return self.params["method"]
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, device: str = "cpu") -> Run:
     run = Path(path)
     if not (run / "params.json").is_file():
         raise UserError(f"{run} is not a run directory (no params.json)")
@@ -404,5 +413,5 @@ def load_run(path: str | Path) -> Run:
     channels = first["to_heads.weight"].shape[1] if "to_heads.weight" in first else 0  # LoL: unused
     model = build_model(params["method"], params, channels, pretrained=False)
     model.load_state_dict(first)
-    model.eval()
-    return Run(run, params, model)
+    model.to(device).eval()
+    return Run(run, params, model, device)
