@@ -12,15 +12,26 @@ MODEL   ?= stable-diffusion-v1-5/stable-diffusion-v1-5
 DEVICE  ?= auto
 EXTRA   ?=
 DEMO    ?= demo
+METHOD  ?= egre
+RUNS    ?= runs
+RESULTS ?= results
+RUN     ?=
+TEST_SUBSETS ?= $(SUBSET)
+# the demo: 64 px maps aligned with the pixel crops, tiny CLIP backbones (random init), 32 px crops
+DEMO_LARE  ?= --size 64 --pixel-size 64 --preprocess crop
+DEMO_TRAIN ?= --backbone tiny-RN --backbone-weights random --crop-size 32 --lr 1e-3 --epochs 30 --batch-size 16
 
-.PHONY: help install extract demo test lint bench clean-demo
+.PHONY: help install extract train eval report demo test lint bench clean-demo
 
 help:
 	@echo "make install                      create $(VENV) and install the pipeline with its dev tools"
 	@echo "make demo                         synthetic GenImage-layout set -> extract (tiny model) -> cache summary"
 	@echo "make test                         the test suite (CPU only, tiny models)"
 	@echo "make extract SUBSET=sdv14 DATA=/data/GenImage CACHE=cache MODEL=... DEVICE=cuda EXTRA='--ensemble 4'"
-	@echo "make bench                        extraction benchmark (bench/results/)"
+	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class 1600'   train from \$$(CACHE)/\$$(SUBSET).zarr"
+	@echo "make eval RUN=runs/<run> TEST_SUBSETS='adm biggan'   evaluate a run on caches -> \$$(RESULTS)/"
+	@echo "make report                       train x test table and \$$(RESULTS)/matrix.png"
+	@echo "make bench                        extraction and training-I/O benchmarks (bench/results/)"
 
 install: $(VENV)/.installed
 
@@ -35,12 +46,33 @@ extract: install
 	$(BIN)/pipeline extract --data-root $(DATA) --subset $(SUBSET) --cache-dir $(CACHE) \
 		--model $(MODEL) --device $(DEVICE) $(EXTRA)
 
+train: install
+	$(BIN)/pipeline train --from-cache $(CACHE)/$(SUBSET).zarr --method $(METHOD) --out $(RUNS) $(EXTRA)
+
+eval: install
+	@test -n "$(RUN)" || { echo "make eval needs RUN=<run directory printed by make train>"; exit 2; }
+	$(BIN)/pipeline eval --checkpoint $(RUN) --from-cache $(foreach s,$(TEST_SUBSETS),$(CACHE)/$(s).zarr) \
+		--out $(RESULTS) $(EXTRA)
+
+report: install
+	$(BIN)/pipeline report $(RESULTS) --out $(RESULTS)/matrix.png
+
 demo: install
 	$(BIN)/pipeline synth $(DEMO)/data --subset sdv14 --train 16 --val 8
-	$(BIN)/pipeline extract --data-root $(DEMO)/data --subset sdv14 --cache-dir $(DEMO)/cache \
-		--model tiny --device cpu --rows-per-shard 16
+	$(BIN)/pipeline synth $(DEMO)/data --subset adm --train 16 --val 8 --seed 1
+	for s in sdv14 adm; do \
+		$(BIN)/pipeline extract --data-root $(DEMO)/data --subset $$s --cache-dir $(DEMO)/cache \
+			--model tiny --device cpu --rows-per-shard 16 $(DEMO_LARE) --no-progress || exit 1; \
+	done
 	$(BIN)/pipeline cache info $(DEMO)/cache/sdv14.zarr
 	$(BIN)/pipeline cache verify $(DEMO)/cache/sdv14.zarr
+	for m in egre lol; do \
+		run=$$($(BIN)/pipeline train --from-cache $(DEMO)/cache/sdv14.zarr --method $$m --out $(DEMO)/runs \
+			$(DEMO_TRAIN) --no-progress) || exit 1; \
+		$(BIN)/pipeline eval --checkpoint $$run --from-cache $(DEMO)/cache/sdv14.zarr $(DEMO)/cache/adm.zarr \
+			--out $(DEMO)/results --no-progress || exit 1; \
+	done
+	$(BIN)/pipeline report $(DEMO)/results --out $(DEMO)/results/matrix.png
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -50,6 +82,7 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/train_io.py
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -245,6 +245,129 @@ def synth(
     typer.echo(f"wrote {2 * (train + val)} images to {folder}")
 
 
+def _caches(option: list[str] | None, extra: list[str] | None) -> list[str]:
+    """`--from-cache a b c` and `--from-cache a --from-cache b` both give [a, b, c]."""
+    caches = [*(option or []), *(extra or [])]
+    if not caches:
+        raise UserError("give at least one cache: --from-cache cache/<subset>.zarr")
+    return caches
+
+
+def _range(text: str, name: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{name} takes two numbers 'LOW,HIGH', not '{text}'") from None
+    if not 0 < lo <= hi:
+        raise UserError(f"{name} needs 0 < LOW <= HIGH, not '{text}'")
+    return lo, hi
+
+
+@app.command()
+def train(
+    extra_caches: list[str] = typer.Argument(None, help="More caches (after --from-cache), concatenated."),
+    from_cache: list[str] = typer.Option(None, "--from-cache", help="Cache(s) to train on (path or URL)."),
+    method: str = typer.Option("egre", help="egre (LaRE^2) or lol (Learning on Less)."),
+    out: str = typer.Option("runs", help="Folder of run directories."),
+    max_per_class: int = typer.Option(None, help="Train on N real + N generated rows, seeded (LoL: 1600)."),
+    seed: int = typer.Option(0),
+    epochs: int = typer.Option(None, help="Default: egre 10, lol 20."),
+    batch_size: int = typer.Option(None, help="Default: egre 48, lol 4."),
+    lr: float = typer.Option(None, help="Default: egre 1e-4, lol 5e-6."),
+    crop_size: int = typer.Option(224, help="Side of the random (train) / centre (test) crop."),
+    backbone: str = typer.Option("RN50", help="open_clip config: RN50, or tiny-RN for tests."),
+    backbone_weights: str = typer.Option(
+        "openai", help="openai (download), random, or a local open_clip checkpoint file."
+    ),
+    mask_range: str = typer.Option("0.6,0.8", help="LoL: r_mask drawn uniformly in LOW,HIGH."),
+    aspect_range: str = typer.Option("0.33,3.0", help="LoL: r_aspect drawn uniformly in LOW,HIGH."),
+    shuffle_labels: bool = typer.Option(False, help="Control experiment: permute the training labels."),
+    stop_after: int = typer.Option(None, help="Stop after this epoch as if interrupted (rerun resumes)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    memory_rows: int = typer.Option(
+        16384, help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
+    ),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train a detector from caches only; prints the run directory (named by its fingerprint)."""
+    from stages.train import TrainConfig, run_train
+
+    cfg = TrainConfig(
+        caches=_caches(from_cache, extra_caches), method=method, out=out, max_per_class=max_per_class,
+        seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, crop_size=crop_size, backbone=backbone,
+        backbone_weights=backbone_weights, mask_range=_range(mask_range, "--mask-range"),
+        aspect_range=_range(aspect_range, "--aspect-range"), shuffle_labels=shuffle_labels,
+        verify=not no_verify, progress=progress, stop_after=stop_after, memory_rows=memory_rows,
+        device=device,
+    )  # fmt: skip
+    run = run_train(cfg, log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(str(run))
+
+
+@app.command("eval")
+def eval_(
+    extra_caches: list[str] = typer.Argument(None, help="More test caches (after --from-cache)."),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
+    from_cache: list[str] = typer.Option(
+        None, "--from-cache", help="Test cache(s); each is evaluated apart."
+    ),
+    out: str = typer.Option("results", help="Folder for <run>__<subset>-<key>.csv/.json."),
+    split: str = typer.Option("val", help="Which split of the test caches to score."),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Score every usable row of each test cache: ACC@0.5, real/generated ACC, AP (whole set)."""
+    from stages.evaluate import evaluate
+
+    evaluate(
+        checkpoint, _caches(from_cache, extra_caches), out, split=split, batch_size=batch_size,
+        verify=not no_verify, progress=progress, log=typer.echo, device=device,
+    )  # fmt: skip
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="Folder of `pipeline eval` results."),
+    out: Path = typer.Option(None, help="Heatmap PNG to write (e.g. results/matrix.png)."),
+    metric: str = typer.Option("acc", help="acc, ap, real_acc or generated_acc."),
+) -> None:
+    """Print the train x test table (with a mean column) and draw it as a heatmap."""
+    from stages.report import collect, heatmap, table
+
+    rows, cols, mat = collect(results, metric)
+    typer.echo(table(rows, cols, mat, metric))
+    if out is not None:
+        typer.echo(f"wrote {heatmap(rows, cols, mat, metric, out)}")
+
+
+@app.command()
+def detect(
+    folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
+    out: Path = typer.Option("scores.csv", help="CSV of path, score, decision, error."),
+    threshold: float = typer.Option(0.5, help="Score above which an image is called generated."),
+    device: str = typer.Option("auto", help="Where the LaRE model runs (EGRE): auto, cpu, cuda."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Score any folder of images with a trained run; unreadable files are listed with a reason."""
+    from pipeline.config import resolve_device
+    from stages.detect import detect as run_detect
+
+    scored, failed = run_detect(
+        folder,
+        checkpoint,
+        out,
+        threshold,
+        resolve_device(device),
+        progress,
+        log=lambda m: typer.echo(m, err=True),
+    )
+    typer.echo(f"scored {scored} image(s), {failed} unreadable -> {out}")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

@@ -57,3 +57,60 @@ def artifact_arrays(cache: Path, artifact: str) -> dict[str, bytes]:
 
     group = zarr.open_group(str(cache), mode="r")[artifact]
     return {name: np.ascontiguousarray(arr[:]).tobytes() for name, arr in group.arrays()}
+
+
+# ---- training and evaluation (issue 3) ---------------------------------------------------------
+TINY_TRAIN = ("--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-size", "32", "--lr", "1e-3")
+
+
+def extract_cache(data_root: Path, cache_dir: Path, subset: str = "sdv14") -> Path:
+    """Extract a subset with the tiny SD model (64 px, crop geometry: LaRE aligned with the pixels)."""
+    from stages.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        data_root=str(data_root), subset=subset, cache_dir=str(cache_dir), model="tiny", device="cpu",
+        size=64, pixel_size=64, preprocess="crop", rows_per_shard=16, progress=False,
+    )  # fmt: skip
+    return Path(run_extract(cfg, log=lambda m: None).cache)
+
+
+@pytest.fixture(scope="session")
+def learn_set(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, cache) of a synthetic sdv14 set: 24 train + 16 val images per class."""
+    root = tmp_path_factory.mktemp("learn")
+    make_genimage(root / "data", "sdv14", {"train": 24, "val": 16}, seed=3)
+    return root / "data", extract_cache(root / "data", root / "cache")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is several times faster than two."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesses
+
+
+@pytest.fixture(scope="session")
+def egre_run(learn_set, tmp_path_factory) -> Path:
+    """A short EGRE run (tiny backbone, 2 epochs) on `learn_set`, for evaluation and detection tests."""
+    import torch
+
+    from stages.train import TrainConfig, run_train
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = TrainConfig(
+            caches=[str(learn_set[1])], method="egre", out=str(tmp_path_factory.mktemp("runs")), epochs=2,
+            batch_size=16, lr=1e-3, crop_size=32, backbone="tiny-RN", backbone_weights="random",
+            progress=False,
+        )  # fmt: skip
+        return run_train(cfg, log=lambda m: None)
+    finally:
+        torch.set_num_threads(n)

@@ -1,0 +1,104 @@
+"""The CLIP ResNet image tower both detectors fine-tune, loaded through open_clip.
+
+`RN50` with the `openai` weights is the papers' backbone; `--backbone-weights PATH` loads a local
+open_clip checkpoint file instead (safetensors or a torch state dict, loaded weights-only). The
+attention pool's positional embedding fixes the input size: a checkpoint loads at the crop size it
+was made for (224 for RN50). `tiny-RN` is a small config of the same ModifiedResNet class (our
+own, in stages/data/open_clip) for tests and the demo: a new architecture is a config, not a
+fork, so tests run the very code real runs use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+from pipeline.fingerprint import checksum_file
+
+TINY = "tiny-RN"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def _register_configs() -> None:
+    import open_clip
+
+    if TINY not in open_clip.list_models():
+        open_clip.add_model_config(Path(str(resources.files("stages").joinpath("data/open_clip"))))
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which tower: an open_clip config name and its weights ('openai', 'random', or a file path)."""
+
+    arch: str = "RN50"
+    weights: str = "openai"
+
+    def identity(self) -> dict[str, Any]:
+        """What enters a run's fingerprint: a local file by its content, not its path."""
+        if self.weights in ("openai", "random"):
+            return {"arch": self.arch, "weights": self.weights}
+        path = Path(self.weights)
+        if not path.is_file():
+            raise UserError(f"--backbone-weights: no file at {path}")
+        return {"arch": self.arch, "weights": "file", "xxh3": checksum_file(path)}
+
+
+def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module:
+    """The ModifiedResNet image tower of `spec` (attention pool sized for `image_size`)."""
+    import open_clip
+
+    _register_configs()
+    if spec.arch not in open_clip.list_models():
+        raise UserError(f"unknown backbone '{spec.arch}' (try RN50, or {TINY} for tests)")
+    pretrained = None if spec.weights == "random" else spec.weights
+    torch.manual_seed(seed)  # random weights (tiny, tests) are a function of the seed
+    try:
+        model = open_clip.create_model(
+            spec.arch, pretrained=pretrained, force_image_size=image_size, weights_only=True
+        )
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - offline download, bad file: one line for the user
+        first = " ".join(str(e).strip().split("\n")[:2]).strip() or type(e).__name__
+        hint = "pass --backbone-weights PATH to a local copy" if spec.weights == "openai" else ""
+        raise UserError(
+            f"could not load the {spec.arch} backbone weights '{spec.weights}' ({first}); {hint}"
+        ) from None
+    visual = model.visual
+    if not hasattr(visual, "layer3"):
+        raise UserError(f"backbone '{spec.arch}' is not a CLIP ResNet (both methods need its layer3)")
+    return visual
+
+
+def save_random_clip(arch: str, path: str | Path, seed: int = 0, image_size: int = 224) -> Path:
+    """Write a randomly initialised open_clip model's weights (safetensors): a stand-in for a real file."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    _register_configs()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained=None, force_image_size=image_size)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return Path(path)
+
+
+def visual_features(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer3 map (B, C3, H/16, W/16), attention-pooled embedding (B, D)) of a ModifiedResNet."""
+    x = visual.stem(x)
+    x = visual.layer1(x)
+    x = visual.layer2(x)
+    f3 = visual.layer3(x)
+    return f3, visual.attnpool(visual.layer4(f3))
+
+
+def dims(visual: nn.Module) -> tuple[int, int]:
+    """(layer3 channels, embedding width)."""
+    c3 = visual.layer3[-1].conv3.out_channels
+    return c3, visual.attnpool.c_proj.out_features

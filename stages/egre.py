@@ -1,0 +1,74 @@
+"""EGRE, the classifier of LaRE^2 (CVPR 2024): CLIP RN50 features refined by the LaRE map.
+
+Spatial refinement: the LaRE map, pooled to the layer3 grid and mapped to one map per head, is
+added to that head's attention logits (a mean token queries the layer3 tokens). Channel refinement:
+the map's per-channel means go through an MLP whose sigmoid weighs the pooled layer3 channels.
+Head: [attention-pooled embedding, spatial, channel] -> Linear -> 2 logits, cross-entropy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
+
+HEADS = 8
+DEFAULTS = {"lr": 1e-4, "batch_size": 48, "epochs": 10, "grad_clip": 5.0, "betas": (0.9, 0.999)}
+
+
+class EGRE(nn.Module):
+    def __init__(self, visual: nn.Module, lare_channels: int, grid: int, heads: int = HEADS):
+        super().__init__()
+        c3, d = dims(visual)
+        self.visual, self.heads, self.grid = visual, heads, grid
+        self.to_heads = nn.Conv2d(lare_channels, heads, kernel_size=1)
+        self.pos = nn.Parameter(torch.randn(grid * grid + 1, c3) / math.sqrt(c3))
+        self.q, self.k, self.v, self.o = (nn.Linear(c3, c3) for _ in range(4))
+        self.drop = nn.Dropout(0.1)
+        self.norm = nn.LayerNorm(c3)
+        self.channel = nn.Sequential(
+            nn.Linear(lare_channels, 128), nn.ReLU(), nn.Linear(128, c3), nn.Sigmoid()
+        )
+        self.head = nn.Linear(d + 2 * c3, 2)
+
+    def spatial(self, f3: torch.Tensor, lare: torch.Tensor) -> torch.Tensor:
+        """Mean-token attention over the layer3 tokens, each head's logits biased by its LaRE map."""
+        b, c, g, _ = f3.shape
+        h, dh = self.heads, c // self.heads
+        tokens = f3.flatten(2).transpose(1, 2)
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + self.pos
+        bias = self.to_heads(F.adaptive_avg_pool2d(lare, (g, g))).flatten(2)  # (B, heads, g*g)
+        bias = torch.cat([bias.mean(2, keepdim=True), bias], dim=2)[:, :, None, :]
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, -1, h, dh).transpose(1, 2)
+
+        q, k, v = split(self.q(tokens[:, :1])), split(self.k(tokens)), split(self.v(tokens))
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh) + bias, dim=-1)
+        out = self.o((self.drop(attn) @ v).transpose(1, 2).reshape(b, 1, c))[:, 0]
+        return self.norm(tokens[:, 0] + self.drop(out))
+
+    def forward(self, images: torch.Tensor, lare: torch.Tensor) -> torch.Tensor:
+        f3, emb = visual_features(self.visual, images)
+        channel = self.channel(lare.mean(dim=(2, 3))) * f3.mean(dim=(2, 3))
+        return self.head(torch.cat([emb, self.spatial(f3, lare), channel], dim=1))
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels)
+
+    @staticmethod
+    def score(logits: torch.Tensor) -> torch.Tensor:
+        """Probability that the image is generated."""
+        return torch.softmax(logits.float(), dim=1)[:, 1]
+
+
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, ImageNet mean/std (the reference's choice for EGRE)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std

@@ -1,0 +1,90 @@
+"""The train x test matrix of a results folder (LoL Figure 4): a heatmap PNG and a text table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+METRICS = ("acc", "ap", "real_acc", "generated_acc")
+
+
+def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[str], np.ndarray]:
+    """(row labels 'method:train subsets', test subsets, matrix with NaN where missing)."""
+    if metric not in METRICS:
+        raise UserError(f"--metric must be one of {', '.join(METRICS)}")
+    files = sorted(Path(results).glob("*.json"))
+    records = []
+    for f in files:
+        try:
+            r = json.loads(f.read_text())
+        except ValueError:
+            continue
+        if isinstance(r, dict) and "metrics" in r and "test_subset" in r:
+            records.append(r)
+    if not records:
+        raise UserError(f"no evaluation results (*.json from `pipeline eval`) in {results}")
+
+    def short(r: dict) -> str:
+        return f"{r['method']}:{'+'.join(r['train_subsets'])}"
+
+    runs_per_label: dict[str, set] = {}
+    for r in records:
+        runs_per_label.setdefault(short(r), set()).add(r["run"])
+
+    def label(r: dict) -> str:  # several runs of one method on one subset (seeds, settings): name each
+        return short(r) if len(runs_per_label[short(r)]) == 1 else f"{short(r)} {r['run'][-12:]}"
+
+    rows = sorted({label(r) for r in records})
+    cols = sorted({r["test_subset"] for r in records})
+    mat = np.full((len(rows), len(cols)), np.nan)
+    for r in records:
+        mat[rows.index(label(r)), cols.index(r["test_subset"])] = r["metrics"][metric]
+    return rows, cols, mat
+
+
+def table(rows: list[str], cols: list[str], mat: np.ndarray, metric: str) -> str:
+    corner = "train / test"
+    width = max(len(r) for r in [*rows, corner]) + 2
+    head = f"{corner:<{width}}" + "".join(f"{c:>10}" for c in [*cols, "mean"])
+    lines = [f"{metric.upper()} (%)", head]
+    for r, vals in zip(rows, mat, strict=True):
+        mean = np.nanmean(vals) if np.isfinite(vals).any() else math.nan
+        cells = "".join(f"{'-':>10}" if math.isnan(v) else f"{100 * v:>10.1f}" for v in [*vals, mean])
+        lines.append(f"{r:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+def heatmap(rows: list[str], cols: list[str], mat: np.ndarray, metric: str, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = np.array([[np.nanmean(v) if np.isfinite(v).any() else np.nan] for v in mat])
+    full = np.hstack([mat, means]) * 100
+    labels = [*cols, "mean"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels), 1.2 + 0.55 * len(rows)))
+    im = ax.imshow(full, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.axvline(len(cols) - 0.5, color="white", linewidth=2)
+    for i in range(full.shape[0]):
+        for j in range(full.shape[1]):
+            if np.isfinite(full[i, j]):
+                ax.text(j, i, f"{full[i, j]:.1f}", ha="center", va="center",
+                        color="black" if full[i, j] > 60 else "white", fontsize=8)  # fmt: skip
+    ax.set_xlabel("test subset")
+    ax.set_ylabel("method:train subset")
+    ax.set_title(f"{metric.upper()} (%)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

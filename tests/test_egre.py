@@ -1,0 +1,70 @@
+"""EGRE's structure: the LaRE map steers attention and channels; shapes follow the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages import backbone
+from stages.egre import EGRE
+from stages.train import make_inputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_egre(crop: int = 64) -> EGRE:
+    visual = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, "random"), crop, seed=0)
+    torch.manual_seed(0)
+    return EGRE(visual, lare_channels=4, grid=crop // 16).eval()
+
+
+def test_head_width_and_output():
+    model = tiny_egre()
+    c3, d = backbone.dims(model.visual)
+    assert model.head.in_features == d + 2 * c3  # RN50: 1024 + 1024 + 1024 = 3072
+    logits = model(torch.randn(3, 3, 64, 64), torch.rand(3, 4, 8, 8))
+    assert logits.shape == (3, 2)
+    assert torch.allclose(EGRE.score(logits), torch.softmax(logits, 1)[:, 1])
+
+
+def test_lare_map_changes_the_decision_through_both_refinements():
+    model = tiny_egre()
+    x = torch.randn(2, 3, 64, 64)
+    lare = torch.rand(2, 4, 8, 8)
+    f3, _ = backbone.visual_features(model.visual, x)
+    spatial_a = model.spatial(f3, lare)
+    spatial_b = model.spatial(f3, lare.flip(-1))  # same channel means, other places
+    assert not torch.allclose(spatial_a, spatial_b)  # the map's layout biases the attention
+    assert not torch.allclose(model(x, lare), model(x, lare * 3))  # its magnitude weighs the channels
+
+
+def test_aligned_crop_takes_the_same_window_of_map_and_image():
+    crops = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
+    maps = torch.zeros(4, 4, 8, 8)
+    for i in range(8):  # mark LaRE cell row i and image rows 8i..8i+7 with the same value
+        crops[:, :, 8 * i : 8 * i + 8] = 10 * i
+        maps[:, :, i] = i
+    hp = {"crop_size": 32}
+    x, m = make_inputs("egre", hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=True)
+    assert m.shape == (4, 4, 4, 4)
+    for img, mp in zip(x, m, strict=True):
+        first_pixel_value = round(float(img[0, 0, 0] * 0.229 + 0.485) * 255)
+        assert first_pixel_value == 10 * int(mp[0, 0, 0])  # the window starts on the same cell
+    _, m_whole = make_inputs("egre", hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=False)
+    assert m_whole.shape == (4, 4, 8, 8)  # reference (resize) maps: whole map, pooled later
+
+
+def test_backbone_weights_file_is_loaded_by_the_real_open_clip_path(tmp_path):
+    path = backbone.save_random_clip(backbone.TINY, tmp_path / "clip.safetensors", seed=5, image_size=64)
+    loaded = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, str(path)), 64, seed=0)
+    built = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, "random"), 64, seed=5)
+    other = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, "random"), 64, seed=0)
+    a, b, c = (m.state_dict() for m in (loaded, built, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the file's weights, not the seed's
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    spec = backbone.BackboneSpec(backbone.TINY, str(path))
+    assert spec.identity()["xxh3"] and "weights" in spec.identity()
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="no file"):
+        backbone.BackboneSpec(backbone.TINY, str(tmp_path / "missing.safetensors")).identity()

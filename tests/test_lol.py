@@ -1,0 +1,70 @@
+"""LoL's random rectangle mask (Algorithm 1), property-tested, and its place in the batch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stages import lol
+from stages.train import make_inputs
+
+HP = {"crop_size": 32, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    height=st.integers(8, 256),
+    width=st.integers(8, 256),
+    r_mask=st.floats(0.05, 0.95),
+    r_aspect=st.floats(0.25, 4.0),
+    seed=st.integers(0, 2**31),
+)
+def test_mask_rectangle(height, width, r_mask, r_aspect, seed):
+    """Inside the image; area and aspect as asked, up to integer rounding, wherever the image allows.
+
+    Tolerance, derived rather than tuned: h is sqrt(S r) rounded (|dh| <= 1/2) and w is S/h rounded
+    (|dw| <= 1/2), so |h w - S| <= h/2 and the area fraction is off by at most h / (2 H W) <= 1/(2W).
+    For the aspect, log(h/w) differs from log(r) by at most 2|log(1 - 1/(2 h0))| + |log(1 - h/(2S))|.
+    """
+    top, left, h, w = lol.mask_rect(height, width, r_mask, r_aspect, torch.Generator().manual_seed(seed))
+    assert top >= 0 and left >= 0 and h >= 1 and w >= 1
+    assert top + h <= height and left + w <= width
+    area = height * width * r_mask
+    h0 = math.sqrt(area * r_aspect)
+    fits = h0 <= height - 0.5 and area / h <= width - 0.5 and h0 >= 2
+    if fits:
+        assert abs(h * w / (height * width) - r_mask) <= h / (2 * height * width) + 1e-12
+        tol = 2 * abs(math.log(1 - 1 / (2 * h0))) + abs(math.log(1 - h / (2 * area))) + 1e-9
+        assert abs(math.log(h / w) - math.log(r_aspect)) <= tol
+    else:  # clipped by the image: never larger than asked
+        assert h * w <= area + h / 2
+
+
+def test_masks_differ_per_sample_and_follow_the_ranges():
+    masks = lol.draw_masks(64, 32, 32, torch.Generator().manual_seed(0))
+    frac = masks.float().mean(dim=(1, 2))
+    # each sample draws its own rectangle (on a 32 px image a few coincide by chance: 51 of 64 differ)
+    assert len({m.numpy().tobytes() for m in masks}) >= 48
+    assert frac.min() >= 0.6 - 1 / 64 - 0.1 and frac.max() <= 0.8 + 1 / 64  # clipped ones can be smaller
+    assert frac.std() > 0.02  # r_mask is drawn per sample, not fixed
+
+
+def test_mask_applied_after_normalisation_in_training_only():
+    crops = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(1)
+    x, _ = make_inputs("lol", HP, crops, torch.zeros(8, 1, 1, 1), True, gen, aligned=False)
+    zero_frac = (x == 0).all(dim=1).float().mean(dim=(1, 2))
+    assert (zero_frac >= 0.5).all()  # masked pixels are exactly 0 in normalised space, all channels
+    x_eval, _ = make_inputs("lol", HP, crops, torch.zeros(8, 1, 1, 1), False, None, aligned=False)
+    assert torch.equal(x_eval, lol.normalise(crops))  # at test: centre crop (here the whole crop), no mask
+    assert not (x_eval == 0).all(dim=1).any()
+
+
+def test_flip_and_rotation_move_pixels_without_resampling():
+    img = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    out = lol.augment(img, torch.Generator().manual_seed(0))
+    for a, b in zip(img, out, strict=True):
+        assert sorted(a.flatten().tolist()) == sorted(b.flatten().tolist())
