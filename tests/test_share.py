@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import artifact_arrays, run_cli
+from conftest import ONE_THREAD, TINY_TRAIN, artifact_arrays, run_cli
 from servers import guarded_env, loopback, moto_s3, range_http, s3_env
 
 from pipeline import share
@@ -159,6 +159,36 @@ def test_tampered_remote_cache_is_named_and_refused_then_repaired(s3, extracted)
     assert copy_cache(src, dst, progress=False).copied == 0  # the target's manifest vouches for it
     assert copy_cache(src, dst, progress=False, recheck=True).copied == 1  # --recheck finds and repairs it
     assert verify(CacheStore(dst)) == []
+
+
+def test_train_from_s3_and_refuse_a_tampered_one(s3, extracted, tmp_path):
+    """`pipeline train --from-cache s3://...` trains from the bucket; one flipped byte there: refused."""
+    src, dst = "s3://team/extracted/sdv14.zarr", "s3://team/train-tamper/sdv14.zarr"
+    env = {**s3["env"], **ONE_THREAD}
+
+    def train(cache, out, *extra, check=True):
+        args = ("train", "--from-cache", cache, "--method", "egre", "--epochs", "1", "--batch-size", "4",
+                "--out", str(tmp_path / out), "--no-progress", *TINY_TRAIN, *extra)  # fmt: skip
+        return _cli(*args, env=env, check=check)
+
+    run = Path(train(src, "runs").stdout.strip())
+    assert (run / "done.json").is_file() and (run / "epoch-001.safetensors").is_file()
+    trained_on = json.loads((run / "params.json").read_text())["caches"]
+    assert [f"lare/{c['lare'][:16]}" for c in trained_on] == [extracted.artifacts["lare"]]
+
+    copy_cache(src, dst, progress=False)
+    lare = extracted.artifacts["lare"]
+    key = next(
+        k for k in CacheStore(dst).manifest()["artifacts"][lare]["shards"]["0"]["files"] if "/maps/" in k
+    )
+    _flip_byte(s3["fs"], f"{dst[5:]}/{key}")
+    refused = train(dst, "tampered", check=False)
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
+    assert (
+        f"failed verification: shard 0 of {lare}: {key}" in refused.stderr and "--no-verify" in refused.stderr
+    )
+    assert not (tmp_path / "tampered").exists()  # refused before anything was written
+    assert (Path(train(dst, "tampered", "--no-verify").stdout.strip()) / "done.json").is_file()  # user's call
 
 
 def test_push_adds_to_a_shared_cache_without_unlisting_others(s3, extracted, tmp_path):
