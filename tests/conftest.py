@@ -51,6 +51,24 @@ def extract_args(data: Path, cache: Path, *extra: str, subset: str = "sdv14") ->
     ]  # fmt: skip
 
 
+def assert_same_cache(cache: Path, reference: Path) -> None:
+    """Two <subset>.zarr caches hold the same complete artifacts, bitwise, and the first one verifies."""
+    import json
+
+    from pipeline.store import CacheStore, verify
+
+    ref = json.loads((reference / "manifest.json").read_text())
+    got = json.loads((cache / "manifest.json").read_text())
+    assert got["artifacts"].keys() == ref["artifacts"].keys()
+    for path, art in ref["artifacts"].items():
+        assert got["artifacts"][path]["complete"]
+        assert artifact_arrays(cache, path) == artifact_arrays(reference, path)
+        assert {s: i["files"] for s, i in got["artifacts"][path]["shards"].items()} == {
+            s: i["files"] for s, i in art["shards"].items()
+        }  # the stored objects themselves are byte-identical
+    assert verify(CacheStore(str(cache))) == []
+
+
 def artifact_arrays(cache: Path, artifact: str) -> dict[str, bytes]:
     """Raw bytes of every array of an artifact, for bitwise comparison (NaN-safe)."""
     import zarr

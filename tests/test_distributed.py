@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PIPELINE, artifact_arrays, run_cli
+from conftest import PIPELINE, assert_same_cache, run_cli
 
 from pipeline import distributed
 from pipeline.errors import UserError
 from pipeline.lock import EXTRACT_LOCK, extract_lock
-from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite, verify
+from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
 from stages.extract import ExtractConfig, plan_extract, run_extract
 from stages.synthetic import make_genimage
 
@@ -54,16 +54,7 @@ def _on(client):
 
 
 def _assert_same_cache(cache: Path, reference: Path) -> None:
-    ref = json.loads((reference / "sdv14.zarr" / "manifest.json").read_text())
-    got = json.loads((cache / "sdv14.zarr" / "manifest.json").read_text())
-    assert got["artifacts"].keys() == ref["artifacts"].keys()
-    for path, art in ref["artifacts"].items():
-        assert got["artifacts"][path]["complete"]
-        assert artifact_arrays(cache / "sdv14.zarr", path) == artifact_arrays(reference / "sdv14.zarr", path)
-        assert {s: i["files"] for s, i in got["artifacts"][path]["shards"].items()} == {
-            s: i["files"] for s, i in art["shards"].items()
-        }  # the stored objects themselves are byte-identical
-    assert verify(CacheStore(str(cache / "sdv14.zarr"))) == []
+    assert_same_cache(cache / "sdv14.zarr", reference / "sdv14.zarr")
 
 
 @pytest.fixture(scope="module")
