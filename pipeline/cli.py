@@ -1,4 +1,4 @@
-"""The `pipeline` command: extract LaRE caches, inspect and verify them.
+"""The `pipeline` command: extract caches; inspect, verify and share them; train, evaluate, report, detect.
 
 Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError), never a traceback.
 """
