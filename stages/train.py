@@ -317,6 +317,17 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
+    hp = params["hparams"]
+    rows = data.sample(data.rows("train"), hp["max_per_class"], cfg.seed)
+    if len(rows) == 0:
+        raise UserError("no usable training rows (split 'train') in the given cache(s)")
+    labels = torch.from_numpy(rows.label)
+    if hp["shuffle_labels"]:
+        labels = uninformative_labels(labels, cfg.seed)
+    batches = EpochBatches(data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress)
+    device = resolve_device(cfg.device)
+    # Built before the run directory is written: a backbone that cannot be loaded leaves nothing behind.
+    model = build_model(cfg.method, params, batches.lare_channels).to(device)
     run.mkdir(parents=True, exist_ok=True)
     if (run / "params.json").is_file():
         old = json.loads((run / "params.json").read_text())
@@ -326,18 +337,8 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         _atomic_json(
             run / "params.json", {**params, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         )
-    hp = params["hparams"]
-    rows = data.sample(data.rows("train"), hp["max_per_class"], cfg.seed)
-    if len(rows) == 0:
-        raise UserError("no usable training rows (split 'train') in the given cache(s)")
     if not (run / "sample.json").is_file():
         _atomic_json(run / "sample.json", {"seed": cfg.seed, "n": len(rows), "caches": data.describe(rows)})
-    labels = torch.from_numpy(rows.label)
-    if hp["shuffle_labels"]:
-        labels = uninformative_labels(labels, cfg.seed)
-    batches = EpochBatches(data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress)
-    device = resolve_device(cfg.device)
-    model = build_model(cfg.method, params, batches.lare_channels).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
     done = finished_epochs(run)
     start = done[-1] if done else 0

@@ -120,3 +120,13 @@ def test_streamed_epoch_visits_every_row_once_in_full_batches(two_caches):
         assert torch.equal(y, labels[pos])
     again = [b[0].tolist() for b in stream.epoch(torch.Generator().manual_seed(0))]
     assert again == [b[0].tolist() for b in batches]  # the order is the generator's
+
+
+def test_unloadable_backbone_is_one_line_and_leaves_no_run(learn_set, tmp_path):
+    """Offline, the default RN50 `openai` weights cannot be fetched: one line, and no half-made run."""
+    with pytest.raises(
+        UserError, match="could not load the RN50 backbone weights 'openai'.*--backbone-weights"
+    ) as e:
+        run_train(cfg_for([learn_set[1]], tmp_path / "runs", backbone="RN50", backbone_weights="openai"))
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "runs").exists()
