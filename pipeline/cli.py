@@ -350,6 +350,7 @@ def detect(
     out: Path = typer.Option("scores.csv", help="CSV of path, score, decision, error."),
     threshold: float = typer.Option(0.5, help="Score above which an image is called generated."),
     device: str = typer.Option("auto", help="Where the LaRE model runs (EGRE): auto, cpu, cuda."),
+    batch_size: int = typer.Option(16, help="Images per model call. Changes the last bits of the maps only."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
@@ -364,6 +365,7 @@ def detect(
         resolve_device(device),
         progress,
         log=lambda m: typer.echo(m, err=True),
+        batch_size=batch_size,
     )
     typer.echo(f"scored {scored} image(s), {failed} unreadable -> {out}")
 

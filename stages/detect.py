@@ -34,7 +34,7 @@ def list_images(folder: Path) -> list[Path]:
 class LaREOnTheFly:
     """The LaRE maps of new images with the model and parameters the run's training maps had."""
 
-    def __init__(self, run: Run, device: str):
+    def __init__(self, run: Run, device: str, paths: list[Path]):
         rec = run.params["lare"]
         self.params, model_id = rec["params"], rec["model"]
         ref = sd.resolve_model(model_id["spec"])
@@ -43,27 +43,32 @@ class LaREOnTheFly:
                 f"the LaRE model '{model_id['spec']}' here has other weights than the one {run.name} "
                 "was trained with; detection would compute different maps"
             )
-        dtype = lare_math.PRECISIONS[self.params["precision"]]
-        model = sd.load_model(ref, device, dtype)
         p = self.params
-        self.model, self.dtype, self.device = model, dtype, device
+        dtype = lare_math.PRECISIONS[p["precision"]]
+        model = sd.load_model(ref, device, dtype)
         self.latent = sd.latent_geometry(ref, int(p["size"]))
+        prompts = [self.prompt(path) for path in paths]
+        distinct = sorted(set(prompts))  # each distinct prompt is encoded once, as at extraction
+        self.prompt_of = {path: distinct.index(q) for path, q in zip(paths, prompts, strict=True)}
+        self.lare = lare_math.LaRE(model, model.encode_prompts(distinct), int(p["timestep"]), dtype)
 
     def prompt(self, path: Path) -> str:
         p = self.params
         cls = index_stage.imagenet_class(path.name) if p["prompt_template"] else None
         return p["prompt_template"].format(cls=cls) if cls else (p["prompt"] or "a photo")
 
-    def __call__(self, rgb: np.ndarray, image_id: str, path: Path) -> torch.Tensor:
+    def __call__(self, rgbs: list[np.ndarray], image_ids: list[str], paths: list[Path]) -> torch.Tensor:
+        """Maps (B, C, h, w) of a batch; each image's noises are keyed by its content, as at extraction."""
         p = self.params
         geom = pixels_stage.resize_square if p["preprocess"] == "resize" else pixels_stage.crop_tiled
-        image = torch.from_numpy(geom(rgb, int(p["size"])).copy()).permute(2, 0, 1)[None]
-        c, side = self.latent
-        noise = lare_math.draw_noise(int(p["seed"]), image_id, int(p["ensemble"]), (c, side, side))[None]
-        lare = lare_math.LaRE(
-            self.model, self.model.encode_prompts([self.prompt(path)]), int(p["timestep"]), self.dtype
+        images = torch.stack(
+            [torch.from_numpy(geom(rgb, int(p["size"])).copy()).permute(2, 0, 1) for rgb in rgbs]
         )
-        maps = lare(image, noise, torch.zeros(1, dtype=torch.long)).cpu()
+        c, side = self.latent
+        noise = torch.stack(
+            [lare_math.draw_noise(int(p["seed"]), i, int(p["ensemble"]), (c, side, side)) for i in image_ids]
+        )
+        maps = self.lare(images, noise, torch.tensor([self.prompt_of[path] for path in paths])).cpu()
         return maps.to(getattr(torch, p["dtype"])).float()  # rounded as the cache stored them
 
 
@@ -75,35 +80,53 @@ def detect(
     device: str = "cpu",
     progress: bool = True,
     log=print,
+    batch_size: int = 16,
 ) -> tuple[int, int]:
-    """Writes `path,score,decision,error` per file; returns (scored, failed)."""
+    """Writes `path,score,decision,error` per file, in file order; returns (scored, failed)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     run = load_run(run_path, device)
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")
     size = int(run.params["lare"]["pixel_size"])
     max_pixels = int(run.params["lare"]["params"].get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS))
-    lare = LaREOnTheFly(run, device) if run.method == "egre" else None
+    lare = LaREOnTheFly(run, device, files) if run.method == "egre" else None
     scored = failed = 0
+    bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not progress)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "score", "decision", "error"])
-        for path in tqdm(files, desc=f"detect ({run.name})", unit="img", disable=not progress):
-            try:
-                data = path.read_bytes()
-                rgb = pixels_stage.decode_rgb(data, max_pixels)
-            except (pixels_stage.BadImage, OSError) as e:
-                failed += 1
-                w.writerow([str(path), "", "error", str(e)])
-                log(f"skipped {path}: {e}")
-                continue
-            crop = torch.from_numpy(pixels_stage.crop_tiled(rgb, size)).permute(2, 0, 1)[None]
-            maps = lare(rgb, xxhash.xxh3_128_hexdigest(data), path) if lare else torch.zeros(1, 1, 1, 1)
-            with torch.inference_mode():
-                x, m = make_inputs(
-                    run.method, run.params["hparams"], crop, maps, False, None, run.params["aligned"]
+        for start in range(0, len(files), batch_size):
+            rows: dict[Path, list[str]] = {}
+            ok: list[tuple[Path, np.ndarray, str]] = []
+            for path in files[start : start + batch_size]:
+                try:
+                    data = path.read_bytes()
+                    ok.append(
+                        (path, pixels_stage.decode_rgb(data, max_pixels), xxhash.xxh3_128_hexdigest(data))
+                    )
+                except (pixels_stage.BadImage, OSError) as e:
+                    rows[path] = [str(path), "", "error", str(e)]
+                    log(f"skipped {path}: {e}")
+            if ok:
+                paths, rgbs, ids = (list(col) for col in zip(*ok, strict=True))
+                crops = torch.stack(
+                    [torch.from_numpy(pixels_stage.crop_tiled(rgb, size)).permute(2, 0, 1) for rgb in rgbs]
                 )
-                score = float(run.scores(x, m)[0])
-            w.writerow([str(path), f"{score:.6f}", "generated" if score > threshold else "real", ""])
-            scored += 1
+                maps = lare(rgbs, ids, paths) if lare else torch.zeros(len(ok), 1, 1, 1)
+                with torch.inference_mode():
+                    x, m = make_inputs(
+                        run.method, run.params["hparams"], crops, maps, False, None, run.params["aligned"]
+                    )
+                    scores = run.scores(x, m)
+                for path, score in zip(paths, scores.tolist(), strict=True):
+                    decision = "generated" if score > threshold else "real"
+                    rows[path] = [str(path), f"{score:.6f}", decision, ""]
+            for path in files[start : start + batch_size]:  # file order, failures in place
+                w.writerow(rows[path])
+            failed += len(rows) - len(ok)
+            scored += len(ok)
+            bar.update(len(rows))
+    bar.close()
     return scored, failed

@@ -8,6 +8,7 @@ import shutil
 import pytest
 from conftest import ONE_THREAD, run_cli
 
+from stages.detect import detect
 from stages.evaluate import evaluate
 from stages.synthetic import add_bad_files
 
@@ -37,3 +38,14 @@ def test_detect_scores_like_eval_and_lists_bad_files(egre_run, learn_set, tmp_pa
     for name, score in expected.items():  # the on-the-fly LaRE map equals the cached one (fp16 ulp)
         assert float(rows[name]["score"]) == pytest.approx(score, abs=2e-3), name
         assert rows[name]["decision"] == ("generated" if float(rows[name]["score"]) > 0.5 else "real")
+
+    # Another batch size (and batches that mix unreadable files with images): same rows, same order.
+    again = tmp_path / "scores-b3.csv"
+    assert detect(folder, egre_run, again, batch_size=3, progress=False, log=lambda m: None) == (32, 4)
+    with open(out) as f, open(again) as g:
+        first, second = list(csv.DictReader(f)), list(csv.DictReader(g))
+    assert [r["path"] for r in first] == [r["path"] for r in second] == sorted(r["path"] for r in first)
+    for a, b in zip(first, second, strict=True):
+        assert a["decision"] == b["decision"] and a["error"] == b["error"]
+        if a["score"]:
+            assert float(a["score"]) == pytest.approx(float(b["score"]), abs=2e-3)
