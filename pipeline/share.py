@@ -28,7 +28,18 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.fingerprint import checksum_bytes
-from pipeline.store import MANIFEST, PROGRESS, CacheStore, is_local, manifest_files, now, open_fs, safe_key
+from pipeline.store import (
+    MANIFEST,
+    PROGRESS,
+    CacheStore,
+    atomic_write,
+    is_local,
+    list_objects,
+    manifest_files,
+    now,
+    open_fs,
+    safe_key,
+)
 
 JOURNAL = "_share/journal.json"
 FLUSH_EVERY = 32  # objects between journal writes (one small PUT each)
@@ -60,15 +71,6 @@ class _Target:
     def full(self, key: str) -> str:
         return posixpath.join(self.root, safe_key(key))
 
-    def sizes(self) -> dict[str, int]:
-        """Size of every object already at the target, by key: one listing."""
-        self.fs.invalidate_cache()
-        if not self.fs.exists(self.root):
-            return {}
-        prefix = self.root.rstrip("/") + "/"
-        found = self.fs.find(self.root, detail=True)
-        return {p[len(prefix) :]: int(i.get("size") or 0) for p, i in found.items() if p.startswith(prefix)}
-
     def read(self, key: str) -> bytes | None:
         try:
             return self.fs.cat_file(self.full(key))
@@ -79,12 +81,7 @@ class _Target:
         """Write one whole object and check it landed: the store's md5 (S3 ETag) or a read-back."""
         full = self.full(key)
         if self.local:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            tmp = f"{full}.tmp{os.getpid()}.{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, full)
-            landed = self.read(key)
+            atomic_write(full, data)
         else:
             response = self.fs.pipe_file(full, data)
             etag = str((response or {}).get("ETag", "")).strip('"') if isinstance(response, dict) else ""
@@ -92,8 +89,7 @@ class _Target:
                 if etag != hashlib.md5(data).hexdigest():
                     raise UserError(f"{self.url}/{key} did not arrive intact (md5 differs); rerun to retry")
                 return
-            landed = self.read(key)
-        if landed != data:
+        if self.read(key) != data:
             raise UserError(f"{self.url}/{key} did not arrive intact (read-back differs); rerun to retry")
 
     def write_json(self, key: str, obj: Any) -> None:
@@ -163,7 +159,7 @@ def copy_cache(
             snapshot = {"base": journal.get("base"), "landed": dict(landed)}
         dst.write_json(JOURNAL, snapshot)
 
-    present = dst.sizes()
+    present = list_objects(dst.fs, dst.root)  # size of every object already there, by key
     report = CopyReport()
     todo = []
     for key in sorted(wanted, key=lambda k: (not k.endswith("zarr.json"), k)):  # zarr metadata first

@@ -21,6 +21,7 @@ import json
 import os
 import posixpath
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -105,6 +106,30 @@ def fsspec_url(url: str) -> str:
     if "::" in url or m is None or os.path.isdir(m["archive"]):
         return url
     return f"zip://{m['inner'] or ''}::{m['archive']}"
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write a local file whole: a reader sees the old content or the new, never half (even after a crash)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"  # unique per writing thread
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_objects(fs: fsspec.AbstractFileSystem, root: str, prefix: str = "") -> dict[str, int]:
+    """Every object under `root/prefix`, keyed relative to `root`, with its size: one fresh listing."""
+    fs.invalidate_cache()  # zarr writes through its own (async) instance: listings may be stale
+    base = posixpath.join(root, prefix) if prefix else root
+    if not fs.exists(base):
+        return {}
+    head = root.rstrip("/") + "/"
+    return {
+        p[len(head) :] if p.startswith(head) else p: int(info.get("size") or 0)
+        for p, info in fs.find(base, detail=True).items()
+    }
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
@@ -273,23 +298,12 @@ class CacheStore:
         data = json.dumps(obj, indent=1, sort_keys=True).encode()
         full = self._full(safe_key(key))
         if self.local:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            tmp = f"{full}.tmp{os.getpid()}"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, full)
+            atomic_write(full, data)
         else:
             self.fs.pipe_file(full, data)  # one PUT: object stores replace whole objects atomically
 
     def list_keys(self, prefix: str) -> list[str]:
-        base = self._full(prefix)
-        self.fs.invalidate_cache()  # zarr writes through its own (async) instance: listings may be stale
-        if not self.fs.exists(base):
-            return []
-        root = self.root.rstrip("/") + "/"
-        return sorted(p[len(root) :] if p.startswith(root) else p for p in self.fs.find(base))
+        return sorted(list_objects(self.fs, self.root, prefix))
 
     def checksum(self, key: str) -> str:
         return checksum_bytes(self.read_bytes(key))
