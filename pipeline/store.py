@@ -153,6 +153,14 @@ def open_fs(url: str, writable: bool) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, root.rstrip("/")
 
 
+@contextlib.contextmanager
+def _plain_objects_expected() -> Iterator[None]:
+    """zarr warns about the plain objects a cache keeps beside its arrays (records, manifest, locks)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        yield
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     """One per-row array of an artifact: each row has `row_shape`; chunks hold about 1 MiB."""
@@ -262,8 +270,7 @@ class CacheStore:
             raise UserError(f"{self.url} is not a readable Zarr cache ({e})") from None
         found = self.group.attrs.get("schema_version")
         if found is None:
-            with warnings.catch_warnings():  # our plain `_locks/` folder may precede the group
-                warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr")
+            with _plain_objects_expected():  # our plain `_locks/` folder may precede the group
                 members = list(self.group.keys())
             if self.read_only or members:
                 raise UserError(f"{self.url} is not a cache made by this pipeline (no schema_version)")
@@ -334,10 +341,9 @@ class CacheStore:
         return {name: arr[:] for name, arr in group.arrays()}, dict(group.attrs)
 
     def _subgroups(self, path: str | None = None):
-        """Child groups; zarr warns about our plain objects (records, manifest), which is expected."""
+        """Child groups (our plain objects beside them are skipped quietly)."""
         group = self.group if path is None else self.group[path]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+        with _plain_objects_expected():
             return list(group.groups())
 
     def tables(self, prefix: str) -> dict[str, dict[str, Any]]:
@@ -430,8 +436,9 @@ class CacheStore:
     def write_shard(self, w: ShardWrite) -> dict[str, Any]:
         """Write one whole shard of every array, then its progress record: the record means 'done'."""
         group = self.group[w.artifact]
+        keys = self.shard_keys(w.artifact, w.shard)
         # zarr reads a shard object back before rewriting it: a torn one from a killed writer would fail
-        for key in self.shard_keys(w.artifact, w.shard):
+        for key in keys:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._full(key))
         for name, values in w.data.items():
@@ -440,7 +447,7 @@ class CacheStore:
         record = {
             "shard": w.shard,
             "rows": [w.start, w.stop],
-            "files": {key: self.checksum(key) for key in self.shard_keys(w.artifact, w.shard)},
+            "files": {key: self.checksum(key) for key in keys},
             "n_ok": int((w.status == STATUS_OK).sum()),
             "failed": w.failed,
             "written_at": now(),
