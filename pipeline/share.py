@@ -84,10 +84,10 @@ class _Target:
             atomic_write(full, data)
         else:
             response = self.fs.pipe_file(full, data)
-            etag = str((response or {}).get("ETag", "")).strip('"') if isinstance(response, dict) else ""
-            if etag and "-" not in etag:  # a single-part upload's ETag is the md5 of its bytes
-                if etag != hashlib.md5(data).hexdigest():
-                    raise UserError(f"{self.url}/{key} did not arrive intact (md5 differs); rerun to retry")
+            etag = str(response.get("ETag", "")).strip('"') if isinstance(response, dict) else ""
+            # A plain single-part upload's ETag is the md5 of its bytes. Multipart and SSE-KMS ETags
+            # are not, and some stores return none: those are read back instead.
+            if etag == hashlib.md5(data).hexdigest():
                 return
         if self.read(key) != data:
             raise UserError(f"{self.url}/{key} did not arrive intact (read-back differs); rerun to retry")

@@ -271,3 +271,17 @@ def test_unsafe_names_and_pickle_codecs_are_refused(s3, extracted, tmp_path):
     (local / "manifest.json").unlink()  # an unfinished cache: its metadata is found by listing
     with pytest.raises(UserError, match="numcodecs.pickle"):
         CacheStore(str(local), mode="a")
+
+
+def test_an_etag_that_is_not_the_md5_is_checked_by_reading_back(monkeypatch):
+    """SSE-KMS and multipart uploads give ETags that are not the md5: the object is read back instead."""
+    target = share._Target("memory://etag/sdv14.zarr")
+    real_pipe = target.fs.pipe_file
+
+    def pipe_file(path, data, **kwargs):
+        real_pipe(path, data, **kwargs)
+        return {"ETag": '"0123456789abcdef0123456789abcdef"'}
+
+    monkeypatch.setattr(target.fs, "pipe_file", pipe_file)
+    target.write("lare/x/maps/c/0/0/0/0", b"shard bytes")
+    assert target.read("lare/x/maps/c/0/0/0/0") == b"shard bytes"
