@@ -38,6 +38,7 @@ from pipeline.store import (
     manifest_files,
     now,
     open_fs,
+    parse_json,
     safe_key,
 )
 
@@ -141,10 +142,10 @@ def copy_cache(
     if type(dst.fs) is type(src.fs) and dst.root == src.root:
         raise UserError(f"{src_url} and {dst_url} are the same cache")
 
-    journal = json.loads(dst.read(JOURNAL) or "null") or {}
+    journal = parse_json(dst.read(JOURNAL) or "null", f"{dst_url}/{JOURNAL}") or {}
     old = dst.read(MANIFEST)
     if old is not None:  # moved aside first: from here on the target is not a complete cache
-        base = json.loads(old)
+        base = parse_json(old, f"{dst_url}/{MANIFEST}")
         if base.get("subset") not in (None, manifest.get("subset")):
             raise UserError(f"{dst_url} holds subset '{base['subset']}', not '{manifest.get('subset')}'")
         manifest_files(base)  # refuse unsafe keys before trusting anything in it

@@ -132,6 +132,16 @@ def list_objects(fs: fsspec.AbstractFileSystem, root: str, prefix: str = "") -> 
     }
 
 
+def parse_json(data: bytes | str, where: str) -> Any:
+    """JSON from a cache object; a damaged one (truncated, tampered) is a one-line UserError."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise UserError(
+            f"{where} is damaged (not valid JSON); rerun what wrote it, or pull it again"
+        ) from None
+
+
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
 
@@ -296,9 +306,10 @@ class CacheStore:
 
     def read_json(self, key: str) -> dict | None:
         try:
-            return json.loads(self.read_bytes(key))
+            data = self.read_bytes(key)
         except FileNotFoundError:
             return None
+        return parse_json(data, f"{self.url}/{key}")
 
     def write_json(self, key: str, obj: Any) -> None:
         """Atomic: a reader sees the old object or the new one, never half of one."""

@@ -108,6 +108,14 @@ def test_unsafe_manifest_keys_are_refused(tmp_path):
         verify(CacheStore(str(tmp_path / "c.zarr")))
 
 
+def test_a_damaged_manifest_is_one_line_not_a_traceback(tmp_path):
+    store = CacheStore(str(tmp_path / "c.zarr"), mode="a", subset="sdv14")
+    store.write_manifest()
+    (tmp_path / "c.zarr" / "manifest.json").write_text('{"trunc')
+    with pytest.raises(UserError, match="manifest.json is damaged \\(not valid JSON\\)"):
+        CacheStore(str(tmp_path / "c.zarr"))
+
+
 def test_schema_version_and_foreign_groups_are_refused(tmp_path):
     store = CacheStore(str(tmp_path / "c.zarr"), mode="a", subset="sdv14")
     store.group.attrs["schema_version"] = 99
