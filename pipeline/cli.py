@@ -380,6 +380,17 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: finished shards are kept; rerun the same command to resume", err=True)
         sys.exit(130)
+    except Exception as e:
+        # Storage the user pointed at refused us (permissions, no credentials, a full disk): one line.
+        if isinstance(e, OSError) or type(e).__name__ in _STORAGE_ACCESS_ERRORS:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            typer.echo(f"Error: {type(e).__name__}: {first}", err=True)
+            sys.exit(2)
+        raise
+
+
+# botocore's credential errors are not OSErrors; named, so that botocore need not be imported.
+_STORAGE_ACCESS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}
 
 
 if __name__ == "__main__":

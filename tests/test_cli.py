@@ -1,8 +1,10 @@
 """The CLI as a user types it: the installed `pipeline` command in a subprocess."""
 
 import json
+import os
+import subprocess
 
-from conftest import extract_args, run_cli
+from conftest import PIPELINE, extract_args, run_cli
 
 
 def test_help_lists_commands_and_options():
@@ -57,3 +59,18 @@ def test_extract_info_verify_tamper(tmp_path):
 def test_info_on_a_missing_cache_is_one_line(tmp_path):
     proc = run_cli("cache", "info", str(tmp_path / "nothing.zarr"), check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no cache at" in proc.stderr
+
+
+def test_storage_without_credentials_is_one_line():
+    """An object store the user cannot reach with credentials: one line, exit 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent", AWS_CONFIG_FILE="/nonexistent",
+        AWS_EC2_METADATA_DISABLED="true", AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL="http://127.0.0.1:9",  # loopback: never reached, the request is refused unsigned
+    )  # fmt: skip
+    proc = subprocess.run(
+        [PIPELINE, "cache", "verify", "s3://no-bucket/sdv14.zarr"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("Error: NoCredentialsError")
