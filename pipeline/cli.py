@@ -154,10 +154,10 @@ def cache_info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """What a cache holds: index, artifacts (parameters, model, progress) and failed rows."""
-    from pipeline.store import CacheStore
+    from pipeline.store import MANIFEST, CacheStore
 
     store = CacheStore(cache, mode="r")
-    manifest = store.read_json("manifest.json") or store.build_manifest()
+    manifest = store.read_json(MANIFEST) or store.build_manifest()
     if as_json:
         typer.echo(json.dumps(manifest, indent=1, sort_keys=True))
         return
