@@ -104,6 +104,10 @@ class Rows:
     def __len__(self) -> int:
         return len(self.row)
 
+    def __getitem__(self, idx) -> Rows:
+        """The rows at `idx` (a slice, positions or a mask), in that order."""
+        return Rows(self.source[idx], self.row[idx], self.label[idx])
+
 
 class CacheData:
     """Several caches read as one table of usable rows."""
@@ -162,8 +166,7 @@ class CacheData:
                     f"note: only {len(idx)} rows of label {label}, fewer than --max-per-class {max_per_class}"
                 )
             keep.append(np.sort(rng.choice(idx, size=min(max_per_class, len(idx)), replace=False)))
-        sel = np.sort(np.concatenate(keep))
-        return Rows(rows.source[sel], rows.row[sel], rows.label[sel])
+        return rows[np.sort(np.concatenate(keep))]
 
     def describe(self, rows: Rows) -> list[dict]:
         """JSON record of the rows (sample.json): which cache, row, content id, path, label."""

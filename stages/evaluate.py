@@ -70,9 +70,7 @@ def predict(
     block = max(batch_size, 1024)
     bar = tqdm(total=len(rows), desc=f"eval {run.name}", unit="img", disable=not progress)
     for b0 in range(0, len(rows), block):
-        part = cachedata.Rows(
-            rows.source[b0 : b0 + block], rows.row[b0 : b0 + block], rows.label[b0 : b0 + block]
-        )
+        part = rows[b0 : b0 + block]
         crops, maps = (torch.from_numpy(a) for a in data.load(part, progress=False))
         for i in range(0, len(part), batch_size):
             x, m = make_inputs(

@@ -240,8 +240,7 @@ class EpochBatches:
             self.lare_channels = self.maps.shape[1]
 
     def _read(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.rows
-        crops, maps = self.data.load(type(r)(r.source[pos], r.row[pos], r.label[pos]), progress=False)
+        crops, maps = self.data.load(self.rows[pos], progress=False)
         return torch.from_numpy(crops), torch.from_numpy(maps)
 
     def epoch(self, gen: torch.Generator):
