@@ -23,7 +23,7 @@ from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages import cachedata
-from stages.train import Run, load_run, make_inputs
+from stages.train import Run, atomic_json, load_run, make_inputs
 
 THRESHOLD = 0.5
 
@@ -144,7 +144,7 @@ def evaluate(
             w.writerow(["path", "id", "label", "score"])
             for r, lab, s in zip(rows.row, rows.label, scores, strict=True):
                 w.writerow([src.columns["path"][r], src.columns["id"][r], int(lab), f"{s:.6f}"])
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1, sort_keys=True))
+        atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
         m = result["metrics"]
         log(
             f"{run.name} on {src.subset}: ACC {m['acc']:.4f} (real {m['real_acc']:.4f}, "

@@ -151,7 +151,7 @@ def build_model(method: str, params: dict, lare_channels: int, pretrained: bool 
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
-def _atomic_json(path: Path, obj: Any) -> None:
+def atomic_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
@@ -168,7 +168,7 @@ def save_epoch(run: Path, epoch: int, model, opt, info: dict) -> None:
     state = opt.state_dict()
     tensors = {f"{pid}.{k}": v for pid, s in state["state"].items() for k, v in s.items()}
     _atomic_safetensors(run / f"epoch-{epoch:03d}.optim.safetensors", tensors)
-    _atomic_json(
+    atomic_json(
         run / f"epoch-{epoch:03d}.json", {**info, "epoch": epoch, "param_groups": state["param_groups"]}
     )
     for old in run.glob("epoch-*.optim.safetensors"):
@@ -282,13 +282,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
     hp = cfg.hparams()
-    spec = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights)
+    identity = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights).identity()  # hashes a weight file
     aligned = data.aligned()
     params = {
         "stage": "train",
         "method": cfg.method,
         "hparams": hp,
-        "backbone": {**spec.identity(), "arch": cfg.backbone, "spec_weights": cfg.backbone_weights},
+        "backbone": {**identity, "arch": cfg.backbone, "spec_weights": cfg.backbone_weights},
         "caches": [s.identity() for s in data.sources],
         "lare": {"params": data.lare_params, "model": data.lare_model, "pixel_size": data.pixel_size},
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
@@ -296,7 +296,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
         "code": code_version(backbone, cachedata, egre, lol, _this_module()),
     }
     ident = {k: v for k, v in params.items() if k != "backbone"}
-    ident["backbone"] = spec.identity()
+    ident["backbone"] = identity
     fp = fingerprint(ident)
     subsets = "+".join(sorted({s.subset for s in data.sources}))
     run = Path(cfg.out) / f"{cfg.method}-{subsets}-{fp[:12]}"
@@ -333,11 +333,11 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         if old["fingerprint"] != params["fingerprint"]:
             raise UserError(f"{run} holds another run (fingerprint {old['fingerprint'][:12]})")
     else:
-        _atomic_json(
+        atomic_json(
             run / "params.json", {**params, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         )
     if not (run / "sample.json").is_file():
-        _atomic_json(run / "sample.json", {"seed": cfg.seed, "n": len(rows), "caches": data.describe(rows)})
+        atomic_json(run / "sample.json", {"seed": cfg.seed, "n": len(rows), "caches": data.describe(rows)})
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
     done = finished_epochs(run)
     start = done[-1] if done else 0
@@ -369,9 +369,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
             log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
             return run
-    _atomic_json(
-        run / "done.json", {"epochs": hp["epochs"], "final": f"epoch-{hp['epochs']:03d}.safetensors"}
-    )
+    atomic_json(run / "done.json", {"epochs": hp["epochs"], "final": f"epoch-{hp['epochs']:03d}.safetensors"})
     return run
 
 
