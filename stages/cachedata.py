@@ -140,6 +140,14 @@ class CacheData:
     def pixel_size(self) -> int:
         return int(self.sources[0].pixels_attrs["params"]["size"])
 
+    def check_crop(self, crop: int) -> None:
+        """A run's crop must fit in the cached pixel crops (checked before anything is written)."""
+        if crop > self.pixel_size:
+            raise UserError(
+                f"{self.sources[0].url}: pixel crops of {self.pixel_size} px are smaller than the "
+                f"{crop} px crop (--crop-size)"
+            )
+
     def aligned(self) -> bool:
         """Whether LaRE cell (i, j) covers pixel-crop pixels [8i, 8i+8) x [8j, 8j+8) (`--preprocess crop`)."""
         p = self.lare_params

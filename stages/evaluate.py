@@ -91,10 +91,7 @@ def check_compatible(run: Run, data: cachedata.CacheData) -> None:
             f"{data.sources[0].url}: its LaRE maps were made with other parameters or another model than "
             f"the maps {run.name} was trained on; extract them with the same settings"
         )
-    if data.pixel_size < run.params["hparams"]["crop_size"]:
-        raise UserError(
-            f"{data.sources[0].url}: pixel crops of {data.pixel_size} px are smaller than the run's crop"
-        )
+    data.check_crop(run.params["hparams"]["crop_size"])
 
 
 def evaluate(
@@ -109,6 +106,8 @@ def evaluate(
     device: str = "cpu",
 ) -> list[dict]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     run = load_run(run_path, resolve_device(device))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -63,6 +63,10 @@ class TrainConfig:
     def hparams(self) -> dict[str, Any]:
         if self.method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{self.method}'")
+        for name in ("epochs", "batch_size", "lr", "max_per_class"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
         d = METHODS[self.method].DEFAULTS
         hp = {
             "epochs": self.epochs or d["epochs"],
@@ -89,8 +93,6 @@ def crop_offsets(
     n: int, size: int, crop: int, train: bool, gen: torch.Generator | None, grid: int
 ) -> torch.Tensor:
     """(n, 2) top-left corners of `crop` windows in `size` images: random on the grid, or centred."""
-    if crop > size:
-        raise UserError(f"crop {crop} px is larger than the cached {size} px pixel crops")
     if not train:
         return torch.full((n, 2), (size - crop) // 2 // grid * grid)
     steps = (size - crop) // grid + 1
@@ -282,6 +284,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
     hp = cfg.hparams()
+    data.check_crop(hp["crop_size"])
     identity = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights).identity()  # hashes a weight file
     aligned = data.aligned()
     params = {
