@@ -353,7 +353,9 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
         model.train()
-        total, t0 = 0.0, time.perf_counter()
+        # Summed on the device in float64 (the same bits as Python floats): reading the loss back
+        # every step would make the host wait for the GPU instead of preparing the next batch.
+        total, t0 = torch.zeros((), dtype=torch.float64, device=device), time.perf_counter()
         bar = tqdm(total=n, desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress)
         for _, crops, maps, y in batches.epoch(gen):
             x, m = make_inputs(cfg.method, hp, crops, maps, True, gen, params["aligned"])
@@ -363,10 +365,10 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
             if hp["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
             opt.step()
-            total += float(loss.detach()) * len(y)
+            total += loss.detach().double() * len(y)
             bar.update(len(y))
         bar.close()
-        info = {"loss": total / n, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
+        info = {"loss": float(total) / n, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
         save_epoch(run, epoch, model, opt, info)
         log(f"epoch {epoch}: loss {info['loss']:.4f}")
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
