@@ -230,8 +230,8 @@ class EpochBatches:
         self.memory_rows = memory_rows
         self.stream = len(rows) > memory_rows
         if self.stream:
-            block = int(data.sources[0].pixels_attrs["rows_per_shard"])
-            key = rows.source.astype(np.int64) * (1 << 40) + rows.row // block
+            shard_rows = np.array([int(s.pixels_attrs["rows_per_shard"]) for s in data.sources])
+            key = rows.source.astype(np.int64) * (1 << 40) + rows.row // shard_rows[rows.source]
             order = np.argsort(key, kind="stable")
             starts = np.unique(key[order], return_index=True)[1]
             self.blocks = np.split(order, starts[1:])
@@ -271,8 +271,8 @@ class EpochBatches:
             full = len(pos) if last else len(pos) // self.bs * self.bs
             for b in range(0, full, self.bs):
                 idx = perm[b : min(b + self.bs, full)]
-                p = torch.from_numpy(pos[idx.numpy()])
-                yield pos[idx.numpy()], crops[idx], maps[idx], self.labels[p]
+                sel = pos[idx.numpy()]
+                yield sel, crops[idx], maps[idx], self.labels[torch.from_numpy(sel)]
             rest = perm[full:]
             carry = (pos[rest.numpy()], crops[rest], maps[rest])
 
