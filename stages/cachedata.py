@@ -198,23 +198,21 @@ class CacheData:
 
         Reads each inner chunk that holds a wanted row once, whole.
         """
-        crops_out, maps_out = None, None
+        out: dict[str, np.ndarray] = {}
         bar = tqdm(total=len(rows), desc="read cache", unit="row", disable=not progress)
         for k, (s, store) in enumerate(zip(self.sources, self.stores, strict=True)):
             pos = np.flatnonzero(rows.source == k)
             if not len(pos):
                 continue
-            for name, path in (("crops", s.pixels), ("maps", s.lare)):
+            want = rows.row[pos]
+            for name, path, dtype in (("crops", s.pixels, np.uint8), ("maps", s.lare, np.float32)):
                 arr = store.group[f"{path}/{name}"]
-                if name == "crops" and crops_out is None:
-                    crops_out = np.empty((len(rows), *arr.shape[1:]), dtype=np.uint8)
-                if name == "maps" and maps_out is None:
-                    maps_out = np.empty((len(rows), *arr.shape[1:]), dtype=np.float32)
-                out = crops_out if name == "crops" else maps_out
-                for start, stop in read_spans(rows.row[pos], arr.chunks[0], (arr.shards or arr.chunks)[0]):
-                    hit = pos[(rows.row[pos] >= start) & (rows.row[pos] < stop)]
-                    out[hit] = arr[start : min(stop, arr.shape[0])][rows.row[hit] - start]
+                if name not in out:
+                    out[name] = np.empty((len(rows), *arr.shape[1:]), dtype=dtype)
+                for start, stop in read_spans(want, arr.chunks[0], (arr.shards or arr.chunks)[0]):
+                    inside = (want >= start) & (want < stop)
+                    out[name][pos[inside]] = arr[start : min(stop, arr.shape[0])][want[inside] - start]
                     if name == "maps":
-                        bar.update(len(hit))
+                        bar.update(int(inside.sum()))
         bar.close()
-        return crops_out, maps_out
+        return out.get("crops"), out.get("maps")
