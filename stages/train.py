@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,7 +297,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
         "lare": {"params": data.lare_params, "model": data.lare_model, "pixel_size": data.pixel_size},
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
         "seed": cfg.seed,
-        "code": code_version(backbone, cachedata, egre, lol, _this_module()),
+        "code": code_version(backbone, cachedata, egre, lol, sys.modules[__name__]),
     }
     ident = {k: v for k, v in params.items() if k != "backbone"}
     ident["backbone"] = identity
@@ -304,12 +305,6 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
     subsets = "+".join(sorted({s.subset for s in data.sources}))
     run = Path(cfg.out) / f"{cfg.method}-{subsets}-{fp[:12]}"
     return run, {**params, "fingerprint": fp, "aligned": aligned}
-
-
-def _this_module():
-    import sys
-
-    return sys.modules[__name__]
 
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
