@@ -281,7 +281,7 @@ def train(
     ),
     mask_range: str = typer.Option("0.6,0.8", help="LoL: r_mask drawn uniformly in LOW,HIGH."),
     aspect_range: str = typer.Option("0.33,3.0", help="LoL: r_aspect drawn uniformly in LOW,HIGH."),
-    shuffle_labels: bool = typer.Option(False, help="Control experiment: permute the training labels."),
+    shuffle_labels: bool = typer.Option(False, help="Control: half of each class labelled generated."),
     stop_after: int = typer.Option(None, help="Stop after this epoch as if interrupted (rerun resumes)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     memory_rows: int = typer.Option(

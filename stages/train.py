@@ -54,7 +54,7 @@ class TrainConfig:
     backbone_weights: str = "openai"  # 'openai', 'random', or a local open_clip checkpoint file
     mask_range: tuple[float, float] = lol.MASK_RANGE
     aspect_range: tuple[float, float] = lol.ASPECT_RANGE
-    shuffle_labels: bool = False  # a control: labels permuted, nothing should be learned
+    shuffle_labels: bool = False  # a control: uninformative labels (see uninformative_labels)
     verify: bool = True
     progress: bool = True
     device: str = "auto"  # where the model trains; not in the fingerprint (last bits only, like batch order)
