@@ -161,7 +161,7 @@ class CacheData:
             parts.append((np.full(len(r), k), r, s.columns["label"][r].astype(np.int64)))
         return Rows(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
 
-    def sample(self, rows: Rows, max_per_class: int | None, seed: int) -> Rows:
+    def sample(self, rows: Rows, max_per_class: int | None, seed: int, log=print) -> Rows:
         """Up to `max_per_class` real and as many generated rows, drawn without replacement, seeded."""
         if not max_per_class:
             return rows
@@ -170,7 +170,7 @@ class CacheData:
         for label in (0, 1):
             idx = np.flatnonzero(rows.label == label)
             if len(idx) < max_per_class:
-                print(
+                log(
                     f"note: only {len(idx)} rows of label {label}, fewer than --max-per-class {max_per_class}"
                 )
             keep.append(np.sort(rng.choice(idx, size=min(max_per_class, len(idx)), replace=False)))

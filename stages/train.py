@@ -315,7 +315,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         log(f"up to date: {run}")
         return run
     hp = params["hparams"]
-    rows = data.sample(data.rows("train"), hp["max_per_class"], cfg.seed)
+    rows = data.sample(data.rows("train"), hp["max_per_class"], cfg.seed, log)
     if len(rows) == 0:
         raise UserError("no usable training rows (split 'train') in the given cache(s)")
     labels = torch.from_numpy(rows.label)
