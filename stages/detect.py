@@ -93,6 +93,7 @@ def detect(
     max_pixels = int(run.params["lare"]["params"].get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS))
     lare = LaREOnTheFly(run, device, files) if run.method == "egre" else None
     scored = failed = 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not progress)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
