@@ -354,7 +354,6 @@ def detect(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
-    from pipeline.config import resolve_device
     from stages.detect import detect as run_detect
 
     scored, failed = run_detect(
@@ -362,7 +361,7 @@ def detect(
         checkpoint,
         out,
         threshold,
-        resolve_device(device),
+        device,
         progress,
         log=lambda m: typer.echo(m, err=True),
         batch_size=batch_size,

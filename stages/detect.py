@@ -12,6 +12,7 @@ import torch
 import xxhash
 from tqdm import tqdm
 
+from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from stages import index as index_stage
 from stages import lare as lare_math
@@ -85,6 +86,7 @@ def detect(
     """Writes `path,score,decision,error` per file, in file order; returns (scored, failed)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    device = resolve_device(device)
     run = load_run(run_path, device)
     files = list_images(Path(folder))
     if not files:
