@@ -145,7 +145,7 @@ class CacheData:
         if crop > self.pixel_size:
             raise UserError(
                 f"{self.sources[0].url}: pixel crops of {self.pixel_size} px are smaller than the "
-                f"{crop} px crop (--crop-size)"
+                f"{crop} px crop of the run (--crop-size)"
             )
 
     def aligned(self) -> bool:
