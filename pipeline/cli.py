@@ -281,7 +281,7 @@ def train(
     ),
     mask_range: str = typer.Option("0.6,0.8", help="LoL: r_mask drawn uniformly in LOW,HIGH."),
     aspect_range: str = typer.Option("0.33,3.0", help="LoL: r_aspect drawn uniformly in LOW,HIGH."),
-    shuffle_labels: bool = typer.Option(False, help="Control experiment: permute the training labels."),
+    shuffle_labels: bool = typer.Option(False, help="Control: half of each class labelled generated."),
     stop_after: int = typer.Option(None, help="Stop after this epoch as if interrupted (rerun resumes)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     memory_rows: int = typer.Option(
@@ -354,7 +354,6 @@ def detect(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
-    from pipeline.config import resolve_device
     from stages.detect import detect as run_detect
 
     scored, failed = run_detect(
@@ -362,7 +361,7 @@ def detect(
         checkpoint,
         out,
         threshold,
-        resolve_device(device),
+        device,
         progress,
         log=lambda m: typer.echo(m, err=True),
         batch_size=batch_size,

@@ -104,6 +104,10 @@ class Rows:
     def __len__(self) -> int:
         return len(self.row)
 
+    def __getitem__(self, idx) -> Rows:
+        """The rows at `idx` (a slice, positions or a mask), in that order."""
+        return Rows(self.source[idx], self.row[idx], self.label[idx])
+
 
 class CacheData:
     """Several caches read as one table of usable rows."""
@@ -136,6 +140,14 @@ class CacheData:
     def pixel_size(self) -> int:
         return int(self.sources[0].pixels_attrs["params"]["size"])
 
+    def check_crop(self, crop: int) -> None:
+        """A run's crop must fit in the cached pixel crops (checked before anything is written)."""
+        if crop > self.pixel_size:
+            raise UserError(
+                f"{self.sources[0].url}: pixel crops of {self.pixel_size} px are smaller than the "
+                f"{crop} px crop of the run (--crop-size)"
+            )
+
     def aligned(self) -> bool:
         """Whether LaRE cell (i, j) covers pixel-crop pixels [8i, 8i+8) x [8j, 8j+8) (`--preprocess crop`)."""
         p = self.lare_params
@@ -149,7 +161,7 @@ class CacheData:
             parts.append((np.full(len(r), k), r, s.columns["label"][r].astype(np.int64)))
         return Rows(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
 
-    def sample(self, rows: Rows, max_per_class: int | None, seed: int) -> Rows:
+    def sample(self, rows: Rows, max_per_class: int | None, seed: int, log=print) -> Rows:
         """Up to `max_per_class` real and as many generated rows, drawn without replacement, seeded."""
         if not max_per_class:
             return rows
@@ -158,12 +170,11 @@ class CacheData:
         for label in (0, 1):
             idx = np.flatnonzero(rows.label == label)
             if len(idx) < max_per_class:
-                print(
+                log(
                     f"note: only {len(idx)} rows of label {label}, fewer than --max-per-class {max_per_class}"
                 )
             keep.append(np.sort(rng.choice(idx, size=min(max_per_class, len(idx)), replace=False)))
-        sel = np.sort(np.concatenate(keep))
-        return Rows(rows.source[sel], rows.row[sel], rows.label[sel])
+        return rows[np.sort(np.concatenate(keep))]
 
     def describe(self, rows: Rows) -> list[dict]:
         """JSON record of the rows (sample.json): which cache, row, content id, path, label."""
@@ -187,23 +198,21 @@ class CacheData:
 
         Reads each inner chunk that holds a wanted row once, whole.
         """
-        crops_out, maps_out = None, None
+        out: dict[str, np.ndarray] = {}
         bar = tqdm(total=len(rows), desc="read cache", unit="row", disable=not progress)
         for k, (s, store) in enumerate(zip(self.sources, self.stores, strict=True)):
             pos = np.flatnonzero(rows.source == k)
             if not len(pos):
                 continue
-            for name, path in (("crops", s.pixels), ("maps", s.lare)):
+            want = rows.row[pos]
+            for name, path, dtype in (("crops", s.pixels, np.uint8), ("maps", s.lare, np.float32)):
                 arr = store.group[f"{path}/{name}"]
-                if name == "crops" and crops_out is None:
-                    crops_out = np.empty((len(rows), *arr.shape[1:]), dtype=np.uint8)
-                if name == "maps" and maps_out is None:
-                    maps_out = np.empty((len(rows), *arr.shape[1:]), dtype=np.float32)
-                out = crops_out if name == "crops" else maps_out
-                for start, stop in read_spans(rows.row[pos], arr.chunks[0], (arr.shards or arr.chunks)[0]):
-                    hit = pos[(rows.row[pos] >= start) & (rows.row[pos] < stop)]
-                    out[hit] = arr[start : min(stop, arr.shape[0])][rows.row[hit] - start]
+                if name not in out:
+                    out[name] = np.empty((len(rows), *arr.shape[1:]), dtype=dtype)
+                for start, stop in read_spans(want, arr.chunks[0], (arr.shards or arr.chunks)[0]):
+                    inside = (want >= start) & (want < stop)
+                    out[name][pos[inside]] = arr[start : min(stop, arr.shape[0])][want[inside] - start]
                     if name == "maps":
-                        bar.update(len(hit))
+                        bar.update(int(inside.sum()))
         bar.close()
-        return crops_out, maps_out
+        return out.get("crops"), out.get("maps")

@@ -12,6 +12,7 @@ import torch
 import xxhash
 from tqdm import tqdm
 
+from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from stages import index as index_stage
 from stages import lare as lare_math
@@ -85,6 +86,7 @@ def detect(
     """Writes `path,score,decision,error` per file, in file order; returns (scored, failed)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    device = resolve_device(device)
     run = load_run(run_path, device)
     files = list_images(Path(folder))
     if not files:
@@ -93,6 +95,7 @@ def detect(
     max_pixels = int(run.params["lare"]["params"].get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS))
     lare = LaREOnTheFly(run, device, files) if run.method == "egre" else None
     scored = failed = 0
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not progress)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)

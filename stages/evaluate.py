@@ -23,7 +23,7 @@ from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages import cachedata
-from stages.train import Run, load_run, make_inputs
+from stages.train import Run, atomic_json, load_run, make_inputs
 
 THRESHOLD = 0.5
 
@@ -70,9 +70,7 @@ def predict(
     block = max(batch_size, 1024)
     bar = tqdm(total=len(rows), desc=f"eval {run.name}", unit="img", disable=not progress)
     for b0 in range(0, len(rows), block):
-        part = cachedata.Rows(
-            rows.source[b0 : b0 + block], rows.row[b0 : b0 + block], rows.label[b0 : b0 + block]
-        )
+        part = rows[b0 : b0 + block]
         crops, maps = (torch.from_numpy(a) for a in data.load(part, progress=False))
         for i in range(0, len(part), batch_size):
             x, m = make_inputs(
@@ -93,10 +91,7 @@ def check_compatible(run: Run, data: cachedata.CacheData) -> None:
             f"{data.sources[0].url}: its LaRE maps were made with other parameters or another model than "
             f"the maps {run.name} was trained on; extract them with the same settings"
         )
-    if data.pixel_size < run.params["hparams"]["crop_size"]:
-        raise UserError(
-            f"{data.sources[0].url}: pixel crops of {data.pixel_size} px are smaller than the run's crop"
-        )
+    data.check_crop(run.params["hparams"]["crop_size"])
 
 
 def evaluate(
@@ -111,6 +106,8 @@ def evaluate(
     device: str = "cpu",
 ) -> list[dict]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     run = load_run(run_path, resolve_device(device))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +143,7 @@ def evaluate(
             w.writerow(["path", "id", "label", "score"])
             for r, lab, s in zip(rows.row, rows.label, scores, strict=True):
                 w.writerow([src.columns["path"][r], src.columns["id"][r], int(lab), f"{s:.6f}"])
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=1, sort_keys=True))
+        atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
         m = result["metrics"]
         log(
             f"{run.name} on {src.subset}: ACC {m['acc']:.4f} (real {m['real_acc']:.4f}, "

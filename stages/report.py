@@ -47,14 +47,19 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
     return rows, cols, mat
 
 
+def with_means(mat: np.ndarray) -> np.ndarray:
+    """The matrix with a last column: each row's mean over the test subsets it was evaluated on."""
+    means = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in mat]
+    return np.column_stack([mat, means])
+
+
 def table(rows: list[str], cols: list[str], mat: np.ndarray, metric: str) -> str:
     corner = "train / test"
     width = max(len(r) for r in [*rows, corner]) + 2
     head = f"{corner:<{width}}" + "".join(f"{c:>10}" for c in [*cols, "mean"])
     lines = [f"{metric.upper()} (%)", head]
-    for r, vals in zip(rows, mat, strict=True):
-        mean = np.nanmean(vals) if np.isfinite(vals).any() else math.nan
-        cells = "".join(f"{'-':>10}" if math.isnan(v) else f"{100 * v:>10.1f}" for v in [*vals, mean])
+    for r, vals in zip(rows, with_means(mat), strict=True):
+        cells = "".join(f"{'-':>10}" if math.isnan(v) else f"{100 * v:>10.1f}" for v in vals)
         lines.append(f"{r:<{width}}{cells}")
     return "\n".join(lines)
 
@@ -65,8 +70,7 @@ def heatmap(rows: list[str], cols: list[str], mat: np.ndarray, metric: str, out:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    means = np.array([[np.nanmean(v) if np.isfinite(v).any() else np.nan] for v in mat])
-    full = np.hstack([mat, means]) * 100
+    full = with_means(mat) * 100
     labels = [*cols, "mean"]
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels), 1.2 + 0.55 * len(rows)))
     im = ax.imshow(full, cmap="viridis", vmin=0, vmax=100, aspect="auto")

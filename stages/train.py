@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class TrainConfig:
     backbone_weights: str = "openai"  # 'openai', 'random', or a local open_clip checkpoint file
     mask_range: tuple[float, float] = lol.MASK_RANGE
     aspect_range: tuple[float, float] = lol.ASPECT_RANGE
-    shuffle_labels: bool = False  # a control: labels permuted, nothing should be learned
+    shuffle_labels: bool = False  # a control: uninformative labels (see uninformative_labels)
     verify: bool = True
     progress: bool = True
     device: str = "auto"  # where the model trains; not in the fingerprint (last bits only, like batch order)
@@ -63,6 +64,10 @@ class TrainConfig:
     def hparams(self) -> dict[str, Any]:
         if self.method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{self.method}'")
+        for name in ("epochs", "batch_size", "lr", "max_per_class"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
         d = METHODS[self.method].DEFAULTS
         hp = {
             "epochs": self.epochs or d["epochs"],
@@ -89,8 +94,6 @@ def crop_offsets(
     n: int, size: int, crop: int, train: bool, gen: torch.Generator | None, grid: int
 ) -> torch.Tensor:
     """(n, 2) top-left corners of `crop` windows in `size` images: random on the grid, or centred."""
-    if crop > size:
-        raise UserError(f"crop {crop} px is larger than the cached {size} px pixel crops")
     if not train:
         return torch.full((n, 2), (size - crop) // 2 // grid * grid)
     steps = (size - crop) // grid + 1
@@ -151,7 +154,7 @@ def build_model(method: str, params: dict, lare_channels: int, pretrained: bool 
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
-def _atomic_json(path: Path, obj: Any) -> None:
+def atomic_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
@@ -168,7 +171,7 @@ def save_epoch(run: Path, epoch: int, model, opt, info: dict) -> None:
     state = opt.state_dict()
     tensors = {f"{pid}.{k}": v for pid, s in state["state"].items() for k, v in s.items()}
     _atomic_safetensors(run / f"epoch-{epoch:03d}.optim.safetensors", tensors)
-    _atomic_json(
+    atomic_json(
         run / f"epoch-{epoch:03d}.json", {**info, "epoch": epoch, "param_groups": state["param_groups"]}
     )
     for old in run.glob("epoch-*.optim.safetensors"):
@@ -228,8 +231,8 @@ class EpochBatches:
         self.memory_rows = memory_rows
         self.stream = len(rows) > memory_rows
         if self.stream:
-            block = int(data.sources[0].pixels_attrs["rows_per_shard"])
-            key = rows.source.astype(np.int64) * (1 << 40) + rows.row // block
+            shard_rows = np.array([int(s.pixels_attrs["rows_per_shard"]) for s in data.sources])
+            key = rows.source.astype(np.int64) * (1 << 40) + rows.row // shard_rows[rows.source]
             order = np.argsort(key, kind="stable")
             starts = np.unique(key[order], return_index=True)[1]
             self.blocks = np.split(order, starts[1:])
@@ -240,8 +243,7 @@ class EpochBatches:
             self.lare_channels = self.maps.shape[1]
 
     def _read(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        r = self.rows
-        crops, maps = self.data.load(type(r)(r.source[pos], r.row[pos], r.label[pos]), progress=False)
+        crops, maps = self.data.load(self.rows[pos], progress=False)
         return torch.from_numpy(crops), torch.from_numpy(maps)
 
     def epoch(self, gen: torch.Generator):
@@ -270,8 +272,8 @@ class EpochBatches:
             full = len(pos) if last else len(pos) // self.bs * self.bs
             for b in range(0, full, self.bs):
                 idx = perm[b : min(b + self.bs, full)]
-                p = torch.from_numpy(pos[idx.numpy()])
-                yield pos[idx.numpy()], crops[idx], maps[idx], self.labels[p]
+                sel = pos[idx.numpy()]
+                yield sel, crops[idx], maps[idx], self.labels[torch.from_numpy(sel)]
             rest = perm[full:]
             carry = (pos[rest.numpy()], crops[rest], maps[rest])
 
@@ -283,31 +285,26 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
     hp = cfg.hparams()
-    spec = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights)
+    data.check_crop(hp["crop_size"])
+    identity = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights).identity()  # hashes a weight file
     aligned = data.aligned()
     params = {
         "stage": "train",
         "method": cfg.method,
         "hparams": hp,
-        "backbone": {**spec.identity(), "arch": cfg.backbone, "spec_weights": cfg.backbone_weights},
+        "backbone": {**identity, "arch": cfg.backbone, "spec_weights": cfg.backbone_weights},
         "caches": [s.identity() for s in data.sources],
         "lare": {"params": data.lare_params, "model": data.lare_model, "pixel_size": data.pixel_size},
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
         "seed": cfg.seed,
-        "code": code_version(backbone, cachedata, egre, lol, _this_module()),
+        "code": code_version(backbone, cachedata, egre, lol, sys.modules[__name__]),
     }
     ident = {k: v for k, v in params.items() if k != "backbone"}
-    ident["backbone"] = spec.identity()
+    ident["backbone"] = identity
     fp = fingerprint(ident)
     subsets = "+".join(sorted({s.subset for s in data.sources}))
     run = Path(cfg.out) / f"{cfg.method}-{subsets}-{fp[:12]}"
     return run, {**params, "fingerprint": fp, "aligned": aligned}
-
-
-def _this_module():
-    import sys
-
-    return sys.modules[__name__]
 
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
@@ -318,7 +315,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         log(f"up to date: {run}")
         return run
     hp = params["hparams"]
-    rows = data.sample(data.rows("train"), hp["max_per_class"], cfg.seed)
+    rows = data.sample(data.rows("train"), hp["max_per_class"], cfg.seed, log)
     if len(rows) == 0:
         raise UserError("no usable training rows (split 'train') in the given cache(s)")
     labels = torch.from_numpy(rows.label)
@@ -334,11 +331,11 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         if old["fingerprint"] != params["fingerprint"]:
             raise UserError(f"{run} holds another run (fingerprint {old['fingerprint'][:12]})")
     else:
-        _atomic_json(
+        atomic_json(
             run / "params.json", {**params, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         )
     if not (run / "sample.json").is_file():
-        _atomic_json(run / "sample.json", {"seed": cfg.seed, "n": len(rows), "caches": data.describe(rows)})
+        atomic_json(run / "sample.json", {"seed": cfg.seed, "n": len(rows), "caches": data.describe(rows)})
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
     done = finished_epochs(run)
     start = done[-1] if done else 0
@@ -351,7 +348,9 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
         model.train()
-        total, t0 = 0.0, time.perf_counter()
+        # Summed on the device in float64 (the same bits as Python floats): reading the loss back
+        # every step would make the host wait for the GPU instead of preparing the next batch.
+        total, t0 = torch.zeros((), dtype=torch.float64, device=device), time.perf_counter()
         bar = tqdm(total=n, desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress)
         for _, crops, maps, y in batches.epoch(gen):
             x, m = make_inputs(cfg.method, hp, crops, maps, True, gen, params["aligned"])
@@ -361,18 +360,16 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
             if hp["grad_clip"]:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
             opt.step()
-            total += float(loss.detach()) * len(y)
+            total += loss.detach().double() * len(y)
             bar.update(len(y))
         bar.close()
-        info = {"loss": total / n, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
+        info = {"loss": float(total) / n, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
         save_epoch(run, epoch, model, opt, info)
         log(f"epoch {epoch}: loss {info['loss']:.4f}")
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
             log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
             return run
-    _atomic_json(
-        run / "done.json", {"epochs": hp["epochs"], "final": f"epoch-{hp['epochs']:03d}.safetensors"}
-    )
+    atomic_json(run / "done.json", {"epochs": hp["epochs"], "final": f"epoch-{hp['epochs']:03d}.safetensors"})
     return run
 
 

@@ -130,3 +130,10 @@ def test_unloadable_backbone_is_one_line_and_leaves_no_run(learn_set, tmp_path):
         run_train(cfg_for([learn_set[1]], tmp_path / "runs", backbone="RN50", backbone_weights="openai"))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "runs").exists()
+
+
+def test_bad_numbers_are_one_line_and_leave_no_run(learn_set, tmp_path):
+    for kw, match in (({"crop_size": 512}, "smaller than the 512 px"), ({"epochs": -1}, "--epochs must")):
+        with pytest.raises(UserError, match=match):
+            run_train(cfg_for([learn_set[1]], tmp_path / "runs", **kw))
+    assert not (tmp_path / "runs").exists()
