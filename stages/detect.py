@@ -14,10 +14,10 @@ from tqdm import tqdm
 
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
+from stages import extract, sd
 from stages import index as index_stage
 from stages import lare as lare_math
 from stages import pixels as pixels_stage
-from stages import sd
 from stages.train import Run, load_run, make_inputs
 
 
@@ -48,15 +48,11 @@ class LaREOnTheFly:
         dtype = lare_math.PRECISIONS[p["precision"]]
         model = sd.load_model(ref, device, dtype)
         self.latent = sd.latent_geometry(ref, int(p["size"]))
-        prompts = [self.prompt(path) for path in paths]
-        distinct = sorted(set(prompts))  # each distinct prompt is encoded once, as at extraction
-        self.prompt_of = {path: distinct.index(q) for path, q in zip(paths, prompts, strict=True)}
+        # The extraction's rule, each distinct prompt encoded once. Caches of schema 1 written before the
+        # fallback prompt was recorded hold null there with a template: it was the default, "a photo".
+        distinct, idx, _ = extract.prompts_for(p["prompt"] or "a photo", p["prompt_template"], paths)
+        self.prompt_of = dict(zip(paths, idx.tolist(), strict=True))
         self.lare = lare_math.LaRE(model, model.encode_prompts(distinct), int(p["timestep"]), dtype)
-
-    def prompt(self, path: Path) -> str:
-        p = self.params
-        cls = index_stage.imagenet_class(path.name) if p["prompt_template"] else None
-        return p["prompt_template"].format(cls=cls) if cls else (p["prompt"] or "a photo")
 
     def __call__(self, rgbs: list[np.ndarray], image_ids: list[str], paths: list[Path]) -> torch.Tensor:
         """Maps (B, C, h, w) of a batch; each image's noises are keyed by its content, as at extraction."""

@@ -11,8 +11,9 @@ import os
 import platform
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,7 +104,7 @@ def lare_artifact(
         "ensemble": cfg.ensemble,
         "size": cfg.size,
         "preprocess": cfg.preprocess,
-        "prompt": None if cfg.prompt_template else cfg.prompt,
+        "prompt": cfg.prompt,  # with a template: the prompt of files whose name holds no class
         "prompt_template": cfg.prompt_template,
         "dtype": cfg.dtype,
         "precision": precision,
@@ -145,18 +146,24 @@ def pixel_artifact(cfg: ExtractConfig, index_fp: str) -> Artifact:
     return Artifact("pixels", fp, {"crops": spec}, attrs)
 
 
-def prompts_for(cfg: ExtractConfig, paths: np.ndarray) -> tuple[list[str], np.ndarray, int]:
-    """Distinct prompts, each row's prompt index, and how many rows had no class in their file name."""
-    if cfg.prompt_template is None:
-        return [cfg.prompt], np.zeros(len(paths), dtype=np.int64), 0
+def prompts_for(
+    prompt: str, template: str | None, paths: Sequence[str] | Sequence[Path] | np.ndarray
+) -> tuple[list[str], np.ndarray, int]:
+    """Distinct prompts, each row's prompt index, and how many rows had no class in their file name.
+
+    The one rule for extraction and detection: the template filled with the ImageNet class parsed from
+    the file name, or the fixed prompt when there is no template or no class.
+    """
+    if template is None:
+        return [prompt], np.zeros(len(paths), dtype=np.int64), 0
     texts, missing = [], 0
     for p in paths:
         cls = index_stage.imagenet_class(str(p))
         if cls is None:
             missing += 1
-            texts.append(cfg.prompt)
+            texts.append(prompt)
         else:
-            texts.append(cfg.prompt_template.format(cls=cls))
+            texts.append(template.format(cls=cls))
     prompts = sorted(set(texts))
     lookup = {t: i for i, t in enumerate(prompts)}
     return prompts, np.array([lookup[t] for t in texts], dtype=np.int64), missing
@@ -296,7 +303,7 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
     if rows_per_shard != cfg.rows_per_shard:
         log(f"note: continuing with the cache's own layout, {rows_per_shard} rows per shard")
     plan = ShardPlan.for_store(store, [a.path for a in artifacts.values()], n, rows_per_shard)
-    prompts, prompt_idx, missing = prompts_for(cfg, idx.columns["path"])
+    prompts, prompt_idx, missing = prompts_for(cfg.prompt, cfg.prompt_template, idx.columns["path"])
     if missing and plan.shards():
         log(f"note: {missing} file name(s) name no ImageNet class; they use the prompt '{cfg.prompt}'")
     return ExtractJob(

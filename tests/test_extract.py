@@ -224,3 +224,28 @@ def test_crop_preprocess_feeds_the_pixel_crop_to_the_vae(genimage):
     for row in (0, 5):
         item = ds[row]
         assert torch.equal(item["image"], item["crops"])  # map cell (i, j) covers crop pixels 8i..8i+7
+
+
+def test_template_fallback_prompt_is_part_of_the_values():
+    """With a template, files without a class in their name get --prompt: it is recorded and fingerprinted."""
+    from types import SimpleNamespace
+
+    from stages.extract import lare_artifact, prompts_for
+
+    names = ["n01440764_1.JPEG", "116_sdv4_00047.png", "no_class_here.png"]
+    prompts, idx, missing = prompts_for("a painting", "a photo of a {cls}", names)
+    assert missing == 1 and prompts[idx[2]] == "a painting"
+    assert prompts[idx[0]].startswith("a photo of a ") and prompts[idx[1]].startswith("a photo of a ")
+    model = SimpleNamespace(weights="w" * 64, identity=lambda: {"spec": "tiny"})
+    arts = [
+        lare_artifact(
+            ExtractConfig(data_root=".", subset="sdv14", prompt=p, prompt_template="a photo of a {cls}"),
+            "i" * 64,
+            model,
+            "fp32",
+            (4, 32),
+        )  # fmt: skip
+        for p in ("a photo", "a painting")
+    ]
+    assert [a.attrs["params"]["prompt"] for a in arts] == ["a photo", "a painting"]
+    assert arts[0].fingerprint != arts[1].fingerprint
