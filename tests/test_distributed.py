@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -191,6 +192,28 @@ def test_a_held_lock_refuses_a_second_extraction_naming_the_holder(genimage, tmp
         run_extract(_cfg(genimage, tmp_path), log=lambda m: None)
     holder = json.loads((tmp_path / "sdv14.zarr" / EXTRACT_LOCK).read_text())
     assert holder["pid"] == os.getpid()
+
+
+_HOLD_FORK_AND_DIE = """
+import os, signal, sys, time
+from pipeline.lock import extract_lock
+with extract_lock(sys.argv[1]):
+    started, tell = os.pipe()
+    if os.fork() == 0:  # a DataLoader decode worker, still busy when its parent is killed
+        os.write(tell, b"1")
+        time.sleep(10)
+        os._exit(0)
+    os.read(started, 1)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_run(tmp_path):
+    cache_url = str(tmp_path / "sdv14.zarr")
+    proc = subprocess.run([sys.executable, "-c", _HOLD_FORK_AND_DIE, cache_url], stdout=subprocess.DEVNULL)
+    assert proc.returncode == -signal.SIGKILL
+    with extract_lock(cache_url):  # at once: the resume of a killed run is never refused
+        pass
 
 
 def test_two_extractions_at_once_one_refuses_nothing_is_lost(reference, client, genimage, tmp_path):
