@@ -18,6 +18,7 @@ bitwise the same as a single-process run with the same thread count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -213,8 +214,11 @@ def cluster_compute(workers: int | None, scheduler: str | None, log=print):
         raise UserError("--workers must be positive")
 
     def compute(job: ExtractJob, shards: list[int], on_rows: Callable[[int], None]) -> int:
-        if workers and job.device == "cuda" and job.cfg.loader_workers < 0:  # GPUs share the decode cores
-            job.cfg.loader_workers = max(2, ((os.cpu_count() or 4) - 2) // workers)
+        if workers and job.cfg.loader_workers < 0:  # the local GPUs share this host's decode cores
+            from stages.extract import default_workers
+
+            cfg = dataclasses.replace(job.cfg, loader_workers=default_workers(job.device, workers))
+            job = dataclasses.replace(job, cfg=cfg)
         with connect(job.device, workers, scheduler, log) as client:
             return sum(r["failed"] for r in run_on_cluster(client, job, shards, on_rows))
 
