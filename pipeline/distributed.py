@@ -139,6 +139,8 @@ def connect(device: str, workers: int | None, scheduler: str | None, log=print) 
     if scheduler:
         try:
             client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+        except ValueError as e:  # not an address: no port, an unknown scheme
+            raise UserError(f"--scheduler {scheduler}: {e}; give an address like tcp://host:8786") from None
         except (OSError, TimeoutError) as e:
             raise UserError(
                 f"cannot reach the dask scheduler at {scheduler} within {CONNECT_TIMEOUT_S} s ({e})"

@@ -173,6 +173,12 @@ def test_bad_scheduler_address_is_one_line_after_a_short_timeout(genimage, tmp_p
     assert time.perf_counter() - t0 < 20
 
 
+def test_a_malformed_scheduler_address_is_one_line(genimage, tmp_path):
+    with pytest.raises(UserError, match="--scheduler host-without-port: missing port number"):
+        run_extract(_cfg(genimage, tmp_path), log=lambda m: None,
+                    compute=distributed.cluster_compute(None, "host-without-port"))  # fmt: skip
+
+
 def test_workers_and_scheduler_exclude_each_other(genimage, tmp_path):
     proc = run_cli(*_cli_args(genimage, tmp_path), "--workers", "2", "--scheduler", "tcp://x:1", check=False)
     assert proc.returncode == 2 and "exclude each other" in proc.stderr and "Traceback" not in proc.stderr
