@@ -136,6 +136,8 @@ def visible_gpus() -> list[str]:
 @contextlib.contextmanager
 def connect(device: str, workers: int | None, scheduler: str | None, log=print) -> Iterator[Client]:
     """A client of an existing scheduler, or of a cluster of `workers` started on this machine for the run."""
+    if device.startswith("cuda:"):  # a worker seeing one GPU has no cuda:1; workers seeing all would share it
+        raise UserError(f"on a dask cluster pass --device cuda, not {device}: each worker takes one GPU")
     if scheduler:
         try:
             client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
@@ -152,9 +154,7 @@ def connect(device: str, workers: int | None, scheduler: str | None, log=print) 
 
     # DataLoader decode workers are child processes: dask's default daemonic workers may not have any.
     with dask.config.set({"distributed.worker.daemon": False}):
-        if device.startswith("cuda"):
-            if device != "cuda":
-                raise UserError("with --workers pass --device cuda: each worker takes one visible GPU")
+        if device == "cuda":
             gpus = visible_gpus()
             if workers > len(gpus):
                 raise UserError(f"--workers {workers} with --device cuda, but {len(gpus)} GPU(s) visible")

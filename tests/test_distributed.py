@@ -179,6 +179,15 @@ def test_a_malformed_scheduler_address_is_one_line(genimage, tmp_path):
                     compute=distributed.cluster_compute(None, "host-without-port"))  # fmt: skip
 
 
+def test_a_numbered_gpu_is_refused_on_a_cluster():
+    for workers, scheduler in ((2, None), (None, "tcp://127.0.0.1:9")):
+        with (
+            pytest.raises(UserError, match="pass --device cuda, not cuda:1"),
+            distributed.connect("cuda:1", workers, scheduler, log=lambda m: None),
+        ):
+            pass
+
+
 def test_workers_and_scheduler_exclude_each_other(genimage, tmp_path):
     proc = run_cli(*_cli_args(genimage, tmp_path), "--workers", "2", "--scheduler", "tcp://x:1", check=False)
     assert proc.returncode == 2 and "exclude each other" in proc.stderr and "Traceback" not in proc.stderr
