@@ -18,6 +18,7 @@ bitwise the same as a single-process run with the same thread count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import platform
@@ -135,9 +136,13 @@ def visible_gpus() -> list[str]:
 @contextlib.contextmanager
 def connect(device: str, workers: int | None, scheduler: str | None, log=print) -> Iterator[Client]:
     """A client of an existing scheduler, or of a cluster of `workers` started on this machine for the run."""
+    if device.startswith("cuda:"):  # a worker seeing one GPU has no cuda:1; workers seeing all would share it
+        raise UserError(f"on a dask cluster pass --device cuda, not {device}: each worker takes one GPU")
     if scheduler:
         try:
             client = Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+        except ValueError as e:  # not an address: no port, an unknown scheme
+            raise UserError(f"--scheduler {scheduler}: {e}; give an address like tcp://host:8786") from None
         except (OSError, TimeoutError) as e:
             raise UserError(
                 f"cannot reach the dask scheduler at {scheduler} within {CONNECT_TIMEOUT_S} s ({e})"
@@ -149,9 +154,7 @@ def connect(device: str, workers: int | None, scheduler: str | None, log=print) 
 
     # DataLoader decode workers are child processes: dask's default daemonic workers may not have any.
     with dask.config.set({"distributed.worker.daemon": False}):
-        if device.startswith("cuda"):
-            if device != "cuda":
-                raise UserError("with --workers pass --device cuda: each worker takes one visible GPU")
+        if device == "cuda":
             gpus = visible_gpus()
             if workers > len(gpus):
                 raise UserError(f"--workers {workers} with --device cuda, but {len(gpus)} GPU(s) visible")
@@ -213,8 +216,11 @@ def cluster_compute(workers: int | None, scheduler: str | None, log=print):
         raise UserError("--workers must be positive")
 
     def compute(job: ExtractJob, shards: list[int], on_rows: Callable[[int], None]) -> int:
-        if workers and job.device == "cuda" and job.cfg.loader_workers < 0:  # GPUs share the decode cores
-            job.cfg.loader_workers = max(2, ((os.cpu_count() or 4) - 2) // workers)
+        if workers and job.cfg.loader_workers < 0:  # the local GPUs share this host's decode cores
+            from stages.extract import default_workers
+
+            cfg = dataclasses.replace(job.cfg, loader_workers=default_workers(job.device, workers))
+            job = dataclasses.replace(job, cfg=cfg)
         with connect(job.device, workers, scheduler, log) as client:
             return sum(r["failed"] for r in run_on_cluster(client, job, shards, on_rows))
 

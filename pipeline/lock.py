@@ -4,8 +4,10 @@ Two writers of one Zarr shard lose data silently, so a second `pipeline extract`
 being extracted refuses at once, naming the holder, instead of sharing the shards. The lock is an
 fcntl (flock) lock held by the process that plans and drives the run (the dask client, in a
 distributed run): the kernel drops it when that process dies, even by kill -9, so a stale lock
-never blocks a resume. The file itself stays (removing a lock file races with the next taker); its
-JSON names the last holder and is only read when the lock is busy.
+never blocks a resume. Forked children (DataLoader decode workers) would share the lock and keep it
+for seconds after a kill -9 of their parent, so they close their copy of the descriptor at once. The
+file itself stays (removing a lock file races with the next taker); its JSON names the last holder
+and is only read when the lock is busy.
 
 Object stores have no locks: there the caller is told, and must not start two runs at once.
 """
@@ -26,6 +28,18 @@ from pipeline.store import now
 
 LOCKS = "_locks"
 EXTRACT_LOCK = f"{LOCKS}/extract.lock"
+
+_held: set[int] = set()  # lock descriptors this process holds
+
+
+def _close_in_child() -> None:
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _holder(fd: int) -> str:
@@ -57,9 +71,11 @@ def extract_lock(cache_url: str, log: Callable[[str], None] = print) -> Iterator
                 f"{cache_url} is being extracted by {_holder(fd)}; wait for it to finish "
                 "(then rerun to resume) or use another --cache-dir"
             ) from None
+        _held.add(fd)
         holder = {"host": platform.node(), "pid": os.getpid(), "started": now()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         yield
     finally:
+        _held.discard(fd)
         os.close(fd)  # closing the descriptor releases the flock

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,6 +173,21 @@ def test_bad_scheduler_address_is_one_line_after_a_short_timeout(genimage, tmp_p
     assert time.perf_counter() - t0 < 20
 
 
+def test_a_malformed_scheduler_address_is_one_line(genimage, tmp_path):
+    with pytest.raises(UserError, match="--scheduler host-without-port: missing port number"):
+        run_extract(_cfg(genimage, tmp_path), log=lambda m: None,
+                    compute=distributed.cluster_compute(None, "host-without-port"))  # fmt: skip
+
+
+def test_a_numbered_gpu_is_refused_on_a_cluster():
+    for workers, scheduler in ((2, None), (None, "tcp://127.0.0.1:9")):
+        with (
+            pytest.raises(UserError, match="pass --device cuda, not cuda:1"),
+            distributed.connect("cuda:1", workers, scheduler, log=lambda m: None),
+        ):
+            pass
+
+
 def test_workers_and_scheduler_exclude_each_other(genimage, tmp_path):
     proc = run_cli(*_cli_args(genimage, tmp_path), "--workers", "2", "--scheduler", "tcp://x:1", check=False)
     assert proc.returncode == 2 and "exclude each other" in proc.stderr and "Traceback" not in proc.stderr
@@ -191,6 +207,28 @@ def test_a_held_lock_refuses_a_second_extraction_naming_the_holder(genimage, tmp
         run_extract(_cfg(genimage, tmp_path), log=lambda m: None)
     holder = json.loads((tmp_path / "sdv14.zarr" / EXTRACT_LOCK).read_text())
     assert holder["pid"] == os.getpid()
+
+
+_HOLD_FORK_AND_DIE = """
+import os, signal, sys, time
+from pipeline.lock import extract_lock
+with extract_lock(sys.argv[1]):
+    started, tell = os.pipe()
+    if os.fork() == 0:  # a DataLoader decode worker, still busy when its parent is killed
+        os.write(tell, b"1")
+        time.sleep(10)
+        os._exit(0)
+    os.read(started, 1)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_forked_child_does_not_keep_the_lock_of_a_killed_run(tmp_path):
+    cache_url = str(tmp_path / "sdv14.zarr")
+    proc = subprocess.run([sys.executable, "-c", _HOLD_FORK_AND_DIE, cache_url], stdout=subprocess.DEVNULL)
+    assert proc.returncode == -signal.SIGKILL
+    with extract_lock(cache_url):  # at once: the resume of a killed run is never refused
+        pass
 
 
 def test_two_extractions_at_once_one_refuses_nothing_is_lost(reference, client, genimage, tmp_path):
