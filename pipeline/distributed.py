@@ -188,13 +188,14 @@ def run_on_cluster(
         )
     plugin = ExtractPlugin(job)
     client.register_plugin(plugin, name=plugin.name)
+    jid = job_id(job)
     try:
         futures = [
             client.submit(
                 compute_shard,
                 plugin.name,
                 s,
-                key=f"lare-shard-{job_id(job)}-{plugin.run}-{s}",
+                key=f"lare-shard-{jid}-{plugin.run}-{s}",
                 resources=resources,
             )
             for s in shards

@@ -21,10 +21,8 @@ import os
 import platform
 from collections.abc import Callable, Iterator
 
-import fsspec
-
 from pipeline.errors import UserError
-from pipeline.store import now
+from pipeline.store import is_local, now, open_fs
 
 LOCKS = "_locks"
 EXTRACT_LOCK = f"{LOCKS}/extract.lock"
@@ -55,9 +53,8 @@ def _holder(fd: int) -> str:
 @contextlib.contextmanager
 def extract_lock(cache_url: str, log: Callable[[str], None] = print) -> Iterator[None]:
     """Hold the cache's extraction lock for the body; UserError at once when another process holds it."""
-    fs, root = fsspec.core.url_to_fs(cache_url)
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if "file" not in protocols:
+    fs, root = open_fs(cache_url, writable=True)
+    if not is_local(fs):
         log(f"note: {cache_url} is not a local path and cannot be locked: run one extraction on it at a time")
         yield
         return

@@ -418,9 +418,10 @@ class ShardComputer:
         """Compute and write the given shards (of the job's pending ones); returns the failed-row count."""
         job = self.job
         store = CacheStore(job.cache_url, mode="a")
+        wanted = set(shards)
         plan = ShardPlan(
             job.plan.n_rows, job.plan.rows_per_shard,
-            {p: [s for s in pend if s in set(shards)] for p, pend in job.plan.pending.items()},
+            {p: [s for s in pend if s in wanted] for p, pend in job.plan.pending.items()},
         )  # fmt: skip
         specs = {
             a.path: {n: (s.row_shape, s.dtype) for n, s in a.arrays.items()} for a in job.artifacts.values()
