@@ -10,6 +10,7 @@ from conftest import artifact_arrays, run_cli
 from pipeline.store import STATUS_FAILED, STATUS_OK, CacheStore, verify
 from stages import pixels, sd
 from stages.extract import ExtractConfig, RowDataset, run_extract
+from stages.recipe import RowRecipe
 from stages.synthetic import add_bad_files
 
 FP16_ULP = 2.0**-10  # relative spacing of float16 numbers
@@ -217,10 +218,11 @@ def test_crop_preprocess_feeds_the_pixel_crop_to_the_vae(genimage):
     from stages.index import scan
 
     idx = scan(genimage, "sdv14", progress=False)
-    cfg = ExtractConfig(data_root=str(genimage), subset="sdv14", preprocess="crop", size=256, pixel_size=256)
-    ds = RowDataset(
-        [idx.abspath(r) for r in range(len(idx))], idx.columns["id"], np.zeros(len(idx), int), cfg, (4, 32)
-    )
+    params = {"size": 256, "preprocess": "crop", "seed": 0, "ensemble": 4, "prompt": "a photo",
+              "prompt_template": None}  # fmt: skip
+    recipe = RowRecipe.from_params(params, (4, 32), {"size": 256})
+    files = [idx.abspath(r) for r in range(len(idx))]
+    ds = RowDataset(files, idx.columns["id"], np.zeros(len(idx), int), recipe)
     for row in (0, 5):
         item = ds[row]
         assert torch.equal(item["image"], item["crops"])  # map cell (i, j) covers crop pixels 8i..8i+7
@@ -230,11 +232,12 @@ def test_template_fallback_prompt_is_part_of_the_values():
     """With a template, files without a class in their name get --prompt: it is recorded and fingerprinted."""
     from types import SimpleNamespace
 
-    from stages.extract import lare_artifact, prompts_for
+    from stages.classes import prompts_for
+    from stages.extract import lare_artifact
 
     names = ["n01440764_1.JPEG", "116_sdv4_00047.png", "no_class_here.png"]
     prompts, idx, missing = prompts_for("a painting", "a photo of a {cls}", names)
-    assert missing == 1 and prompts[idx[2]] == "a painting"
+    assert missing == [2] and prompts[idx[2]] == "a painting"
     assert prompts[idx[0]].startswith("a photo of a ") and prompts[idx[1]].startswith("a photo of a ")
     model = SimpleNamespace(weights="w" * 64, identity=lambda: {"spec": "tiny"})
     arts = [
