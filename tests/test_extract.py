@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import artifact_arrays, run_cli
+from conftest import artifact_arrays, extract_args, run_cli
 
 from pipeline.store import STATUS_FAILED, STATUS_OK, CacheStore, verify
 from stages import pixels, sd
@@ -252,3 +252,32 @@ def test_template_fallback_prompt_is_part_of_the_values():
     ]
     assert [a.attrs["params"]["prompt"] for a in arts] == ["a photo", "a painting"]
     assert arts[0].fingerprint != arts[1].fingerprint
+
+
+def test_a_schema_1_cache_is_read_labelled_and_never_extended(genimage, tmp_path):
+    """Schema 2 changed what `resize` maps hold: a version-1 cache is read as it is, labelled, and
+    extending it is refused in one line that names the fix."""
+    import json
+
+    from pipeline.fingerprint import checksum_bytes
+
+    _extract(genimage, tmp_path, pixels=False, splits=("val",))
+    cache = tmp_path / "sdv14.zarr"
+    root = json.loads((cache / "zarr.json").read_text())
+    root["attributes"]["schema_version"] = 1
+    (cache / "zarr.json").write_text(json.dumps(root))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    manifest["metadata_files"]["zarr.json"] = checksum_bytes((cache / "zarr.json").read_bytes())
+    for art in manifest["artifacts"].values():
+        art["params"].pop("resample")
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+    info = run_cli("cache", "info", str(cache)).stdout
+    assert "schema 1: its `resize` LaRE maps were resized bilinearly" in info and "read-only" in info
+    assert "resize (bilinear, schema 1)" in info
+    assert run_cli("cache", "verify", str(cache)).returncode == 0
+    proc = run_cli(*extract_args(genimage, tmp_path, "--split", "val", "--no-pixels"), check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "schema-1 cache" in lines[0] and "extract into a new --cache-dir" in lines[0]
