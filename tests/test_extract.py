@@ -281,3 +281,11 @@ def test_a_schema_1_cache_is_read_labelled_and_never_extended(genimage, tmp_path
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "schema-1 cache" in lines[0] and "extract into a new --cache-dir" in lines[0]
+
+    _extract(genimage, tmp_path / "v2", pixels=False, splits=("val",))
+    for verb, src, dst in (
+        ("push", cache, tmp_path / "v2" / "sdv14.zarr"),
+        ("pull", tmp_path / "v2" / "sdv14.zarr", cache),
+    ):
+        proc = run_cli("cache", verb, str(src), str(dst), check=False)
+        assert proc.returncode == 2 and "one cache holds one schema" in proc.stderr, proc.stderr

@@ -106,6 +106,11 @@ def test_cached_maps_equal_the_reference(parity_set, tmp_path, capsys):
         "--timestep", str(T), "--ensemble", str(E), "--seed", str(SEED), "--no-progress", env=ONE_THREAD,
     )  # fmt: skip
     assert "1 file name(s) name no ImageNet class" in proc.stdout + proc.stderr
+    info = run_cli("cache", "info", str(cache / "sdv14.zarr")).stdout
+    assert (
+        "1 row(s) with no class in the file name used 'a photo' (e.g. train/ai/midjourney_0001.png)" in info
+    )
+    assert "resize (bicubic)" in info
 
     folder = sd.resolve_model("tiny").folder
     models = {
