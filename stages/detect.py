@@ -18,7 +18,8 @@ from stages import extract, sd
 from stages import index as index_stage
 from stages import lare as lare_math
 from stages import pixels as pixels_stage
-from stages.train import Run, load_run, make_inputs
+from stages.batches import make_inputs
+from stages.train import Run, load_run
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -115,8 +116,9 @@ def detect(
                 )
                 maps = lare(rgbs, ids, paths) if lare else torch.zeros(len(ok), 1, 1, 1)
                 with torch.inference_mode():
+                    hp, aligned = run.params["hparams"], run.params["aligned"]
                     x, m = make_inputs(
-                        run.method, run.params["hparams"], crops, maps, False, None, run.params["aligned"]
+                        run.method, hp, crops.to(device), maps.to(device), False, None, aligned
                     )
                     scores = run.scores(x, m)
                 for path, score in zip(paths, scores.tolist(), strict=True):
