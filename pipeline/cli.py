@@ -299,6 +299,12 @@ def train(
     memory_rows: int = typer.Option(
         16384, help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
     ),
+    loader_workers: int = typer.Option(
+        -1, help="Processes reading cache shards; -1: none on CPU, some on GPU. Changes no bit of the run."
+    ),
+    precision: str = typer.Option(
+        "auto", help="fp32, or bf16 (autocast); auto: bf16 on CUDA, fp32 on CPU. Part of the fingerprint."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -311,7 +317,7 @@ def train(
         backbone_weights=backbone_weights, mask_range=_range(mask_range, "--mask-range"),
         aspect_range=_range(aspect_range, "--aspect-range"), shuffle_labels=shuffle_labels,
         verify=not no_verify, progress=progress, stop_after=stop_after, memory_rows=memory_rows,
-        device=device,
+        device=device, loader_workers=loader_workers, precision=precision,
     )  # fmt: skip
     run = run_train(cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(str(run))

@@ -17,8 +17,9 @@ from stages import index as index_stage
 from stages import lare as lare_math
 from stages import pixels as pixels_stage
 from stages import sd
+from stages.batches import make_inputs
 from stages.recipe import RowRecipe
-from stages.train import Run, load_run, make_inputs
+from stages.train import Run, load_run
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -113,8 +114,9 @@ def detect(
                 crops = torch.stack([r["crops"] for r in prepared])
                 maps = lare(prepared, paths) if lare else torch.zeros(len(ok), 1, 1, 1)
                 with torch.inference_mode():
+                    hp, aligned = run.params["hparams"], run.params["aligned"]
                     x, m = make_inputs(
-                        run.method, run.params["hparams"], crops, maps, False, None, run.params["aligned"]
+                        run.method, hp, crops.to(device), maps.to(device), False, None, aligned
                     )
                     scores = run.scores(x, m)
                 for path, score in zip(paths, scores.tolist(), strict=True):

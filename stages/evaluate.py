@@ -23,7 +23,8 @@ from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages import cachedata
-from stages.train import Run, atomic_json, load_run, make_inputs
+from stages.batches import make_inputs
+from stages.train import Run, atomic_json, load_run
 
 THRESHOLD = 0.5
 
@@ -71,8 +72,8 @@ def predict(
     bar = tqdm(total=len(rows), desc=f"eval {run.name}", unit="img", disable=not progress)
     for b0 in range(0, len(rows), block):
         part = rows[b0 : b0 + block]
-        crops, maps = (torch.from_numpy(a) for a in data.load(part, progress=False))
-        for i in range(0, len(part), batch_size):
+        crops, maps = (torch.from_numpy(a).to(run.device) for a in data.load(part, progress=False))
+        for i in range(0, len(part), batch_size):  # cropped on the model's device
             x, m = make_inputs(
                 run.method, hp, crops[i : i + batch_size], maps[i : i + batch_size], False, None, aligned
             )

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -33,10 +32,10 @@ from tqdm import tqdm
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
-from stages import backbone, cachedata, egre, lol
+from stages import backbone, batches, cachedata, egre, lol
+from stages.batches import EpochBatches, default_loader_workers, make_inputs
 
 METHODS = {"egre": egre, "lol": lol}
-LARE_GRID = 8  # pixels per LaRE cell (the VAE's downsampling)
 
 
 @dataclass
@@ -60,6 +59,8 @@ class TrainConfig:
     device: str = "auto"  # where the model trains; not in the fingerprint (last bits only, like batch order)
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
+    loader_workers: int = -1  # cache-reading processes; -1: none on CPU, some on GPU. Changes no bit.
+    precision: str = "auto"  # fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, fp32 elsewhere
 
     def hparams(self) -> dict[str, Any]:
         if self.method not in METHODS:
@@ -82,54 +83,15 @@ class TrainConfig:
         }
         if self.method == "lol":
             hp.update(mask_range=list(self.mask_range), aspect_range=list(self.aspect_range))
+        if self.loader_workers < -1:
+            raise UserError(
+                f"--loader-workers must be -1 (automatic) or at least 0, not {self.loader_workers}"
+            )
         if self.crop_size % 32:
             raise UserError(
                 f"--crop-size must be a multiple of 32 (the ResNet's stride), not {self.crop_size}"
             )
         return hp
-
-
-# ---- the batch each method sees --------------------------------------------------------------
-def crop_offsets(
-    n: int, size: int, crop: int, train: bool, gen: torch.Generator | None, grid: int
-) -> torch.Tensor:
-    """(n, 2) top-left corners of `crop` windows in `size` images: random on the grid, or centred."""
-    if not train:
-        return torch.full((n, 2), (size - crop) // 2 // grid * grid)
-    steps = (size - crop) // grid + 1
-    return torch.randint(0, steps, (n, 2), generator=gen) * grid
-
-
-def make_inputs(
-    method: str,
-    hp: dict,
-    crops: torch.Tensor,
-    maps: torch.Tensor,
-    train: bool,
-    gen: torch.Generator | None,
-    aligned: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalised images, LaRE maps) for one batch: crop (the map with the same window when aligned),
-    and for LoL in training flip, rotation and the rectangle mask."""
-    c = hp["crop_size"]
-    grid = LARE_GRID if aligned else 1
-    off = crop_offsets(len(crops), crops.shape[-1], c, train, gen, grid)
-    images = torch.stack([x[:, t : t + c, s : s + c] for x, (t, s) in zip(crops, off.tolist(), strict=True)])
-    if aligned and method == "egre":
-        cc = c // LARE_GRID
-        maps = torch.stack(
-            [m[:, t // LARE_GRID : t // LARE_GRID + cc, s // LARE_GRID : s // LARE_GRID + cc]
-             for m, (t, s) in zip(maps, off.tolist(), strict=True)]
-        )  # fmt: skip
-    if method == "egre":
-        return egre.normalise(images), maps
-    if train:
-        images = lol.augment(images, gen)
-    x = lol.normalise(images)
-    if train:
-        masks = lol.draw_masks(len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]))
-        x = x.masked_fill(masks[:, None], 0.0)
-    return x, maps
 
 
 def build_model(method: str, params: dict, lare_channels: int, pretrained: bool = True) -> torch.nn.Module:
@@ -217,70 +179,22 @@ def uninformative_labels(labels: torch.Tensor, seed: int) -> torch.Tensor:
     return out
 
 
-class EpochBatches:
-    """The training batches of an epoch, in an order drawn from the epoch's generator.
-
-    Up to `memory_rows` rows are read once and kept in memory (a random permutation per epoch).
-    More are streamed: the rows' shards are visited in a random order, about `memory_rows` rows'
-    worth at a time are read (whole chunks) and shuffled together; the remainder that does not fill
-    a batch is carried into the next buffer, so every batch but the epoch's last is full.
-    """
-
-    def __init__(self, data, rows, labels: torch.Tensor, batch_size: int, memory_rows: int, progress: bool):
-        self.data, self.rows, self.labels, self.bs = data, rows, labels, batch_size
-        self.memory_rows = memory_rows
-        self.stream = len(rows) > memory_rows
-        if self.stream:
-            shard_rows = np.array([int(s.pixels_attrs["rows_per_shard"]) for s in data.sources])
-            key = rows.source.astype(np.int64) * (1 << 40) + rows.row // shard_rows[rows.source]
-            order = np.argsort(key, kind="stable")
-            starts = np.unique(key[order], return_index=True)[1]
-            self.blocks = np.split(order, starts[1:])
-            self.lare_channels = int(data.stores[0].group[f"{data.sources[0].lare}/maps"].shape[1])
-        else:
-            crops, maps = data.load(rows, progress=progress)
-            self.crops, self.maps = torch.from_numpy(crops), torch.from_numpy(maps)
-            self.lare_channels = self.maps.shape[1]
-
-    def _read(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        crops, maps = self.data.load(self.rows[pos], progress=False)
-        return torch.from_numpy(crops), torch.from_numpy(maps)
-
-    def epoch(self, gen: torch.Generator):
-        """Yields (row positions, crops uint8, maps, labels) per batch; every row exactly once."""
-        if not self.stream:
-            order = torch.randperm(len(self.rows), generator=gen)
-            for b in range(0, len(order), self.bs):
-                idx = order[b : b + self.bs]
-                yield idx.numpy(), self.crops[idx], self.maps[idx], self.labels[idx]
-            return
-        carry = (np.zeros(0, dtype=np.int64), None, None)
-        pending: list[np.ndarray] = []
-        block_order = torch.randperm(len(self.blocks), generator=gen).tolist()
-        for i, k in enumerate(block_order):
-            pending.append(self.blocks[k])
-            if sum(map(len, pending)) < self.memory_rows and i < len(block_order) - 1:
-                continue
-            pos = np.concatenate(pending)
-            pending = []
-            crops, maps = self._read(pos)
-            if len(carry[0]):
-                pos = np.concatenate([carry[0], pos])
-                crops, maps = torch.cat([carry[1], crops]), torch.cat([carry[2], maps])
-            perm = torch.randperm(len(pos), generator=gen)
-            last = i == len(block_order) - 1
-            full = len(pos) if last else len(pos) // self.bs * self.bs
-            for b in range(0, full, self.bs):
-                idx = perm[b : min(b + self.bs, full)]
-                sel = pos[idx.numpy()]
-                yield sel, crops[idx], maps[idx], self.labels[torch.from_numpy(sel)]
-            rest = perm[full:]
-            carry = (pos[rest.numpy()], crops[rest], maps[rest])
-
-
 # ---- a run ------------------------------------------------------------------------------------
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & ((1 << 63) - 1)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """bf16 autocast on CUDA by default (tensor cores; the fp32 master weights stay fp32), fp32 elsewhere.
+    Part of the fingerprint: a bf16 run's weights differ from an fp32 run's by more than the last bits."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
 
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
@@ -297,7 +211,8 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
         "lare": {"params": data.lare_params, "model": data.lare_model, "pixel_size": data.pixel_size},
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
         "seed": cfg.seed,
-        "code": code_version(backbone, cachedata, egre, lol, sys.modules[__name__]),
+        "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
+        "code": code_version(backbone, batches, cachedata, egre, lol, sys.modules[__name__]),
     }
     ident = {k: v for k, v in params.items() if k != "backbone"}
     ident["backbone"] = identity
@@ -321,10 +236,16 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
-    batches = EpochBatches(data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress)
     device = resolve_device(cfg.device)
+    cuda = device.startswith("cuda")
+    workers = default_loader_workers(device) if cfg.loader_workers < 0 else cfg.loader_workers
+    batches = EpochBatches(
+        data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress, workers=workers, device=device
+    )
     # Built before the run directory is written: a backbone that cannot be loaded leaves nothing behind.
     model = build_model(cfg.method, params, batches.lare_channels).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
     run.mkdir(parents=True, exist_ok=True)
     if (run / "params.json").is_file():
         old = json.loads((run / "params.json").read_text())
@@ -352,9 +273,12 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         # every step would make the host wait for the GPU instead of preparing the next batch.
         total, t0 = torch.zeros((), dtype=torch.float64, device=device), time.perf_counter()
         bar = tqdm(total=n, desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress)
-        for _, crops, maps, y in batches.epoch(gen):
+        for _, crops, maps, y in batches.epoch(gen):  # on the device already
             x, m = make_inputs(cfg.method, hp, crops, maps, True, gen, params["aligned"])
-            loss = model.loss(model(x.to(device), m.to(device)), y.to(device))
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=params["precision"] == "bf16"):
+                loss = model.loss(model(x, m), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if hp["grad_clip"]:
