@@ -33,7 +33,7 @@ from tqdm import tqdm
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
-from stages import backbone, cachedata, egre, lol
+from stages import backbone, cachedata, egre, lol, sd
 
 METHODS = {"egre": egre, "lol": lol}
 LARE_GRID = 8  # pixels per LaRE cell (the VAE's downsampling)
@@ -60,6 +60,8 @@ class TrainConfig:
     device: str = "auto"  # where the model trains; not in the fingerprint (last bits only, like batch order)
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
+    lare: str | None = None  # --lare / --pixels: which artifact of each cache (see cachedata.Choice)
+    pixels: str | None = None
 
     def hparams(self) -> dict[str, Any]:
         if self.method not in METHODS:
@@ -309,8 +311,12 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
     """`pipeline train`: returns the run directory; a finished run is not retrained."""
-    data = cachedata.CacheData(cfg.caches, verify=cfg.verify)
+    data = cachedata.CacheData(
+        cfg.caches, verify=cfg.verify, split="train", choice=cachedata.Choice(cfg.lare, cfg.pixels), log=log
+    )
     run, params = plan_run(cfg, data)
+    if cfg.method == "egre" and (note := sd.random_weights_note(data.lare_model)):
+        log(f"note: {note}")
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
