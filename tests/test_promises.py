@@ -31,8 +31,9 @@ EXTRACT = ("--model", "tiny", "--device", "cpu", "--rows-per-shard", "4", "--siz
 
 
 def _extract(data: Path, cache_dir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    env = {**ONE_THREAD, **kw.pop("env", {})}
     return run_cli("extract", "--data-root", str(data), "--subset", "sdv14", "--cache-dir", str(cache_dir),
-                   *EXTRACT, *extra, env=ONE_THREAD, **kw)  # fmt: skip
+                   *EXTRACT, *extra, env=env, **kw)  # fmt: skip
 
 
 def _train(cache: str, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -166,6 +167,7 @@ def test_zip_caches_train_eval_and_detect(cache, run16, tmp_path):
 # 4. the wheel carries its data ----------------------------------------------------------------
 def test_the_wheel_carries_every_data_file_and_works_installed(cache, tmp_path):
     src = tmp_path / "src"  # a copy: building in the source tree would leave build/ there
+    src.mkdir()
     for name in ("pyproject.toml", "README.md", "pipeline", "stages"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is
@@ -261,7 +263,7 @@ def test_a_storage_fault_during_extract_is_one_line_and_a_rerun_resumes(cache, t
     site.mkdir()
     (site / "sitecustomize.py").write_text(INJECT.format(fault=FAULTS[fault]))
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-    line = _error_line(_extract(cache["data"], tmp_path / "c", env={**ONE_THREAD, **env}, check=False))
+    line = _error_line(_extract(cache["data"], tmp_path / "c", env=env, check=False))
     assert "2 of 4 shards are finished and kept" in line and "rerun the same command to resume" in line
     assert {"ENOSPC": "No space left on device", "EACCES": "Permission denied", "S3": "SlowDown"}[
         fault
