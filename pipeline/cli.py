@@ -122,37 +122,32 @@ def extract(
     run_extract(cfg, log=lambda msg: typer.echo(msg, err=True), compute=compute)
 
 
-def _describe_artifact(path: str, art: dict[str, Any]) -> list[str]:
-    p = art.get("params", {})
+def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) -> list[str]:
+    """The artifact's lines in `cache info`: its path names it (`--lare`/`--pixels` take the fingerprint
+    prefix after the slash), its index and splits, then its parameters as those options filter them."""
+    from stages.cachedata import selectable_fields
+
     state = "complete" if art["complete"] else "INCOMPLETE"
     done = f"{art['shards_done']}/{art['n_shards']} shards"
-    head = f"{path:<28} {state} {done}, {art['n_rows']} rows, {art['n_failed']} failed"
+    index = f"index/{art['upstream']['index'][:16]}"
+    splits = ",".join(indexes.get(index, {}).get("splits", []))
+    head = f"{path:<28} {state} {done}, {art['n_rows']} rows, {art['n_failed']} failed; {index} ({splits})"
     lines = [head]
     if art["kind"] == "lare":
         m = art.get("model", {})
         note = "  (random weights: no forensic signal)" if m.get("source") == "random" else ""
-        prompt = (
-            f"template '{p['prompt_template']}'"
-            if p.get("prompt_template")
-            else f"prompt '{p.get('prompt')}'"
-        )
         lines.append(
             f"  model {m.get('spec')} [{m.get('source')}, weights {str(m.get('weights'))[:12]}]{note}"
         )
-        geometry = (
-            f"resize ({p.get('resample') or 'bilinear, schema 1'})" if p["preprocess"] == "resize" else "crop"
-        )
-        lines.append(
-            f"  t={p['timestep']} e={p['ensemble']} size={p['size']} {geometry} {prompt} "
-            f"{p['dtype']} compute {p['precision']} seed {p['seed']}"
-        )
+        p = art.get("params", {})
+        if p.get("preprocess") == "resize" and "resample" not in p:
+            lines.append("  resize (bilinear, schema 1): not the reference's bicubic")
         if fallback := art.get("prompt_fallback"):
             examples = f" (e.g. {', '.join(fallback['examples'][:3])})" if fallback["rows"] else ""
             lines.append(
                 f"  {fallback['rows']} row(s) with no class in the file name used '{p['prompt']}'{examples}"
             )
-    else:
-        lines.append(f"  {p.get('size')}x{p.get('size')} uint8, {p.get('geometry')}")
+    lines.append(f"  {selectable_fields(art)}")
     return lines
 
 
@@ -182,7 +177,7 @@ def cache_info(
         typer.echo(f"{path:<28} {attrs['n_rows']} rows, splits {','.join(attrs['splits'])}{latest}")
     failed = {}
     for path, art in sorted(manifest["artifacts"].items()):
-        for line in _describe_artifact(path, art):
+        for line in _describe_artifact(path, art, manifest["indexes"]):
             typer.echo(line)
         for f in art["failed"]:
             failed.setdefault(f["path"], f["reason"])
@@ -265,6 +260,21 @@ def _caches(option: list[str] | None, extra: list[str] | None) -> list[str]:
     return caches
 
 
+_NO_VERIFY = (
+    "Skip the cache checksum verification; a cache still being extracted (no manifest yet) is read "
+    "from its finished shards."
+)
+_LARE = typer.Option(
+    None,
+    "--lare",
+    help="Which LaRE artifact of each cache: a fingerprint prefix (see `pipeline cache info`) or "
+    "key=value filters, e.g. dtype=float32. Default: train the newest, eval the run's own.",
+)
+_PIXELS = typer.Option(
+    None, "--pixels", help="Which pixel artifact: a fingerprint prefix or key=value filters, e.g. size=256."
+)
+
+
 def _range(text: str, name: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(","))
@@ -305,7 +315,9 @@ def train(
     precision: str = typer.Option(
         "auto", help="fp32, or bf16 (autocast); auto: bf16 on CUDA, fp32 on CPU. Part of the fingerprint."
     ),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
+    lare: str = _LARE,
+    pixels: str = _PIXELS,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a detector from caches only; prints the run directory (named by its fingerprint)."""
@@ -317,7 +329,7 @@ def train(
         backbone_weights=backbone_weights, mask_range=_range(mask_range, "--mask-range"),
         aspect_range=_range(aspect_range, "--aspect-range"), shuffle_labels=shuffle_labels,
         verify=not no_verify, progress=progress, stop_after=stop_after, memory_rows=memory_rows,
-        device=device, loader_workers=loader_workers, precision=precision,
+        device=device, loader_workers=loader_workers, precision=precision, lare=lare, pixels=pixels,
     )  # fmt: skip
     run = run_train(cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(str(run))
@@ -334,7 +346,9 @@ def eval_(
     split: str = typer.Option("val", help="Which split of the test caches to score."),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
+    lare: str = _LARE,
+    pixels: str = _PIXELS,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score every usable row of each test cache: ACC@0.5, real/generated ACC, AP (whole set)."""
@@ -342,7 +356,7 @@ def eval_(
 
     evaluate(
         checkpoint, _caches(from_cache, extra_caches), out, split=split, batch_size=batch_size,
-        verify=not no_verify, progress=progress, log=typer.echo, device=device,
+        verify=not no_verify, progress=progress, log=typer.echo, device=device, lare=lare, pixels=pixels,
     )  # fmt: skip
 
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
-from stages import cachedata
+from stages import cachedata, sd
 from stages.batches import make_inputs
 from stages.train import Run, atomic_json, load_run
 
@@ -105,17 +105,26 @@ def evaluate(
     progress: bool = True,
     log=print,
     device: str = "cpu",
+    lare: str | None = None,
+    pixels: str | None = None,
 ) -> list[dict]:
-    """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache."""
+    """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache.
+
+    In each cache, the artifacts the run was trained on are read by default (`lare`/`pixels`
+    selectors choose others, see cachedata.Choice), from an index that covers `split`.
+    """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     run = load_run(run_path, resolve_device(device))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    choice = cachedata.Choice(lare, pixels, run=run.params)
     for url in caches:
-        data = cachedata.CacheData([url], verify=verify)
+        data = cachedata.CacheData([url], verify=verify, split=split, choice=choice, log=log)
         src = data.sources[0]
+        if run.method == "egre" and (note := sd.random_weights_note(data.lare_model)):
+            log(f"note: {note}")
         key = fingerprint({"run": run.params["fingerprint"], "test": src.identity(), "split": split})
         stem = out / f"{run.name}__{src.subset}-{key[:8]}"
         if stem.with_suffix(".json").is_file():

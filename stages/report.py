@@ -14,7 +14,12 @@ METRICS = ("acc", "ap", "real_acc", "generated_acc")
 
 
 def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[str], np.ndarray]:
-    """(row labels 'method:train subsets', test subsets, matrix with NaN where missing)."""
+    """(row labels 'method:train subsets', columns, matrix with NaN where missing).
+
+    A result is keyed by (run, test subset, split, test artifacts); no two of them share a cell.
+    Columns are test subsets, written `subset:split` when the folder holds several splits and
+    `...@<lare fp8>/<pixels fp8>` when one subset was evaluated on several artifacts.
+    """
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)}")
     files = sorted(Path(results).glob("*.json"))
@@ -39,11 +44,28 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
     def label(r: dict) -> str:  # several runs of one method on one subset (seeds, settings): name each
         return short(r) if len(runs_per_label[short(r)]) == 1 else f"{short(r)} {r['run'][-12:]}"
 
+    def artifacts(r: dict) -> str:
+        return f"{r['test_cache']['lare'][:8]}/{r['test_cache']['pixels'][:8]}"
+
+    def split(r: dict) -> str:
+        return r.get("split", "val")
+
+    # A column per (test subset, split, test artifacts): the split and the artifacts are named in it
+    # only where the folder holds more than one of them, so a plain folder keeps plain subset columns.
+    several_splits = len({split(r) for r in records}) > 1
+    kinds: dict[tuple[str, str], set] = {}
+    for r in records:
+        kinds.setdefault((r["test_subset"], split(r)), set()).add(artifacts(r))
+
+    def column(r: dict) -> str:
+        name = f"{r['test_subset']}:{split(r)}" if several_splits else r["test_subset"]
+        return f"{name}@{artifacts(r)}" if len(kinds[r["test_subset"], split(r)]) > 1 else name
+
     rows = sorted({label(r) for r in records})
-    cols = sorted({r["test_subset"] for r in records})
+    cols = sorted({column(r) for r in records})
     mat = np.full((len(rows), len(cols)), np.nan)
     for r in records:
-        mat[rows.index(label(r)), cols.index(r["test_subset"])] = r["metrics"][metric]
+        mat[rows.index(label(r)), cols.index(column(r))] = r["metrics"][metric]
     return rows, cols, mat
 
 
@@ -56,10 +78,11 @@ def with_means(mat: np.ndarray) -> np.ndarray:
 def table(rows: list[str], cols: list[str], mat: np.ndarray, metric: str) -> str:
     corner = "train / test"
     width = max(len(r) for r in [*rows, corner]) + 2
-    head = f"{corner:<{width}}" + "".join(f"{c:>10}" for c in [*cols, "mean"])
+    cw = max([10, *(len(c) + 2 for c in cols)])  # split and artifact columns have long names
+    head = f"{corner:<{width}}" + "".join(f"{c:>{cw}}" for c in [*cols, "mean"])
     lines = [f"{metric.upper()} (%)", head]
     for r, vals in zip(rows, with_means(mat), strict=True):
-        cells = "".join(f"{'-':>10}" if math.isnan(v) else f"{100 * v:>10.1f}" for v in vals)
+        cells = "".join(f"{'-':>{cw}}" if math.isnan(v) else f"{100 * v:>{cw}.1f}" for v in vals)
         lines.append(f"{r:<{width}}{cells}")
     return "\n".join(lines)
 

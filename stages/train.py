@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
-from stages import backbone, batches, cachedata, egre, lol
+from stages import backbone, batches, cachedata, egre, lol, sd
 from stages.batches import EpochBatches, default_loader_workers, make_inputs
 
 METHODS = {"egre": egre, "lol": lol}
@@ -61,6 +61,8 @@ class TrainConfig:
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
     loader_workers: int = -1  # cache-reading processes; -1: none on CPU, some on GPU. Changes no bit.
     precision: str = "auto"  # fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, fp32 elsewhere
+    lare: str | None = None  # --lare / --pixels: which artifact of each cache (see cachedata.Choice)
+    pixels: str | None = None
 
     def hparams(self) -> dict[str, Any]:
         if self.method not in METHODS:
@@ -224,8 +226,12 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
     """`pipeline train`: returns the run directory; a finished run is not retrained."""
-    data = cachedata.CacheData(cfg.caches, verify=cfg.verify)
+    data = cachedata.CacheData(
+        cfg.caches, verify=cfg.verify, split="train", choice=cachedata.Choice(cfg.lare, cfg.pixels), log=log
+    )
     run, params = plan_run(cfg, data)
+    if cfg.method == "egre" and (note := sd.random_weights_note(data.lare_model)):
+        log(f"note: {note}")
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
