@@ -65,7 +65,12 @@ def extract(
     seed: int = typer.Option(0, help="Seed of the per-image noise generators (keyed by image content)."),
     pixels: bool = typer.Option(True, "--pixels/--no-pixels", help="Also store uint8 pixel crops."),
     pixel_size: int = typer.Option(
-        256, help="Side of the stored pixel crop (no resampling; small images tiled)."
+        256, help="Side of the stored pixel crop, the window training crops come from (no resampling)."
+    ),
+    small_images: str = typer.Option(
+        "tile",
+        help="Images smaller than the window: tile (LoL's stitching) or reflect (reflect-101 padding, "
+        "the EGRE reference). Also the `--preprocess crop` geometry.",
     ),
     max_pixels: int = typer.Option(
         64 * 1024 * 1024, help="Images with more pixels are refused (decompression bombs)."
@@ -111,6 +116,7 @@ def extract(
         seed=seed,
         pixels=pixels,
         pixel_size=pixel_size,
+        small_images=small_images,
         max_pixels=max_pixels,
         batch_size=batch_size,
         rows_per_shard=rows_per_shard,

@@ -296,6 +296,10 @@ class CacheData:
     def pixel_size(self) -> int:
         return int(self.sources[0].pixels_attrs["params"]["size"])
 
+    @property
+    def pixel_params(self) -> dict:
+        return self.sources[0].pixels_attrs["params"]
+
     def check_crop(self, crop: int) -> None:
         """A run's crop must fit in the cached pixel crops (checked before anything is written)."""
         if crop > self.pixel_size:
@@ -307,7 +311,8 @@ class CacheData:
     def aligned(self) -> bool:
         """Whether LaRE cell (i, j) covers pixel-crop pixels [8i, 8i+8) x [8j, 8j+8) (`--preprocess crop`)."""
         p = self.lare_params
-        return p["preprocess"] == "crop" and int(p["size"]) == self.pixel_size
+        small = (p.get("small_images") or "tile") == self.pixel_params.get("small_images", "tile")
+        return p["preprocess"] == "crop" and int(p["size"]) == self.pixel_size and small
 
     def rows(self, split: str | None) -> Rows:
         parts = []

@@ -68,6 +68,7 @@ class ExtractConfig:
     seed: int = 0
     pixels: bool = True
     pixel_size: int = 256
+    small_images: str = "tile"  # pixel crop (and `crop` LaRE geometry) of images smaller than the window
     max_pixels: int = pixels_stage.DEFAULT_MAX_PIXELS
     batch_size: int = 16
     rows_per_shard: int = 512
@@ -79,6 +80,9 @@ class ExtractConfig:
     def check(self) -> None:
         if self.preprocess not in PREPROCESS:
             raise UserError(f"--preprocess must be one of {', '.join(PREPROCESS)}, not '{self.preprocess}'")
+        if self.small_images not in pixels_stage.SMALL_IMAGES:
+            choices = ", ".join(pixels_stage.SMALL_IMAGES)
+            raise UserError(f"--small-images must be one of {choices}, not '{self.small_images}'")
         if self.dtype not in STORE_DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, not '{self.dtype}'")
         if self.precision != "auto" and self.precision not in lare_math.PRECISIONS:
@@ -106,6 +110,7 @@ def lare_artifact(
         "size": cfg.size,
         "preprocess": cfg.preprocess,
         "resample": pixels_stage.RESAMPLE if cfg.preprocess == "resize" else None,
+        "small_images": cfg.small_images if cfg.preprocess == "crop" else None,
         "prompt": cfg.prompt,  # with a template: the prompt of files whose name holds no class
         "prompt_template": cfg.prompt_template,
         "dtype": cfg.dtype,
@@ -138,7 +143,10 @@ def lare_artifact(
 def pixel_artifact(cfg: ExtractConfig, index_fp: str) -> Artifact:
     params = {
         "size": cfg.pixel_size,
-        "geometry": "centre crop, tiled when smaller",
+        "geometry": "centre crop, "
+        + ("tiled" if cfg.small_images == "tile" else "reflect-101 padded")
+        + " when smaller",
+        "small_images": cfg.small_images,
         "max_pixels": cfg.max_pixels,
     }
     code = pixel_code_version()

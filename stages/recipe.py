@@ -61,10 +61,12 @@ class LareRow:
     prompt: str
     prompt_template: str | None
 
+    small_images: str = "tile"  # with `crop`: how an image smaller than `size` is enlarged
+
     def geometry(self, rgb: np.ndarray) -> np.ndarray:
         if self.preprocess == "resize":
             return pixels.resize_square(rgb, self.size)
-        return pixels.crop_tiled(rgb, self.size)
+        return pixels.centre_crop(rgb, self.size, self.small_images)
 
     def noise(self, image_id: str) -> torch.Tensor:
         channels, side = self.latent
@@ -82,6 +84,7 @@ class RowRecipe:
     max_pixels: int
     pixel_size: int | None
     lare: LareRow | None
+    small_images: str = "tile"  # the pixel crop's enlargement of small images
 
     @classmethod
     def from_params(
@@ -100,12 +103,13 @@ class RowRecipe:
             lare = LareRow(
                 size=int(p["size"]), preprocess=p["preprocess"], seed=int(p["seed"]),
                 ensemble=int(p["ensemble"]), latent=tuple(latent), prompt=p["prompt"] or "a photo",
-                prompt_template=p["prompt_template"],
+                prompt_template=p["prompt_template"], small_images=p.get("small_images") or "tile",
             )  # fmt: skip
         recorded = lare_params or pixel_params or {}
         max_pixels = int(recorded.get("max_pixels", pixels.DEFAULT_MAX_PIXELS))
         size = int(pixel_params["size"]) if pixel_params is not None else None
-        return cls(max_pixels, size, lare)
+        small = (pixel_params or {}).get("small_images", "tile")  # recorded since schema 2; before: tile
+        return cls(max_pixels, size, lare, small)
 
     def decode(self, data: bytes) -> np.ndarray:
         """RGB uint8 (H, W, 3), or raises pixels.BadImage with the reason to record."""
@@ -115,7 +119,7 @@ class RowRecipe:
         """`crops` (3, S, S) uint8; `image` (3, size, size) uint8 and `noise` (1 + e, C, h, w)."""
         out: dict[str, torch.Tensor] = {}
         if self.pixel_size is not None:
-            out["crops"] = chw(pixels.crop_tiled(rgb, self.pixel_size))
+            out["crops"] = chw(pixels.centre_crop(rgb, self.pixel_size, self.small_images))
         if self.lare is not None:
             out["image"] = chw(self.lare.geometry(rgb))
             out["noise"] = self.lare.noise(image_id)

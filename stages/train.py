@@ -211,6 +211,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
         "backbone": {**identity, "arch": cfg.backbone, "spec_weights": cfg.backbone_weights},
         "caches": [s.identity() for s in data.sources],
         "lare": {"params": data.lare_params, "model": data.lare_model, "pixel_size": data.pixel_size},
+        "pixels": data.pixel_params,  # how detection crops new images (window, small images)
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
         "seed": cfg.seed,
         "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
