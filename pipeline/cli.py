@@ -25,6 +25,19 @@ cache_app = typer.Typer(help="Inspect, check and share caches.", no_args_is_help
 app.add_typer(cache_app, name="cache")
 
 
+_PERTURB_EXTRACT = typer.Option(
+    None,
+    "--perturb",
+    help="Perturb each decoded image before the geometry, e.g. jpeg:96, jpeg:10-75, blur:3,5,7,9, "
+    "blur:sigma=3, noise:5-20, crop:5-20, resize:0.5, resize:112px; steps joined by '+'. "
+    "Seeded by (--seed, image content, SPEC); stored beside the clean artifacts.",
+)
+_PERTURB_ONLY = typer.Option(None, "--perturb-only", help="Apply --perturb to one class: generated or real.")
+_PERTURB_READ = typer.Option(
+    None, "--perturb", help="Use the artifacts extracted with this --perturb SPEC (default: the clean ones)."
+)
+
+
 @app.command()
 def extract(
     data_root: Path = typer.Option(
@@ -85,6 +98,8 @@ def extract(
     scheduler: str = typer.Option(
         None, "--scheduler", help="Run on an existing dask cluster, e.g. tcp://host:8786."
     ),
+    perturb: str = _PERTURB_EXTRACT,
+    perturb_only: str = _PERTURB_ONLY,
 ) -> None:
     """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr."""
     compute = None
@@ -118,6 +133,8 @@ def extract(
         loader_workers=loader_workers,
         compile=compile,
         progress=progress,
+        perturb=perturb,
+        perturb_only=perturb_only,
     )
     run_extract(cfg, log=lambda msg: typer.echo(msg, err=True), compute=compute)
 
@@ -153,6 +170,26 @@ def _describe_artifact(path: str, art: dict[str, Any]) -> list[str]:
             )
     else:
         lines.append(f"  {p.get('size')}x{p.get('size')} uint8, {p.get('geometry')}")
+    if p.get("perturb"):
+        from stages.perturb import describe
+
+        lines.append(f"  perturbed: {describe(p['perturb'])}, seed {p['perturb']['seed']}")
+    return lines
+
+
+def _describe_formats(store, path: str) -> list[str]:
+    """Source formats and JPEG qualities per class of an index (the format bias of a data set)."""
+    from stages.index import format_mix
+
+    group = store.group[path]
+    names = [n for n in ("label", "format", "jpeg_quality") if n in group]
+    mix = format_mix({n: group[n][:] for n in names})
+    lines = []
+    for cls in ("real", "generated"):
+        kinds = sorted(mix.get(cls, {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{k} x{n}" for k, n in kinds[:8])
+        more = f", {len(kinds) - 8} more" if len(kinds) > 8 else ""
+        lines.append(f"  {cls}: {shown or 'none'}{more}")
     return lines
 
 
@@ -180,6 +217,8 @@ def cache_info(
     for path, attrs in sorted(manifest["indexes"].items()):
         latest = "  (latest)" if path == manifest.get("latest_index") else ""
         typer.echo(f"{path:<28} {attrs['n_rows']} rows, splits {','.join(attrs['splits'])}{latest}")
+        for line in _describe_formats(store, path):
+            typer.echo(line)
     failed = {}
     for path, art in sorted(manifest["artifacts"].items()):
         for line in _describe_artifact(path, art):
@@ -299,6 +338,11 @@ def train(
     memory_rows: int = typer.Option(
         16384, help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
     ),
+    perturb: str = _PERTURB_READ,
+    perturb_only: str = _PERTURB_ONLY,
+    real_jpeg_quality: int = typer.Option(
+        None, help="Train on real images of this JPEG quality only (e.g. 96: the JPEG-96 control)."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -311,7 +355,7 @@ def train(
         backbone_weights=backbone_weights, mask_range=_range(mask_range, "--mask-range"),
         aspect_range=_range(aspect_range, "--aspect-range"), shuffle_labels=shuffle_labels,
         verify=not no_verify, progress=progress, stop_after=stop_after, memory_rows=memory_rows,
-        device=device,
+        device=device, perturb=perturb, perturb_only=perturb_only, real_jpeg_quality=real_jpeg_quality,
     )  # fmt: skip
     run = run_train(cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(str(run))
@@ -328,6 +372,8 @@ def eval_(
     split: str = typer.Option("val", help="Which split of the test caches to score."),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    perturb: str = _PERTURB_READ,
+    perturb_only: str = _PERTURB_ONLY,
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -336,7 +382,8 @@ def eval_(
 
     evaluate(
         checkpoint, _caches(from_cache, extra_caches), out, split=split, batch_size=batch_size,
-        verify=not no_verify, progress=progress, log=typer.echo, device=device,
+        verify=not no_verify, progress=progress, log=typer.echo, device=device, perturb=perturb,
+        perturb_only=perturb_only,
     )  # fmt: skip
 
 

@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.store import STATUS_OK, CacheStore, require_intact
+from stages import index as index_stage
+from stages import perturb as perturb_stage
 
 
 @dataclass
@@ -28,7 +30,7 @@ class Source:
     pixels: str
     lare_attrs: dict
     pixels_attrs: dict
-    columns: dict[str, np.ndarray]  # id, path, label, split of every index row
+    columns: dict[str, np.ndarray]  # id, path, label, split, format, jpeg_quality of every index row
     usable: np.ndarray  # bool per row: both artifacts ok
 
     def identity(self) -> dict:
@@ -38,10 +40,41 @@ class Source:
             "index": self.lare_attrs["upstream"]["index"],
             "lare": self.lare_attrs["fingerprint"],
             "pixels": self.pixels_attrs["fingerprint"],
+            "perturb": self.lare_attrs["params"].get("perturb"),
         }
 
 
-def _pick(manifest: dict, kind: str, index_fp: str | None = None) -> tuple[str, dict] | None:
+# ---- which perturbation (`--perturb SPEC`): meant to fold into the artifact selectors of `cache info` --
+Perturb = tuple[str, str | None] | None  # (canonical SPEC, class it applies to) or None: clean
+
+
+def wanted_perturbation(spec: str | None, only: str | None = None) -> Perturb:
+    """The user's `--perturb SPEC [--perturb-only CLASS]` as artifacts record it; None: clean."""
+    if spec is None:
+        if only is not None:
+            raise UserError("--perturb-only needs --perturb SPEC")
+        return None
+    record = perturb_stage.parse(spec, only=only).record()
+    return record["spec"], record["only"]
+
+
+def perturbation_of(art: dict) -> Perturb:
+    record = art.get("params", {}).get("perturb")
+    return (record["spec"], record.get("only")) if record else None
+
+
+def with_perturbation(found: list[tuple[str, dict]], wanted: Perturb) -> list[tuple[str, dict]]:
+    """The artifacts among `found` perturbed as wanted (clean ones when `wanted` is None)."""
+    return [(path, art) for path, art in found if perturbation_of(art) == wanted]
+
+
+def _label(p: Perturb) -> str:
+    return perturb_stage.describe({"spec": p[0], "only": p[1]} if p else None)
+
+
+def _pick(
+    manifest: dict, kind: str, index_fp: str | None = None, perturb: Perturb = None
+) -> tuple[str, dict] | None:
     found = [
         (path, art)
         for path, art in manifest["artifacts"].items()
@@ -49,17 +82,23 @@ def _pick(manifest: dict, kind: str, index_fp: str | None = None) -> tuple[str, 
         and art["complete"]
         and (index_fp is None or art["upstream"]["index"] == index_fp)
     ]
-    return max(found, key=lambda kv: kv[1].get("created_at", ""), default=None)
+    return max(with_perturbation(found, perturb), key=lambda kv: kv[1].get("created_at", ""), default=None)
 
 
-def open_source(url: str, verify: bool = True) -> tuple[Source, CacheStore]:
+def open_source(url: str, verify: bool = True, perturb: Perturb = None) -> tuple[Source, CacheStore]:
     store = require_intact(url, check=verify)
     manifest = store.manifest()
-    lare = _pick(manifest, "lare")
+    lare = _pick(manifest, "lare", perturb=perturb)
     if lare is None:
+        have = {_label(perturbation_of(a)) for a in manifest["artifacts"].values() if a["kind"] == "lare"}
+        if have - {_label(perturb)}:
+            raise UserError(
+                f"{url} holds no complete LaRE artifact {_label(perturb)} (it holds: "
+                f"{', '.join(sorted(have))}); extract one with that --perturb/--perturb-only"
+            )
         raise UserError(f"{url} holds no complete LaRE artifact: finish `pipeline extract` first")
     index_fp = lare[1]["upstream"]["index"]
-    pixels = _pick(manifest, "pixels", index_fp)
+    pixels = _pick(manifest, "pixels", index_fp, perturb)
     if pixels is None:
         raise UserError(
             f"{url} holds no complete pixel artifact for the index of {lare[0]} (extract with --pixels)"
@@ -69,7 +108,8 @@ def open_source(url: str, verify: bool = True) -> tuple[Source, CacheStore]:
     usable = np.ones(len(cols["path"]), dtype=bool)
     for path in (lare[0], pixels[0]):
         usable &= store.group[f"{path}/status"][:] == STATUS_OK
-    columns = {k: cols[k] for k in ("id", "path", "label", "split")}
+    columns = {k: cols[k] for k in ("id", "path", "label", "split", "format")}
+    columns["jpeg_quality"] = index_stage.qualities(cols)
     src = Source(url, manifest["subset"], index_path, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
     return src, store
 
@@ -112,10 +152,10 @@ class Rows:
 class CacheData:
     """Several caches read as one table of usable rows."""
 
-    def __init__(self, urls: list[str], verify: bool = True):
+    def __init__(self, urls: list[str], verify: bool = True, perturb: Perturb = None):
         if not urls:
             raise UserError("no cache given (--from-cache)")
-        opened = [open_source(u, verify) for u in urls]
+        opened = [open_source(u, verify, perturb) for u in urls]
         self.sources = [s for s, _ in opened]
         self.stores = [st for _, st in opened]
         first = self.sources[0]
@@ -153,10 +193,19 @@ class CacheData:
         p = self.lare_params
         return p["preprocess"] == "crop" and int(p["size"]) == self.pixel_size
 
-    def rows(self, split: str | None) -> Rows:
+    def rows(self, split: str | None, real_jpeg_quality: int | None = None) -> Rows:
+        """Usable rows of a split; with `real_jpeg_quality`, real rows of that JPEG quality only."""
         parts = []
         for k, s in enumerate(self.sources):
             keep = s.usable & (s.columns["split"] == split if split else True)
+            if real_jpeg_quality is not None:
+                quality = s.columns["jpeg_quality"]
+                if (quality == index_stage.QUALITY_UNKNOWN).any():
+                    raise UserError(
+                        f"{s.url}: its index records no JPEG quality (written before the column); "
+                        "extract into a new --cache-dir to use --real-jpeg-quality"
+                    )
+                keep &= (s.columns["label"] == 1) | (quality == real_jpeg_quality)
             r = np.flatnonzero(keep)
             parts.append((np.full(len(r), k), r, s.columns["label"][r].astype(np.int64)))
         return Rows(*(np.concatenate([p[i] for p in parts]) for i in range(3)))

@@ -30,7 +30,10 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
         raise UserError(f"no evaluation results (*.json from `pipeline eval`) in {results}")
 
     def short(r: dict) -> str:
-        return f"{r['method']}:{'+'.join(r['train_subsets'])}"
+        trained = r.get("train_perturb", "clean")
+        return f"{r['method']}:{'+'.join(r['train_subsets'])}" + (
+            "" if trained == "clean" else f" [{trained}]"
+        )
 
     runs_per_label: dict[str, set] = {}
     for r in records:
@@ -39,11 +42,15 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
     def label(r: dict) -> str:  # several runs of one method on one subset (seeds, settings): name each
         return short(r) if len(runs_per_label[short(r)]) == 1 else f"{short(r)} {r['run'][-12:]}"
 
+    def column(r: dict) -> str:  # a perturbed test artifact (`eval --perturb`) is a column of its own
+        clean = r.get("test_perturb", "clean") == "clean"
+        return r["test_subset"] if clean else f"{r['test_subset']} [{r['test_perturb']}]"
+
     rows = sorted({label(r) for r in records})
-    cols = sorted({r["test_subset"] for r in records})
+    cols = sorted({column(r) for r in records})
     mat = np.full((len(rows), len(cols)), np.nan)
     for r in records:
-        mat[rows.index(label(r)), cols.index(r["test_subset"])] = r["metrics"][metric]
+        mat[rows.index(label(r)), cols.index(column(r))] = r["metrics"][metric]
     return rows, cols, mat
 
 

@@ -60,6 +60,9 @@ class TrainConfig:
     device: str = "auto"  # where the model trains; not in the fingerprint (last bits only, like batch order)
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
+    perturb: str | None = None  # train on the artifacts extracted with this --perturb SPEC (None: clean)
+    perturb_only: str | None = None  # ... and this --perturb-only class
+    real_jpeg_quality: int | None = None  # real rows of this JPEG quality only (the JPEG-96 control)
 
     def hparams(self) -> dict[str, Any]:
         if self.method not in METHODS:
@@ -79,7 +82,10 @@ class TrainConfig:
             "max_per_class": self.max_per_class,
             "shuffle_labels": self.shuffle_labels,
             "memory_rows": self.memory_rows,
+            "real_jpeg_quality": self.real_jpeg_quality,
         }
+        if self.real_jpeg_quality is not None and not 1 <= self.real_jpeg_quality <= 100:
+            raise UserError(f"--real-jpeg-quality must be in 1..100, not {self.real_jpeg_quality}")
         if self.method == "lol":
             hp.update(mask_range=list(self.mask_range), aspect_range=list(self.aspect_range))
         if self.crop_size % 32:
@@ -309,15 +315,17 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
     """`pipeline train`: returns the run directory; a finished run is not retrained."""
-    data = cachedata.CacheData(cfg.caches, verify=cfg.verify)
+    wanted = cachedata.wanted_perturbation(cfg.perturb, cfg.perturb_only)
+    data = cachedata.CacheData(cfg.caches, verify=cfg.verify, perturb=wanted)
     run, params = plan_run(cfg, data)
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
     hp = params["hparams"]
-    rows = data.sample(data.rows("train"), hp["max_per_class"], cfg.seed, log)
-    if len(rows) == 0:
-        raise UserError("no usable training rows (split 'train') in the given cache(s)")
+    rows = data.sample(data.rows("train", hp["real_jpeg_quality"]), hp["max_per_class"], cfg.seed, log)
+    if len(rows) == 0 or (hp["real_jpeg_quality"] is not None and not (rows.label == 0).any()):
+        which = f"real rows of JPEG quality {hp['real_jpeg_quality']}" if len(rows) else "rows"
+        raise UserError(f"no usable training {which} (split 'train') in the given cache(s)")
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
