@@ -34,7 +34,7 @@ help:
 	@echo "make eval RUN=runs/<run> TEST_SUBSETS='adm biggan'   evaluate a run on caches -> \$$(RESULTS)/"
 	@echo "make report                       train x test table and \$$(RESULTS)/matrix.png"
 	@echo "make robustness GRID=lol-a4 METHOD=lol SUBSET=sdv14 TEST_SUBSETS='adm biggan'   -> \$$(RESULTS)/robustness/"
-	@echo "make bench                        extraction and training-I/O benchmarks (bench/results/)"
+	@echo "make bench                        extraction, training-I/O and decode+perturb benchmarks (bench/results/)"
 
 install: $(VENV)/.installed
 
@@ -91,6 +91,7 @@ lint: install
 bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train_io.py
+	$(BIN)/python bench/perturb.py
 
 clean-demo:
 	rm -rf $(DEMO)
