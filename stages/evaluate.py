@@ -6,6 +6,9 @@ once (no sampling, no dropped last batch). An oracle accuracy (threshold chosen 
 is reported under a name that says so; it is not a fair figure.
 
 Results are named by (run fingerprint, test artifacts): an evaluation already done is not redone.
+A perturbed test artifact (`--perturb SPEC`) is another test artifact, so its results are apart.
+ACC and AP are also given per source format of the files (`by_format`: png, jpeg, ...): a detector
+that learned the format rather than the generator shows it there.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages import cachedata, sd
+from stages import perturb as perturb_stage
 from stages.batches import make_inputs
 from stages.train import Run, atomic_json, load_run
 
@@ -47,6 +51,12 @@ def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = THRESHOLD
     }
     out["oracle_acc_threshold_fit_on_test"] = oracle_acc(labels, scores)
     return out
+
+
+def metrics_by_format(labels: np.ndarray, scores: np.ndarray, formats: np.ndarray) -> dict[str, dict]:
+    """`metrics` of the rows of each source format (the file's, whatever perturbation was applied)."""
+    formats = np.array([str(f) for f in formats], dtype=object)
+    return {f: metrics(labels[formats == f], scores[formats == f]) for f in sorted(set(formats))}
 
 
 def oracle_acc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -107,19 +117,23 @@ def evaluate(
     device: str = "cpu",
     lare: str | None = None,
     pixels: str | None = None,
+    perturb: str | None = None,
+    perturb_only: str | None = None,
 ) -> list[dict]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache.
 
     In each cache, the artifacts the run was trained on are read by default (`lare`/`pixels`
-    selectors choose others, see cachedata.Choice), from an index that covers `split`.
+    selectors choose others, see cachedata.Choice), from an index that covers `split`;
+    `perturb`, `perturb_only`: the test artifacts extracted with that `--perturb` (None: clean).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    wanted = cachedata.wanted_perturbation(perturb, perturb_only)
     run = load_run(run_path, resolve_device(device))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    choice = cachedata.Choice(lare, pixels, run=run.params)
+    choice = cachedata.Choice(lare, pixels, run=run.params, perturb=wanted)
     for url in caches:
         data = cachedata.CacheData([url], verify=verify, split=split, choice=choice, log=log)
         src = data.sources[0]
@@ -142,22 +156,30 @@ def evaluate(
             "run_fingerprint": run.params["fingerprint"],
             "method": run.method,
             "train_subsets": sorted({c["subset"] for c in run.params["caches"]}),
+            "train_perturb": perturb_stage.describe(run.params["caches"][0].get("perturb")),
             "test_subset": src.subset,
+            "test_perturb": perturb_stage.describe(src.identity()["perturb"]),
             "test_cache": src.identity(),
             "test_url": url,
             "split": split,
             "metrics": metrics(rows.label, scores),
+            "by_format": metrics_by_format(rows.label, scores, src.columns["format"][rows.row]),
         }
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "id", "label", "score"])
+            w.writerow(["path", "id", "label", "format", "score"])
             for r, lab, s in zip(rows.row, rows.label, scores, strict=True):
-                w.writerow([src.columns["path"][r], src.columns["id"][r], int(lab), f"{s:.6f}"])
+                c = src.columns
+                w.writerow([c["path"][r], c["id"][r], int(lab), c["format"][r], f"{s:.6f}"])
         atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
         m = result["metrics"]
+        per_format = "; ".join(
+            f"{f} ACC {fm['acc']:.4f} AP {fm['ap']:.4f} n={fm['n']}" for f, fm in result["by_format"].items()
+        )
         log(
-            f"{run.name} on {src.subset}: ACC {m['acc']:.4f} (real {m['real_acc']:.4f}, "
-            f"generated {m['generated_acc']:.4f}) AP {m['ap']:.4f}, n={m['n']} -> {stem}.json"
+            f"{run.name} on {src.subset} [{result['test_perturb']}]: ACC {m['acc']:.4f} "
+            f"(real {m['real_acc']:.4f}, generated {m['generated_acc']:.4f}) AP {m['ap']:.4f}, "
+            f"n={m['n']} ({per_format}) -> {stem}.json"
         )
         results.append(result)
     return results

@@ -28,6 +28,7 @@ from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWri
 from pipeline.store import SCHEMA_VERSION, ArraySpec, Artifact, CacheStore, now
 from stages import index as index_stage
 from stages import lare as lare_math
+from stages import perturb as perturb_stage
 from stages import pixels as pixels_stage
 from stages import sd
 from stages.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
@@ -76,6 +77,16 @@ class ExtractConfig:
     loader_workers: int = -1  # -1: none on CPU; on a GPU, all cores but two (decoding must outrun the GPU)
     compile: bool = False  # torch.compile the VAE encoder and the UNet (last bits only, like batch size)
     progress: bool = True
+    perturb: str | None = None  # a stages.perturb SPEC applied to the decoded image before the geometry
+    perturb_only: str | None = None  # "generated" or "real": perturb that class only
+
+    def perturbation(self) -> dict | None:
+        """The `perturb` param of both artifacts: SPEC (canonical), class, seed; None when clean."""
+        if self.perturb is None:
+            if self.perturb_only is not None:
+                raise UserError("--perturb-only needs --perturb SPEC")
+            return None
+        return perturb_stage.parse(self.perturb, self.seed, self.perturb_only).record()
 
     def check(self) -> None:
         if self.preprocess not in PREPROCESS:
@@ -94,6 +105,7 @@ class ExtractConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.prompt_template is not None and "{cls}" not in self.prompt_template:
             raise UserError("--prompt-template must contain '{cls}', e.g. 'a photo of a {cls}'")
+        self.perturbation()
 
     def resolved_precision(self, device: str) -> str:
         if self.precision != "auto":
@@ -117,6 +129,7 @@ def lare_artifact(
         "precision": precision,
         "seed": cfg.seed,
         "max_pixels": cfg.max_pixels,
+        "perturb": cfg.perturbation(),
     }
     code = lare_code_version()
     fp = fingerprint(
@@ -148,6 +161,7 @@ def pixel_artifact(cfg: ExtractConfig, index_fp: str) -> Artifact:
         + " when smaller",
         "small_images": cfg.small_images,
         "max_pixels": cfg.max_pixels,
+        "perturb": cfg.perturbation(),
     }
     code = pixel_code_version()
     fp = fingerprint(
@@ -162,10 +176,19 @@ class RowDataset(torch.utils.data.Dataset):
     """Reads one row's file and applies the per-row recipe; runs in DataLoader workers.
 
     A file that cannot be read or decoded becomes a reason (and placeholder tensors that are never stored).
+    `labels` decide which rows a class-restricted perturbation (`--perturb-only`) applies to.
     """
 
-    def __init__(self, files: list[str], ids: np.ndarray, prompt_idx: np.ndarray, recipe: RowRecipe):
+    def __init__(
+        self,
+        files: list[str],
+        ids: np.ndarray,
+        prompt_idx: np.ndarray,
+        recipe: RowRecipe,
+        labels: np.ndarray | None = None,
+    ):
         self.files, self.ids, self.prompt_idx, self.recipe = files, ids, prompt_idx, recipe
+        self.labels = labels if labels is not None else np.zeros(len(files), dtype=np.uint8)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -176,7 +199,8 @@ class RowDataset(torch.utils.data.Dataset):
         image_id = str(self.ids[row])
         try:
             with open(self.files[row], "rb") as f:
-                item.update(self.recipe.prepare(self.recipe.decode(f.read()), image_id))
+                rgb = self.recipe.perturbed(self.recipe.decode(f.read()), image_id, int(self.labels[row]))
+                item.update(self.recipe.prepare(rgb, image_id))
         except (pixels_stage.BadImage, OSError) as e:
             reason = str(e) if isinstance(e, pixels_stage.BadImage) else f"unreadable: {e}"
             item.update(ok=False, reason=reason, **self.recipe.placeholder(image_id))
@@ -211,6 +235,7 @@ class ExtractJob:
     index_path: str
     files: list[str]  # absolute path of each row's image
     ids: np.ndarray
+    labels: np.ndarray  # 1 generated, 0 real: for --perturb-only
     paths: list[str]  # path relative to the subset folder, for failure records
     prompts: list[str]
     prompt_idx: np.ndarray
@@ -292,7 +317,7 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
         )
     return ExtractJob(
         cfg=cfg, cache_url=cache_url, subset=subset, index_path=index_path,
-        files=[idx.abspath(r) for r in range(n)], ids=idx.columns["id"],
+        files=[idx.abspath(r) for r in range(n)], ids=idx.columns["id"], labels=idx.columns["label"],
         paths=[str(p) for p in idx.columns["path"]], prompts=prompts, prompt_idx=prompt_idx,
         model=model_ref, device=device, precision=precision, latent=latent, artifacts=artifacts, plan=plan,
     )  # fmt: skip
@@ -345,7 +370,7 @@ class ShardComputer:
             job.latent,
             arts["pixels"].attrs["params"] if "pixels" in arts else None,
         )
-        dataset = RowDataset(job.files, job.ids, job.prompt_idx, recipe)
+        dataset = RowDataset(job.files, job.ids, job.prompt_idx, recipe, job.labels)
         workers = cfg.loader_workers if cfg.loader_workers >= 0 else default_workers(job.device)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sub.batches(cfg.batch_size), num_workers=workers, pin_memory=self.cuda,

@@ -63,6 +63,9 @@ class TrainConfig:
     precision: str = "auto"  # fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, fp32 elsewhere
     lare: str | None = None  # --lare / --pixels: which artifact of each cache (see cachedata.Choice)
     pixels: str | None = None
+    perturb: str | None = None  # train on the artifacts extracted with this --perturb SPEC (None: clean)
+    perturb_only: str | None = None  # ... and this --perturb-only class
+    real_jpeg_quality: int | None = None  # real rows of this JPEG quality only (the JPEG-96 control)
 
     def hparams(self) -> dict[str, Any]:
         if self.method not in METHODS:
@@ -82,7 +85,10 @@ class TrainConfig:
             "max_per_class": self.max_per_class,
             "shuffle_labels": self.shuffle_labels,
             "memory_rows": self.memory_rows,
+            "real_jpeg_quality": self.real_jpeg_quality,
         }
+        if self.real_jpeg_quality is not None and not 1 <= self.real_jpeg_quality <= 100:
+            raise UserError(f"--real-jpeg-quality must be in 1..100, not {self.real_jpeg_quality}")
         if self.method == "lol":
             hp.update(mask_range=list(self.mask_range), aspect_range=list(self.aspect_range))
         if self.loader_workers < -1:
@@ -227,9 +233,9 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
     """`pipeline train`: returns the run directory; a finished run is not retrained."""
-    data = cachedata.CacheData(
-        cfg.caches, verify=cfg.verify, split="train", choice=cachedata.Choice(cfg.lare, cfg.pixels), log=log
-    )
+    wanted = cachedata.wanted_perturbation(cfg.perturb, cfg.perturb_only)
+    choice = cachedata.Choice(cfg.lare, cfg.pixels, perturb=wanted)
+    data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split="train", choice=choice, log=log)
     run, params = plan_run(cfg, data)
     if cfg.method == "egre" and (note := sd.random_weights_note(data.lare_model)):
         log(f"note: {note}")
@@ -237,9 +243,10 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         log(f"up to date: {run}")
         return run
     hp = params["hparams"]
-    rows = data.sample(data.rows("train"), hp["max_per_class"], cfg.seed, log)
-    if len(rows) == 0:
-        raise UserError("no usable training rows (split 'train') in the given cache(s)")
+    rows = data.sample(data.rows("train", hp["real_jpeg_quality"]), hp["max_per_class"], cfg.seed, log)
+    if len(rows) == 0 or (hp["real_jpeg_quality"] is not None and not (rows.label == 0).any()):
+        which = f"real rows of JPEG quality {hp['real_jpeg_quality']}" if len(rows) else "rows"
+        raise UserError(f"no usable training {which} (split 'train') in the given cache(s)")
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
