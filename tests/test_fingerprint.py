@@ -78,7 +78,12 @@ EDITS = {
     "name parsing": lambda s: _edit_text(s / "classes.py", "if len(prefix) <= 3:", "if len(prefix) <= 4:"),
     "prompt building": lambda s: _edit_text(s / "lare.py", 'padding="max_length"', 'padding="longest"'),
     "model input": lambda s: _edit_text(s / "lare.py", "/ 255.0 - 0.5) * 2)", "/ 127.5 - 1.0))"),
-    "recipe": lambda s: _edit_text(s / "recipe.py", "return pixels.crop_tiled(rgb, self.size)", "return rgb"),
+    "recipe": lambda s: _edit_text(
+        s / "recipe.py", "return pixels.centre_crop(rgb, self.size, self.small_images)", "return rgb"
+    ),
+    "perturbation": lambda s: _edit_text(
+        s / "perturb.py", 'format="JPEG", quality=', 'format="JPEG", optimize=True, quality='
+    ),
 }
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import zarr
 from conftest import ONE_THREAD, TINY_TRAIN, run_cli
-from servers import guarded_env, range_http
+from servers import guarded_env, moto_s3, range_http, s3_env
 
 from pipeline.fingerprint import checksum_bytes
 
@@ -157,6 +157,21 @@ def test_zip_caches_train_eval_and_detect(cache, run16, tmp_path):
                     env=env)  # fmt: skip
             (result,) = (json.loads(p.read_text()) for p in out.glob("*.json"))
             assert result["metrics"]["n"] == 6
+    with moto_s3() as endpoint:  # and a zip on an object store (moto's state is per process: own bucket)
+        import s3fs
+
+        fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": endpoint})
+        fs.mkdir("promises-zip")
+        try:
+            fs.put(str(archive), "promises-zip/sdv14.zip")
+            out = tmp_path / "s3"
+            env = {**ONE_THREAD, **s3_env(endpoint), **guarded_env()}
+            run_cli("eval", "--checkpoint", str(run), "--from-cache", "s3://promises-zip/sdv14.zip", "--out",
+                    str(out), "--no-progress", env=env)  # fmt: skip
+            (result,) = (json.loads(p.read_text()) for p in out.glob("*.json"))
+            assert result["metrics"]["n"] == 6
+        finally:
+            fs.rm("promises-zip", recursive=True)
     images = tmp_path / "images"
     shutil.copytree(next(cache["data"].rglob("val")) / "ai", images)
     proc = run_cli("detect", str(images), "--checkpoint", str(run), "--out", str(tmp_path / "s.csv"),
