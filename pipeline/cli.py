@@ -269,11 +269,23 @@ def train(
     from_cache: list[str] = typer.Option(None, "--from-cache", help="Cache(s) to train on (path or URL)."),
     method: str = typer.Option("egre", help="egre (LaRE^2) or lol (Learning on Less)."),
     out: str = typer.Option("runs", help="Folder of run directories."),
-    max_per_class: int = typer.Option(None, help="Train on N real + N generated rows, seeded (LoL: 1600)."),
+    max_per_class: str = typer.Option(
+        None,
+        help="Train on N real + N generated rows of the train split, seeded, or 'all'. "
+        "Default: egre all, lol 1600 (the paper's).",
+    ),
     seed: int = typer.Option(0),
-    epochs: int = typer.Option(None, help="Default: egre 10, lol 20."),
+    epochs: int = typer.Option(None, help="At most this many epochs. Default: egre 50, lol 20."),
+    patience: int = typer.Option(
+        None, help="Stop after N epochs without a better validation AUC; 0: never. Default: egre 10, lol 0."
+    ),
+    val_fraction: float = typer.Option(
+        0.05,
+        help="Share of the training rows (per label, seeded) held out from the TRAIN split to pick "
+        "the best epoch (and step EGRE's plateau schedule); no test split is ever read.",
+    ),
     batch_size: int = typer.Option(None, help="Default: egre 48, lol 4."),
-    lr: float = typer.Option(None, help="Default: egre 1e-4, lol 5e-6."),
+    lr: float = typer.Option(None, help="Default: egre 1e-4, lol 5e-6 (5e-7 on a BigGAN training cache)."),
     crop_size: int = typer.Option(224, help="Side of the random (train) / centre (test) crop."),
     backbone: str = typer.Option("RN50", help="open_clip config: RN50, or tiny-RN for tests."),
     backbone_weights: str = typer.Option(
@@ -295,7 +307,8 @@ def train(
 
     cfg = TrainConfig(
         caches=_caches(from_cache, extra_caches), method=method, out=out, max_per_class=max_per_class,
-        seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, crop_size=crop_size, backbone=backbone,
+        seed=seed, epochs=epochs, patience=patience, val_fraction=val_fraction, batch_size=batch_size,
+        lr=lr, crop_size=crop_size, backbone=backbone,
         backbone_weights=backbone_weights, mask_range=_range(mask_range, "--mask-range"),
         aspect_range=_range(aspect_range, "--aspect-range"), shuffle_labels=shuffle_labels,
         verify=not no_verify, progress=progress, stop_after=stop_after, memory_rows=memory_rows,
@@ -314,6 +327,13 @@ def eval_(
     ),
     out: str = typer.Option("results", help="Folder for <run>__<subset>-<key>.csv/.json."),
     split: str = typer.Option("val", help="Which split of the test caches to score."),
+    epoch: str = typer.Option(
+        "best",
+        "--epoch",
+        "--epochs",
+        help="Weights to score: best (by the run's validation slice), last, "
+        "an epoch number, or last5 (each of the final five; mean +- std, LoL's protocol).",
+    ),
     batch_size: int = typer.Option(64),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
@@ -324,7 +344,7 @@ def eval_(
 
     evaluate(
         checkpoint, _caches(from_cache, extra_caches), out, split=split, batch_size=batch_size,
-        verify=not no_verify, progress=progress, log=typer.echo, device=device,
+        verify=not no_verify, progress=progress, log=typer.echo, device=device, epoch=epoch,
     )  # fmt: skip
 
 
@@ -334,11 +354,13 @@ def report(
     out: Path = typer.Option(None, help="Heatmap PNG to write (e.g. results/matrix.png)."),
     metric: str = typer.Option("acc", help="acc, ap, real_acc or generated_acc."),
 ) -> None:
-    """Print the train x test table (with a mean column) and draw it as a heatmap."""
+    """Print the train x test table (with a mean column) and draw it as a heatmap.
+
+    Results of `eval --epoch last5` show mean+-std in the table and the mean in the heatmap."""
     from stages.report import collect, heatmap, table
 
-    rows, cols, mat = collect(results, metric)
-    typer.echo(table(rows, cols, mat, metric))
+    rows, cols, mat, std = collect(results, metric)
+    typer.echo(table(rows, cols, mat, metric, std))
     if out is not None:
         typer.echo(f"wrote {heatmap(rows, cols, mat, metric, out)}")
 
@@ -349,6 +371,9 @@ def detect(
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
     out: Path = typer.Option("scores.csv", help="CSV of path, score, decision, error."),
     threshold: float = typer.Option(0.5, help="Score above which an image is called generated."),
+    epoch: str = typer.Option(
+        "best", help="Weights to use: best (by the run's validation slice), last, or N."
+    ),
     device: str = typer.Option("auto", help="Where the LaRE model runs (EGRE): auto, cpu, cuda."),
     batch_size: int = typer.Option(16, help="Images per model call. Changes the last bits of the maps only."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -365,6 +390,7 @@ def detect(
         progress,
         log=lambda m: typer.echo(m, err=True),
         batch_size=batch_size,
+        epoch=epoch,
     )
     typer.echo(f"scored {scored} image(s), {failed} unreadable -> {out}")
 

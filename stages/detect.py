@@ -78,12 +78,15 @@ def detect(
     progress: bool = True,
     log=print,
     batch_size: int = 16,
+    epoch: str | int = "best",
 ) -> tuple[int, int]:
-    """Writes `path,score,decision,error` per file, in file order; returns (scored, failed)."""
+    """Writes `path,score,decision,error` per file, in file order; returns (scored, failed).
+
+    `epoch`: the weights used, best (by the run's validation slice), last or a number."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     device = resolve_device(device)
-    run = load_run(run_path, device)
+    run = load_run(run_path, device, epoch)
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")

@@ -18,7 +18,13 @@ from torch import nn
 from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
 
 HEADS, HEAD_DIM = 8, 64  # the reference's MultiHeadMapAttention: h = 8, d_k = d_v = 64
-DEFAULTS = {"lr": 1e-4, "batch_size": 48, "epochs": 10, "grad_clip": 5.0, "betas": (0.9, 0.999)}
+# `epochs` caps a run; `patience` epochs without a better validation score end it (the reference
+# trains until stopped). `plateau` is the reference's ReduceLROnPlateau, stepped on the validation
+# AUC (the reference steps it on test files: we do not). max_per_class None: every training row.
+DEFAULTS = {
+    "lr": 1e-4, "batch_size": 48, "epochs": 50, "patience": 10, "grad_clip": 5.0, "betas": (0.9, 0.999),
+    "max_per_class": None, "plateau": {"mode": "max", "factor": 0.5, "patience": 4, "min_lr": 1e-7},
+}  # fmt: skip
 
 
 class EGRE(nn.Module):

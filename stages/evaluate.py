@@ -5,7 +5,8 @@ sklearn's average_precision_score over the WHOLE test set. Every usable row of t
 once (no sampling, no dropped last batch). An oracle accuracy (threshold chosen on the test labels)
 is reported under a name that says so; it is not a fair figure.
 
-Results are named by (run fingerprint, test artifacts): an evaluation already done is not redone.
+Results are named by (run fingerprint, test artifacts, split, the epochs scored): an evaluation
+already done is not redone.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import accuracy_score, average_precision_score
-from tqdm import tqdm
 
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages import cachedata
-from stages.train import Run, atomic_json, load_run, make_inputs
+from stages.train import Run, atomic_json, load_run, predict, select_epochs
 
 THRESHOLD = 0.5
 
@@ -59,29 +58,6 @@ def oracle_acc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(((tp + tn)[valid]).max() / len(y))
 
 
-@torch.inference_mode()
-def predict(
-    run: Run, data: cachedata.CacheData, rows: cachedata.Rows, batch_size: int, progress: bool
-) -> np.ndarray:
-    """Scores of the rows, read from the cache a block of rows at a time (memory stays bounded)."""
-    hp = run.params["hparams"]
-    aligned = run.params["aligned"]
-    scores = []
-    block = max(batch_size, 1024)
-    bar = tqdm(total=len(rows), desc=f"eval {run.name}", unit="img", disable=not progress)
-    for b0 in range(0, len(rows), block):
-        part = rows[b0 : b0 + block]
-        crops, maps = (torch.from_numpy(a) for a in data.load(part, progress=False))
-        for i in range(0, len(part), batch_size):
-            x, m = make_inputs(
-                run.method, hp, crops[i : i + batch_size], maps[i : i + batch_size], False, None, aligned
-            )
-            scores.append(run.scores(x, m).numpy())
-            bar.update(len(x))
-    bar.close()
-    return np.concatenate(scores) if scores else np.zeros(0)
-
-
 def check_compatible(run: Run, data: cachedata.CacheData) -> None:
     want = run.params["lare"]
     if run.method == "egre" and (
@@ -104,18 +80,27 @@ def evaluate(
     progress: bool = True,
     log=print,
     device: str = "cpu",
+    epoch: str | int = "best",
 ) -> list[dict]:
-    """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache."""
+    """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache.
+
+    `epoch` picks the weights: best (by the run's validation slice), last, a number, or last5: each
+    of the final five epochs scored apart, the metrics reported as mean and std over them (LoL's
+    protocol; std is numpy's, ddof 0).
+    """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    run = load_run(run_path, resolve_device(device))
+    epochs = select_epochs(run_path, epoch, several=True)
+    run = load_run(run_path, resolve_device(device), epochs[0])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for url in caches:
         data = cachedata.CacheData([url], verify=verify)
         src = data.sources[0]
-        key = fingerprint({"run": run.params["fingerprint"], "test": src.identity(), "split": split})
+        key = fingerprint(
+            {"run": run.params["fingerprint"], "test": src.identity(), "split": split, "epochs": epochs}
+        )
         stem = out / f"{run.name}__{src.subset}-{key[:8]}"
         if stem.with_suffix(".json").is_file():
             result = json.loads(stem.with_suffix(".json").read_text())
@@ -126,7 +111,12 @@ def evaluate(
         rows = data.rows(split)
         if len(rows) == 0:
             raise UserError(f"{url} has no usable rows in split '{split}'")
-        scores = predict(run, data, rows, batch_size, progress)
+        scores = {}
+        for e in epochs:
+            if run.epoch != e:
+                run.use_epoch(e)
+            scores[e] = predict(run, data, rows, batch_size, progress)
+        each = [metrics(rows.label, scores[e]) for e in epochs]
         result = {
             "run": run.name,
             "run_fingerprint": run.params["fingerprint"],
@@ -136,18 +126,36 @@ def evaluate(
             "test_cache": src.identity(),
             "test_url": url,
             "split": split,
-            "metrics": metrics(rows.label, scores),
+            "epoch_choice": str(epoch),
+            "epochs": epochs,
+            "metrics": each[0],
         }
+        if len(epochs) > 1:
+            result["metrics"] = {k: float(np.mean([m[k] for m in each])) for k in each[0]}
+            result["metrics_std"] = {k: float(np.std([m[k] for m in each])) for k in each[0]}
+            result["per_epoch"] = [{"epoch": e, "metrics": m} for e, m in zip(epochs, each, strict=True)]
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "id", "label", "score"])
-            for r, lab, s in zip(rows.row, rows.label, scores, strict=True):
-                w.writerow([src.columns["path"][r], src.columns["id"][r], int(lab), f"{s:.6f}"])
+            w.writerow(["path", "id", "label", "epoch", "score"])
+            for e in epochs:
+                for r, lab, s in zip(rows.row, rows.label, scores[e], strict=True):
+                    w.writerow([src.columns["path"][r], src.columns["id"][r], int(lab), e, f"{s:.6f}"])
         atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
-        m = result["metrics"]
-        log(
-            f"{run.name} on {src.subset}: ACC {m['acc']:.4f} (real {m['real_acc']:.4f}, "
-            f"generated {m['generated_acc']:.4f}) AP {m['ap']:.4f}, n={m['n']} -> {stem}.json"
-        )
+        log(f"{run.name} on {src.subset}: {summary(result)} -> {stem}.json")
         results.append(result)
     return results
+
+
+def summary(result: dict) -> str:
+    """One line of a result: ACC (real, generated), AP, n, and the epochs; mean +- std over several."""
+    m, sd = result["metrics"], result.get("metrics_std")
+
+    def v(k: str) -> str:
+        return f"{m[k]:.4f}" + (f" +- {sd[k]:.4f}" if sd else "")
+
+    epochs = result["epochs"]
+    which = f"epoch {epochs[0]}" if len(epochs) == 1 else f"mean +- std over epochs {epochs[0]}..{epochs[-1]}"
+    return (
+        f"ACC {v('acc')} (real {v('real_acc')}, generated {v('generated_acc')}) AP {v('ap')}, "
+        f"n={m['n']}, {which} ({result['epoch_choice']})"
+    )

@@ -17,7 +17,12 @@ from torch import nn
 
 from stages.backbone import CLIP_MEAN, CLIP_STD, dims, visual_features
 
-DEFAULTS = {"lr": 5e-6, "batch_size": 4, "epochs": 20, "grad_clip": None, "betas": (0.9, 0.999)}
+# The paper's setting (Sec. 4.2): 1,600 real + 1,600 generated training images, 20 epochs (no early
+# stop: patience 0), Adam 5e-6, or 5e-7 when the training subset is BigGAN (`lr_by_subset`).
+DEFAULTS = {
+    "lr": 5e-6, "batch_size": 4, "epochs": 20, "patience": 0, "grad_clip": None, "betas": (0.9, 0.999),
+    "max_per_class": 1600, "plateau": None, "lr_by_subset": {"biggan": 5e-7},
+}  # fmt: skip
 MASK_RANGE = (0.6, 0.8)
 ASPECT_RANGE = (0.33, 3.0)
 

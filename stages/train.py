@@ -2,11 +2,18 @@
 
     <out>/<method>-<subsets>-<fp12>/
       params.json                  everything that decides the weights (and the fingerprint)
-      sample.json                  the training rows chosen (cache, row, content id, path, label)
+      sample.json                  the training and validation rows (cache, row, content id, path, label)
       epoch-NNN.safetensors        model weights after epoch NNN (every epoch is kept)
       epoch-NNN.optim.safetensors  optimizer state (only the latest is kept: it is what resume needs)
-      epoch-NNN.json               written last: the epoch is finished; loss, param groups
-      done.json                    the run is complete; a rerun returns at once
+      epoch-NNN.json               written last: the epoch is finished; loss, validation scores,
+                                   param groups, the plateau schedule's state
+      done.json                    the run is complete (last and best epoch); a rerun returns at once
+
+Model selection never looks at a test set: a seeded, label-stratified slice of the TRAIN split
+(--val-fraction) is held out and scored after every epoch (AUC, AP, ACC@0.5, log loss). The best
+epoch is the one of highest validation AUC (ties: lowest validation loss); EGRE's plateau schedule
+steps on that AUC; --patience epochs without a new best end the run. No row of any cache's val
+split is read by training.
 
 Every random number of epoch k (order, crops, flips, masks, dropout) comes from generators seeded
 by (seed, k), so a run resumed after epoch k is bitwise equal to one never interrupted.
@@ -28,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
 from pipeline.config import resolve_device
@@ -37,6 +45,7 @@ from stages import backbone, cachedata, egre, lol
 
 METHODS = {"egre": egre, "lol": lol}
 LARE_GRID = 8  # pixels per LaRE cell (the VAE's downsampling)
+VAL_BATCH = 64  # validation rows per model call (inference only; part of the code, not an option)
 
 
 @dataclass
@@ -44,9 +53,11 @@ class TrainConfig:
     caches: list[str]
     method: str = "egre"
     out: str = "runs"
-    max_per_class: int | None = None
+    max_per_class: int | str | None = None  # None: the method's default; 'all': every training row
     seed: int = 0
     epochs: int | None = None  # None: the method's default (see egre.DEFAULTS, lol.DEFAULTS)
+    patience: int | None = None  # epochs without a new best before stopping; 0: never; None: default
+    val_fraction: float = 0.05  # of the training rows, per label, held out from the train split
     batch_size: int | None = None
     lr: float | None = None
     crop_size: int = 224
@@ -61,22 +72,34 @@ class TrainConfig:
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
 
-    def hparams(self) -> dict[str, Any]:
+    def hparams(self, subsets: set[str]) -> dict[str, Any]:
+        """The hyper-parameters of a run on caches of `subsets`: the options, else the method's defaults."""
         if self.method not in METHODS:
             raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{self.method}'")
-        for name in ("epochs", "batch_size", "lr", "max_per_class"):
+        for name in ("epochs", "batch_size", "lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
+        if self.patience is not None and self.patience < 0:
+            raise UserError(f"--patience must be 0 (never stop early) or more, not {self.patience}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(
+                f"--val-fraction must lie strictly between 0 and 1 (a validation slice and training rows "
+                f"are both needed), not {self.val_fraction}"
+            )
         d = METHODS[self.method].DEFAULTS
+        (only,) = subsets if len(subsets) == 1 else (None,)
         hp = {
             "epochs": self.epochs or d["epochs"],
+            "patience": d["patience"] if self.patience is None else self.patience,
             "batch_size": self.batch_size or d["batch_size"],
-            "lr": self.lr or d["lr"],
+            "lr": self.lr or d.get("lr_by_subset", {}).get(only, d["lr"]),
             "betas": list(d["betas"]),
             "grad_clip": d["grad_clip"],
+            "plateau": d["plateau"],
+            "val_fraction": self.val_fraction,
             "crop_size": self.crop_size,
-            "max_per_class": self.max_per_class,
+            "max_per_class": per_class(self.max_per_class, d["max_per_class"]),
             "shuffle_labels": self.shuffle_labels,
             "memory_rows": self.memory_rows,
         }
@@ -87,6 +110,21 @@ class TrainConfig:
                 f"--crop-size must be a multiple of 32 (the ResNet's stride), not {self.crop_size}"
             )
         return hp
+
+
+def per_class(value: int | str | None, default: int | None) -> int | None:
+    """--max-per-class: a positive number, 'all' (None: every row), or None for the method's default."""
+    if value is None:
+        return default
+    if value == "all":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise UserError(f"--max-per-class takes a positive number or 'all', not '{value}'") from None
+    if n <= 0:
+        raise UserError(f"--max-per-class must be positive (or 'all'), not {value}")
+    return n
 
 
 # ---- the batch each method sees --------------------------------------------------------------
@@ -202,6 +240,45 @@ def load_epoch(run: Path, epoch: int, model, opt=None) -> None:
     opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
+def hold_out(rows: cachedata.Rows, fraction: float, per_class_max: int | None, seed: int):
+    """(rows left for training, validation rows): per label, round(fraction * n) rows drawn, seeded.
+
+    n is the label's training-split rows, or --max-per-class when smaller: a LoL run of 1,600 + 1,600
+    holds out 80 + 80 more rows of the train split and still trains on the paper's 1,600 + 1,600.
+    """
+    rng = np.random.default_rng((seed, 1))  # its own stream: the training sample keeps `seed`'s
+    val = []
+    for label in (0, 1):
+        idx = np.flatnonzero(rows.label == label)
+        k = max(1, round(fraction * min(len(idx), per_class_max or len(idx))))
+        if len(idx) <= k:
+            raise UserError(
+                f"{len(idx)} training-split row(s) of label {label}: too few to hold out a validation slice "
+                f"(--val-fraction {fraction}) and still train"
+            )
+        val.append(rng.choice(idx, size=k, replace=False))
+    val_pos = np.sort(np.concatenate(val))
+    keep = np.ones(len(rows), dtype=bool)
+    keep[val_pos] = False
+    return rows[keep], rows[val_pos]
+
+
+def validation_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """What an epoch is judged by on the validation slice: AUC, AP, ACC at 0.5, log loss."""
+    return {
+        "auc": float(roc_auc_score(labels, scores)),
+        "ap": float(average_precision_score(labels, scores)),
+        "acc": float(((scores > 0.5) == (labels == 1)).mean()),
+        "loss": float(log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "n": len(labels),
+    }
+
+
+def best_epoch(history: dict[int, dict]) -> int:
+    """The epoch of highest validation AUC; among equals, the lowest validation loss, then the earliest."""
+    return max(history, key=lambda e: (history[e]["auc"], -history[e]["loss"], -e))
+
+
 def uninformative_labels(labels: torch.Tensor, seed: int) -> torch.Tensor:
     """The shuffled-label control: within each true class, a random half is labelled 1, the rest 0.
 
@@ -278,13 +355,36 @@ class EpochBatches:
             carry = (pos[rest.numpy()], crops[rest], maps[rest])
 
 
+@torch.inference_mode()
+def predict(
+    run: Run, data: cachedata.CacheData, rows: cachedata.Rows, batch_size: int, progress: bool
+) -> np.ndarray:
+    """Scores of the rows, read from the cache a block of rows at a time (memory stays bounded)."""
+    hp = run.params["hparams"]
+    aligned = run.params["aligned"]
+    scores = []
+    block = max(batch_size, 1024)
+    bar = tqdm(total=len(rows), desc=f"eval {run.name}", unit="img", disable=not progress)
+    for b0 in range(0, len(rows), block):
+        part = rows[b0 : b0 + block]
+        crops, maps = (torch.from_numpy(a) for a in data.load(part, progress=False))
+        for i in range(0, len(part), batch_size):
+            x, m = make_inputs(
+                run.method, hp, crops[i : i + batch_size], maps[i : i + batch_size], False, None, aligned
+            )
+            scores.append(run.scores(x, m).numpy())
+            bar.update(len(x))
+    bar.close()
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
 # ---- a run ------------------------------------------------------------------------------------
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & ((1 << 63) - 1)
 
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
-    hp = cfg.hparams()
+    hp = cfg.hparams({s.subset for s in data.sources})
     data.check_crop(hp["crop_size"])
     identity = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights).identity()  # hashes a weight file
     aligned = data.aligned()
@@ -315,9 +415,14 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         log(f"up to date: {run}")
         return run
     hp = params["hparams"]
-    rows = data.sample(data.rows("train"), hp["max_per_class"], cfg.seed, log)
-    if len(rows) == 0:
+    default = METHODS[cfg.method].DEFAULTS
+    if cfg.lr is None and hp["lr"] != default["lr"]:
+        log(f"lr {hp['lr']:g}: the {cfg.method} paper's rate for this training subset (--lr to override)")
+    pool = data.rows("train")  # the only split training reads: test (val) splits stay unseen
+    if len(pool) == 0:
         raise UserError("no usable training rows (split 'train') in the given cache(s)")
+    rest, val_rows = hold_out(pool, hp["val_fraction"], hp["max_per_class"], cfg.seed)
+    rows = data.sample(rest, hp["max_per_class"], cfg.seed, log)
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
@@ -335,15 +440,36 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
             run / "params.json", {**params, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         )
     if not (run / "sample.json").is_file():
-        atomic_json(run / "sample.json", {"seed": cfg.seed, "n": len(rows), "caches": data.describe(rows)})
+        atomic_json(
+            run / "sample.json",
+            {
+                "seed": cfg.seed, "n": len(rows), "caches": data.describe(rows),
+                "val_fraction": hp["val_fraction"], "n_validation": len(val_rows),
+                "validation": data.describe(val_rows),
+            },
+        )  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
+    plateau = hp["plateau"]
+    sched = None
+    if plateau:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode=plateau["mode"], factor=plateau["factor"], patience=plateau["patience"],
+            min_lr=plateau["min_lr"],
+        )  # fmt: skip
     done = finished_epochs(run)
     start = done[-1] if done else 0
+    history = {e: json.loads((run / f"epoch-{e:03d}.json").read_text())["val"] for e in done}
     if start:
         load_epoch(run, start, model, opt)
+        if sched is not None:
+            sched.load_state_dict(json.loads((run / f"epoch-{start:03d}.json").read_text())["scheduler"])
         log(f"resuming {run.name} after epoch {start}")
     n = len(rows)
+    stopped = f"--epochs {hp['epochs']} reached"
     for epoch in range(start + 1, hp["epochs"] + 1):
+        if hp["patience"] and history and max(history) - best_epoch(history) >= hp["patience"]:
+            stopped = f"no better validation score for {hp['patience']} epochs (--patience)"
+            break
         seed = epoch_seed(cfg.seed, epoch)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
@@ -363,13 +489,30 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
             total += loss.detach().double() * len(y)
             bar.update(len(y))
         bar.close()
+        model.eval()
+        scores = predict(Run(run, params, model, device), data, val_rows, VAL_BATCH, progress=False)
+        history[epoch] = validation_metrics(val_rows.label, scores)
+        if sched is not None:
+            sched.step(history[epoch]["auc"])
         info = {"loss": float(total) / n, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
+        info.update(val=history[epoch], scheduler=sched.state_dict() if sched is not None else None)
         save_epoch(run, epoch, model, opt, info)
-        log(f"epoch {epoch}: loss {info['loss']:.4f}")
+        best = best_epoch(history)
+        v = history[epoch]
+        log(
+            f"epoch {epoch}: loss {info['loss']:.4f}, validation AUC {v['auc']:.4f} AP {v['ap']:.4f} "
+            f"ACC {v['acc']:.4f} (best epoch {best})"
+        )
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
             log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
             return run
-    atomic_json(run / "done.json", {"epochs": hp["epochs"], "final": f"epoch-{hp['epochs']:03d}.safetensors"})
+    last, best = max(history), best_epoch(history)
+    log(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {history[best]['auc']:.4f})")
+    atomic_json(
+        run / "done.json",
+        {"epochs": last, "best": best, "best_val": history[best], "stopped": stopped,
+         "final": f"epoch-{last:03d}.safetensors"},
+    )  # fmt: skip
     return run
 
 
@@ -381,6 +524,12 @@ class Run:
     params: dict
     model: torch.nn.Module
     device: str = "cpu"
+    epoch: int = 0  # whose weights the model holds
+
+    def use_epoch(self, epoch: int) -> None:
+        """Load the weights of another finished epoch into the model."""
+        load_epoch(self.path, epoch, self.model)
+        self.epoch = epoch
 
     @torch.inference_mode()
     def scores(self, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
@@ -396,7 +545,11 @@ class Run:
         return self.params["method"]
 
 
-def load_run(path: str | Path, device: str = "cpu") -> Run:
+EPOCH_CHOICES = "best, last or an epoch number"
+
+
+def select_epochs(path: str | Path, choice: str | int = "best", several: bool = False) -> list[int]:
+    """The epochs `--epoch` names in a finished run: best (by validation), last, N, or (`several`) last5."""
     run = Path(path)
     if not (run / "params.json").is_file():
         raise UserError(f"{run} is not a run directory (no params.json)")
@@ -405,11 +558,39 @@ def load_run(path: str | Path, device: str = "cpu") -> Run:
         raise UserError(
             f"{run} has not finished training (no done.json): rerun `pipeline train` to resume it"
         )
+    record = json.loads(done.read_text())
+    last = int(record["epochs"])
+    kept = [e for e in finished_epochs(run) if e <= last]
+    choice = str(choice)
+    if choice == "best":
+        if "best" not in record:
+            raise UserError(
+                f"{run.name} has no validation scores (trained before --val-fraction existed): "
+                "pass --epoch last or an epoch number"
+            )
+        return [int(record["best"])]
+    if choice == "last":
+        return [last]
+    if choice == "last5" and several:
+        if len(kept) < 5:
+            raise UserError(f"--epoch last5 needs 5 finished epochs; {run.name} has {len(kept)}")
+        return kept[-5:]
+    if not choice.isdigit():
+        allowed = f"{EPOCH_CHOICES}{', or last5' if several else ''}"
+        raise UserError(f"--epoch takes {allowed}, not '{choice}'")
+    if int(choice) not in kept:
+        raise UserError(f"{run.name} has no finished epoch {choice} (it has {kept[0]}..{kept[-1]})")
+    return [int(choice)]
+
+
+def load_run(path: str | Path, device: str = "cpu", epoch: str | int = "best") -> Run:
+    """A finished run with the weights of `epoch` (see select_epochs), in evaluation mode on `device`."""
+    run = Path(path)
+    (chosen,) = select_epochs(run, epoch)
     params = json.loads((run / "params.json").read_text())
-    epochs = json.loads(done.read_text())["epochs"]
-    first = load_file(str(run / f"epoch-{epochs:03d}.safetensors"))
-    channels = first["to_heads.weight"].shape[1] if "to_heads.weight" in first else 0  # LoL: unused
+    weights = load_file(str(run / f"epoch-{chosen:03d}.safetensors"))
+    channels = weights["to_heads.weight"].shape[1] if "to_heads.weight" in weights else 0  # LoL: unused
     model = build_model(params["method"], params, channels, pretrained=False)
-    model.load_state_dict(first)
+    model.load_state_dict(weights)
     model.to(device).eval()
-    return Run(run, params, model, device)
+    return Run(run, params, model, device, chosen)
