@@ -237,3 +237,21 @@ def test_plateau_schedule_and_early_stop_follow_the_validation_scores(two_caches
             sched.step(r["val"]["auc"])
             assert [g["lr"] for g in r["param_groups"]] == [replay.param_groups[0]["lr"]], e
     assert done["epochs"] < 7  # patience 1 on a 2-row validation slice: stopped early
+
+
+def test_lol_trains_on_the_papers_setting_by_default(tmp_path):
+    """--method lol: 1,600 + 1,600 rows unless --max-per-class; a BigGAN training cache gets lr 5e-7
+    unless --lr is given, and the log says so."""
+    make_genimage(tmp_path / "data", "biggan", {"train": 4, "val": 1}, seed=5)
+    cache = extract_cache(tmp_path / "data", tmp_path / "cache", "biggan")
+    tiny = ("--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-size", "32")
+    args = ("train", "--from-cache", str(cache), "--method", "lol", "--epochs", "1", "--no-progress", *tiny,
+            "--out", str(tmp_path / "runs"))  # fmt: skip
+    proc = run_cli(*args, env=ONE_THREAD)
+    hp = json.loads((Path(proc.stdout.strip()) / "params.json").read_text())["hparams"]
+    assert hp["lr"] == 5e-7 and "lr 5e-07: the lol paper's rate for this training subset" in proc.stderr
+    assert hp["max_per_class"] == 1600 and "fewer than --max-per-class 1600" in proc.stderr
+    said: list[str] = []
+    cfg = cfg_for([cache], tmp_path / "runs", method="lol", epochs=1, lr=1e-3, max_per_class="all")
+    hp = json.loads((run_train(cfg, log=said.append) / "params.json").read_text())["hparams"]
+    assert hp["lr"] == 1e-3 and hp["max_per_class"] is None and not [m for m in said if m.startswith("lr")]
