@@ -74,3 +74,24 @@ def test_storage_without_credentials_is_one_line():
     )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("Error: NoCredentialsError")
+
+
+def test_readme_recipes_use_only_options_the_commands_have():
+    """Each `pipeline <command> --option` of the README's reproduction recipes is in its --help."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Reproduce the papers", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [line.strip() for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    used: dict[str, set[str]] = {}
+    for line in commands:
+        for m in re.finditer(r"pipeline (\w+)(.*?)(?:\)|;|$)", line):
+            used.setdefault(m.group(1), set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", m.group(2)))
+    assert set(used) == {"extract", "train", "eval", "report"}
+    assert {"--epochs", "--pixel-size", "--prompt-template", "--method"} <= set().union(*used.values())
+    for command, options in used.items():
+        help_text = run_cli(command, "--help", env={"COLUMNS": "200"}).stdout
+        for option in options:
+            assert re.search(rf"(?<![\w-]){option}(?![\w-])", help_text), (command, option)
