@@ -255,3 +255,23 @@ def test_lol_trains_on_the_papers_setting_by_default(tmp_path):
     cfg = cfg_for([cache], tmp_path / "runs", method="lol", epochs=1, lr=1e-3, max_per_class="all")
     hp = json.loads((run_train(cfg, log=said.append) / "params.json").read_text())["hparams"]
     assert hp["lr"] == 1e-3 and hp["max_per_class"] is None and not [m for m in said if m.startswith("lr")]
+
+
+def test_resume_restores_the_plateau_schedule_and_the_validation_history(two_caches, tmp_path):
+    """Stopped at epoch 7 and resumed, a 10-epoch EGRE run is bitwise the uninterrupted one, the
+    plateau schedule's reduction included: here the validation AUC peaks at epoch 5 and the rate
+    halves at epoch 10; a schedule restarted at the resume would count its bad epochs from 8."""
+    kw = dict(epochs=10, patience=0)
+    whole = run_train(cfg_for(two_caches[:1], tmp_path / "a", **kw), log=lambda m: None)
+    run_train(cfg_for(two_caches[:1], tmp_path / "b", stop_after=7, **kw), log=lambda m: None)
+    resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b", **kw), log=lambda m: None)
+
+    def lrs(run: Path) -> list[float]:
+        return [
+            json.loads((run / f"epoch-{e:03d}.json").read_text())["param_groups"][0]["lr"]
+            for e in range(1, 11)
+        ]
+
+    assert lrs(whole) == lrs(resumed) and lrs(whole)[-1] == 5e-4  # the schedule did reduce, after the stop
+    for name in ("epoch-010.safetensors", "done.json"):
+        assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
