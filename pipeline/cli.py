@@ -139,10 +139,18 @@ def _describe_artifact(path: str, art: dict[str, Any]) -> list[str]:
         lines.append(
             f"  model {m.get('spec')} [{m.get('source')}, weights {str(m.get('weights'))[:12]}]{note}"
         )
+        geometry = (
+            f"resize ({p.get('resample') or 'bilinear, schema 1'})" if p["preprocess"] == "resize" else "crop"
+        )
         lines.append(
-            f"  t={p['timestep']} e={p['ensemble']} size={p['size']} {p['preprocess']} {prompt} "
+            f"  t={p['timestep']} e={p['ensemble']} size={p['size']} {geometry} {prompt} "
             f"{p['dtype']} compute {p['precision']} seed {p['seed']}"
         )
+        if fallback := art.get("prompt_fallback"):
+            examples = f" (e.g. {', '.join(fallback['examples'][:3])})" if fallback["rows"] else ""
+            lines.append(
+                f"  {fallback['rows']} row(s) with no class in the file name used '{p['prompt']}'{examples}"
+            )
     else:
         lines.append(f"  {p.get('size')}x{p.get('size')} uint8, {p.get('geometry')}")
     return lines
@@ -154,7 +162,7 @@ def cache_info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """What a cache holds: index, artifacts (parameters, model, progress) and failed rows."""
-    from pipeline.store import MANIFEST, CacheStore
+    from pipeline.store import LEGACY_SCHEMAS, MANIFEST, CacheStore
 
     store = CacheStore(cache, mode="r")
     manifest = store.read_json(MANIFEST) or store.build_manifest()
@@ -165,6 +173,10 @@ def cache_info(
         f"cache {cache}  subset {manifest['subset']}  schema {manifest['schema_version']}  "
         f"updated {manifest['updated_at']}"
     )
+    if manifest["schema_version"] in LEGACY_SCHEMAS:
+        typer.echo(
+            f"schema {manifest['schema_version']}: {LEGACY_SCHEMAS[manifest['schema_version']]}; read-only"
+        )
     for path, attrs in sorted(manifest["indexes"].items()):
         latest = "  (latest)" if path == manifest.get("latest_index") else ""
         typer.echo(f"{path:<28} {attrs['n_rows']} rows, splits {','.join(attrs['splits'])}{latest}")

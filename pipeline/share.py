@@ -148,6 +148,11 @@ def copy_cache(
         base = parse_json(old, f"{dst_url}/{MANIFEST}")
         if base.get("subset") not in (None, manifest.get("subset")):
             raise UserError(f"{dst_url} holds subset '{base['subset']}', not '{manifest.get('subset')}'")
+        if base.get("schema_version") not in (None, manifest.get("schema_version")):
+            raise UserError(
+                f"{dst_url} is a schema-{base['schema_version']} cache and {src_url} schema "
+                f"{manifest.get('schema_version')}: one cache holds one schema; copy to a new location"
+            )
         manifest_files(base)  # refuse unsafe keys before trusting anything in it
         journal = {"base": base, "landed": {k: d for k, (d, _) in manifest_files(base).items()}}
         dst.write_json(JOURNAL, journal)

@@ -39,7 +39,13 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from pipeline.errors import UserError
 from pipeline.fingerprint import checksum_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Older versions this reader still reads, each with what its values mean that version 2's do not.
+# They are read as they are (train, eval, info, verify, pull) and never extended.
+LEGACY_SCHEMAS = {
+    1: "its `resize` LaRE maps were resized bilinearly (the reference: bicubic) and its class prompts "
+    "used other ImageNet class names",
+}
 MANIFEST = "manifest.json"
 PROGRESS = "_progress"
 PACKAGES = ("lare-pipeline", "torch", "diffusers", "transformers", "zarr", "numpy", "pillow")
@@ -285,10 +291,16 @@ class CacheStore:
             if self.read_only or members:
                 raise UserError(f"{self.url} is not a cache made by this pipeline (no schema_version)")
             self.group.attrs.update({"schema_version": SCHEMA_VERSION, "subset": subset, "created_at": now()})
-        elif found != SCHEMA_VERSION:
+        elif found != SCHEMA_VERSION and found not in LEGACY_SCHEMAS:
             raise UserError(
-                f"{self.url} has cache schema version {found}; this pipeline reads version {SCHEMA_VERSION} "
-                "and has no migration for it (see cache_schema.md)"
+                f"{self.url} has cache schema version {found}; this pipeline reads versions "
+                f"{', '.join(map(str, [*LEGACY_SCHEMAS, SCHEMA_VERSION]))} and has no migration for it "
+                "(see cache_schema.md)"
+            )
+        elif found != SCHEMA_VERSION and not self.read_only:
+            raise UserError(
+                f"{self.url} is a schema-{found} cache ({LEGACY_SCHEMAS[found]}): it is read as it is, "
+                f"never extended; extract into a new --cache-dir to compute schema-{SCHEMA_VERSION} values"
             )
         elif subset is not None and self.group.attrs.get("subset") not in (None, subset):
             raise UserError(f"{self.url} holds subset '{self.group.attrs['subset']}', not '{subset}'")
@@ -296,6 +308,10 @@ class CacheStore:
     @property
     def subset(self) -> str | None:
         return self.group.attrs.get("subset")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.group.attrs["schema_version"])
 
     # ---- plain objects (records, manifest) -----------------------------------------------------
     def _full(self, key: str) -> str:
@@ -498,7 +514,7 @@ class CacheStore:
         metadata = {key: self.checksum(key) for key in self.list_keys("") if key.endswith("zarr.json")}
         latest = max(indexes.items(), key=lambda kv: kv[1].get("created_at", ""), default=(None, None))[0]
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "subset": self.subset,
             "updated_at": now(),
             "packages": package_versions(),

@@ -7,17 +7,17 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import numpy as np
 import torch
 import xxhash
 from tqdm import tqdm
 
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
-from stages import extract, sd
 from stages import index as index_stage
 from stages import lare as lare_math
 from stages import pixels as pixels_stage
+from stages import sd
+from stages.recipe import RowRecipe
 from stages.train import Run, load_run, make_inputs
 
 
@@ -33,11 +33,16 @@ def list_images(folder: Path) -> list[Path]:
 
 
 class LaREOnTheFly:
-    """The LaRE maps of new images with the model and parameters the run's training maps had."""
+    """LaRE maps of new images: the model, parameters and per-row recipe of the run's training maps."""
 
     def __init__(self, run: Run, device: str, paths: list[Path]):
         rec = run.params["lare"]
         self.params, model_id = rec["params"], rec["model"]
+        if "resample" not in self.params:
+            raise UserError(
+                f"{run.name} was trained on LaRE maps of cache schema 1 (bilinear resize, older class "
+                "names), which this version no longer computes: retrain it on a re-extracted cache"
+            )
         ref = sd.resolve_model(model_id["spec"])
         if ref.weights != model_id["weights"]:
             raise UserError(
@@ -48,25 +53,17 @@ class LaREOnTheFly:
         dtype = lare_math.PRECISIONS[p["precision"]]
         model = sd.load_model(ref, device, dtype)
         self.latent = sd.latent_geometry(ref, int(p["size"]))
-        # The extraction's rule, each distinct prompt encoded once. Caches of schema 1 written before the
-        # fallback prompt was recorded hold null there with a template: it was the default, "a photo".
-        distinct, idx, _ = extract.prompts_for(p["prompt"] or "a photo", p["prompt_template"], paths)
+        self.recipe = RowRecipe.from_params(p, self.latent, None)
+        distinct, idx, _ = self.recipe.lare.prompts(paths)  # each distinct prompt encoded once
         self.prompt_of = dict(zip(paths, idx.tolist(), strict=True))
         self.lare = lare_math.LaRE(model, model.encode_prompts(distinct), int(p["timestep"]), dtype)
 
-    def __call__(self, rgbs: list[np.ndarray], image_ids: list[str], paths: list[Path]) -> torch.Tensor:
-        """Maps (B, C, h, w) of a batch; each image's noises are keyed by its content, as at extraction."""
-        p = self.params
-        geom = pixels_stage.resize_square if p["preprocess"] == "resize" else pixels_stage.crop_tiled
-        images = torch.stack(
-            [torch.from_numpy(geom(rgb, int(p["size"])).copy()).permute(2, 0, 1) for rgb in rgbs]
-        )
-        c, side = self.latent
-        noise = torch.stack(
-            [lare_math.draw_noise(int(p["seed"]), i, int(p["ensemble"]), (c, side, side)) for i in image_ids]
-        )
+    def __call__(self, rows: list[dict[str, torch.Tensor]], paths: list[Path]) -> torch.Tensor:
+        """Maps (B, C, h, w) of a batch of prepared rows, rounded as the cache stored them."""
+        images = torch.stack([r["image"] for r in rows])
+        noise = torch.stack([r["noise"] for r in rows])
         maps = self.lare(images, noise, torch.tensor([self.prompt_of[path] for path in paths])).cpu()
-        return maps.to(getattr(torch, p["dtype"])).float()  # rounded as the cache stored them
+        return maps.to(getattr(torch, self.params["dtype"])).float()
 
 
 def detect(
@@ -90,9 +87,14 @@ def detect(
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")
-    size = int(run.params["lare"]["pixel_size"])
-    max_pixels = int(run.params["lare"]["params"].get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS))
     lare = LaREOnTheFly(run, device, files) if run.method == "egre" else None
+    lare_params = run.params["lare"]["params"]
+    max_pixels = lare_params.get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS)
+    pixel_params = {"size": run.params["lare"]["pixel_size"], "max_pixels": max_pixels}
+    if lare is None:
+        recipe = RowRecipe.from_params(None, None, pixel_params)
+    else:
+        recipe = RowRecipe.from_params(lare_params, lare.latent, pixel_params)
     scored = failed = 0
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not progress)
@@ -101,22 +103,18 @@ def detect(
         w.writerow(["path", "score", "decision", "error"])
         for start in range(0, len(files), batch_size):
             rows: dict[Path, list[str]] = {}
-            ok: list[tuple[Path, np.ndarray, str]] = []
+            ok: list[tuple[Path, dict[str, torch.Tensor]]] = []
             for path in files[start : start + batch_size]:
                 try:
                     data = path.read_bytes()
-                    ok.append(
-                        (path, pixels_stage.decode_rgb(data, max_pixels), xxhash.xxh3_128_hexdigest(data))
-                    )
+                    ok.append((path, recipe.prepare(recipe.decode(data), xxhash.xxh3_128_hexdigest(data))))
                 except (pixels_stage.BadImage, OSError) as e:
                     rows[path] = [str(path), "", "error", str(e)]
                     log(f"skipped {path}: {e}")
             if ok:
-                paths, rgbs, ids = (list(col) for col in zip(*ok, strict=True))
-                crops = torch.stack(
-                    [torch.from_numpy(pixels_stage.crop_tiled(rgb, size)).permute(2, 0, 1) for rgb in rgbs]
-                )
-                maps = lare(rgbs, ids, paths) if lare else torch.zeros(len(ok), 1, 1, 1)
+                paths, prepared = (list(col) for col in zip(*ok, strict=True))
+                crops = torch.stack([r["crops"] for r in prepared])
+                maps = lare(prepared, paths) if lare else torch.zeros(len(ok), 1, 1, 1)
                 with torch.inference_mode():
                     x, m = make_inputs(
                         run.method, run.params["hparams"], crops, maps, False, None, run.params["aligned"]

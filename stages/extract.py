@@ -11,9 +11,8 @@ import os
 import platform
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,16 +21,16 @@ from tqdm import tqdm
 
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
-from pipeline.fingerprint import code_version, fingerprint
+from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriter
-from pipeline.store import ArraySpec, Artifact, CacheStore, now
+from pipeline.store import SCHEMA_VERSION, ArraySpec, Artifact, CacheStore, now
 from stages import index as index_stage
 from stages import lare as lare_math
 from stages import pixels as pixels_stage
 from stages import sd
+from stages.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
 
-PREPROCESS = ("resize", "crop")
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_PROMPT = "a photo"
 
@@ -105,6 +104,7 @@ def lare_artifact(
         "ensemble": cfg.ensemble,
         "size": cfg.size,
         "preprocess": cfg.preprocess,
+        "resample": pixels_stage.RESAMPLE if cfg.preprocess == "resize" else None,
         "prompt": cfg.prompt,  # with a template: the prompt of files whose name holds no class
         "prompt_template": cfg.prompt_template,
         "dtype": cfg.dtype,
@@ -112,11 +112,11 @@ def lare_artifact(
         "seed": cfg.seed,
         "max_pixels": cfg.max_pixels,
     }
-    code = code_version(lare_math, pixels_stage)
+    code = lare_code_version()
     fp = fingerprint(
         {
             "stage": "lare",
-            "schema": 1,
+            "schema": SCHEMA_VERSION,
             "params": params,
             "model": model.weights,
             "index": index_fp,
@@ -140,74 +140,38 @@ def pixel_artifact(cfg: ExtractConfig, index_fp: str) -> Artifact:
         "geometry": "centre crop, tiled when smaller",
         "max_pixels": cfg.max_pixels,
     }
-    code = code_version(pixels_stage)
-    fp = fingerprint({"stage": "pixels", "schema": 1, "params": params, "index": index_fp, "code": code})
+    code = pixel_code_version()
+    fp = fingerprint(
+        {"stage": "pixels", "schema": SCHEMA_VERSION, "params": params, "index": index_fp, "code": code}
+    )
     spec = ArraySpec((3, cfg.pixel_size, cfg.pixel_size), "uint8")
     attrs = {"params": params, "upstream": {"index": index_fp}, "code_version": code}
     return Artifact("pixels", fp, {"crops": spec}, attrs)
 
 
-def prompts_for(
-    prompt: str, template: str | None, paths: Sequence[str] | Sequence[Path] | np.ndarray
-) -> tuple[list[str], np.ndarray, int]:
-    """Distinct prompts, each row's prompt index, and how many rows had no class in their file name.
-
-    The one rule for extraction and detection: the template filled with the ImageNet class parsed from
-    the file name, or the fixed prompt when there is no template or no class.
-    """
-    if template is None:
-        return [prompt], np.zeros(len(paths), dtype=np.int64), 0
-    texts, missing = [], 0
-    for p in paths:
-        cls = index_stage.imagenet_class(str(p))
-        if cls is None:
-            missing += 1
-            texts.append(prompt)
-        else:
-            texts.append(template.format(cls=cls))
-    prompts = sorted(set(texts))
-    lookup = {t: i for i, t in enumerate(prompts)}
-    return prompts, np.array([lookup[t] for t in texts], dtype=np.int64), missing
-
-
 class RowDataset(torch.utils.data.Dataset):
-    """Reads, decodes and prepares one row; runs in DataLoader workers. Bad files become a reason."""
+    """Reads one row's file and applies the per-row recipe; runs in DataLoader workers.
 
-    def __init__(
-        self,
-        files: list[str],
-        ids: np.ndarray,
-        prompt_idx: np.ndarray,
-        cfg: ExtractConfig,
-        latent: tuple[int, int] | None,
-    ):
-        self.files, self.ids, self.prompt_idx = files, ids, prompt_idx
-        self.cfg, self.latent = cfg, latent
+    A file that cannot be read or decoded becomes a reason (and placeholder tensors that are never stored).
+    """
+
+    def __init__(self, files: list[str], ids: np.ndarray, prompt_idx: np.ndarray, recipe: RowRecipe):
+        self.files, self.ids, self.prompt_idx, self.recipe = files, ids, prompt_idx, recipe
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, row: int) -> dict[str, Any]:
-        cfg = self.cfg
         t0 = time.perf_counter()
         item: dict[str, Any] = {"row": row, "ok": True, "reason": ""}
+        image_id = str(self.ids[row])
         try:
             with open(self.files[row], "rb") as f:
-                rgb = pixels_stage.decode_rgb(f.read(), cfg.max_pixels)
+                item.update(self.recipe.prepare(self.recipe.decode(f.read()), image_id))
         except (pixels_stage.BadImage, OSError) as e:
-            item.update(
-                ok=False, reason=str(e) if isinstance(e, pixels_stage.BadImage) else f"unreadable: {e}"
-            )
-            rgb = np.zeros((8, 8, 3), dtype=np.uint8)
-        if cfg.pixels:
-            item["crops"] = torch.from_numpy(pixels_stage.crop_tiled(rgb, cfg.pixel_size)).permute(2, 0, 1)
-        if self.latent is not None:
-            geom = pixels_stage.resize_square if cfg.preprocess == "resize" else pixels_stage.crop_tiled
-            item["image"] = torch.from_numpy(geom(rgb, cfg.size).copy()).permute(2, 0, 1)
-            channels, side = self.latent
-            item["noise"] = lare_math.draw_noise(
-                cfg.seed, str(self.ids[row]), cfg.ensemble, (channels, side, side)
-            )
+            reason = str(e) if isinstance(e, pixels_stage.BadImage) else f"unreadable: {e}"
+            item.update(ok=False, reason=reason, **self.recipe.placeholder(image_id))
+        if self.recipe.lare is not None:
             item["prompt"] = int(self.prompt_idx[row])
         item["decode_s"] = time.perf_counter() - t0
         return item
@@ -290,7 +254,14 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
         log(f"model '{model_ref.spec}' has random weights: its maps carry no forensic signal")
     latent = sd.latent_geometry(model_ref, cfg.size)
 
-    artifacts = {"lare": lare_artifact(cfg, idx.fingerprint, model_ref, precision, latent)}
+    lare = lare_artifact(cfg, idx.fingerprint, model_ref, precision, latent)
+    paths = idx.columns["path"]
+    recipe = RowRecipe.from_params(lare.attrs["params"], latent, None)
+    prompts, prompt_idx, missing = recipe.lare.prompts(paths)
+    if cfg.prompt_template is not None:  # recorded (cache info shows it), not hashed: the index decides it
+        examples = [str(paths[r]) for r in missing[:5]]
+        lare.attrs["prompt_fallback"] = {"rows": len(missing), "examples": examples}
+    artifacts = {"lare": lare}
     if cfg.pixels:
         artifacts["pixels"] = pixel_artifact(cfg, idx.fingerprint)
     n = len(idx)
@@ -304,9 +275,12 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
     if rows_per_shard != cfg.rows_per_shard:
         log(f"note: continuing with the cache's own layout, {rows_per_shard} rows per shard")
     plan = ShardPlan.for_store(store, [a.path for a in artifacts.values()], n, rows_per_shard)
-    prompts, prompt_idx, missing = prompts_for(cfg.prompt, cfg.prompt_template, idx.columns["path"])
     if missing and plan.shards():
-        log(f"note: {missing} file name(s) name no ImageNet class; they use the prompt '{cfg.prompt}'")
+        examples = ", ".join(str(paths[r]) for r in missing[:3])
+        log(
+            f"note: {len(missing)} file name(s) name no ImageNet class (e.g. {examples}); "
+            f"they use the prompt '{cfg.prompt}'"
+        )
     return ExtractJob(
         cfg=cfg, cache_url=cache_url, subset=subset, index_path=index_path,
         files=[idx.abspath(r) for r in range(n)], ids=idx.columns["id"],
@@ -356,7 +330,13 @@ class ShardComputer:
     def _loader(self, shards: list[int]) -> torch.utils.data.DataLoader:
         job, cfg = self.job, self.cfg
         sub = ShardPlan(job.plan.n_rows, job.plan.rows_per_shard, {"all": shards})
-        dataset = RowDataset(job.files, job.ids, job.prompt_idx, cfg, job.latent if self.lare else None)
+        arts = job.artifacts
+        recipe = RowRecipe.from_params(
+            arts["lare"].attrs["params"] if self.lare else None,
+            job.latent,
+            arts["pixels"].attrs["params"] if "pixels" in arts else None,
+        )
+        dataset = RowDataset(job.files, job.ids, job.prompt_idx, recipe)
         workers = cfg.loader_workers if cfg.loader_workers >= 0 else default_workers(job.device)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sub.batches(cfg.batch_size), num_workers=workers, pin_memory=self.cuda,

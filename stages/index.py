@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -207,30 +204,3 @@ def scan(
         "mtime_ns": np.array([st.st_mtime_ns for st in stats], dtype=np.int64),
     }
     return Index(subset=alias, root=str(root), columns=columns)
-
-
-@cache
-def imagenet_classes() -> tuple[dict[str, str], list[str]]:
-    text = resources.files("stages").joinpath("data/imagenet_classes.tsv").read_text()
-    pairs = [line.split("\t") for line in text.splitlines() if line]
-    return {w: n for w, n in pairs}, [n for _, n in pairs]
-
-
-_WNID = re.compile(r"^(n\d{8})[_.]")
-_CLASS_INDEX = re.compile(r"^(\d{1,4})_")
-
-
-def imagenet_class(path: str) -> str | None:
-    """ImageNet class name of a GenImage file, parsed from its name as the LaRE reference does.
-
-    Real images are ImageNet files (`n01440764_10026.JPEG`, the synset id); generated ones start with
-    the class index (`116_sdv4_00047.png`). Anything else has no class.
-    """
-    name = os.path.basename(path)
-    by_wnid, by_index = imagenet_classes()
-    if m := _WNID.match(name):
-        return by_wnid.get(m.group(1))
-    if m := _CLASS_INDEX.match(name):
-        k = int(m.group(1))
-        return by_index[k] if k < len(by_index) else None
-    return None

@@ -37,8 +37,19 @@ def lare_map(noise: torch.Tensor, eps_pred: torch.Tensor) -> torch.Tensor:
 
 
 def to_model_input(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (B, 3, H, W) in [0, 255] -> [-1, 1] in the model's dtype, as Stable Diffusion expects."""
-    return (images.to(torch.float32) / 127.5 - 1.0).to(dtype)
+    """uint8 (B, 3, H, W) in [0, 255] -> [-1, 1] in the model's dtype: the reference's `(x / 255 - 0.5) * 2`
+    in float32 (the same bits as its formula, not merely the same value)."""
+    return ((images.to(torch.float32) / 255.0 - 0.5) * 2).to(dtype)
+
+
+def text_embeddings(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """(P, L, D) text conditions: padded to the tokenizer's max length, truncated, no attention mask,
+    `text_encoder(input_ids)[0]`, as the reference conditions its UNet."""
+    n = tokenizer.model_max_length
+    tok = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    with torch.inference_mode():
+        return text_encoder(tok.input_ids.to(device))[0]
 
 
 class LaRE:

@@ -1,4 +1,4 @@
-"""Decoding one image safely, and the two geometries the caches use: resize, and crop with tiling.
+"""Decoding one image safely, and the two geometries the caches use: resize (bicubic), and crop with tiling.
 
 The crop never resamples: a resampled image loses exactly the high-frequency traces detectors
 look for. Images smaller than the crop are enlarged by tiling copies of themselves, as LoL does.
@@ -57,6 +57,12 @@ def crop_tiled(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(rgb[top : top + size, left : left + size])
 
 
+# The LaRE reference calls `Image.resize((256, 256))` with no filter: Pillow's default for an RGB image,
+# bicubic (REFERENCE_NOTES.md, "Preprocess"). Named explicitly so a Pillow default change cannot move it.
+RESAMPLE = "bicubic"
+_FILTERS = {"bicubic": Image.Resampling.BICUBIC}
+
+
 def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Straight resize to `size` x `size`, aspect ratio not kept: the LaRE reference's preprocessing."""
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
+    """Straight resize to `size` x `size` (bicubic), aspect ratio not kept: the LaRE reference's geometry."""
+    return np.asarray(Image.fromarray(rgb).resize((size, size), _FILTERS[RESAMPLE]))

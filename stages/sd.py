@@ -21,6 +21,7 @@ import torch
 from pipeline.config import home
 from pipeline.errors import UserError
 from pipeline.fingerprint import checksum_files
+from stages import lare as lare_math
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -233,18 +234,9 @@ class SDModel:
     tokenizer: Any
     scheduler: Any
 
-    @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings (P, L, D) for the UNet's cross-attention, each distinct prompt once."""
-        tok = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(tok.input_ids.to(device))[0]
+        return lare_math.text_embeddings(self.tokenizer, self.text_encoder, prompts)
 
 
 def load_model(ref: ModelRef, device: str, dtype: torch.dtype) -> SDModel:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.index import SUBSETS, imagenet_classes
+from stages.classes import synsets
+from stages.index import SUBSETS
 
 SIZES = ((256, 256), (320, 240), (200, 180), (288, 352), (512, 384), (160, 224))
 GENERATOR_TAG = {
@@ -78,7 +79,7 @@ def make_genimage(
         base, dirs = Path(root) / subset, {1: "1_fake", 0: "0_real"}
     else:
         raise ValueError(layout)
-    wnids = list(imagenet_classes()[0])
+    wnids = synsets()
     rng = np.random.default_rng(seed)
     for split, count in per_class.items():
         for label, folder in dirs.items():

@@ -49,3 +49,20 @@ def test_detect_scores_like_eval_and_lists_bad_files(egre_run, learn_set, tmp_pa
         assert a["decision"] == b["decision"] and a["error"] == b["error"]
         if a["score"]:
             assert float(a["score"]) == pytest.approx(float(b["score"]), abs=2e-3)
+
+
+def test_a_run_trained_on_schema_1_maps_is_refused(egre_run, learn_set, tmp_path):
+    """Detection would compute schema-2 maps for a head trained on schema-1 (bilinear) maps: refused."""
+    import json
+
+    old = tmp_path / "old-run"
+    shutil.copytree(egre_run, old)
+    params = json.loads((old / "params.json").read_text())
+    params["lare"]["params"].pop("resample")
+    (old / "params.json").write_text(json.dumps(params))
+    img = next(learn_set[0].rglob("*.png"))
+    proc = run_cli(
+        "detect", str(img), "--checkpoint", str(old), "--out", str(tmp_path / "s.csv"), check=False
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "cache schema 1" in lines[0], proc.stderr

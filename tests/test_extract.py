@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import artifact_arrays, run_cli
+from conftest import artifact_arrays, extract_args, run_cli
 
 from pipeline.store import STATUS_FAILED, STATUS_OK, CacheStore, verify
 from stages import pixels, sd
 from stages.extract import ExtractConfig, RowDataset, run_extract
+from stages.recipe import RowRecipe
 from stages.synthetic import add_bad_files
 
 FP16_ULP = 2.0**-10  # relative spacing of float16 numbers
@@ -217,10 +218,11 @@ def test_crop_preprocess_feeds_the_pixel_crop_to_the_vae(genimage):
     from stages.index import scan
 
     idx = scan(genimage, "sdv14", progress=False)
-    cfg = ExtractConfig(data_root=str(genimage), subset="sdv14", preprocess="crop", size=256, pixel_size=256)
-    ds = RowDataset(
-        [idx.abspath(r) for r in range(len(idx))], idx.columns["id"], np.zeros(len(idx), int), cfg, (4, 32)
-    )
+    params = {"size": 256, "preprocess": "crop", "seed": 0, "ensemble": 4, "prompt": "a photo",
+              "prompt_template": None}  # fmt: skip
+    recipe = RowRecipe.from_params(params, (4, 32), {"size": 256})
+    files = [idx.abspath(r) for r in range(len(idx))]
+    ds = RowDataset(files, idx.columns["id"], np.zeros(len(idx), int), recipe)
     for row in (0, 5):
         item = ds[row]
         assert torch.equal(item["image"], item["crops"])  # map cell (i, j) covers crop pixels 8i..8i+7
@@ -230,11 +232,12 @@ def test_template_fallback_prompt_is_part_of_the_values():
     """With a template, files without a class in their name get --prompt: it is recorded and fingerprinted."""
     from types import SimpleNamespace
 
-    from stages.extract import lare_artifact, prompts_for
+    from stages.classes import prompts_for
+    from stages.extract import lare_artifact
 
     names = ["n01440764_1.JPEG", "116_sdv4_00047.png", "no_class_here.png"]
     prompts, idx, missing = prompts_for("a painting", "a photo of a {cls}", names)
-    assert missing == 1 and prompts[idx[2]] == "a painting"
+    assert missing == [2] and prompts[idx[2]] == "a painting"
     assert prompts[idx[0]].startswith("a photo of a ") and prompts[idx[1]].startswith("a photo of a ")
     model = SimpleNamespace(weights="w" * 64, identity=lambda: {"spec": "tiny"})
     arts = [
@@ -249,3 +252,40 @@ def test_template_fallback_prompt_is_part_of_the_values():
     ]
     assert [a.attrs["params"]["prompt"] for a in arts] == ["a photo", "a painting"]
     assert arts[0].fingerprint != arts[1].fingerprint
+
+
+def test_a_schema_1_cache_is_read_labelled_and_never_extended(genimage, tmp_path):
+    """Schema 2 changed what `resize` maps hold: a version-1 cache is read as it is, labelled, and
+    extending it is refused in one line that names the fix."""
+    import json
+
+    from pipeline.fingerprint import checksum_bytes
+
+    _extract(genimage, tmp_path, pixels=False, splits=("val",))
+    cache = tmp_path / "sdv14.zarr"
+    root = json.loads((cache / "zarr.json").read_text())
+    root["attributes"]["schema_version"] = 1
+    (cache / "zarr.json").write_text(json.dumps(root))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    manifest["metadata_files"]["zarr.json"] = checksum_bytes((cache / "zarr.json").read_bytes())
+    for art in manifest["artifacts"].values():
+        art["params"].pop("resample")
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+
+    info = run_cli("cache", "info", str(cache)).stdout
+    assert "schema 1: its `resize` LaRE maps were resized bilinearly" in info and "read-only" in info
+    assert "resize (bilinear, schema 1)" in info
+    assert run_cli("cache", "verify", str(cache)).returncode == 0
+    proc = run_cli(*extract_args(genimage, tmp_path, "--split", "val", "--no-pixels"), check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "schema-1 cache" in lines[0] and "extract into a new --cache-dir" in lines[0]
+
+    _extract(genimage, tmp_path / "v2", pixels=False, splits=("val",))
+    for verb, src, dst in (
+        ("push", cache, tmp_path / "v2" / "sdv14.zarr"),
+        ("pull", tmp_path / "v2" / "sdv14.zarr", cache),
+    ):
+        proc = run_cli("cache", verb, str(src), str(dst), check=False)
+        assert proc.returncode == 2 and "one cache holds one schema" in proc.stderr, proc.stderr

@@ -43,3 +43,93 @@ def test_checksum_files_uses_relative_names_and_stat_cache(tmp_path):
     assert checksum_files(tmp_path, files, stat_cache=cache) == first
     (tmp_path / "b" / "config.json").write_text("changed")
     assert checksum_files(tmp_path, files, stat_cache=cache) != first
+
+
+# ---- the LaRE artifact's fingerprint covers everything that decides a map ---------------------------
+_FP_SCRIPT = """
+from types import SimpleNamespace
+from stages.extract import ExtractConfig, lare_artifact
+cfg = ExtractConfig(data_root=".", subset="sdv14", prompt_template="a photo of a {cls}")
+model = SimpleNamespace(weights="w" * 64, identity=lambda: {"spec": "x"})
+print(lare_artifact(cfg, "i" * 64, model, "fp32", (4, 32)).fingerprint)
+"""
+
+
+def _edit_text(path, old, new):
+    text = path.read_text()
+    assert old in text, (path, old)
+    path.write_text(text.replace(old, new, 1))
+
+
+def _edit_val_table(path):
+    import gzip
+
+    lines = gzip.decompress(path.read_bytes()).decode().split("\n")
+    lines[0] = str((int(lines[0]) + 1) % 1000)
+    path.write_bytes(gzip.compress("\n".join(lines).encode(), mtime=0))
+
+
+EDITS = {
+    "class table": lambda s: _edit_text(s / "data" / "imagenet_classes.tsv", "\ttench\n", "\ttinca\n"),
+    "val ground truth": lambda s: _edit_val_table(s / "data" / "imagenet_val_classes.txt.gz"),
+    "resize filter": lambda s: _edit_text(
+        s / "pixels.py", "Image.Resampling.BICUBIC}", "Image.Resampling.BILINEAR}"
+    ),
+    "name parsing": lambda s: _edit_text(s / "classes.py", "if len(prefix) <= 3:", "if len(prefix) <= 4:"),
+    "prompt building": lambda s: _edit_text(s / "lare.py", 'padding="max_length"', 'padding="longest"'),
+    "model input": lambda s: _edit_text(s / "lare.py", "/ 255.0 - 0.5) * 2)", "/ 127.5 - 1.0))"),
+    "recipe": lambda s: _edit_text(s / "recipe.py", "return pixels.crop_tiled(rgb, self.size)", "return rgb"),
+}
+
+
+def _package_copy(tmp_path, name, edit=None):
+    """A copy of the package with `edit` applied to its `stages/`."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    tree = tmp_path / name
+    for package in ("stages", "pipeline"):
+        shutil.copytree(root / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    if edit is not None:
+        edit(tree / "stages")
+    return tree
+
+
+def _lare_fingerprints(trees):
+    """The LaRE artifact fingerprint each package copy computes (in parallel subprocesses)."""
+    import subprocess
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FP_SCRIPT], cwd=tree, stdout=subprocess.PIPE,
+            env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "HOME": str(tree), "OMP_NUM_THREADS": "1"},
+        )
+        for tree in trees
+    ]  # fmt: skip
+    outs = [p.communicate()[0].decode().strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    return outs
+
+
+def test_lare_fingerprint_covers_tables_filter_parsing_and_recipe(tmp_path):
+    """Edit a copy of the package as a developer would: each value-deciding edit names a new artifact,
+    while docstrings and comments do not."""
+
+    def cosmetic(stages):
+        _edit_text(stages / "classes.py", '"""ImageNet classes', '"""The ImageNet classes')
+        _edit_text(
+            stages / "recipe.py",
+            "    return torch.from_numpy(",
+            "    # a comment\n    return torch.from_numpy(",
+        )
+        _edit_text(stages / "pixels.py", "# The LaRE reference calls", "# The LaRE^2 reference calls")
+
+    names = ["base", "cosmetic", *EDITS]
+    edits = [None, cosmetic, *EDITS.values()]
+    trees = [_package_copy(tmp_path, n.replace(" ", "-"), e) for n, e in zip(names, edits, strict=True)]
+    base, same, *changed = _lare_fingerprints(trees)
+    assert len(base) == 64 and same == base
+    fps = dict(zip(EDITS, changed, strict=True))
+    assert all(fp != base for fp in fps.values()), fps
+    assert len(set(fps.values())) == len(fps)

@@ -100,10 +100,3 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
-
-
-def test_imagenet_class_from_genimage_names():
-    assert index.imagenet_class("train/nature/n01440764_10026.JPEG") == "tench"
-    assert index.imagenet_class("val/ai/1_sdv4_00003.png") == "goldfish"
-    assert index.imagenet_class("val/ai/999_adm_12.PNG") == index.imagenet_classes()[1][999]
-    assert index.imagenet_class("val/ai/midjourney_abc.png") is None

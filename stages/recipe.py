@@ -1,0 +1,126 @@
+"""The per-row recipe: what extraction caches and detection recomputes for one image file.
+
+file bytes -> decode (RGB) -> pixel crop (uint8, never resampled)
+                           -> LaRE geometry (`resize`: Pillow bicubic to size x size, or `crop`)
+                              + the row's noises (seeded by the content id) + its prompt index
+The LaRE model call itself is `stages.lare`. This module, `stages.pixels`, `stages.classes` (and the
+class tables' bytes) and `stages.lare` are exactly what `lare_code_version` hashes: a change to any of
+them names new artifacts, so a cache can never be called up to date with values computed otherwise.
+
+Built from the parameters an artifact records (`from_params`), so detection with a trained run
+computes its rows from the run's record with this very code, never from a copy of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.fingerprint import code_version
+from stages import classes, pixels
+from stages import lare as lare_math
+
+PREPROCESS = ("resize", "crop")
+
+
+def lare_code_version() -> str:
+    """The code (and data) that decides a LaRE map's value; docstrings and comments excluded."""
+    return code_version(lare_math, pixels, classes, _this()) + classes.tables_hash()[:16]
+
+
+def pixel_code_version() -> str:
+    """The code that decides a pixel crop's value."""
+    return code_version(pixels, _this())
+
+
+def _this():
+    import sys
+
+    return sys.modules[__name__]
+
+
+def chw(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1)
+
+
+@dataclass(frozen=True)
+class LareRow:
+    """The LaRE side of a row: geometry, noise draw and prompts, from the artifact's params."""
+
+    size: int
+    preprocess: str
+    seed: int
+    ensemble: int
+    latent: tuple[int, int]  # (channels, side) of the model's latent at `size`
+    prompt: str
+    prompt_template: str | None
+
+    def geometry(self, rgb: np.ndarray) -> np.ndarray:
+        if self.preprocess == "resize":
+            return pixels.resize_square(rgb, self.size)
+        return pixels.crop_tiled(rgb, self.size)
+
+    def noise(self, image_id: str) -> torch.Tensor:
+        channels, side = self.latent
+        return lare_math.draw_noise(self.seed, image_id, self.ensemble, (channels, side, side))
+
+    def prompts(self, paths: Sequence[str | Path] | np.ndarray) -> tuple[list[str], np.ndarray, list[int]]:
+        """Distinct prompts, each path's prompt index, the rows that used the fallback prompt."""
+        return classes.prompts_for(self.prompt, self.prompt_template, paths)
+
+
+@dataclass(frozen=True)
+class RowRecipe:
+    """Decode a file and prepare what the caches hold for it; `None` parts are not computed."""
+
+    max_pixels: int
+    pixel_size: int | None
+    lare: LareRow | None
+
+    @classmethod
+    def from_params(
+        cls,
+        lare_params: dict[str, Any] | None,
+        latent: tuple[int, int] | None,
+        pixel_params: dict[str, Any] | None,
+    ) -> RowRecipe:
+        """The recipe of the artifacts whose recorded params are given (None: that part is not computed).
+
+        Schema-1 records with a template hold a null `prompt`: it was the default, "a photo".
+        """
+        lare = None
+        if lare_params is not None:
+            p = lare_params
+            lare = LareRow(
+                size=int(p["size"]), preprocess=p["preprocess"], seed=int(p["seed"]),
+                ensemble=int(p["ensemble"]), latent=tuple(latent), prompt=p["prompt"] or "a photo",
+                prompt_template=p["prompt_template"],
+            )  # fmt: skip
+        recorded = lare_params or pixel_params or {}
+        max_pixels = int(recorded.get("max_pixels", pixels.DEFAULT_MAX_PIXELS))
+        size = int(pixel_params["size"]) if pixel_params is not None else None
+        return cls(max_pixels, size, lare)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """RGB uint8 (H, W, 3), or raises pixels.BadImage with the reason to record."""
+        return pixels.decode_rgb(data, self.max_pixels)
+
+    def prepare(self, rgb: np.ndarray, image_id: str) -> dict[str, torch.Tensor]:
+        """`crops` (3, S, S) uint8; `image` (3, size, size) uint8 and `noise` (1 + e, C, h, w)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.pixel_size is not None:
+            out["crops"] = chw(pixels.crop_tiled(rgb, self.pixel_size))
+        if self.lare is not None:
+            out["image"] = chw(self.lare.geometry(rgb))
+            out["noise"] = self.lare.noise(image_id)
+        return out
+
+    def placeholder(self, image_id: str) -> dict[str, torch.Tensor]:
+        """What a failed row carries through a batch (its values are never stored: status says failed)."""
+        return self.prepare(np.zeros((8, 8, 3), dtype=np.uint8), image_id)
