@@ -98,6 +98,11 @@ def visual_features(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     return f3, visual.attnpool(visual.layer4(f3))
 
 
+def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, (x / 255 - mean) / std per channel."""
+    return (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
 def dims(visual: nn.Module) -> tuple[int, int]:
     """(layer3 channels, embedding width)."""
     c3 = visual.layer3[-1].conv3.out_channels

@@ -15,10 +15,12 @@ from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from stages import index as index_stage
 from stages import lare as lare_math
+from stages import method as method_registry
 from stages import pixels as pixels_stage
 from stages import sd
+from stages.batches import make_inputs
+from stages.checkpoint import Run, load_run
 from stages.recipe import RowRecipe
-from stages.train import Run, load_run, make_inputs
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -87,7 +89,7 @@ def detect(
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")
-    lare = LaREOnTheFly(run, device, files) if run.method == "egre" else None
+    lare = LaREOnTheFly(run, device, files) if method_registry.get(run.method).reads_lare else None
     lare_params = run.params["lare"]["params"]
     max_pixels = lare_params.get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS)
     pixel_params = {"size": run.params["lare"]["pixel_size"], "max_pixels": max_pixels}

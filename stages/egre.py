@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages import backbone
 from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
+from stages.method import Method, register
 
 HEADS, HEAD_DIM = 8, 64  # the reference's MultiHeadMapAttention: h = 8, d_k = d_v = 64
 # `epochs` caps a run; `patience` epochs without a better validation score end it (the reference
@@ -83,6 +85,22 @@ class EGRE(nn.Module):
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, ImageNet mean/std (the reference's choice for EGRE)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return backbone.normalise(images, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def prepare(images: torch.Tensor, hp: dict, train: bool, gen: torch.Generator | None) -> torch.Tensor:
+    """EGRE's input: the crop, normalised (the reference uses no other augmentation)."""
+    return normalise(images)
+
+
+def model_args(hp: dict, lare_channels: int) -> dict:
+    """EGRE's constructor arguments besides the tower (saved in params.json, built from on load)."""
+    return {
+        "lare_channels": lare_channels,
+        "grid": hp["crop_size"] // 16,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+    }
+
+
+METHOD = register(Method("egre", EGRE, prepare, reads_lare=True, defaults=DEFAULTS, model_args=model_args))

@@ -5,14 +5,15 @@ sklearn's average_precision_score over the WHOLE test set. Every usable row of t
 once (no sampling, no dropped last batch). An oracle accuracy (threshold chosen on the test labels)
 is reported under a name that says so; it is not a fair figure.
 
-Results are named by (run fingerprint, test artifacts, split, the epochs scored): an evaluation
-already done is not redone.
+Results are named by (run fingerprint, test artifacts, split, the epochs scored, the scoring
+code's version): an evaluation already done is not redone, a fix to the scoring is.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,10 @@ from sklearn.metrics import accuracy_score, average_precision_score
 
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
-from pipeline.fingerprint import fingerprint
-from stages import cachedata
-from stages.train import Run, atomic_json, load_run, predict, select_epochs
+from pipeline.fingerprint import code_version, fingerprint
+from stages import batches, cachedata, checkpoint
+from stages import method as method_registry
+from stages.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
 THRESHOLD = 0.5
 
@@ -60,7 +62,7 @@ def oracle_acc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def check_compatible(run: Run, data: cachedata.CacheData) -> None:
     want = run.params["lare"]
-    if run.method == "egre" and (
+    if method_registry.get(run.method).reads_lare and (
         data.lare_params != want["params"] or data.lare_model.get("weights") != want["model"].get("weights")
     ):
         raise UserError(
@@ -68,6 +70,11 @@ def check_compatible(run: Run, data: cachedata.CacheData) -> None:
             f"the maps {run.name} was trained on; extract them with the same settings"
         )
     data.check_crop(run.params["hparams"]["crop_size"])
+
+
+def scoring_code() -> str:
+    """The version of the code that turns a run and a cache into these results: part of their key."""
+    return code_version(batches, checkpoint, sys.modules[__name__])
 
 
 def evaluate(
@@ -99,7 +106,13 @@ def evaluate(
         data = cachedata.CacheData([url], verify=verify)
         src = data.sources[0]
         key = fingerprint(
-            {"run": run.params["fingerprint"], "test": src.identity(), "split": split, "epochs": epochs}
+            {
+                "run": run.params["fingerprint"],
+                "test": src.identity(),
+                "split": split,
+                "epochs": epochs,
+                "code": scoring_code(),
+            }
         )
         stem = out / f"{run.name}__{src.subset}-{key[:8]}"
         if stem.with_suffix(".json").is_file():

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages import backbone
 from stages.backbone import CLIP_MEAN, CLIP_STD, dims, visual_features
+from stages.method import Method, register
 
 # The paper's setting (Sec. 4.2): 1,600 real + 1,600 generated training images, 20 epochs (no early
 # stop: patience 0), Adam 5e-6, or 5e-7 when the training subset is BigGAN (`lr_by_subset`).
@@ -80,9 +82,7 @@ def draw_masks(
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, CLIP mean/std."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return backbone.normalise(images, CLIP_MEAN, CLIP_STD)
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -95,3 +95,24 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     turns = torch.randint(0, 4, (len(images),), generator=gen)
     out = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
     return torch.stack([torch.rot90(x, int(k), dims=(1, 2)) for x, k in zip(out, turns, strict=True)])
+
+
+def prepare(images: torch.Tensor, hp: dict, train: bool, gen: torch.Generator | None) -> torch.Tensor:
+    """LoL's input: in training flip and rotation, normalisation, then the rectangle mask per sample
+    (masked pixels 0 in normalised space); at test the crop, normalised."""
+    if not train:
+        return normalise(images)
+    x = normalise(augment(images, gen))
+    c = x.shape[-1]
+    masks = draw_masks(len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]))
+    return x.masked_fill(masks[:, None], 0.0)
+
+
+def extra_hparams(cfg) -> dict:
+    """The mask's ranges (TrainConfig.mask_range, .aspect_range) are LoL's own hyper-parameters."""
+    return {"mask_range": list(cfg.mask_range), "aspect_range": list(cfg.aspect_range)}
+
+
+METHOD = register(
+    Method("lol", LoL, prepare, reads_lare=False, defaults=DEFAULTS, extra_hparams=extra_hparams)
+)

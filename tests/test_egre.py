@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stages import backbone
+from stages.batches import make_inputs
 from stages.egre import EGRE
-from stages.train import make_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

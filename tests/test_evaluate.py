@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ONE_THREAD, run_cli
+from conftest import ONE_THREAD, run_cli, tiny_run
 from sklearn.metrics import average_precision_score
 
 from stages.evaluate import evaluate, metrics
@@ -62,21 +62,7 @@ def test_eval_cli_writes_every_row_once_and_is_cached_then_report(egre_run, lear
 @pytest.fixture(scope="module")
 def five_epoch_run(learn_set, tmp_path_factory):
     """A LoL run of 5 epochs (tiny backbone) on `learn_set`: enough for --epoch last5."""
-    import torch
-
-    from stages.train import TrainConfig, run_train
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = TrainConfig(
-            caches=[str(learn_set[1])], method="lol", out=str(tmp_path_factory.mktemp("runs5")), epochs=5,
-            batch_size=16, lr=1e-3, crop_size=32, backbone="tiny-RN", backbone_weights="random",
-            progress=False,
-        )  # fmt: skip
-        return run_train(cfg, log=lambda m: None)
-    finally:
-        torch.set_num_threads(n)
+    return tiny_run(learn_set[1], tmp_path_factory.mktemp("runs5"), "lol", epochs=5)
 
 
 def test_eval_last5_mean_and_std_per_subset_best_by_default_and_report(five_epoch_run, learn_set, tmp_path):

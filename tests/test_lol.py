@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stages import lol
-from stages.train import make_inputs
+from stages.batches import make_inputs
 
 HP = {"crop_size": 32, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}
 

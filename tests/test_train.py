@@ -102,8 +102,8 @@ def test_tampered_cache_is_refused_unless_no_verify(two_caches, tmp_path):
 def test_streamed_epoch_visits_every_row_once_in_full_batches(two_caches):
     import torch
 
+    from stages.batches import EpochBatches
     from stages.cachedata import CacheData
-    from stages.train import EpochBatches
 
     data = CacheData([str(c) for c in two_caches])
     rows = data.rows("train")
