@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 app = typer.Typer(
     help="Feature-cache pipeline for detecting diffusion-generated images (LaRE^2, Learning on Less).",
@@ -420,8 +420,7 @@ def main() -> None:
     except Exception as e:
         # Storage the user pointed at refused us (permissions, no credentials, a full disk): one line.
         if isinstance(e, OSError) or type(e).__name__ in _STORAGE_ACCESS_ERRORS:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            typer.echo(f"Error: {type(e).__name__}: {first}", err=True)
+            typer.echo(f"Error: {type(e).__name__}: {first_line(e)}", err=True)
             sys.exit(2)
         raise
 

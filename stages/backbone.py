@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import checksum_file
 
 TINY = "tiny-RN"
@@ -66,10 +66,9 @@ def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - offline download, bad file: one line for the user
-        first = " ".join(str(e).strip().split("\n")[:2]).strip() or type(e).__name__
         hint = "pass --backbone-weights PATH to a local copy" if spec.weights == "openai" else ""
         raise UserError(
-            f"could not load the {spec.arch} backbone weights '{spec.weights}' ({first}); {hint}"
+            f"could not load the {spec.arch} backbone weights '{spec.weights}' ({first_line(e, 2)}); {hint}"
         ) from None
     visual = model.visual
     if not hasattr(visual, "layer3"):

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.store import STATUS_OK, CacheStore, require_intact
+from pipeline.store import STATUS_OK, CacheStore, index_path, latest, require_intact
 
 
 @dataclass
@@ -42,14 +42,15 @@ class Source:
 
 
 def _pick(manifest: dict, kind: str, index_fp: str | None = None) -> tuple[str, dict] | None:
-    found = [
-        (path, art)
+    found = {
+        path: art
         for path, art in manifest["artifacts"].items()
         if art["kind"] == kind
         and art["complete"]
         and (index_fp is None or art["upstream"]["index"] == index_fp)
-    ]
-    return max(found, key=lambda kv: kv[1].get("created_at", ""), default=None)
+    }
+    path = latest(found)
+    return None if path is None else (path, found[path])
 
 
 def open_source(url: str, verify: bool = True) -> tuple[Source, CacheStore]:
@@ -64,13 +65,13 @@ def open_source(url: str, verify: bool = True) -> tuple[Source, CacheStore]:
         raise UserError(
             f"{url} holds no complete pixel artifact for the index of {lare[0]} (extract with --pixels)"
         )
-    index_path = f"index/{index_fp[:16]}"
-    cols, _ = store.read_table(index_path)
+    index = index_path(index_fp)
+    cols, _ = store.read_table(index)
     usable = np.ones(len(cols["path"]), dtype=bool)
     for path in (lare[0], pixels[0]):
         usable &= store.group[f"{path}/status"][:] == STATUS_OK
     columns = {k: cols[k] for k in ("id", "path", "label", "split")}
-    src = Source(url, manifest["subset"], index_path, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
+    src = Source(url, manifest["subset"], index, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
     return src, store
 
 
