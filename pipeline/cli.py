@@ -1,6 +1,10 @@
 """The `pipeline` command: extract caches; inspect, verify and share them; train, evaluate, report, detect.
 
 Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError), never a traceback.
+
+Layering: `pipeline/` (orchestration) is used by `stages/`; the CLI is one of the two places where
+`pipeline/` calls into `stages/` (the other is the dask job in pipeline.distributed). It imports each
+stage inside its command, so that `--help` and the cache commands start without torch.
 """
 
 from __future__ import annotations

@@ -95,3 +95,18 @@ def test_readme_recipes_use_only_options_the_commands_have():
         help_text = run_cli(command, "--help", env={"COLUMNS": "200"}).stdout
         for option in options:
             assert re.search(rf"(?<![\w-]){option}(?![\w-])", help_text), (command, option)
+
+
+def test_readme_layout_names_every_module_and_only_those():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    layout = (root / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    entries = re.split(r"\n(?=\S)", layout.strip())  # one entry per top-level folder
+    for package in ("pipeline", "stages"):
+        (entry,) = [e for e in entries if e.startswith(f"{package}/")]
+        listed = re.sub(r"\([^)]*\)", "", " ".join(entry.split()).split(":", 1)[1].split(";")[0])
+        named = {name.strip() for name in listed.split(",")}
+        modules = {p.stem for p in (root / package).glob("*.py") if p.stem != "__init__"}
+        assert named == modules, (package, named ^ modules)
