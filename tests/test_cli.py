@@ -43,6 +43,18 @@ def test_extract_info_verify_tamper(tmp_path):
     manifest = json.loads(run_cli("cache", "info", zarr_path, "--json").stdout)
     lare = next(a for a in manifest["artifacts"].values() if a["kind"] == "lare")
     assert lare["params"]["timestep"] == 200 and lare["n_rows"] == 12
+    from stages.extract import ExtractConfig  # the options not typed take the config's defaults
+
+    for name in (
+        "timestep",
+        "ensemble",
+        "size",
+        "preprocess",
+        "prompt",
+        "dtype",
+        "seed",
+    ):  # precision: resolved
+        assert lare["params"][name] == getattr(ExtractConfig, name), name
 
     ok = run_cli("cache", "verify", zarr_path)
     assert ok.stdout.startswith("ok:")

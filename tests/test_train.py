@@ -248,7 +248,15 @@ def test_lol_trains_on_the_papers_setting_by_default(tmp_path):
     args = ("train", "--from-cache", str(cache), "--method", "lol", "--epochs", "1", "--no-progress", *tiny,
             "--out", str(tmp_path / "runs"))  # fmt: skip
     proc = run_cli(*args, env=ONE_THREAD)
-    hp = json.loads((Path(proc.stdout.strip()) / "params.json").read_text())["hparams"]
+    params = json.loads((Path(proc.stdout.strip()) / "params.json").read_text())
+    hp = params["hparams"]
+    defaults = TrainConfig(caches=[])  # the options not typed take TrainConfig's defaults
+    assert (params["seed"], hp["val_fraction"], hp["memory_rows"], hp["mask_range"]) == (
+        defaults.seed,
+        defaults.val_fraction,
+        defaults.memory_rows,
+        list(defaults.mask_range),
+    )
     assert hp["lr"] == 5e-7 and "lr 5e-07: the lol paper's rate for this training subset" in proc.stderr
     assert hp["max_per_class"] == 1600 and "fewer than --max-per-class 1600" in proc.stderr
     said: list[str] = []
