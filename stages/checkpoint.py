@@ -148,6 +148,11 @@ def predict(
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
+# What decides a run's weights (training saves, resumes and validates with these): the trainer's
+# code version hashes them alone, so choosing and loading an epoch (below) can change without
+# retraining every run.
+TRAINING = (atomic_json, atomic_safetensors, build_model, save_epoch, load_epoch, Run, predict)
+
 EPOCH_CHOICES = "best, last or an epoch number"
 
 

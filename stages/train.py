@@ -200,11 +200,11 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
             backbone,
             cachedata,
             batches,
-            checkpoint,
+            *checkpoint.TRAINING,
             method_registry,
             sys.modules[method_registry.get(cfg.method).model.__module__],
             sys.modules[__name__],
-        ),  # fmt: skip
+        ),
     }
     ident = {k: v for k, v in params.items() if k != "backbone"}
     ident["backbone"] = identity
