@@ -21,7 +21,7 @@ TEST_SUBSETS ?= $(SUBSET)
 DEMO_LARE  ?= --size 64 --pixel-size 64 --preprocess crop
 DEMO_TRAIN ?= --backbone tiny-RN --backbone-weights random --crop-size 32 --lr 1e-3 --epochs 30 --batch-size 16
 
-.PHONY: help install extract train eval report demo test lint bench clean-demo
+.PHONY: help install extract train eval report demo test lint bench bench-gpu clean-demo
 
 help:
 	@echo "make install                      create $(VENV) and install the pipeline with its dev tools"
@@ -31,7 +31,8 @@ help:
 	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class all'   train from \$$(CACHE)/\$$(SUBSET).zarr"
 	@echo "make eval RUN=runs/<run> TEST_SUBSETS='adm biggan'   evaluate a run on caches -> \$$(RESULTS)/"
 	@echo "make report                       train x test table and \$$(RESULTS)/matrix.png"
-	@echo "make bench                        extraction and training-I/O benchmarks (bench/results/)"
+	@echo "make bench                        extraction, training-I/O and loader benchmarks (bench/results/)"
+	@echo "make bench-gpu                    every GPU figure in one run, ~8 min (bench/gpu.py; needs CUDA)"
 
 install: $(VENV)/.installed
 
@@ -83,6 +84,10 @@ lint: install
 bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train_io.py
+	$(BIN)/python bench/train_loader.py
+
+bench-gpu: install
+	$(BIN)/python bench/gpu.py --device cuda $(EXTRA)
 
 clean-demo:
 	rm -rf $(DEMO)

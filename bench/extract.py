@@ -19,6 +19,7 @@ Writes bench/results/extract-<device>-<model>.json and .md. Not a test: nothing 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -52,12 +53,13 @@ def _write_one(args):
     Path(path).write_bytes(encode_image(rgb, fmt))
 
 
-def make_dataset(root: Path, n: int) -> Path:
+def make_dataset(root: Path, n: int, kinds: tuple[str, ...] = ("nature", "ai")) -> Path:
+    """n GenImage-like files in val/: alternately of each kind (nature: JPEG 500x375, ai: PNG 512x512)."""
     archive, top = SUBSETS["sdv14"]
     base = root / top / archive
     jobs = []
     for k in range(n):
-        label = "ai" if k % 2 else "nature"
+        label = kinds[k % len(kinds)]
         ext = ".png" if label == "ai" else ".JPEG"
         folder = base / "val" / label
         folder.mkdir(parents=True, exist_ok=True)
@@ -137,6 +139,46 @@ def decode_only(files: list[str], size: int, workers: int) -> float:
     t0 = time.perf_counter()
     n = sum(len(b["row"]) for b in loader)
     return n / (time.perf_counter() - t0)
+
+
+def decode_per_core(files: list[str], device: str, batch: int = 64) -> dict[str, float | str]:
+    """images/s of decoding to RGB on ONE core (this process, one thread), per decoder; and with nvjpeg
+    on the GPU (JPEG only) when `device` is CUDA. Decoders not installed are named, not measured."""
+    import torchvision.io as tvio
+
+    blobs = [Path(f).read_bytes() for f in files]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out: dict[str, float | str] = {}
+
+    def timed(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        out[name] = len(blobs) / (time.perf_counter() - t0)
+
+    try:
+        timed("pil", lambda: [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in blobs])
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        timed("torchvision_cpu", lambda: [tvio.decode_image(t, mode=tvio.ImageReadMode.RGB) for t in tensors])
+        try:
+            import imagecodecs
+
+            timed("imagecodecs", lambda: [imagecodecs.imread(b) for b in blobs])
+        except ImportError:
+            out["imagecodecs"] = "not installed"
+        if device.startswith("cuda") and all(b[:2] == b"\xff\xd8" for b in blobs):
+            tvio.decode_jpeg(tensors[:batch], device=device)  # nvjpeg initialisation, outside the timing
+            sync(device)
+
+            def gpu() -> None:
+                for a in range(0, len(tensors), batch):
+                    tvio.decode_jpeg(tensors[a : a + batch], device=device, mode=tvio.ImageReadMode.RGB)
+                sync(device)
+
+            timed("nvjpeg_cuda_batched", gpu)  # the GPU's rate, with one host thread feeding it
+    finally:
+        torch.set_num_threads(threads)
+    return out
 
 
 def dire_estimate(arch: str, device: str, precision: str, batch: int, images: int) -> dict[str, float]:

@@ -134,37 +134,33 @@ def extract(
     run_extract(cfg, log=lambda msg: typer.echo(msg, err=True), compute=compute)
 
 
-def _describe_artifact(path: str, art: dict[str, Any]) -> list[str]:
-    p = art.get("params", {})
+def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) -> list[str]:
+    """The artifact's lines in `cache info`: its path names it (`--lare`/`--pixels` take the fingerprint
+    prefix after the slash), its index and splits, then its parameters as those options filter them."""
+    from pipeline.store import index_path
+    from stages.cachedata import selectable_fields
+
     state = "complete" if art["complete"] else "INCOMPLETE"
     done = f"{art['shards_done']}/{art['n_shards']} shards"
-    head = f"{path:<28} {state} {done}, {art['n_rows']} rows, {art['n_failed']} failed"
+    index = index_path(art["upstream"]["index"])
+    splits = ",".join(indexes.get(index, {}).get("splits", []))
+    head = f"{path:<28} {state} {done}, {art['n_rows']} rows, {art['n_failed']} failed; {index} ({splits})"
     lines = [head]
     if art["kind"] == "lare":
         m = art.get("model", {})
         note = "  (random weights: no forensic signal)" if m.get("source") == "random" else ""
-        prompt = (
-            f"template '{p['prompt_template']}'"
-            if p.get("prompt_template")
-            else f"prompt '{p.get('prompt')}'"
-        )
         lines.append(
             f"  model {m.get('spec')} [{m.get('source')}, weights {str(m.get('weights'))[:12]}]{note}"
         )
-        geometry = (
-            f"resize ({p.get('resample') or 'bilinear, schema 1'})" if p["preprocess"] == "resize" else "crop"
-        )
-        lines.append(
-            f"  t={p['timestep']} e={p['ensemble']} size={p['size']} {geometry} {prompt} "
-            f"{p['dtype']} compute {p['precision']} seed {p['seed']}"
-        )
+        p = art.get("params", {})
+        if p.get("preprocess") == "resize" and "resample" not in p:
+            lines.append("  resize (bilinear, schema 1): not the reference's bicubic")
         if fallback := art.get("prompt_fallback"):
             examples = f" (e.g. {', '.join(fallback['examples'][:3])})" if fallback["rows"] else ""
             lines.append(
                 f"  {fallback['rows']} row(s) with no class in the file name used '{p['prompt']}'{examples}"
             )
-    else:
-        lines.append(f"  {p.get('size')}x{p.get('size')} uint8, {p.get('geometry')}")
+    lines.append(f"  {selectable_fields(art)}")
     return lines
 
 
@@ -194,7 +190,7 @@ def cache_info(
         typer.echo(f"{path:<28} {attrs['n_rows']} rows, splits {','.join(attrs['splits'])}{latest}")
     failed = {}
     for path, art in sorted(manifest["artifacts"].items()):
-        for line in _describe_artifact(path, art):
+        for line in _describe_artifact(path, art, manifest["indexes"]):
             typer.echo(line)
         for f in art["failed"]:
             failed.setdefault(f["path"], f["reason"])
@@ -277,6 +273,21 @@ def _caches(option: list[str] | None, extra: list[str] | None) -> list[str]:
     return caches
 
 
+_NO_VERIFY = (
+    "Skip the cache checksum verification; a cache still being extracted (no manifest yet) is read "
+    "from its finished shards."
+)
+_LARE = typer.Option(
+    None,
+    "--lare",
+    help="Which LaRE artifact of each cache: a fingerprint prefix (see `pipeline cache info`) or "
+    "key=value filters, e.g. dtype=float32. Default: train the newest, eval the run's own.",
+)
+_PIXELS = typer.Option(
+    None, "--pixels", help="Which pixel artifact: a fingerprint prefix or key=value filters, e.g. size=256."
+)
+
+
 def _range(text: str | None, name: str) -> tuple[float, float] | None:
     """'LOW,HIGH' -> (low, high); None (not given) stays None."""
     if text is None:
@@ -326,7 +337,15 @@ def train(
     memory_rows: int = typer.Option(
         None, help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
     ),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
+    loader_workers: int = typer.Option(
+        None, help="Processes reading cache shards; -1: none on CPU, some on GPU. Changes no bit of the run."
+    ),
+    precision: str = typer.Option(
+        None, help="fp32, or bf16 (autocast); auto: bf16 on CUDA, fp32 on CPU. Part of the fingerprint."
+    ),
+    no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
+    lare: str = _LARE,
+    pixels: str = _PIXELS,
     progress: bool = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
     """Train a detector from caches only; prints the run directory (named by its fingerprint).
@@ -336,12 +355,14 @@ def train(
 
     cfg = TrainConfig(
         caches=_caches(from_cache, extra_caches), verify=not no_verify, max_per_class=max_per_class,
-        epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, stop_after=stop_after,
+        epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, stop_after=stop_after, lare=lare,
+        pixels=pixels,
         **_given(
             method=method, out=out, seed=seed, val_fraction=val_fraction, crop_size=crop_size,
             backbone=backbone, backbone_weights=backbone_weights, shuffle_labels=shuffle_labels,
             mask_range=_range(mask_range, "--mask-range"), progress=progress, memory_rows=memory_rows,
             aspect_range=_range(aspect_range, "--aspect-range"), device=device,
+            loader_workers=loader_workers, precision=precision,
         ),
     )  # fmt: skip
     run = run_train(cfg, log=lambda msg: typer.echo(msg, err=True))
@@ -366,7 +387,9 @@ def eval_(
     ),
     batch_size: int = typer.Option(None, help="Rows per model call."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the cache checksum verification."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
+    lare: str = _LARE,
+    pixels: str = _PIXELS,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score every usable row of each test cache: ACC@0.5, real/generated ACC, AP (whole set)."""
@@ -374,7 +397,8 @@ def eval_(
 
     evaluate(
         checkpoint, _caches(from_cache, extra_caches), out, verify=not no_verify, progress=progress,
-        log=typer.echo, device=device, **_given(split=split, batch_size=batch_size, epoch=epoch),
+        log=typer.echo, device=device, lare=lare, pixels=pixels,
+        **_given(split=split, batch_size=batch_size, epoch=epoch),
     )  # fmt: skip
 
 

@@ -59,6 +59,15 @@ class ShardPlan:
         return cls(n_rows, rows_per_shard, pending)
 
 
+class ShardWriteError(RuntimeError):
+    """Storing a shard failed (a full disk, a permission, an object store refusing a write): the
+    storage's fault, not the computation's. `error` is what the store raised."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(f"writing a shard failed: {error}")
+        self.error = error
+
+
 class ShardWriter:
     """Writes shards in a background thread; errors surface in the caller at the next put or close."""
 
@@ -87,7 +96,7 @@ class ShardWriter:
 
     def _check(self) -> None:
         if self.error is not None:
-            raise RuntimeError(f"writing a shard failed: {self.error}") from self.error
+            raise ShardWriteError(self.error) from self.error
 
     def put(self, item: ShardWrite) -> None:
         self._check()

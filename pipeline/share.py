@@ -210,6 +210,11 @@ def copy_cache(
         bar.close()
 
     merged = merge_manifests(journal.get("base"), {**manifest, "copied_from": src_url, "copied_at": now()})
+    if any(merged[part].keys() != manifest.get(part, {}).keys() for part in ("indexes", "artifacts")):
+        # The source's root zarr.json consolidates the source's tree only: describe the merged one.
+        target = CacheStore(dst_url, mode="a")
+        target.consolidate()
+        merged["metadata_files"]["zarr.json"] = target.checksum("zarr.json")
     dst.write_json(MANIFEST, merged)
     dst.delete(JOURNAL)
     report.seconds = time.perf_counter() - start

@@ -261,7 +261,9 @@ class CacheStore:
 
         The metadata objects are those the manifest lists (every zarr.json), so a remote cache needs
         no listing; the root zarr.json is checked in any case (it may hold consolidated metadata).
+        With a manifest, every array's metadata is then checked against the schema (check_layout).
         """
+        self.metadata: dict[str, Any] = {}
         try:
             root_meta = json.loads(self.read_bytes("zarr.json"))
         except (FileNotFoundError, NotADirectoryError):
@@ -281,17 +283,27 @@ class CacheStore:
                 keys = []
         # one batch: concurrent requests on an object store; a missing object is verify's to report
         found = self.fs.cat([self._full(k) for k in keys], on_error="omit") if keys else {}
+        head = self._full("").rstrip("/") + "/"
+        parsed = {}
         for path, data in found.items():
             try:
                 metadata = json.loads(data)
             except ValueError:
                 raise UserError(f"refusing {path}: not JSON") from None
             check_codecs(metadata, path)
+            parsed[path[len(head) :] if path.startswith(head) else path] = metadata
+        self.metadata = parsed  # key -> parsed zarr.json, for check_layout
+        if manifest is not None:
+            check_layout(manifest, parsed, self.url)
 
     # ---- root group and schema ---------------------------------------------------------------
     def _open_root(self, subset: str | None) -> None:
         try:
-            self.group = zarr.open_group(self.zstore, mode="r" if self.read_only else "a")
+            # Our own reads and writes go to the tree itself: consolidated metadata is for plain readers
+            # (see consolidate) and may be older than the shards a running extraction adds.
+            self.group = zarr.open_group(
+                self.zstore, mode="r" if self.read_only else "a", use_consolidated=False
+            )
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{self.url} is not a readable Zarr cache ({e})") from None
         found = self.group.attrs.get("schema_version")
@@ -374,8 +386,17 @@ class CacheStore:
         group.attrs.update({**attrs, "files": files, "complete": True})
 
     def read_table(self, path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The table's columns and attrs; the columns are named by its `files` attr where it has one.
+
+        A store that cannot list (a zip served by fsspec lists nothing inside a group) still reads a
+        table whose attrs name its objects; listing is the fallback for tables written without them.
+        """
         group = self.group[path]
-        return {name: arr[:] for name, arr in group.arrays()}, dict(group.attrs)
+        attrs = dict(group.attrs)
+        names = sorted({key[len(path) + 1 :].split("/")[0] for key in attrs.get("files", {})})
+        if not names:
+            names = [name for name, _ in group.arrays()]
+        return {name: group[name][:] for name in names}, attrs
 
     def _subgroups(self, path: str | None = None):
         """Child groups (our plain objects beside them are skipped quietly)."""
@@ -533,7 +554,20 @@ class CacheStore:
             "metadata_files": metadata,
         }
 
+    def consolidate(self) -> None:
+        """Write the tree's metadata into the root zarr.json (Zarr's consolidated metadata).
+
+        A plain zarr reader then walks the cache from it, without listing the store: our plain
+        objects (manifest, progress records, lock, share journal) are not Zarr nodes, and a listing
+        walk warns about each. Written with the manifest, so both describe the same cache.
+        """
+        with _plain_objects_expected(), warnings.catch_warnings():
+            # zarr-python's note that consolidation is its convention, not yet the v3 spec's: known
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            zarr.consolidate_metadata(self.zstore)
+
     def write_manifest(self) -> dict[str, Any]:
+        self.consolidate()  # before the checksums: the root zarr.json changes
         manifest = self.build_manifest()
         self.write_json(MANIFEST, manifest)
         return manifest
@@ -541,8 +575,123 @@ class CacheStore:
     def manifest(self) -> dict[str, Any]:
         manifest = self.read_json(MANIFEST)
         if manifest is None:
-            raise UserError(f"{self.url} has no {MANIFEST}: the run that wrote it did not finish (rerun it)")
+            raise UserError(
+                f"{self.url} has no {MANIFEST}: the run that wrote it did not finish (rerun it); "
+                "train and eval read its finished shards with --no-verify"
+            )
         return manifest
+
+
+# The index columns and their Zarr data types (cache_schema.md, "Index").
+INDEX_COLUMNS = {
+    "id": "string", "path": "string", "label": "uint8", "split": "string", "format": "string",
+    "width": "int32", "height": "int32", "size": "int64", "mtime_ns": "int64",
+}  # fmt: skip
+MAX_LATENT_CHANNELS = 16  # SD v1/v2: 4; SD3 and FLUX VAEs: 16
+
+
+def _layout_error(where: str, what: str) -> UserError:
+    return UserError(f"refusing {where}: {what} (the cache's metadata disagrees with cache_schema.md)")
+
+
+def _array_meta(metadata: dict[str, Any], key: str) -> dict[str, Any] | None:
+    meta = metadata.get(f"{key}/zarr.json")
+    return meta if isinstance(meta, dict) else None
+
+
+def _chunk_shape(meta: dict[str, Any]) -> tuple[list[Any], list[Any] | None]:
+    """(outer chunk shape: the shard's where sharded, inner chunk shape or None)."""
+    outer = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    inner = None
+    for codec in meta.get("codecs", []):
+        if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+            inner = codec.get("configuration", {}).get("chunk_shape")
+    return outer, inner
+
+
+def _check_array(meta: dict[str, Any], where: str, shape: list[int], dtype: str, chunk0: int | None) -> None:
+    """One array's zarr.json against the shape and dtype the schema and the index imply."""
+    if meta.get("node_type") != "array":
+        raise _layout_error(where, "not an array")
+    if meta.get("shape") != shape:
+        raise _layout_error(where, f"shape {meta.get('shape')}, expected {shape}")
+    if meta.get("data_type") != dtype:
+        raise _layout_error(where, f"data type {meta.get('data_type')}, expected {dtype}")
+    outer, inner = _chunk_shape(meta)
+    if not isinstance(outer, list) or len(outer) != len(shape) or outer[1:] != shape[1:]:
+        raise _layout_error(where, f"chunk shape {outer} does not hold whole rows of {shape[1:]}")
+    if chunk0 is not None and outer[0] != chunk0:
+        raise _layout_error(where, f"{outer[0]} rows per shard or chunk, expected {chunk0}")
+    if not isinstance(outer[0], int) or outer[0] < 1:
+        raise _layout_error(where, f"chunk shape {outer}")
+    if inner is not None and (
+        not isinstance(inner, list) or inner[1:] != shape[1:] or not isinstance(inner[0], int)
+        or inner[0] < 1 or outer[0] % inner[0]
+    ):  # fmt: skip
+        raise _layout_error(where, f"inner chunk shape {inner} does not divide the shard {outer}")
+
+
+def _n(value: Any, where: str, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _layout_error(where, f"{what} is {value!r}")
+    return value
+
+
+def check_layout(manifest: dict[str, Any], metadata: dict[str, Any], url: str) -> None:
+    """Every array the manifest names, checked against the schema and its index's row count.
+
+    Run before anything is read: a stranger's zarr.json claiming 10^12 rows would otherwise make a
+    reader allocate for them. A table's row count is tied to the chunk objects its manifest entry
+    lists, and a complete artifact's shard count to its shard entries, so a row count cannot be
+    inflated without inflating the manifest with it. Arrays whose metadata is missing are left to
+    `verify` (it names missing objects).
+    """
+    rows = {}
+    for path, attrs in manifest.get("indexes", {}).items():
+        where = f"{url}/{path}"
+        n = _n(attrs.get("n_rows"), where, "n_rows")
+        files = attrs.get("files", {})
+        for name, dtype in INDEX_COLUMNS.items():
+            meta = _array_meta(metadata, f"{path}/{name}")
+            if meta is None:
+                continue
+            _check_array(meta, f"{where}/{name}", [n], dtype, None)
+            chunk = _chunk_shape(meta)[0][0]
+            listed = sum(1 for k in files if k.startswith(f"{path}/{name}/"))
+            if files and listed != max(1, -(-n // chunk)):
+                raise _layout_error(f"{where}/{name}", f"{n} rows in {chunk}-row chunks, but {listed} listed")
+        rows[path] = n
+    for path, art in manifest.get("artifacts", {}).items():
+        where = f"{url}/{path}"
+        index = index_path(str(art.get("upstream", {}).get("index")))
+        if index not in rows:
+            raise _layout_error(where, f"its index {index} is not in the manifest")
+        n = rows[index]
+        if art.get("n_rows") != n:
+            raise _layout_error(where, f"n_rows {art.get('n_rows')!r}, but its index has {n} rows")
+        per_shard = _n(art.get("rows_per_shard"), where, "rows_per_shard") or 1
+        if art.get("n_shards") != -(-n // per_shard):
+            raise _layout_error(where, f"n_shards {art.get('n_shards')!r} for {n} rows of {per_shard}")
+        if art.get("complete") and len(art.get("shards", {})) != art["n_shards"]:
+            raise _layout_error(where, "marked complete without a record of every shard")
+        params = art.get("params", {})
+        for name in art.get("arrays", []):
+            meta = _array_meta(metadata, f"{path}/{name}")
+            if meta is None:
+                continue
+            if name == "status":
+                _check_array(meta, f"{where}/status", [n], "uint8", per_shard)
+            elif art.get("kind") == "lare" and name == "maps":
+                side = _n(params.get("size"), where, "params.size") // 8
+                channels = meta.get("shape", [0, 0])[1] if len(meta.get("shape", [])) == 4 else 0
+                if not isinstance(channels, int) or not 1 <= channels <= MAX_LATENT_CHANNELS:
+                    raise _layout_error(f"{where}/maps", f"shape {meta.get('shape')}")
+                _check_array(meta, f"{where}/maps", [n, channels, side, side], params.get("dtype"), per_shard)
+            elif art.get("kind") == "pixels" and name == "crops":
+                side = _n(params.get("size"), where, "params.size")
+                _check_array(meta, f"{where}/crops", [n, 3, side, side], "uint8", per_shard)
+            else:
+                raise _layout_error(f"{where}/{name}", "an array the schema does not name")
 
 
 def manifest_files(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:

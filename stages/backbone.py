@@ -99,7 +99,9 @@ def visual_features(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, (x / 255 - mean) / std per channel."""
-    return (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    mean_ = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std_ = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean_) / std_
 
 
 def dims(visual: nn.Module) -> tuple[int, int]:

@@ -1,14 +1,23 @@
-"""The batches a method sees: crops of the cached pixels (and LaRE maps), and a training epoch's order.
+"""The batches a detector sees: cache rows read in DataLoader workers, then cropped, flipped, rotated
+and masked as whole-batch tensor ops on the device that trains or scores.
 
-Shared by training, evaluation and detection, so that a model is fed at test exactly as in training.
+Every random number is drawn on the CPU from the epoch's generator, in an order and count that depend
+only on the rows and the batch size; the tensors the draws decide are then built wherever the batch
+lives. So a CPU and a GPU run draw the same numbers, and neither the loader's worker count nor where a
+run was stopped and resumed changes a bit. Training, evaluation and detection share `make_inputs`.
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from stages import method as method_registry
+from stages.cachedata import CacheData, Rows
 
 LARE_GRID = 8  # pixels per LaRE cell (the VAE's downsampling)
 
@@ -23,6 +32,17 @@ def crop_offsets(
     return torch.randint(0, steps, (n, 2), generator=gen) * grid
 
 
+def crop_windows(x: torch.Tensor, off: torch.Tensor, crop: int) -> torch.Tensor:
+    """(B, C, crop, crop) windows of (B, C, H, W) at per-sample top-left corners `off` (B, 2): one gather
+    on x's device instead of a Python loop over the samples."""
+    b, c, _, width = x.shape
+    ar = torch.arange(crop, device=x.device)
+    off = off.to(x.device)
+    rows, cols = off[:, :1] + ar, off[:, 1:] + ar  # (B, crop) each
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, crop * crop)
+    return x.flatten(2).gather(2, index.expand(b, c, crop * crop)).view(b, c, crop, crop)
+
+
 def make_inputs(
     method: str,
     hp: dict,
@@ -32,78 +52,137 @@ def make_inputs(
     gen: torch.Generator | None,
     aligned: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(network input, LaRE maps) for one batch of the method named `method`: crop (the map with the
-    same window when aligned and the method reads maps), then the method's `prepare`."""
+    """(network input, LaRE maps) for one batch of the method named `method`, on the device of `crops`:
+    crop (the map with the same window when aligned and the method reads maps), then the method's
+    `prepare` (normalisation; for LoL in training flip, rotation and the rectangle mask)."""
     c = hp["crop_size"]
     grid = LARE_GRID if aligned else 1
     off = crop_offsets(len(crops), crops.shape[-1], c, train, gen, grid)
-    images = torch.stack([x[:, t : t + c, s : s + c] for x, (t, s) in zip(crops, off.tolist(), strict=True)])
+    images = crop_windows(crops, off, c)
     m = method_registry.get(method)
     if aligned and m.reads_lare:
-        cc = c // LARE_GRID
-        maps = torch.stack(
-            [m[:, t // LARE_GRID : t // LARE_GRID + cc, s // LARE_GRID : s // LARE_GRID + cc]
-             for m, (t, s) in zip(maps, off.tolist(), strict=True)]
-        )  # fmt: skip
+        maps = crop_windows(maps, off // LARE_GRID, c // LARE_GRID)
     return m.prepare(images, hp, train, gen), maps
+
+
+class BlockReads(torch.utils.data.Dataset):
+    """Item k: (positions, crops uint8, maps float32) of block k, the wanted rows of one shard of one
+    cache, read whole chunks at a time. Runs in DataLoader workers (zarr resets its I/O loop on fork)."""
+
+    def __init__(self, data: CacheData, rows: Rows, blocks: list[np.ndarray]):
+        self.data, self.rows, self.blocks = data, rows, blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pos = self.blocks[k]
+        crops, maps = self.data.load(self.rows[pos], progress=False)
+        return torch.from_numpy(pos), torch.from_numpy(crops), torch.from_numpy(maps)
+
+
+def shard_blocks(data: CacheData, rows: Rows) -> list[np.ndarray]:
+    """Row positions grouped by (cache, shard), each group in row order: the unit of one read."""
+    shard_rows = np.array([int(s.pixels_attrs["rows_per_shard"]) for s in data.sources])
+    key = rows.source.astype(np.int64) * (1 << 40) + rows.row // shard_rows[rows.source]
+    order = np.argsort(key, kind="stable")
+    starts = np.unique(key[order], return_index=True)[1]
+    return np.split(order, starts[1:])
 
 
 class EpochBatches:
     """The training batches of an epoch, in an order drawn from the epoch's generator.
 
-    Up to `memory_rows` rows are read once and kept in memory (a random permutation per epoch).
+    Up to `memory_rows` rows are read once and kept on `device` (a random permutation per epoch).
     More are streamed: the rows' shards are visited in a random order, about `memory_rows` rows'
-    worth at a time are read (whole chunks) and shuffled together; the remainder that does not fill
-    a batch is carried into the next buffer, so every batch but the epoch's last is full.
+    worth at a time are read and shuffled together; the remainder that does not fill a batch is
+    carried into the next buffer, so every batch but the epoch's last is full.
+
+    Shards are read by `workers` DataLoader processes (0: in this process), ahead of the batches
+    that need them; on CUDA through pinned memory. The reads decide no random number, so the worker
+    count changes no bit.
     """
 
-    def __init__(self, data, rows, labels: torch.Tensor, batch_size: int, memory_rows: int, progress: bool):
-        self.data, self.rows, self.labels, self.bs = data, rows, labels, batch_size
-        self.memory_rows = memory_rows
+    def __init__(
+        self,
+        data: CacheData,
+        rows: Rows,
+        labels: torch.Tensor,
+        batch_size: int,
+        memory_rows: int,
+        progress: bool,
+        workers: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        self.data, self.rows, self.bs = data, rows, batch_size
+        self.memory_rows, self.workers, self.device = memory_rows, workers, torch.device(device)
+        self.labels = labels.to(self.device)
+        self.blocks = shard_blocks(data, rows)
         self.stream = len(rows) > memory_rows
         if self.stream:
-            shard_rows = np.array([int(s.pixels_attrs["rows_per_shard"]) for s in data.sources])
-            key = rows.source.astype(np.int64) * (1 << 40) + rows.row // shard_rows[rows.source]
-            order = np.argsort(key, kind="stable")
-            starts = np.unique(key[order], return_index=True)[1]
-            self.blocks = np.split(order, starts[1:])
             self.lare_channels = int(data.stores[0].group[f"{data.sources[0].lare}/maps"].shape[1])
-        else:
-            crops, maps = data.load(rows, progress=progress)
-            self.crops, self.maps = torch.from_numpy(crops), torch.from_numpy(maps)
-            self.lare_channels = self.maps.shape[1]
+            return
+        bar = tqdm(total=len(rows), desc="read cache", unit="row", disable=not progress)
+        crops = maps = None
+        for pos, c, m in self._reads(list(range(len(self.blocks)))):
+            if crops is None:
+                crops = torch.empty((len(rows), *c.shape[1:]), dtype=c.dtype)
+                maps = torch.empty((len(rows), *m.shape[1:]), dtype=m.dtype)
+            crops[pos], maps[pos] = c, m
+            bar.update(len(pos))
+        bar.close()
+        self.crops, self.maps = crops.to(self.device), maps.to(self.device)
+        self.lare_channels = self.maps.shape[1]
 
-    def _read(self, pos: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        crops, maps = self.data.load(self.rows[pos], progress=False)
-        return torch.from_numpy(crops), torch.from_numpy(maps)
+    def _reads(self, order: list[int]):
+        """The blocks in `order`, read ahead by the workers: enough in flight to fill a buffer."""
+        block_rows = max(1, int(np.mean([len(b) for b in self.blocks])))
+        buffer = min(self.memory_rows, len(self.rows))
+        ahead = max(2, math.ceil(buffer / block_rows / max(1, self.workers)) + 1)
+        return torch.utils.data.DataLoader(
+            BlockReads(self.data, self.rows, self.blocks), batch_size=None, sampler=order,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            prefetch_factor=ahead if self.workers else None,
+            generator=torch.Generator(),  # its base seed must not come from (and move) the global one
+        )  # fmt: skip
 
     def epoch(self, gen: torch.Generator):
-        """Yields (row positions, crops uint8, maps, labels) per batch; every row exactly once."""
+        """Yields (row positions, crops uint8, maps, labels) per batch, on the device; every row once."""
         if not self.stream:
             order = torch.randperm(len(self.rows), generator=gen)
             for b in range(0, len(order), self.bs):
                 idx = order[b : b + self.bs]
-                yield idx.numpy(), self.crops[idx], self.maps[idx], self.labels[idx]
+                on = idx.to(self.device)
+                yield idx.numpy(), self.crops[on], self.maps[on], self.labels[on]
             return
+        dev = self.device
         carry = (np.zeros(0, dtype=np.int64), None, None)
-        pending: list[np.ndarray] = []
+        pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         block_order = torch.randperm(len(self.blocks), generator=gen).tolist()
-        for i, k in enumerate(block_order):
-            pending.append(self.blocks[k])
-            if sum(map(len, pending)) < self.memory_rows and i < len(block_order) - 1:
+        reads = iter(self._reads(block_order))
+        for i in range(len(block_order)):
+            pos, c, m = next(reads)
+            pending.append((pos, c.to(dev, non_blocking=True), m.to(dev, non_blocking=True)))
+            if sum(len(p[0]) for p in pending) < self.memory_rows and i < len(block_order) - 1:
                 continue
-            pos = np.concatenate(pending)
+            parts = ([carry] if len(carry[0]) else []) + pending
+            pos = np.concatenate([np.asarray(p[0]) for p in parts])
+            crops, maps = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
             pending = []
-            crops, maps = self._read(pos)
-            if len(carry[0]):
-                pos = np.concatenate([carry[0], pos])
-                crops, maps = torch.cat([carry[1], crops]), torch.cat([carry[2], maps])
             perm = torch.randperm(len(pos), generator=gen)
             last = i == len(block_order) - 1
             full = len(pos) if last else len(pos) // self.bs * self.bs
             for b in range(0, full, self.bs):
                 idx = perm[b : min(b + self.bs, full)]
-                sel = pos[idx.numpy()]
-                yield sel, crops[idx], maps[idx], self.labels[torch.from_numpy(sel)]
+                sel, on = pos[idx.numpy()], idx.to(dev)
+                yield sel, crops[on], maps[on], self.labels[torch.from_numpy(sel).to(dev)]
             rest = perm[full:]
-            carry = (pos[rest.numpy()], crops[rest], maps[rest])
+            carry = (pos[rest.numpy()], crops[rest.to(dev)], maps[rest.to(dev)])
+
+
+def default_loader_workers(device: str) -> int:
+    """Cache-reading processes: none on CPU (they would compete with the model for the cores); on a GPU
+    enough to outrun it (a process reads roughly 1,000-2,000 rows/s of 256 px crops, bench/train_io.py)."""
+    if not device.startswith("cuda"):
+        return 0
+    return max(2, min(8, (os.cpu_count() or 4) - 2))

@@ -1,20 +1,22 @@
 """Training and test rows read from one or several caches (never from the image files).
 
-Each cache is opened through `require_intact` (the one verification gate), its latest complete
-LaRE and pixel artifacts that share an index are paired, and rows whose LaRE or pixels failed are
-left out. Several caches are concatenated. Zarr is read a whole chunk at a time: row-by-row reads
+Each cache is opened through `require_intact` (the one verification gate); a LaRE artifact whose
+index covers the wanted split is chosen (by the user's selector, else the one a run was trained on,
+else the newest) and paired with a pixel artifact of the same index; rows whose LaRE or pixels
+failed are left out. Several caches are concatenated. Zarr is read a whole chunk at a time: row-by-row reads
 cost a request per row and were 8x slower.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.store import STATUS_OK, CacheStore, index_path, latest, require_intact
+from pipeline.store import MANIFEST, STATUS_OK, CacheStore, check_layout, index_path, require_intact
 
 
 @dataclass
@@ -41,35 +43,180 @@ class Source:
         }
 
 
-def _pick(manifest: dict, kind: str, index_fp: str | None = None) -> tuple[str, dict] | None:
-    found = {
-        path: art
-        for path, art in manifest["artifacts"].items()
-        if art["kind"] == kind
-        and art["complete"]
-        and (index_fp is None or art["upstream"]["index"] == index_fp)
-    }
-    path = latest(found)
-    return None if path is None else (path, found[path])
+@dataclass(frozen=True)
+class Choice:
+    """Which artifacts of a cache to read: the user's `--lare` / `--pixels` selectors, and (eval) what
+    the run was trained on, preferred by default.
+
+    A selector is a fingerprint prefix (as `pipeline cache info` prints it) or comma-separated
+    `key=value` filters on the artifact's parameters (`dtype=float32`, `timestep=200,seed=1`, `model=tiny`).
+    """
+
+    lare: str | None = None
+    pixels: str | None = None
+    run: dict | None = None  # a run's params: its "lare" record and the "caches" it was trained on
+
+    def rank(self, kind: str):
+        """How well an artifact fits the run (higher first): the very artifact it was trained on, then
+        one with its parameters and model; None without a run."""
+        if self.run is None:
+            return None
+        trained = {c[kind] for c in self.run["caches"]}
+        rec = self.run["lare"]
+
+        def fits(a: dict) -> tuple[bool, bool]:
+            if kind == "lare":
+                same = (a["params"], a["model"].get("weights")) == (
+                    rec["params"],
+                    rec["model"].get("weights"),
+                )
+            else:
+                same = a["params"]["size"] == rec["pixel_size"]
+            return a["fingerprint"] in trained, same
+
+        return fits
 
 
-def open_source(url: str, verify: bool = True) -> tuple[Source, CacheStore]:
-    store = require_intact(url, check=verify)
-    manifest = store.manifest()
-    lare = _pick(manifest, "lare")
-    if lare is None:
-        raise UserError(f"{url} holds no complete LaRE artifact: finish `pipeline extract` first")
-    index_fp = lare[1]["upstream"]["index"]
-    pixels = _pick(manifest, "pixels", index_fp)
-    if pixels is None:
+def _value(v) -> str:
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _fields(art: dict) -> dict[str, str]:
+    fields = {k: _value(v) for k, v in art.get("params", {}).items()}
+    if "model" in art:
+        fields["model"] = _value(art["model"].get("spec"))
+    return fields
+
+
+def _selector(text: str, option: str, pool: list[tuple[str, dict]]):
+    """A predicate on (path, attrs) from a selector's text; a malformed one is a one-line error."""
+    text = text.strip()
+    if "=" not in text:
+        prefix = text.lower()
+        if not re.fullmatch(r"[0-9a-f]{4,64}", prefix):
+            raise UserError(
+                f"{option} takes a fingerprint prefix (4 or more hex digits, as `pipeline cache info` "
+                f"prints it) or key=value filters such as dtype=float32, not '{text}'"
+            )
+        return lambda kv: kv[1]["fingerprint"].startswith(prefix)
+    filters = {}
+    for part in text.split(","):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        value = value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"" else value
+        if not sep or not key:
+            raise UserError(f"{option}: '{part}' is not key=value")
+        filters[key] = value
+    known = {k for _, art in pool for k in _fields(art)}
+    unknown = sorted(set(filters) - known) if pool else []
+    if unknown:
         raise UserError(
-            f"{url} holds no complete pixel artifact for the index of {lare[0]} (extract with --pixels)"
+            f"{option}: no parameter '{unknown[0]}'; the artifacts have {', '.join(sorted(known))}"
         )
+    return lambda kv: all(_fields(kv[1]).get(k) == v for k, v in filters.items())
+
+
+def selectable_fields(art: dict) -> str:
+    """An artifact's parameters as `key=value` words, the way `--lare`/`--pixels` filter them."""
+    return " ".join(f"{k}='{v}'" if " " in v else f"{k}={v}" for k, v in _fields(art).items())
+
+
+def _listing(found: list[tuple[str, dict]]) -> str:
+    return "; ".join(f"{path} ({selectable_fields(art)})" for path, art in found)
+
+
+def choose(
+    manifest: dict,
+    url: str,
+    kind: str,
+    split: str | None,
+    selector: str | None,
+    rank=None,
+    index_fp: str | None = None,
+    allow_incomplete: bool = False,
+) -> tuple[str, dict]:
+    """The artifact of `kind` to read: one whose index covers `split` (and is `index_fp` when given),
+    complete (an unfinished one only with allow_incomplete, when no complete one qualifies), matching
+    the selector (several matching it: an error listing them); of those left, the best by `rank`
+    (a run's own artifact, then one like it), then the newest."""
+    what, option = {"lare": ("LaRE", "--lare"), "pixels": ("pixel", "--pixels")}[kind]
+    indexes = manifest.get("indexes", {})
+    pool = [
+        (path, art)
+        for path, art in sorted(manifest["artifacts"].items())
+        if art["kind"] == kind
+        and (index_fp is None or art["upstream"]["index"] == index_fp)
+        and (
+            split is None or split in indexes.get(index_path(art["upstream"]["index"]), {}).get("splits", [])
+        )
+    ]
+    pool = [kv for kv in pool if kv[1]["complete"]] or (pool if allow_incomplete else [])
+    covering = f" covering split '{split}'" if split else ""
+    if selector is not None:
+        match = _selector(selector, option, pool)
+        pool = [kv for kv in pool if match(kv)]
+        if len(pool) > 1:
+            raise UserError(f"{option} {selector} matches {len(pool)} artifacts of {url}: {_listing(pool)}")
+        if not pool:
+            raise UserError(
+                f"no complete {what} artifact{covering} of {url} matches {option} {selector}; "
+                f"`pipeline cache info {url}` lists them"
+            )
+    if not pool:
+        hint = "extract with --pixels" if kind == "pixels" else "finish `pipeline extract` first"
+        same = " for the index of the chosen LaRE artifact" if index_fp else ""
+        raise UserError(f"{url} holds no complete {what} artifact{covering}{same} ({hint})")
+    return max(pool, key=lambda kv: ((rank(kv[1]) if rank else ()), kv[1].get("created_at", "")))
+
+
+def _finished_rows(art: dict, n: int) -> np.ndarray:
+    """Rows of the shards with a progress record: the only ones an unfinished artifact vouches for."""
+    done = np.zeros(n, dtype=bool)
+    for info in art.get("shards", {}).values():
+        done[info["rows"][0] : info["rows"][1]] = True
+    return done
+
+
+def open_source(
+    url: str, verify: bool = True, split: str | None = None, choice: Choice | None = None, log=print
+) -> tuple[Source, CacheStore]:
+    """Open a cache and choose its LaRE and pixel artifacts for `split` (see `choose`).
+
+    With verify=False, a cache whose first extraction is still running or was killed (no manifest
+    yet) is read from the store itself: only the rows of its finished shards are used, and `log` says
+    how many.
+    """
+    choice = choice or Choice()
+    store = require_intact(url, check=verify)
+    manifest = store.read_json(MANIFEST)
+    if manifest is None:
+        if verify:
+            store.manifest()  # the one-line "no manifest" error
+        manifest = store.build_manifest()
+        check_layout(manifest, store.metadata, url)
+    lare = choose(manifest, url, "lare", split, choice.lare, choice.rank("lare"), allow_incomplete=not verify)
+    index_fp = lare[1]["upstream"]["index"]
+    pixels = choose(
+        manifest,
+        url,
+        "pixels",
+        split,
+        choice.pixels,
+        choice.rank("pixels"),
+        index_fp,
+        allow_incomplete=not verify,
+    )
     index = index_path(index_fp)
     cols, _ = store.read_table(index)
-    usable = np.ones(len(cols["path"]), dtype=bool)
-    for path in (lare[0], pixels[0]):
+    n = len(cols["path"])
+    usable = np.ones(n, dtype=bool)
+    for path, art in (lare, pixels):
         usable &= store.group[f"{path}/status"][:] == STATUS_OK
+        if not art["complete"]:
+            usable &= _finished_rows(art, n)
+            log(
+                f"note: {url}: {path} is unfinished ({len(art.get('shards', {}))}/{art['n_shards']} shards); "
+                f"reading the {int(usable.sum())} usable rows of its finished shards (--no-verify)"
+            )
     columns = {k: cols[k] for k in ("id", "path", "label", "split")}
     src = Source(url, manifest["subset"], index, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
     return src, store
@@ -113,10 +260,17 @@ class Rows:
 class CacheData:
     """Several caches read as one table of usable rows."""
 
-    def __init__(self, urls: list[str], verify: bool = True):
+    def __init__(
+        self,
+        urls: list[str],
+        verify: bool = True,
+        split: str | None = None,
+        choice: Choice | None = None,
+        log=print,
+    ):
         if not urls:
             raise UserError("no cache given (--from-cache)")
-        opened = [open_source(u, verify) for u in urls]
+        opened = [open_source(u, verify, split, choice, log) for u in urls]
         self.sources = [s for s, _ in opened]
         self.stores = [st for _, st in opened]
         first = self.sources[0]

@@ -137,8 +137,8 @@ def predict(
     bar = tqdm(total=len(rows), desc=f"eval {run.name}", unit="img", disable=not progress)
     for b0 in range(0, len(rows), block):
         part = rows[b0 : b0 + block]
-        crops, maps = (torch.from_numpy(a) for a in data.load(part, progress=False))
-        for i in range(0, len(part), batch_size):
+        crops, maps = (torch.from_numpy(a).to(run.device) for a in data.load(part, progress=False))
+        for i in range(0, len(part), batch_size):  # cropped on the model's device
             x, m = make_inputs(
                 run.method, hp, crops[i : i + batch_size], maps[i : i + batch_size], False, None, aligned
             )

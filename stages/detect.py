@@ -5,6 +5,7 @@ recorded. Files that cannot be read are listed with their reason; the run goes o
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -23,21 +24,28 @@ from stages.checkpoint import Run, load_run
 from stages.recipe import RowRecipe
 
 
+def _broken_link(p: Path) -> bool:
+    return p.is_symlink() and not p.exists()
+
+
 def list_images(folder: Path) -> list[Path]:
-    if folder.is_file():
+    """Image files under `folder`, and broken symbolic links named like images: the CSV lists those
+    with their reason instead of leaving them out."""
+    if folder.is_file() or _broken_link(folder):
         return [folder]
     if not folder.is_dir():
         raise UserError(f"no such folder: {folder}")
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in index_stage.IMAGE_SUFFIXES and not p.name.startswith(".")
+        if (p.is_file() or _broken_link(p))
+        and p.suffix.lower() in index_stage.IMAGE_SUFFIXES and not p.name.startswith(".")
     )  # fmt: skip
 
 
 class LaREOnTheFly:
     """LaRE maps of new images: the model, parameters and per-row recipe of the run's training maps."""
 
-    def __init__(self, run: Run, device: str, paths: list[Path]):
+    def __init__(self, run: Run, device: str, paths: list[Path], log=print):
         rec = run.params["lare"]
         self.params, model_id = rec["params"], rec["model"]
         if "resample" not in self.params:
@@ -46,6 +54,8 @@ class LaREOnTheFly:
                 "names), which this version no longer computes: retrain it on a re-extracted cache"
             )
         ref = sd.resolve_model(model_id["spec"])
+        if note := sd.random_weights_note(ref.identity()):
+            log(note)
         if ref.weights != model_id["weights"]:
             raise UserError(
                 f"the LaRE model '{model_id['spec']}' here has other weights than the one {run.name} "
@@ -89,7 +99,7 @@ def detect(
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")
-    lare = LaREOnTheFly(run, device, files) if method_registry.get(run.method).reads_lare else None
+    lare = LaREOnTheFly(run, device, files, log) if method_registry.get(run.method).reads_lare else None
     lare_params = run.params["lare"]["params"]
     max_pixels = lare_params.get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS)
     pixel_params = {"size": run.params["lare"]["pixel_size"], "max_pixels": max_pixels}
@@ -111,15 +121,17 @@ def detect(
                     data = path.read_bytes()
                     ok.append((path, recipe.prepare(recipe.decode(data), xxhash.xxh3_128_hexdigest(data))))
                 except (pixels_stage.BadImage, OSError) as e:
-                    rows[path] = [str(path), "", "error", str(e)]
-                    log(f"skipped {path}: {e}")
+                    why = f"broken symbolic link to {os.readlink(path)}" if _broken_link(path) else str(e)
+                    rows[path] = [str(path), "", "error", why]
+                    log(f"skipped {path}: {why}")
             if ok:
                 paths, prepared = (list(col) for col in zip(*ok, strict=True))
                 crops = torch.stack([r["crops"] for r in prepared])
                 maps = lare(prepared, paths) if lare else torch.zeros(len(ok), 1, 1, 1)
                 with torch.inference_mode():
+                    hp, aligned = run.params["hparams"], run.params["aligned"]
                     x, m = make_inputs(
-                        run.method, run.params["hparams"], crops, maps, False, None, run.params["aligned"]
+                        run.method, hp, crops.to(device), maps.to(device), False, None, aligned
                     )
                     scores = run.scores(x, m)
                 for path, score in zip(paths, scores.tolist(), strict=True):

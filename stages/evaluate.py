@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, average_precision_score
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
-from stages import batches, cachedata, checkpoint
+from stages import batches, cachedata, checkpoint, sd
 from stages import method as method_registry
 from stages.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
@@ -88,12 +88,16 @@ def evaluate(
     log=print,
     device: str = "cpu",
     epoch: str | int = "best",
+    lare: str | None = None,
+    pixels: str | None = None,
 ) -> list[dict]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache.
 
     `epoch` picks the weights: best (by the run's validation slice), last, a number, or last5: each
     of the final five epochs scored apart, the metrics reported as mean and std over them (LoL's
-    protocol; std is numpy's, ddof 0).
+    protocol; std is numpy's, ddof 0). In each cache, the artifacts the run was trained on are read
+    by default (`lare`/`pixels` selectors choose others, see cachedata.Choice), from an index that
+    covers `split`.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
@@ -102,9 +106,12 @@ def evaluate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
+    choice = cachedata.Choice(lare, pixels, run=run.params)
     for url in caches:
-        data = cachedata.CacheData([url], verify=verify)
+        data = cachedata.CacheData([url], verify=verify, split=split, choice=choice, log=log)
         src = data.sources[0]
+        if method_registry.get(run.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
+            log(f"note: {note}")
         key = fingerprint(
             {
                 "run": run.params["fingerprint"],

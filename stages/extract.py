@@ -7,6 +7,7 @@ returns before any model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -23,7 +24,7 @@ from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
-from pipeline.runner import ShardAssembler, ShardPlan, ShardWriter
+from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWriter
 from pipeline.store import SCHEMA_VERSION, ArraySpec, Artifact, CacheStore, index_path, latest, now
 from stages import index as index_stage
 from stages import lare as lare_math
@@ -251,8 +252,8 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
     device = resolve_device(cfg.device)
     precision = cfg.resolved_precision(device)
     model_ref = sd.resolve_model(cfg.model)
-    if model_ref.source == "random":
-        log(f"model '{model_ref.spec}' has random weights: its maps carry no forensic signal")
+    if note := sd.random_weights_note(model_ref.identity()):
+        log(note)
     latent = sd.latent_geometry(model_ref, cfg.size)
 
     lare = lare_artifact(cfg, idx.fingerprint, model_ref, precision, latent)
@@ -454,6 +455,23 @@ def run_extract(cfg: ExtractConfig, log=print, compute: Compute | None = None) -
         return _run_locked(cfg, log, compute, t0)
 
 
+def _storage_fault(store: CacheStore, job: ExtractJob, e: BaseException) -> UserError:
+    """One line for a run the storage stopped (disk full, no permission, an object store refusing a
+    write): what happened, how many shards are finished and kept, and how to resume."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    with contextlib.suppress(Exception):  # a full disk may refuse the manifest too: the records suffice
+        store.write_manifest()
+    try:
+        done = min(len(store.done_shards(a.path)) for a in job.artifacts.values())
+        finished = f"{done} of {job.plan.n_shards} shards are finished and kept"
+    except Exception:  # noqa: BLE001 - the storage is failing: say what we can
+        finished = "the finished shards are kept"
+    return UserError(
+        f"writing {job.cache_url} failed ({type(e).__name__}: {text}); {finished}. "
+        "Fix the cause (free space, permissions, credentials) and rerun the same command to resume"
+    )
+
+
 def _run_locked(cfg: ExtractConfig, log, compute: Compute | None, t0: float) -> ExtractResult:
     job = plan_extract(cfg, log)
     kinds = {kind: a.path for kind, a in job.artifacts.items()}
@@ -482,9 +500,15 @@ def _run_locked(cfg: ExtractConfig, log, compute: Compute | None, t0: float) -> 
     try:
         failed = compute(job, job.plan.shards(), bar.update)
         stats["run_s"] = time.perf_counter() - t_run  # steady state: no index scan, no model load
-    finally:
+    except ShardWriteError as e:
+        bar.close()
+        raise _storage_fault(store, job, e.error) from None
+    except BaseException:  # interrupted: the manifest lists the shards finished so far
         bar.close()
         store.write_manifest()
+        raise
+    bar.close()
+    store.write_manifest()
     seconds = time.perf_counter() - t0
     log(
         f"{job.subset}: {rows} rows done, {failed} failed, {seconds:.1f} s, "

@@ -9,8 +9,6 @@ evident intent: h = round(min(H, sqrt(S r_aspect))), w = round(min(W, S / h)), S
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,16 +47,21 @@ class LoL(nn.Module):
         return torch.sigmoid(logits.float())
 
 
-def mask_rect(
-    height: int, width: int, r_mask: float, r_aspect: float, gen: torch.Generator
-) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of one mask rectangle, inside the image, corner uniform (Algorithm 1)."""
-    area = height * width * r_mask
-    h = max(1, min(height, round(math.sqrt(area * r_aspect))))
-    w = max(1, min(width, round(area / h)))
-    top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
-    left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
-    return top, left, h, w
+def mask_rects(
+    height: int, width: int, r_mask: torch.Tensor, r_aspect: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """(n, 4) int64 (top, left, h, w) of one rectangle per sample, inside the image, corner uniform.
+
+    Algorithm 1 for float64 tensors of r_mask and r_aspect; torch.round rounds half to even, as
+    Python's round does. The corners come from one (n, 2) uniform draw of `gen` (on the CPU).
+    """
+    area = height * width * r_mask.double()
+    h = torch.round(torch.sqrt(area * r_aspect.double())).clamp(1, height)
+    w = torch.round(area / h).clamp(1, width)
+    u = torch.rand(len(area), 2, generator=gen, dtype=torch.float64)
+    room = torch.stack([height - h + 1, width - w + 1], dim=1)
+    corner = torch.minimum(torch.floor(u * room), room - 1)  # u * room may round up to room
+    return torch.cat([corner, h[:, None], w[:, None]], dim=1).long()
 
 
 def draw_masks(
@@ -68,16 +71,17 @@ def draw_masks(
     gen: torch.Generator,
     mask_range: tuple[float, float] = MASK_RANGE,
     aspect_range: tuple[float, float] = ASPECT_RANGE,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Bool (n, H, W), True where masked: one rectangle per sample, r_mask and r_aspect drawn per sample."""
-    out = torch.zeros(n, height, width, dtype=torch.bool)
-    for i in range(n):
-        u = torch.rand(2, generator=gen, dtype=torch.float64)
-        r_mask = mask_range[0] + float(u[0]) * (mask_range[1] - mask_range[0])
-        r_aspect = aspect_range[0] + float(u[1]) * (aspect_range[1] - aspect_range[0])
-        top, left, h, w = mask_rect(height, width, r_mask, r_aspect, gen)
-        out[i, top : top + h, left : left + w] = True
-    return out
+    """Bool (n, H, W) on `device`, True where masked: one rectangle per sample, r_mask and r_aspect drawn
+    per sample. The draws are made on the CPU, so every device masks the same pixels."""
+    u = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    r_mask = mask_range[0] + u[:, 0] * (mask_range[1] - mask_range[0])
+    r_aspect = aspect_range[0] + u[:, 1] * (aspect_range[1] - aspect_range[0])
+    top, left, h, w = mask_rects(height, width, r_mask, r_aspect, gen).to(device)[:, :, None, None].unbind(1)
+    i = torch.arange(height, device=device)[None, :, None]
+    j = torch.arange(width, device=device)[None, None, :]
+    return (i >= top) & (i < top + h) & (j >= left) & (j < left + w)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
@@ -89,12 +93,22 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per-sample horizontal flip and rotation by a multiple of 90 degrees (uint8 in, uint8 out).
 
     Right-angle rotations move pixels without resampling: an interpolating rotation would blur
-    the high-frequency traces the detector is meant to find.
+    the high-frequency traces the detector is meant to find. The draws are made on the CPU; the
+    whole batch then moves in one gather on the images' device (square images).
     """
-    flips = torch.rand(len(images), generator=gen) < 0.5
-    turns = torch.randint(0, 4, (len(images),), generator=gen)
-    out = torch.where(flips.view(-1, 1, 1, 1), images.flip(-1), images)
-    return torch.stack([torch.rot90(x, int(k), dims=(1, 2)) for x, k in zip(out, turns, strict=True)])
+    n, side = len(images), images.shape[-1]
+    flips = torch.rand(n, generator=gen) < 0.5
+    turns = torch.randint(0, 4, (n,), generator=gen)
+    dev = images.device
+    i = torch.arange(side, device=dev).view(side, 1).expand(side, side)
+    j = torch.arange(side, device=dev).view(1, side).expand(side, side)
+    last = side - 1
+    # torch.rot90(f, k) reads f at these (row, column), for k = 0..3
+    rows = torch.stack([i, j, last - i, last - j])[turns.to(dev)]
+    cols = torch.stack([j, last - i, last - j, i])[turns.to(dev)]
+    cols = torch.where(flips.to(dev).view(n, 1, 1), last - cols, cols)  # f = x flipped left-right
+    index = (rows * side + cols).view(n, 1, side * side).expand(n, images.shape[1], side * side)
+    return images.flatten(2).gather(2, index).view(images.shape)
 
 
 def prepare(images: torch.Tensor, hp: dict, train: bool, gen: torch.Generator | None) -> torch.Tensor:
@@ -104,7 +118,7 @@ def prepare(images: torch.Tensor, hp: dict, train: bool, gen: torch.Generator | 
         return normalise(images)
     x = normalise(augment(images, gen))
     c = x.shape[-1]
-    masks = draw_masks(len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]))
+    masks = draw_masks(len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]), device=x.device)
     return x.masked_fill(masks[:, None], 0.0)
 
 

@@ -14,10 +14,14 @@ METRICS = ("acc", "ap", "real_acc", "generated_acc")
 
 
 def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
-    """(row labels 'method:train subsets', test subsets, matrix, std matrix), NaN where missing.
+    """(row labels 'method:train subsets', columns, matrix, std matrix), NaN where missing.
 
     A result over several epochs (`eval --epoch last5`) holds their mean; its std fills the second
     matrix. A result of another epoch choice than `best` is its own row, labelled with the choice.
+
+    A result is keyed by (run, test subset, split, test artifacts); no two of them share a cell.
+    Columns are test subsets, written `subset:split` when the folder holds several splits and
+    `...@<lare fp8>/<pixels fp8>` when one subset was evaluated on several artifacts.
     """
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)}")
@@ -44,12 +48,29 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
     def label(r: dict) -> str:  # several runs of one method on one subset (seeds, settings): name each
         return short(r) if len(runs_per_label[short(r)]) == 1 else f"{short(r)} {r['run'][-12:]}"
 
+    def artifacts(r: dict) -> str:
+        return f"{r['test_cache']['lare'][:8]}/{r['test_cache']['pixels'][:8]}"
+
+    def split(r: dict) -> str:
+        return r.get("split", "val")
+
+    # A column per (test subset, split, test artifacts): the split and the artifacts are named in it
+    # only where the folder holds more than one of them, so a plain folder keeps plain subset columns.
+    several_splits = len({split(r) for r in records}) > 1
+    kinds: dict[tuple[str, str], set] = {}
+    for r in records:
+        kinds.setdefault((r["test_subset"], split(r)), set()).add(artifacts(r))
+
+    def column(r: dict) -> str:
+        name = f"{r['test_subset']}:{split(r)}" if several_splits else r["test_subset"]
+        return f"{name}@{artifacts(r)}" if len(kinds[r["test_subset"], split(r)]) > 1 else name
+
     rows = sorted({label(r) for r in records})
-    cols = sorted({r["test_subset"] for r in records})
+    cols = sorted({column(r) for r in records})
     mat = np.full((len(rows), len(cols)), np.nan)
     std = mat.copy()
     for r in records:
-        at = rows.index(label(r)), cols.index(r["test_subset"])
+        at = rows.index(label(r)), cols.index(column(r))
         mat[at] = r["metrics"][metric]
         std[at] = r.get("metrics_std", {}).get(metric, np.nan)
     return rows, cols, mat, std
@@ -68,7 +89,8 @@ def table(
     corner = "train / test"
     width = max(len(r) for r in [*rows, corner]) + 2
     spread = np.full(mat.shape, np.nan) if std is None else std
-    cw = 14 if np.isfinite(spread).any() else 10
+    least = 14 if np.isfinite(spread).any() else 10
+    cw = max([least, *(len(c) + 2 for c in cols)])  # split and artifact columns have long names
 
     def cell(v: float, sd: float) -> str:
         text = "-" if math.isnan(v) else f"{100 * v:.1f}" + ("" if math.isnan(sd) else f"+-{100 * sd:.1f}")

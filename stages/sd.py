@@ -55,6 +55,14 @@ class ModelRef:
         return {"spec": self.spec, "source": self.source, "revision": self.revision, "weights": self.weights}
 
 
+def random_weights_note(model: dict[str, Any]) -> str | None:
+    """The note every command that runs or scores maps of a random-weight model prints (a
+    `ModelRef.identity()`, as caches and runs record it); None for real weights."""
+    if model.get("source") != "random":
+        return None
+    return f"model '{model.get('spec')}' has random weights: its maps carry no forensic signal"
+
+
 def _component_files(folder: Path) -> list[Path]:
     files = []
     for comp in COMPONENTS:

@@ -38,9 +38,9 @@ from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.store import now
-from stages import backbone, batches, cachedata, checkpoint, lol
+from stages import backbone, batches, cachedata, checkpoint, lol, sd
 from stages import method as method_registry
-from stages.batches import EpochBatches, make_inputs
+from stages.batches import EpochBatches, default_loader_workers, make_inputs
 from stages.checkpoint import Run, atomic_json, build_model, finished_epochs, load_epoch, predict, save_epoch
 
 VAL_BATCH = 64  # validation rows per model call (inference only; part of the code, not an option)
@@ -69,6 +69,10 @@ class TrainConfig:
     device: str = "auto"  # where the model trains; not in the fingerprint (last bits only, like batch order)
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
+    loader_workers: int = -1  # cache-reading processes; -1: none on CPU, some on GPU. Changes no bit.
+    precision: str = "auto"  # fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, fp32 elsewhere
+    lare: str | None = None  # --lare / --pixels: which artifact of each cache (see cachedata.Choice)
+    pixels: str | None = None
 
     def hparams(self, subsets: set[str]) -> dict[str, Any]:
         """The hyper-parameters of a run on caches of `subsets`: the options, else the method's defaults."""
@@ -101,6 +105,10 @@ class TrainConfig:
             "memory_rows": self.memory_rows,
         }
         hp.update(method.extra_hparams(self))
+        if self.loader_workers < -1:
+            raise UserError(
+                f"--loader-workers must be -1 (automatic) or at least 0, not {self.loader_workers}"
+            )
         if self.crop_size % 32:
             raise UserError(
                 f"--crop-size must be a multiple of 32 (the ResNet's stride), not {self.crop_size}"
@@ -182,6 +190,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & ((1 << 63) - 1)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """bf16 autocast on CUDA by default (tensor cores; the fp32 master weights stay fp32), fp32 elsewhere.
+    Part of the fingerprint: a bf16 run's weights differ from an fp32 run's by more than the last bits."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
+
+
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
     hp = cfg.hparams({s.subset for s in data.sources})
     data.check_crop(hp["crop_size"])
@@ -196,6 +217,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
         "lare": {"params": data.lare_params, "model": data.lare_model, "pixel_size": data.pixel_size},
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
         "seed": cfg.seed,
+        "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
         "code": code_version(
             backbone,
             cachedata,
@@ -216,8 +238,12 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
     """`pipeline train`: returns the run directory; a finished run is not retrained."""
-    data = cachedata.CacheData(cfg.caches, verify=cfg.verify)
+    data = cachedata.CacheData(
+        cfg.caches, verify=cfg.verify, split="train", choice=cachedata.Choice(cfg.lare, cfg.pixels), log=log
+    )
     run, params = plan_run(cfg, data)
+    if method_registry.get(cfg.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
+        log(f"note: {note}")
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
@@ -233,11 +259,17 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
-    feed = EpochBatches(data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress)
     device = resolve_device(cfg.device)
+    cuda = device.startswith("cuda")
+    workers = default_loader_workers(device) if cfg.loader_workers < 0 else cfg.loader_workers
+    feed = EpochBatches(
+        data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress, workers=workers, device=device
+    )
     params["model"] = method.model_args(hp, feed.lare_channels)  # what load_run builds from
     # Built before the run directory is written: a backbone that cannot be loaded leaves nothing behind.
     model = build_model(params).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
     run.mkdir(parents=True, exist_ok=True)
     if (run / "params.json").is_file():
         old = json.loads((run / "params.json").read_text())
@@ -284,9 +316,12 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         # every step would make the host wait for the GPU instead of preparing the next batch.
         total, t0 = torch.zeros((), dtype=torch.float64, device=device), time.perf_counter()
         bar = tqdm(total=n, desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress)
-        for _, crops, maps, y in feed.epoch(gen):
+        for _, crops, maps, y in feed.epoch(gen):  # on the device already
             x, m = make_inputs(cfg.method, hp, crops, maps, True, gen, params["aligned"])
-            loss = model.loss(model(x.to(device), m.to(device)), y.to(device))
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=params["precision"] == "bf16"):
+                loss = model.loss(model(x, m), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if hp["grad_clip"]:

@@ -43,6 +43,20 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> su
     return proc
 
 
+def toy_index(store, n: int, fp: str = "e" * 64) -> str:
+    """A schema-conformant index table of `n` rows (ids and splits only) for hand-made toy artifacts;
+    returns its fingerprint, for the artifacts' `upstream`."""
+    store.write_table(
+        f"index/{fp[:16]}",
+        {
+            "id": np.array([f"{i:032x}" for i in range(n)], dtype=object),
+            "split": np.full(n, "train", dtype=object),
+        },
+        {"fingerprint": fp, "subset": store.subset, "n_rows": n, "splits": ["train"], "created_at": "2020"},
+    )
+    return fp
+
+
 def extract_args(data: Path, cache: Path, *extra: str, subset: str = "sdv14") -> list[str]:
     """`pipeline extract` arguments for the tiny model on CPU, 4 rows per shard."""
     return [

@@ -39,7 +39,11 @@ def test_extract_info_verify_tamper(tmp_path):
 
     zarr_path = str(cache / "sdv14.zarr")
     info = run_cli("cache", "info", zarr_path).stdout
-    assert "subset sdv14" in info and "complete 3/3 shards" in info and "t=200 e=4 size=256 resize" in info
+    assert (
+        "subset sdv14" in info
+        and "complete 3/3 shards" in info
+        and all(f" {kv}" in info for kv in ("timestep=200", "ensemble=4", "size=256", "preprocess=resize"))
+    )
     manifest = json.loads(run_cli("cache", "info", zarr_path, "--json").stdout)
     lare = next(a for a in manifest["artifacts"].values() if a["kind"] == "lare")
     assert lare["params"]["timestep"] == 200 and lare["n_rows"] == 12

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages import backbone
+from stages import backbone, egre
 from stages.batches import make_inputs
 from stages.egre import EGRE
 
@@ -89,3 +89,14 @@ def test_attention_and_gate_follow_the_reference_layers_and_init():
     gate = [m for m in model.channel if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in gate] == [(4, 128), (128, c3)]
     assert all(m.bias is None for m in gate)
+
+
+def test_batched_crops_are_the_per_sample_windows():
+    crops = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    maps = torch.randn(16, 4, 8, 8)
+    x, m = make_inputs("egre", {"crop_size": 32}, crops, maps, True, torch.Generator().manual_seed(2), True)
+    off = torch.randint(0, 5, (16, 2), generator=torch.Generator().manual_seed(2)) * 8  # the same draw
+    assert len({tuple(o) for o in off.tolist()}) > 4
+    for k, (t, s) in enumerate(off.tolist()):
+        assert torch.equal(x[k], egre.normalise(crops[k : k + 1, :, t : t + 32, s : s + 32])[0])
+        assert torch.equal(m[k], maps[k, :, t // 8 : t // 8 + 4, s // 8 : s // 8 + 4])

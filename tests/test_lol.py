@@ -29,7 +29,10 @@ def test_mask_rectangle(height, width, r_mask, r_aspect, seed):
     (|dw| <= 1/2), so |h w - S| <= h/2 and the area fraction is off by at most h / (2 H W) <= 1/(2W).
     For the aspect, log(h/w) differs from log(r) by at most 2|log(1 - 1/(2 h0))| + |log(1 - h/(2S))|.
     """
-    top, left, h, w = lol.mask_rect(height, width, r_mask, r_aspect, torch.Generator().manual_seed(seed))
+    rect = lol.mask_rects(
+        height, width, torch.tensor([r_mask]), torch.tensor([r_aspect]), torch.Generator().manual_seed(seed)
+    )
+    top, left, h, w = rect[0].tolist()
     assert top >= 0 and left >= 0 and h >= 1 and w >= 1
     assert top + h <= height and left + w <= width
     area = height * width * r_mask
@@ -68,3 +71,28 @@ def test_flip_and_rotation_move_pixels_without_resampling():
     out = lol.augment(img, torch.Generator().manual_seed(0))
     for a, b in zip(img, out, strict=True):
         assert sorted(a.flatten().tolist()) == sorted(b.flatten().tolist())
+
+
+def test_batched_augment_is_the_per_sample_flip_then_rotation():
+    """The one-gather version against the definition: flip if drawn, then torch.rot90 by the drawn turns."""
+    img = torch.randint(0, 256, (64, 3, 7, 7), dtype=torch.uint8)
+    out = lol.augment(img, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    flips, turns = torch.rand(64, generator=gen) < 0.5, torch.randint(0, 4, (64,), generator=gen)
+    assert len({(bool(f), int(k)) for f, k in zip(flips, turns, strict=True)}) == 8  # all eight cases
+    for x, y, f, k in zip(img, out, flips, turns, strict=True):
+        assert torch.equal(y, torch.rot90(x.flip(-1) if f else x, int(k), dims=(1, 2)))
+
+
+def test_masks_are_the_drawn_rectangles():
+    gen = torch.Generator().manual_seed(4)
+    masks = lol.draw_masks(32, 24, 40, gen)
+    gen = torch.Generator().manual_seed(4)
+    u = torch.rand(32, 2, generator=gen, dtype=torch.float64)
+    r_mask, r_aspect = 0.6 + u[:, 0] * 0.2, 0.33 + u[:, 1] * (3.0 - 0.33)
+    for mask, (top, left, h, w) in zip(
+        masks, lol.mask_rects(24, 40, r_mask, r_aspect, gen).tolist(), strict=True
+    ):
+        want = torch.zeros(24, 40, dtype=torch.bool)
+        want[top : top + h, left : left + w] = True
+        assert torch.equal(mask, want)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ONE_THREAD, TINY_TRAIN, artifact_arrays, run_cli
+from conftest import ONE_THREAD, TINY_TRAIN, artifact_arrays, run_cli, toy_index
 from servers import guarded_env, loopback, moto_s3, range_http, s3_env
 
 from pipeline import share
@@ -195,9 +195,10 @@ def test_push_adds_to_a_shared_cache_without_unlisting_others(s3, extracted, tmp
     dst = "s3://team/merged/sdv14.zarr"
     copy_cache("s3://team/extracted/sdv14.zarr", dst, progress=False)
     other = CacheStore(str(tmp_path / "other.zarr"), mode="a", subset="sdv14")
-    art = Artifact("lare", "e" * 64, {"maps": ArraySpec((2, 2), "float32")}, {"params": {"t": 9}})
+    attrs = {"params": {"t": 9, "size": 16, "dtype": "float32"}, "upstream": {"index": toy_index(other, 4)}}
+    art = Artifact("lare", "e" * 64, {"maps": ArraySpec((2, 2, 2), "float32")}, attrs)
     other.open_artifact(art, 4, 4)
-    ones = {"maps": np.ones((4, 2, 2), "float32")}
+    ones = {"maps": np.ones((4, 2, 2, 2), "float32")}
     other.write_shard(ShardWrite(art.path, 0, 0, 4, ones, np.ones(4, "uint8"), [], {}))
     other.write_manifest()
     copy_cache(str(tmp_path / "other.zarr"), dst, progress=False)

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from conftest import toy_index
 
 from pipeline.errors import UserError
 from pipeline.store import (
@@ -19,9 +20,13 @@ from pipeline.store import (
 )
 
 
-def _artifact():
+def _artifact(store, n=10):
+    """A toy LaRE artifact (2 channels, 4 x 4 maps of 32 px images) on a toy index of `n` rows."""
     spec = ArraySpec((2, 4, 4), "float16", fill_value=float("nan"), compressor="blosc-shuffle")
-    return Artifact("lare", "f" * 64, {"maps": spec}, {"params": {"t": 1}})
+    params = {"t": 1, "size": 32, "dtype": "float16"}
+    return Artifact(
+        "lare", "f" * 64, {"maps": spec}, {"params": params, "upstream": {"index": toy_index(store, n)}}
+    )
 
 
 def _write(store, art, shard, rows_per_shard=4, n=10):
@@ -47,7 +52,7 @@ def test_chunk_rows_divides_the_shard_and_bounds_bytes():
 
 def test_artifact_arrays_full_shape_whole_shard_writes(tmp_path):
     store = CacheStore(str(tmp_path / "c.zarr"), mode="a", subset="sdv14")
-    art = _artifact()
+    art = _artifact(store)
     assert store.open_artifact(art, 10, 4) == 4
     maps = store.group[art.path]["maps"]
     assert maps.shape == (10, 2, 4, 4) and maps.shards == (4, 2, 4, 4)
@@ -67,7 +72,7 @@ def test_artifact_arrays_full_shape_whole_shard_writes(tmp_path):
 def test_manifest_lists_shards_failures_and_verify_detects_tampering(tmp_path):
     path = tmp_path / "c.zarr"
     store = CacheStore(str(path), mode="a", subset="sdv14")
-    art = _artifact()
+    art = _artifact(store)
     store.open_artifact(art, 10, 4)
     for shard in range(3):
         _write(store, art, shard)
@@ -75,7 +80,7 @@ def test_manifest_lists_shards_failures_and_verify_detects_tampering(tmp_path):
     entry = manifest["artifacts"][art.path]
     assert entry["complete"] and entry["shards_done"] == 3 and entry["n_failed"] == 1
     assert entry["failed"][0]["reason"] == "empty file (0 bytes)"
-    assert entry["params"] == {"t": 1} and "torch" in manifest["packages"]
+    assert entry["params"]["t"] == 1 and "torch" in manifest["packages"]
     assert verify(CacheStore(str(path))) == []
 
     key = next(iter(entry["shards"]["2"]["files"]))
@@ -135,7 +140,7 @@ def test_schema_version_and_foreign_groups_are_refused(tmp_path):
 
 def test_no_pickle_anywhere(tmp_path):
     store = CacheStore(str(tmp_path / "c.zarr"), mode="a", subset="sdv14")
-    art = _artifact()
+    art = _artifact(store)
     store.open_artifact(art, 10, 4)
     _write(store, art, 0)
     store.write_manifest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -73,6 +74,33 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(two_caches, tmp_path, m
     resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b", memory_rows=memory_rows), log=lambda m: None)
     for name in ("epoch-002.safetensors", "epoch-003.safetensors", "epoch-003.optim.safetensors"):
         assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("memory_rows", [16384, 7])
+def test_loader_workers_change_no_bit(two_caches, tmp_path, memory_rows):
+    """Shards read by 2 worker processes (the CLI) or in this process: the same weights, bit for bit."""
+    args = ["train", "--from-cache", str(two_caches[0]), "--method", "lol", "--epochs", "2", "--batch-size",
+            "4", "--lr", "1e-3", "--crop-size", "32", "--backbone", "tiny-RN", "--backbone-weights", "random",
+            "--memory-rows", str(memory_rows), "--out", str(tmp_path / "two"), "--no-progress"]  # fmt: skip
+    two = Path(run_cli(*args, "--loader-workers", "2", env=ONE_THREAD).stdout.strip())
+    cfg = cfg_for(two_caches[:1], tmp_path / "none", method="lol", epochs=2, memory_rows=memory_rows)
+    none = run_train(dataclasses.replace(cfg, loader_workers=0), log=lambda m: None)
+    assert none.name == two.name
+    for name in ("epoch-001.safetensors", "epoch-002.safetensors", "epoch-002.optim.safetensors"):
+        assert (two / name).read_bytes() == (none / name).read_bytes(), name
+
+
+def test_precision_is_recorded_in_the_fingerprint(two_caches, tmp_path):
+    fp32 = run_train(cfg_for(two_caches[:1], tmp_path, epochs=1), log=lambda m: None)
+    bf16 = run_train(cfg_for(two_caches[:1], tmp_path, epochs=1, precision="bf16"), log=lambda m: None)
+    assert fp32 != bf16  # bf16 autocast (here on the CPU) is another run
+    assert json.loads((bf16 / "params.json").read_text())["precision"] == "bf16"
+    assert json.loads((fp32 / "params.json").read_text())["precision"] == "fp32"  # auto on the CPU
+    for kw, match in (({"precision": "fp8"}, "--precision must be one of auto, fp32, bf16"),
+                      ({"loader_workers": -2}, "--loader-workers must be -1")):  # fmt: skip
+        with pytest.raises(UserError, match=match):
+            run_train(cfg_for(two_caches[:1], tmp_path / "bad", **kw))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_fingerprint_follows_parameters_and_sampling_is_seeded(two_caches, tmp_path):
