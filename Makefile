@@ -21,7 +21,9 @@ TEST_SUBSETS ?= $(SUBSET)
 DEMO_LARE  ?= --size 64 --pixel-size 64 --preprocess crop
 DEMO_TRAIN ?= --backbone tiny-RN --backbone-weights random --crop-size 32 --lr 1e-3 --epochs 30 --batch-size 16
 
-.PHONY: help install extract train eval report demo test lint bench bench-gpu clean-demo
+GRID    ?= lol-a4
+
+.PHONY: help install extract train eval report robustness demo test lint bench bench-gpu clean-demo
 
 help:
 	@echo "make install                      create $(VENV) and install the pipeline with its dev tools"
@@ -31,7 +33,8 @@ help:
 	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class all'   train from \$$(CACHE)/\$$(SUBSET).zarr"
 	@echo "make eval RUN=runs/<run> TEST_SUBSETS='adm biggan'   evaluate a run on caches -> \$$(RESULTS)/"
 	@echo "make report                       train x test table and \$$(RESULTS)/matrix.png"
-	@echo "make bench                        extraction, training-I/O and loader benchmarks (bench/results/)"
+	@echo "make robustness GRID=lol-a4 METHOD=lol SUBSET=sdv14 TEST_SUBSETS='adm biggan'   -> \$$(RESULTS)/robustness/"
+	@echo "make bench                        extraction, training-I/O, loader and decode+perturb benchmarks (bench/results/)"
 	@echo "make bench-gpu                    every GPU figure in one run, ~8 min (bench/gpu.py; needs CUDA)"
 
 install: $(VENV)/.installed
@@ -57,6 +60,11 @@ eval: install
 
 report: install
 	$(BIN)/pipeline report $(RESULTS) --out $(RESULTS)/matrix.png
+
+robustness: install
+	$(BIN)/pipeline robustness --data-root $(DATA) --train-subset $(SUBSET) \
+		--test-subsets $(shell echo $(TEST_SUBSETS) | tr ' ' ',') --grid $(GRID) --method $(METHOD) \
+		--cache-dir $(CACHE) --model $(MODEL) --device $(DEVICE) --out $(RESULTS)/robustness $(EXTRA)
 
 demo: install
 	$(BIN)/pipeline synth $(DEMO)/data --subset sdv14 --train 16 --val 8
@@ -85,6 +93,7 @@ bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train_io.py
 	$(BIN)/python bench/train_loader.py
+	$(BIN)/python bench/perturb.py
 
 bench-gpu: install
 	$(BIN)/python bench/gpu.py --device cuda $(EXTRA)

@@ -35,6 +35,19 @@ def _given(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
+_PERTURB_EXTRACT = typer.Option(
+    None,
+    "--perturb",
+    help="Perturb each decoded image before the geometry, e.g. jpeg:96, jpeg:10-75, blur:3,5,7,9, "
+    "blur:sigma=3, noise:5-20, crop:5-20, resize:0.5, resize:112px; steps joined by '+'. "
+    "Seeded by (--seed, image content, SPEC); stored beside the clean artifacts.",
+)
+_PERTURB_ONLY = typer.Option(None, "--perturb-only", help="Apply --perturb to one class: generated or real.")
+_PERTURB_READ = typer.Option(
+    None, "--perturb", help="Use the artifacts extracted with this --perturb SPEC (default: the clean ones)."
+)
+
+
 @app.command()
 def extract(
     data_root: Path = typer.Option(
@@ -73,7 +86,12 @@ def extract(
     seed: int = typer.Option(None, help="Seed of the per-image noise generators (keyed by image content)."),
     pixels: bool = typer.Option(None, "--pixels/--no-pixels", help="Also store uint8 pixel crops."),
     pixel_size: int = typer.Option(
-        None, help="Side of the stored pixel crop (no resampling; small images tiled)."
+        None, help="Side of the stored pixel crop, the window training crops come from (no resampling)."
+    ),
+    small_images: str = typer.Option(
+        None,
+        help="Images smaller than the window: tile (LoL's stitching) or reflect (reflect-101 padding, "
+        "the EGRE reference). Also the `--preprocess crop` geometry.",
     ),
     max_pixels: int = typer.Option(None, help="Images with more pixels are refused (decompression bombs)."),
     batch_size: int = typer.Option(
@@ -93,6 +111,8 @@ def extract(
     scheduler: str = typer.Option(
         None, "--scheduler", help="Run on an existing dask cluster, e.g. tcp://host:8786."
     ),
+    perturb: str = _PERTURB_EXTRACT,
+    perturb_only: str = _PERTURB_ONLY,
 ) -> None:
     """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr.
 
@@ -122,6 +142,7 @@ def extract(
             seed=seed,
             pixels=pixels,
             pixel_size=pixel_size,
+            small_images=small_images,
             max_pixels=max_pixels,
             batch_size=batch_size,
             rows_per_shard=rows_per_shard,
@@ -129,6 +150,8 @@ def extract(
             loader_workers=loader_workers,
             compile=compile,
             progress=progress,
+            perturb=perturb,
+            perturb_only=perturb_only,
         ),
     )
     run_extract(cfg, log=lambda msg: typer.echo(msg, err=True), compute=compute)
@@ -146,13 +169,13 @@ def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) 
     splits = ",".join(indexes.get(index, {}).get("splits", []))
     head = f"{path:<28} {state} {done}, {art['n_rows']} rows, {art['n_failed']} failed; {index} ({splits})"
     lines = [head]
+    p = art.get("params", {})
     if art["kind"] == "lare":
         m = art.get("model", {})
         note = "  (random weights: no forensic signal)" if m.get("source") == "random" else ""
         lines.append(
             f"  model {m.get('spec')} [{m.get('source')}, weights {str(m.get('weights'))[:12]}]{note}"
         )
-        p = art.get("params", {})
         if p.get("preprocess") == "resize" and "resample" not in p:
             lines.append("  resize (bilinear, schema 1): not the reference's bicubic")
         if fallback := art.get("prompt_fallback"):
@@ -161,6 +184,26 @@ def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) 
                 f"  {fallback['rows']} row(s) with no class in the file name used '{p['prompt']}'{examples}"
             )
     lines.append(f"  {selectable_fields(art)}")
+    if p.get("perturb"):
+        from stages.perturb import describe
+
+        lines.append(f"  perturbed: {describe(p['perturb'])}, seed {p['perturb']['seed']}")
+    return lines
+
+
+def _describe_formats(store, path: str) -> list[str]:
+    """Source formats and JPEG qualities per class of an index (the format bias of a data set)."""
+    from stages.index import format_mix
+
+    group = store.group[path]
+    names = [n for n in ("label", "format", "jpeg_quality") if n in group]
+    mix = format_mix({n: group[n][:] for n in names})
+    lines = []
+    for cls in ("real", "generated"):
+        kinds = sorted(mix.get(cls, {}).items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{k} x{n}" for k, n in kinds[:8])
+        more = f", {len(kinds) - 8} more" if len(kinds) > 8 else ""
+        lines.append(f"  {cls}: {shown or 'none'}{more}")
     return lines
 
 
@@ -188,6 +231,8 @@ def cache_info(
     for path, attrs in sorted(manifest["indexes"].items()):
         latest = "  (latest)" if path == manifest.get("latest_index") else ""
         typer.echo(f"{path:<28} {attrs['n_rows']} rows, splits {','.join(attrs['splits'])}{latest}")
+        for line in _describe_formats(store, path):
+            typer.echo(line)
     failed = {}
     for path, art in sorted(manifest["artifacts"].items()):
         for line in _describe_artifact(path, art, manifest["indexes"]):
@@ -343,6 +388,11 @@ def train(
     precision: str = typer.Option(
         None, help="fp32, or bf16 (autocast); auto: bf16 on CUDA, fp32 on CPU. Part of the fingerprint."
     ),
+    perturb: str = _PERTURB_READ,
+    perturb_only: str = _PERTURB_ONLY,
+    real_jpeg_quality: int = typer.Option(
+        None, help="Train on real images of this JPEG quality only (e.g. 96: the JPEG-96 control)."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
     lare: str = _LARE,
     pixels: str = _PIXELS,
@@ -356,7 +406,7 @@ def train(
     cfg = TrainConfig(
         caches=_caches(from_cache, extra_caches), verify=not no_verify, max_per_class=max_per_class,
         epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, stop_after=stop_after, lare=lare,
-        pixels=pixels,
+        pixels=pixels, perturb=perturb, perturb_only=perturb_only, real_jpeg_quality=real_jpeg_quality,
         **_given(
             method=method, out=out, seed=seed, val_fraction=val_fraction, crop_size=crop_size,
             backbone=backbone, backbone_weights=backbone_weights, shuffle_labels=shuffle_labels,
@@ -387,6 +437,8 @@ def eval_(
     ),
     batch_size: int = typer.Option(None, help="Rows per model call."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    perturb: str = _PERTURB_READ,
+    perturb_only: str = _PERTURB_ONLY,
     no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
     lare: str = _LARE,
     pixels: str = _PIXELS,
@@ -398,6 +450,7 @@ def eval_(
     evaluate(
         checkpoint, _caches(from_cache, extra_caches), out, verify=not no_verify, progress=progress,
         log=typer.echo, device=device, lare=lare, pixels=pixels,
+        perturb=perturb, perturb_only=perturb_only,
         **_given(split=split, batch_size=batch_size, epoch=epoch),
     )  # fmt: skip
 
@@ -417,6 +470,56 @@ def report(
     typer.echo(table(rows, cols, mat, metric, std))
     if out is not None:
         typer.echo(f"wrote {heatmap(rows, cols, mat, metric, out)}")
+
+
+@app.command()
+def robustness(
+    data_root: Path = typer.Option(..., "--data-root", help="Folder holding the GenImage subsets."),
+    train_subset: str = typer.Option("sdv14", help="The subset detectors are trained on."),
+    test_subsets: list[str] = typer.Option(
+        ..., "--test-subsets", help="Subsets to test on: 'adm,biggan' or the option repeated."
+    ),
+    grid: str = typer.Option("lol-a4", help="lol-a4, lol-a7, genimage, aigcdetect or jpeg96."),
+    method: str = typer.Option("lol", help="lol or egre."),
+    out: str = typer.Option("results/robustness", help="Folder for runs/, results/, the CSV and figures."),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="Where <subset>.zarr caches are (or go)."),
+    model: str = typer.Option(None, help="As for extract."),
+    device: str = typer.Option(None, help="auto (the default), cpu, cuda, cuda:1, ..."),
+    size: int = typer.Option(None, help="As for extract."),
+    pixel_size: int = typer.Option(None, help="As for extract."),
+    preprocess: str = typer.Option(None, help="As for extract."),
+    ensemble: int = typer.Option(None, help="As for extract."),
+    extract_batch_size: int = typer.Option(None, help="Images per LaRE model call (extract --batch-size)."),
+    rows_per_shard: int = typer.Option(None, help="As for extract."),
+    seed: int = typer.Option(None, help="Seed of extraction (noises, perturbations) and training."),
+    backbone: str = typer.Option(None, help="As for train."),
+    backbone_weights: str = typer.Option(None, help="As for train."),
+    epochs: int = typer.Option(None, help="As for train."),
+    batch_size: int = typer.Option(None, help="Training batch size, as for train."),
+    lr: float = typer.Option(None, help="As for train."),
+    crop_size: int = typer.Option(None, help="As for train."),
+    max_per_class: str = typer.Option(None, help="As for train."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """A robustness or format-bias study: extract what is missing, train, evaluate; CSV and figures."""
+    from stages.robustness import RobustnessConfig, run_robustness
+
+    cfg = RobustnessConfig(
+        data_root=str(data_root), train_subset=train_subset,
+        test_subsets=[s for item in test_subsets for s in item.split(",") if s.strip()], grid=grid,
+        method=method, out=out, progress=progress,
+        extract=_given(cache_dir=cache_dir, model=model, device=device, size=size, pixel_size=pixel_size,
+                       preprocess=preprocess, ensemble=ensemble, batch_size=extract_batch_size,
+                       rows_per_shard=rows_per_shard, seed=seed),
+        train=_given(backbone=backbone, backbone_weights=backbone_weights, epochs=epochs, lr=lr,
+                     batch_size=batch_size, crop_size=crop_size, max_per_class=max_per_class, seed=seed,
+                     device=device),
+    )  # fmt: skip
+    cfg.conditions()  # a bad --grid fails before anything is computed
+    csv_path, figures = run_robustness(cfg, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"wrote {csv_path}")
+    for f in figures:
+        typer.echo(f"wrote {f}")
 
 
 @app.command()

@@ -17,6 +17,8 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.store import MANIFEST, STATUS_OK, CacheStore, check_layout, index_path, require_intact
+from stages import index as index_stage
+from stages import perturb as perturb_stage
 
 
 @dataclass
@@ -30,7 +32,7 @@ class Source:
     pixels: str
     lare_attrs: dict
     pixels_attrs: dict
-    columns: dict[str, np.ndarray]  # id, path, label, split of every index row
+    columns: dict[str, np.ndarray]  # id, path, label, split, format, jpeg_quality of every index row
     usable: np.ndarray  # bool per row: both artifacts ok
 
     def identity(self) -> dict:
@@ -40,7 +42,36 @@ class Source:
             "index": self.lare_attrs["upstream"]["index"],
             "lare": self.lare_attrs["fingerprint"],
             "pixels": self.pixels_attrs["fingerprint"],
+            "perturb": self.lare_attrs["params"].get("perturb"),
         }
+
+
+# ---- which perturbation (`--perturb SPEC`, `--perturb-only CLASS`): a filter of every artifact choice --
+Perturb = tuple[str, str | None] | None  # (canonical SPEC, class it applies to) or None: clean
+
+
+def wanted_perturbation(spec: str | None, only: str | None = None) -> Perturb:
+    """The user's `--perturb SPEC [--perturb-only CLASS]` as artifacts record it; None: clean."""
+    if spec is None:
+        if only is not None:
+            raise UserError("--perturb-only needs --perturb SPEC")
+        return None
+    record = perturb_stage.parse(spec, only=only).record()
+    return record["spec"], record["only"]
+
+
+def perturbation_of(art: dict) -> Perturb:
+    record = art.get("params", {}).get("perturb")
+    return (record["spec"], record.get("only")) if record else None
+
+
+def with_perturbation(found: list[tuple[str, dict]], wanted: Perturb) -> list[tuple[str, dict]]:
+    """The artifacts among `found` perturbed as wanted (clean ones when `wanted` is None)."""
+    return [(path, art) for path, art in found if perturbation_of(art) == wanted]
+
+
+def _label(p: Perturb) -> str:
+    return perturb_stage.describe({"spec": p[0], "only": p[1]} if p else None)
 
 
 @dataclass(frozen=True)
@@ -55,6 +86,7 @@ class Choice:
     lare: str | None = None
     pixels: str | None = None
     run: dict | None = None  # a run's params: its "lare" record and the "caches" it was trained on
+    perturb: Perturb = None  # the perturbation the artifacts must carry (None: clean)
 
     def rank(self, kind: str):
         """How well an artifact fits the run (higher first): the very artifact it was trained on, then
@@ -83,6 +115,8 @@ def _value(v) -> str:
 
 def _fields(art: dict) -> dict[str, str]:
     fields = {k: _value(v) for k, v in art.get("params", {}).items()}
+    if "perturb" in fields:  # a record, shown (and filtered) as its SPEC
+        fields["perturb"] = _label(perturbation_of(art))
     if "model" in art:
         fields["model"] = _value(art["model"].get("spec"))
     return fields
@@ -133,6 +167,7 @@ def choose(
     rank=None,
     index_fp: str | None = None,
     allow_incomplete: bool = False,
+    perturb: Perturb = None,
 ) -> tuple[str, dict]:
     """The artifact of `kind` to read: one whose index covers `split` (and is `index_fp` when given),
     complete (an unfinished one only with allow_incomplete, when no complete one qualifies), matching
@@ -150,6 +185,14 @@ def choose(
         )
     ]
     pool = [kv for kv in pool if kv[1]["complete"]] or (pool if allow_incomplete else [])
+    if selector is None or "=" in selector:  # a fingerprint prefix names one artifact, perturbed or not
+        others = {_label(perturbation_of(a)) for _, a in pool} - {_label(perturb)}
+        pool = with_perturbation(pool, perturb)
+        if not pool and others:
+            raise UserError(
+                f"{url} holds no complete {what} artifact {_label(perturb)} (it holds: "
+                f"{', '.join(sorted(others))}); extract one with that --perturb/--perturb-only"
+            )
     covering = f" covering split '{split}'" if split else ""
     if selector is not None:
         match = _selector(selector, option, pool)
@@ -193,7 +236,10 @@ def open_source(
             store.manifest()  # the one-line "no manifest" error
         manifest = store.build_manifest()
         check_layout(manifest, store.metadata, url)
-    lare = choose(manifest, url, "lare", split, choice.lare, choice.rank("lare"), allow_incomplete=not verify)
+    lare = choose(
+        manifest, url, "lare", split, choice.lare, choice.rank("lare"), allow_incomplete=not verify,
+        perturb=choice.perturb,
+    )  # fmt: skip
     index_fp = lare[1]["upstream"]["index"]
     pixels = choose(
         manifest,
@@ -204,6 +250,7 @@ def open_source(
         choice.rank("pixels"),
         index_fp,
         allow_incomplete=not verify,
+        perturb=choice.perturb,
     )
     index = index_path(index_fp)
     cols, _ = store.read_table(index)
@@ -217,7 +264,8 @@ def open_source(
                 f"note: {url}: {path} is unfinished ({len(art.get('shards', {}))}/{art['n_shards']} shards); "
                 f"reading the {int(usable.sum())} usable rows of its finished shards (--no-verify)"
             )
-    columns = {k: cols[k] for k in ("id", "path", "label", "split")}
+    columns = {k: cols[k] for k in ("id", "path", "label", "split", "format")}
+    columns["jpeg_quality"] = index_stage.qualities(cols)
     src = Source(url, manifest["subset"], index, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
     return src, store
 
@@ -295,6 +343,10 @@ class CacheData:
     def pixel_size(self) -> int:
         return int(self.sources[0].pixels_attrs["params"]["size"])
 
+    @property
+    def pixel_params(self) -> dict:
+        return self.sources[0].pixels_attrs["params"]
+
     def check_crop(self, crop: int) -> None:
         """A run's crop must fit in the cached pixel crops (checked before anything is written)."""
         if crop > self.pixel_size:
@@ -306,12 +358,22 @@ class CacheData:
     def aligned(self) -> bool:
         """Whether LaRE cell (i, j) covers pixel-crop pixels [8i, 8i+8) x [8j, 8j+8) (`--preprocess crop`)."""
         p = self.lare_params
-        return p["preprocess"] == "crop" and int(p["size"]) == self.pixel_size
+        small = (p.get("small_images") or "tile") == self.pixel_params.get("small_images", "tile")
+        return p["preprocess"] == "crop" and int(p["size"]) == self.pixel_size and small
 
-    def rows(self, split: str | None) -> Rows:
+    def rows(self, split: str | None, real_jpeg_quality: int | None = None) -> Rows:
+        """Usable rows of a split; with `real_jpeg_quality`, real rows of that JPEG quality only."""
         parts = []
         for k, s in enumerate(self.sources):
             keep = s.usable & (s.columns["split"] == split if split else True)
+            if real_jpeg_quality is not None:
+                quality = s.columns["jpeg_quality"]
+                if (quality == index_stage.QUALITY_UNKNOWN).any():
+                    raise UserError(
+                        f"{s.url}: its index records no JPEG quality (written before the column); "
+                        "extract into a new --cache-dir to use --real-jpeg-quality"
+                    )
+                keep &= (s.columns["label"] == 1) | (quality == real_jpeg_quality)
             r = np.flatnonzero(keep)
             parts.append((np.full(len(r), k), r, s.columns["label"][r].astype(np.int64)))
         return Rows(*(np.concatenate([p[i] for p in parts]) for i in range(3)))

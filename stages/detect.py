@@ -102,7 +102,10 @@ def detect(
     lare = LaREOnTheFly(run, device, files, log) if method_registry.get(run.method).reads_lare else None
     lare_params = run.params["lare"]["params"]
     max_pixels = lare_params.get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS)
-    pixel_params = {"size": run.params["lare"]["pixel_size"], "max_pixels": max_pixels}
+    pixel_params = run.params.get("pixels") or {
+        "size": run.params["lare"]["pixel_size"],
+        "max_pixels": max_pixels,
+    }
     if lare is None:
         recipe = RowRecipe.from_params(None, None, pixel_params)
     else:

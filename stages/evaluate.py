@@ -7,6 +7,9 @@ is reported under a name that says so; it is not a fair figure.
 
 Results are named by (run fingerprint, test artifacts, split, the epochs scored, the scoring
 code's version): an evaluation already done is not redone, a fix to the scoring is.
+A perturbed test artifact (`--perturb SPEC`) is another test artifact, so its results are apart.
+ACC and AP are also given per source format of the files (`by_format`: png, jpeg, ...): a detector
+that learned the format rather than the generator shows it there.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from stages import batches, cachedata, checkpoint, sd
 from stages import method as method_registry
+from stages import perturb as perturb_stage
 from stages.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
 THRESHOLD = 0.5
@@ -47,6 +51,12 @@ def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = THRESHOLD
     }
     out["oracle_acc_threshold_fit_on_test"] = oracle_acc(labels, scores)
     return out
+
+
+def metrics_by_format(labels: np.ndarray, scores: np.ndarray, formats: np.ndarray) -> dict[str, dict]:
+    """`metrics` of the rows of each source format (the file's, whatever perturbation was applied)."""
+    formats = np.array([str(f) for f in formats], dtype=object)
+    return {f: metrics(labels[formats == f], scores[formats == f]) for f in sorted(set(formats))}
 
 
 def oracle_acc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -90,6 +100,8 @@ def evaluate(
     epoch: str | int = "best",
     lare: str | None = None,
     pixels: str | None = None,
+    perturb: str | None = None,
+    perturb_only: str | None = None,
 ) -> list[dict]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache.
 
@@ -97,16 +109,18 @@ def evaluate(
     of the final five epochs scored apart, the metrics reported as mean and std over them (LoL's
     protocol; std is numpy's, ddof 0). In each cache, the artifacts the run was trained on are read
     by default (`lare`/`pixels` selectors choose others, see cachedata.Choice), from an index that
-    covers `split`.
+    covers `split`; `perturb`, `perturb_only`: the test artifacts extracted with that `--perturb`
+    (None: clean).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    wanted = cachedata.wanted_perturbation(perturb, perturb_only)
     epochs = select_epochs(run_path, epoch, several=True)
     run = load_run(run_path, resolve_device(device), epochs[0])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    choice = cachedata.Choice(lare, pixels, run=run.params)
+    choice = cachedata.Choice(lare, pixels, run=run.params, perturb=wanted)
     for url in caches:
         data = cachedata.CacheData([url], verify=verify, split=split, choice=choice, log=log)
         src = data.sources[0]
@@ -137,33 +151,47 @@ def evaluate(
                 run.use_epoch(e)
             scores[e] = predict(run, data, rows, batch_size, progress)
         each = [metrics(rows.label, scores[e]) for e in epochs]
+        formats = src.columns["format"][rows.row]
+        by_format = [metrics_by_format(rows.label, scores[e], formats) for e in epochs]
         result = {
             "run": run.name,
             "run_fingerprint": run.params["fingerprint"],
             "method": run.method,
             "train_subsets": sorted({c["subset"] for c in run.params["caches"]}),
+            "train_perturb": perturb_stage.describe(run.params["caches"][0].get("perturb")),
             "test_subset": src.subset,
+            "test_perturb": perturb_stage.describe(src.identity()["perturb"]),
             "test_cache": src.identity(),
             "test_url": url,
             "split": split,
             "epoch_choice": str(epoch),
             "epochs": epochs,
             "metrics": each[0],
+            "by_format": by_format[0],
         }
-        if len(epochs) > 1:
-            result["metrics"] = {k: float(np.mean([m[k] for m in each])) for k in each[0]}
-            result["metrics_std"] = {k: float(np.std([m[k] for m in each])) for k in each[0]}
+        if len(epochs) > 1:  # means over the epochs (metrics, by_format) and the std of the metrics
+            result["metrics"], result["metrics_std"] = mean_std(each)
+            result["by_format"] = {f: mean_std([b[f] for b in by_format])[0] for f in by_format[0]}
             result["per_epoch"] = [{"epoch": e, "metrics": m} for e, m in zip(epochs, each, strict=True)]
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "id", "label", "epoch", "score"])
+            w.writerow(["path", "id", "label", "format", "epoch", "score"])
+            c = src.columns
             for e in epochs:
                 for r, lab, s in zip(rows.row, rows.label, scores[e], strict=True):
-                    w.writerow([src.columns["path"][r], src.columns["id"][r], int(lab), e, f"{s:.6f}"])
+                    w.writerow([c["path"][r], c["id"][r], int(lab), c["format"][r], e, f"{s:.6f}"])
         atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
-        log(f"{run.name} on {src.subset}: {summary(result)} -> {stem}.json")
+        log(f"{run.name} on {src.subset} [{result['test_perturb']}]: {summary(result)} -> {stem}.json")
         results.append(result)
     return results
+
+
+def mean_std(each: list[dict]) -> tuple[dict, dict]:
+    """Per key, the mean and the std (numpy's, ddof 0) of several epochs' metrics."""
+    return (
+        {k: float(np.mean([m[k] for m in each])) for k in each[0]},
+        {k: float(np.std([m[k] for m in each])) for k in each[0]},
+    )
 
 
 def summary(result: dict) -> str:
@@ -175,7 +203,10 @@ def summary(result: dict) -> str:
 
     epochs = result["epochs"]
     which = f"epoch {epochs[0]}" if len(epochs) == 1 else f"mean +- std over epochs {epochs[0]}..{epochs[-1]}"
+    per_format = "; ".join(
+        f"{f} ACC {fm['acc']:.4f} AP {fm['ap']:.4f} n={int(fm['n'])}" for f, fm in result["by_format"].items()
+    )
     return (
         f"ACC {v('acc')} (real {v('real_acc')}, generated {v('generated_acc')}) AP {v('ap')}, "
-        f"n={m['n']}, {which} ({result['epoch_choice']})"
+        f"n={int(m['n'])} ({per_format}), {which} ({result['epoch_choice']})"
     )

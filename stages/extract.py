@@ -28,6 +28,7 @@ from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWri
 from pipeline.store import SCHEMA_VERSION, ArraySpec, Artifact, CacheStore, index_path, latest, now
 from stages import index as index_stage
 from stages import lare as lare_math
+from stages import perturb as perturb_stage
 from stages import pixels as pixels_stage
 from stages import sd
 from stages.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
@@ -68,6 +69,7 @@ class ExtractConfig:
     seed: int = 0
     pixels: bool = True
     pixel_size: int = 256
+    small_images: str = "tile"  # pixel crop (and `crop` LaRE geometry) of images smaller than the window
     max_pixels: int = pixels_stage.DEFAULT_MAX_PIXELS
     batch_size: int = 16
     rows_per_shard: int = 512
@@ -75,10 +77,23 @@ class ExtractConfig:
     loader_workers: int = -1  # -1: none on CPU; on a GPU, all cores but two (decoding must outrun the GPU)
     compile: bool = False  # torch.compile the VAE encoder and the UNet (last bits only, like batch size)
     progress: bool = True
+    perturb: str | None = None  # a stages.perturb SPEC applied to the decoded image before the geometry
+    perturb_only: str | None = None  # "generated" or "real": perturb that class only
+
+    def perturbation(self) -> dict | None:
+        """The `perturb` param of both artifacts: SPEC (canonical), class, seed; None when clean."""
+        if self.perturb is None:
+            if self.perturb_only is not None:
+                raise UserError("--perturb-only needs --perturb SPEC")
+            return None
+        return perturb_stage.parse(self.perturb, self.seed, self.perturb_only).record()
 
     def check(self) -> None:
         if self.preprocess not in PREPROCESS:
             raise UserError(f"--preprocess must be one of {', '.join(PREPROCESS)}, not '{self.preprocess}'")
+        if self.small_images not in pixels_stage.SMALL_IMAGES:
+            choices = ", ".join(pixels_stage.SMALL_IMAGES)
+            raise UserError(f"--small-images must be one of {choices}, not '{self.small_images}'")
         if self.dtype not in STORE_DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, not '{self.dtype}'")
         if self.precision != "auto" and self.precision not in lare_math.PRECISIONS:
@@ -90,6 +105,7 @@ class ExtractConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive")
         if self.prompt_template is not None and "{cls}" not in self.prompt_template:
             raise UserError("--prompt-template must contain '{cls}', e.g. 'a photo of a {cls}'")
+        self.perturbation()
 
     def resolved_precision(self, device: str) -> str:
         if self.precision != "auto":
@@ -106,12 +122,14 @@ def lare_artifact(
         "size": cfg.size,
         "preprocess": cfg.preprocess,
         "resample": pixels_stage.RESAMPLE if cfg.preprocess == "resize" else None,
+        "small_images": cfg.small_images if cfg.preprocess == "crop" else None,
         "prompt": cfg.prompt,  # with a template: the prompt of files whose name holds no class
         "prompt_template": cfg.prompt_template,
         "dtype": cfg.dtype,
         "precision": precision,
         "seed": cfg.seed,
         "max_pixels": cfg.max_pixels,
+        "perturb": cfg.perturbation(),
     }
     code = lare_code_version()
     fp = fingerprint(
@@ -138,8 +156,12 @@ def lare_artifact(
 def pixel_artifact(cfg: ExtractConfig, index_fp: str) -> Artifact:
     params = {
         "size": cfg.pixel_size,
-        "geometry": "centre crop, tiled when smaller",
+        "geometry": "centre crop, "
+        + ("tiled" if cfg.small_images == "tile" else "reflect-101 padded")
+        + " when smaller",
+        "small_images": cfg.small_images,
         "max_pixels": cfg.max_pixels,
+        "perturb": cfg.perturbation(),
     }
     code = pixel_code_version()
     fp = fingerprint(
@@ -154,10 +176,19 @@ class RowDataset(torch.utils.data.Dataset):
     """Reads one row's file and applies the per-row recipe; runs in DataLoader workers.
 
     A file that cannot be read or decoded becomes a reason (and placeholder tensors that are never stored).
+    `labels` decide which rows a class-restricted perturbation (`--perturb-only`) applies to.
     """
 
-    def __init__(self, files: list[str], ids: np.ndarray, prompt_idx: np.ndarray, recipe: RowRecipe):
+    def __init__(
+        self,
+        files: list[str],
+        ids: np.ndarray,
+        prompt_idx: np.ndarray,
+        recipe: RowRecipe,
+        labels: np.ndarray | None = None,
+    ):
         self.files, self.ids, self.prompt_idx, self.recipe = files, ids, prompt_idx, recipe
+        self.labels = labels if labels is not None else np.zeros(len(files), dtype=np.uint8)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -168,7 +199,8 @@ class RowDataset(torch.utils.data.Dataset):
         image_id = str(self.ids[row])
         try:
             with open(self.files[row], "rb") as f:
-                item.update(self.recipe.prepare(self.recipe.decode(f.read()), image_id))
+                rgb = self.recipe.perturbed(self.recipe.decode(f.read()), image_id, int(self.labels[row]))
+                item.update(self.recipe.prepare(rgb, image_id))
         except (pixels_stage.BadImage, OSError) as e:
             reason = str(e) if isinstance(e, pixels_stage.BadImage) else f"unreadable: {e}"
             item.update(ok=False, reason=reason, **self.recipe.placeholder(image_id))
@@ -203,6 +235,7 @@ class ExtractJob:
     index_path: str
     files: list[str]  # absolute path of each row's image
     ids: np.ndarray
+    labels: np.ndarray  # 1 generated, 0 real: for --perturb-only
     paths: list[str]  # path relative to the subset folder, for failure records
     prompts: list[str]
     prompt_idx: np.ndarray
@@ -285,7 +318,7 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
         )
     return ExtractJob(
         cfg=cfg, cache_url=cache_url, subset=subset, index_path=index,
-        files=[idx.abspath(r) for r in range(n)], ids=idx.columns["id"],
+        files=[idx.abspath(r) for r in range(n)], ids=idx.columns["id"], labels=idx.columns["label"],
         paths=[str(p) for p in idx.columns["path"]], prompts=prompts, prompt_idx=prompt_idx,
         model=model_ref, device=device, precision=precision, latent=latent, artifacts=artifacts, plan=plan,
     )  # fmt: skip
@@ -338,7 +371,7 @@ class ShardComputer:
             job.latent,
             arts["pixels"].attrs["params"] if "pixels" in arts else None,
         )
-        dataset = RowDataset(job.files, job.ids, job.prompt_idx, recipe)
+        dataset = RowDataset(job.files, job.ids, job.prompt_idx, recipe, job.labels)
         workers = cfg.loader_workers if cfg.loader_workers >= 0 else default_workers(job.device)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sub.batches(cfg.batch_size), num_workers=workers, pin_memory=self.cuda,

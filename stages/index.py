@@ -2,10 +2,15 @@
 
 The id is xxh3-128 of the file's bytes, so everything keyed by it (the noise drawn for an image,
 a row's identity across caches) follows the content, not the file name or the scan order.
+
+Each JPEG's quality factor is estimated from its quantization tables: GenImage's real images are
+JPEGs and most generated ones PNGs, so a detector can learn the format instead of the generator
+("Fake or JPEG?", Grommelt et al. 2024); the column lets training hold real images to one quality.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from collections.abc import Iterable
@@ -36,7 +41,8 @@ SPLITS = ("train", "val")
 # label folder -> label (1 generated, 0 real); GenImage's names and the {0_real,1_fake} re-arrangement
 LABEL_DIRS = {"ai": 1, "nature": 0, "1_fake": 1, "0_real": 0}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-COLUMNS = ("id", "path", "label", "split", "format", "width", "height", "size", "mtime_ns")
+COLUMNS = ("id", "path", "label", "split", "format", "width", "height", "jpeg_quality", "size", "mtime_ns")
+NOT_JPEG, QUALITY_UNKNOWN = -1, -2  # jpeg_quality of other formats; of an index written without the column
 
 
 def canonical_subset(name: str) -> str:
@@ -133,15 +139,63 @@ def _list_files(subset_root: Path, splits: Iterable[str]) -> tuple[list[tuple[st
     return found, skipped
 
 
-def _describe(path: Path) -> tuple[str, str, int, int]:
-    """(id, format, width, height) of one file; the header only, the pixels are decoded later."""
+@functools.cache
+def _standard_tables() -> np.ndarray:
+    """(100, 2, 64) luminance and chrominance tables of Pillow's encoder at qualities 1..100.
+
+    Taken from the encoder itself (an 8x8 image saved at each quality), so they are libjpeg's
+    standard tables scaled exactly as the files Pillow, libjpeg and most tools write.
+    """
+    tables = []
+    for q in range(1, 101):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format="JPEG", quality=q)
+        with Image.open(buf) as img:
+            tables.append([list(img.quantization[k]) for k in (0, 1)])
+    return np.array(tables, dtype=np.int64)
+
+
+def jpeg_quality(quantization: dict[int, list[int]]) -> int:
+    """The quality factor whose standard tables are nearest (sum of absolute differences) to a JPEG's.
+
+    Exact for files written with libjpeg's standard tables (Pillow, libjpeg, ImageMagick, PIL-based
+    pipelines such as ImageNet's); for other encoders (cameras with their own tables) the nearest one.
+    """
+    have = [np.asarray(quantization[k], dtype=np.int64) for k in sorted(quantization)[:2]]
+    ref = _standard_tables()
+    dist = sum(np.abs(ref[:, k] - t).sum(axis=1) for k, t in enumerate(have) if t.shape == (64,))
+    return int(np.argmin(dist)) + 1
+
+
+def qualities(columns: dict[str, np.ndarray]) -> np.ndarray:
+    """The jpeg_quality column; QUALITY_UNKNOWN for every row of an index written without it (schema 1)."""
+    if "jpeg_quality" in columns:
+        return np.asarray(columns["jpeg_quality"]).astype(np.int64)
+    return np.full(len(columns["label"]), QUALITY_UNKNOWN, dtype=np.int64)
+
+
+def format_mix(columns: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """Rows per class (`real`, `generated`) and per source format: `png`, `jpeg q95`, `jpeg q?` (unknown)."""
+    quality = qualities(columns)
+    out: dict[str, dict[str, int]] = {}
+    for label, fmt, q in zip(columns["label"], columns["format"], quality, strict=True):
+        kind = str(fmt) if fmt != "jpeg" else f"jpeg q{q}" if q > 0 else "jpeg q?"
+        mix = out.setdefault("generated" if label else "real", {})
+        mix[kind] = mix.get(kind, 0) + 1
+    return out
+
+
+def _describe(path: Path) -> tuple[str, str, int, int, int]:
+    """(id, format, width, height, JPEG quality) of one file; the header only, pixels are decoded later."""
     data = path.read_bytes()
     image_id = xxhash.xxh3_128_hexdigest(data)
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return image_id, (img.format or "unknown").lower(), img.width, img.height
+            fmt = (img.format or "unknown").lower()
+            quality = jpeg_quality(img.quantization) if fmt == "jpeg" and img.quantization else NOT_JPEG
+            return image_id, fmt, img.width, img.height, quality
     except Exception:  # noqa: BLE001 - any unreadable header is recorded, extraction gives the reason
-        return image_id, "unknown", -1, -1
+        return image_id, "unknown", -1, -1, NOT_JPEG
 
 
 def scan(
@@ -168,15 +222,21 @@ def scan(
 
     stats = [os.stat(root / rel) for rel, _, _ in files]
     known: dict[str, tuple] = {}
-    if previous is not None and previous.root == str(root):
+    if previous is not None and previous.root == str(root) and "jpeg_quality" in previous.columns:
         pc = previous.columns
         for j, rel in enumerate(pc["path"]):
             known[str(rel)] = (
                 int(pc["size"][j]),
                 int(pc["mtime_ns"][j]),
-                (str(pc["id"][j]), str(pc["format"][j]), int(pc["width"][j]), int(pc["height"][j])),
+                (
+                    str(pc["id"][j]),
+                    str(pc["format"][j]),
+                    int(pc["width"][j]),
+                    int(pc["height"][j]),
+                    int(pc["jpeg_quality"][j]),
+                ),  # fmt: skip
             )
-    described: list[tuple[str, str, int, int] | None] = [None] * len(files)
+    described: list[tuple[str, str, int, int, int] | None] = [None] * len(files)
     todo = []
     for k, ((rel, _, _), st) in enumerate(zip(files, stats, strict=True)):
         hit = known.get(rel)
@@ -199,6 +259,7 @@ def scan(
         "format": np.array([d[1] for d in described], dtype=object),
         "width": np.array([d[2] for d in described], dtype=np.int32),
         "height": np.array([d[3] for d in described], dtype=np.int32),
+        "jpeg_quality": np.array([d[4] for d in described], dtype=np.int16),
         "size": np.array([st.st_size for st in stats], dtype=np.int64),
         "mtime_ns": np.array([st.st_mtime_ns for st in stats], dtype=np.int64),
     }

@@ -1,7 +1,9 @@
-"""Decoding one image safely, and the two geometries the caches use: resize (bicubic), and crop with tiling.
+"""Decoding one image safely, and the two geometries the caches use: resize (bicubic), and a centre crop.
 
 The crop never resamples: a resampled image loses exactly the high-frequency traces detectors
-look for. Images smaller than the crop are enlarged by tiling copies of themselves, as LoL does.
+look for. An image smaller than the crop is enlarged without resampling either by tiling copies of
+itself (LoL's stitching) or by reflect-101 padding (the EGRE reference's albumentations
+`PadIfNeeded`, centred); REFERENCE_NOTES.md, EGRE "Images" and LoL.
 """
 
 from __future__ import annotations
@@ -44,6 +46,27 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all are recorded
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BadImage(f"corrupt or truncated: {msg}") from None
+
+
+SMALL_IMAGES = ("tile", "reflect")
+
+
+def centre_crop(rgb: np.ndarray, size: int, small: str = "tile") -> np.ndarray:
+    """Centre `size` x `size` crop; a side shorter than `size` is first tiled or reflect-101 padded."""
+    return crop_tiled(rgb, size) if small == "tile" else crop_reflect(rgb, size)
+
+
+def crop_reflect(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Centre crop after padding each short side to `size` with reflect-101 (numpy's `reflect` mode:
+    the edge pixel is not repeated, cv2's BORDER_REFLECT_101), the padding split evenly as
+    albumentations' centred PadIfNeeded does."""
+    h, w = rgb.shape[:2]
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:
+        rgb = np.pad(rgb, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
+        h, w = rgb.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(rgb[top : top + size, left : left + size])
 
 
 def crop_tiled(rgb: np.ndarray, size: int) -> np.ndarray:

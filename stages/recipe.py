@@ -1,14 +1,17 @@
 """The per-row recipe: what extraction caches and detection recomputes for one image file.
 
-file bytes -> decode (RGB) -> pixel crop (uint8, never resampled)
+file bytes -> decode (RGB) -> [perturbation, extraction only] -> pixel crop (uint8, never resampled)
                            -> LaRE geometry (`resize`: Pillow bicubic to size x size, or `crop`)
                               + the row's noises (seeded by the content id) + its prompt index
-The LaRE model call itself is `stages.lare`. This module, `stages.pixels`, `stages.classes` (and the
-class tables' bytes) and `stages.lare` are exactly what `lare_code_version` hashes: a change to any of
-them names new artifacts, so a cache can never be called up to date with values computed otherwise.
+The LaRE model call itself is `stages.lare`. This module, `stages.pixels`, `stages.perturb`,
+`stages.classes` (and the class tables' bytes) and `stages.lare` are exactly what `lare_code_version`
+hashes: a change to any of them names new artifacts, so a cache can never be called up to date with
+values computed otherwise.
 
 Built from the parameters an artifact records (`from_params`), so detection with a trained run
-computes its rows from the run's record with this very code, never from a copy of it.
+computes its rows from the run's record with this very code, never from a copy of it. A perturbation
+(`--perturb`) is a property of the data a cache holds, not of a detector: extraction applies it
+(`perturbed`), detection of new images never does.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.fingerprint import code_version
-from stages import classes, pixels
+from stages import classes, perturb, pixels
 from stages import lare as lare_math
 
 PREPROCESS = ("resize", "crop")
@@ -30,12 +33,12 @@ PREPROCESS = ("resize", "crop")
 
 def lare_code_version() -> str:
     """The code (and data) that decides a LaRE map's value; docstrings and comments excluded."""
-    return code_version(lare_math, pixels, classes, _this()) + classes.tables_hash()[:16]
+    return code_version(lare_math, pixels, perturb, classes, _this()) + classes.tables_hash()[:16]
 
 
 def pixel_code_version() -> str:
     """The code that decides a pixel crop's value."""
-    return code_version(pixels, _this())
+    return code_version(pixels, perturb, _this())
 
 
 def _this():
@@ -61,10 +64,12 @@ class LareRow:
     prompt: str
     prompt_template: str | None
 
+    small_images: str = "tile"  # with `crop`: how an image smaller than `size` is enlarged
+
     def geometry(self, rgb: np.ndarray) -> np.ndarray:
         if self.preprocess == "resize":
             return pixels.resize_square(rgb, self.size)
-        return pixels.crop_tiled(rgb, self.size)
+        return pixels.centre_crop(rgb, self.size, self.small_images)
 
     def noise(self, image_id: str) -> torch.Tensor:
         channels, side = self.latent
@@ -82,6 +87,8 @@ class RowRecipe:
     max_pixels: int
     pixel_size: int | None
     lare: LareRow | None
+    small_images: str = "tile"  # the pixel crop's enlargement of small images
+    perturbation: perturb.Perturbation | None = None
 
     @classmethod
     def from_params(
@@ -100,22 +107,29 @@ class RowRecipe:
             lare = LareRow(
                 size=int(p["size"]), preprocess=p["preprocess"], seed=int(p["seed"]),
                 ensemble=int(p["ensemble"]), latent=tuple(latent), prompt=p["prompt"] or "a photo",
-                prompt_template=p["prompt_template"],
+                prompt_template=p["prompt_template"], small_images=p.get("small_images") or "tile",
             )  # fmt: skip
         recorded = lare_params or pixel_params or {}
         max_pixels = int(recorded.get("max_pixels", pixels.DEFAULT_MAX_PIXELS))
         size = int(pixel_params["size"]) if pixel_params is not None else None
-        return cls(max_pixels, size, lare)
+        small = (pixel_params or {}).get("small_images", "tile")  # recorded since schema 2; before: tile
+        return cls(max_pixels, size, lare, small, perturb.from_record(recorded.get("perturb")))
 
     def decode(self, data: bytes) -> np.ndarray:
         """RGB uint8 (H, W, 3), or raises pixels.BadImage with the reason to record."""
         return pixels.decode_rgb(data, self.max_pixels)
 
+    def perturbed(self, rgb: np.ndarray, image_id: str, label: int) -> np.ndarray:
+        """The decoded image as the artifacts' `perturb` param says (unchanged when clean)."""
+        if self.perturbation is None:
+            return rgb
+        return self.perturbation(rgb, image_id, label)
+
     def prepare(self, rgb: np.ndarray, image_id: str) -> dict[str, torch.Tensor]:
         """`crops` (3, S, S) uint8; `image` (3, size, size) uint8 and `noise` (1 + e, C, h, w)."""
         out: dict[str, torch.Tensor] = {}
         if self.pixel_size is not None:
-            out["crops"] = chw(pixels.crop_tiled(rgb, self.pixel_size))
+            out["crops"] = chw(pixels.centre_crop(rgb, self.pixel_size, self.small_images))
         if self.lare is not None:
             out["image"] = chw(self.lare.geometry(rgb))
             out["noise"] = self.lare.noise(image_id)

@@ -39,7 +39,12 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
 
     def short(r: dict) -> str:
         choice = r.get("epoch_choice", "best")
-        return f"{r['method']}:{'+'.join(r['train_subsets'])}" + ("" if choice == "best" else f" ({choice})")
+        trained = r.get("train_perturb", "clean")
+        return (
+            f"{r['method']}:{'+'.join(r['train_subsets'])}"
+            + ("" if trained == "clean" else f" [{trained}]")
+            + ("" if choice == "best" else f" ({choice})")
+        )
 
     runs_per_label: dict[str, set] = {}
     for r in records:
@@ -54,16 +59,22 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
     def split(r: dict) -> str:
         return r.get("split", "val")
 
-    # A column per (test subset, split, test artifacts): the split and the artifacts are named in it
-    # only where the folder holds more than one of them, so a plain folder keeps plain subset columns.
+    # A column per (test subset, split, perturbation, test artifacts): the split and the artifacts are
+    # named only where the folder holds more than one of them, so a plain folder keeps plain subset
+    # columns; a perturbed test artifact (`eval --perturb`) is always a column of its own.
     several_splits = len({split(r) for r in records}) > 1
-    kinds: dict[tuple[str, str], set] = {}
+
+    def base(r: dict) -> str:
+        name = f"{r['test_subset']}:{split(r)}" if several_splits else r["test_subset"]
+        perturbed = r.get("test_perturb", "clean")
+        return name if perturbed == "clean" else f"{name} [{perturbed}]"
+
+    kinds: dict[str, set] = {}
     for r in records:
-        kinds.setdefault((r["test_subset"], split(r)), set()).add(artifacts(r))
+        kinds.setdefault(base(r), set()).add(artifacts(r))
 
     def column(r: dict) -> str:
-        name = f"{r['test_subset']}:{split(r)}" if several_splits else r["test_subset"]
-        return f"{name}@{artifacts(r)}" if len(kinds[r["test_subset"], split(r)]) > 1 else name
+        return f"{base(r)}@{artifacts(r)}" if len(kinds[base(r)]) > 1 else base(r)
 
     rows = sorted({label(r) for r in records})
     cols = sorted({column(r) for r in records})

@@ -4,6 +4,10 @@ The generated class carries a real, simple generator artifact: it is made at a q
 resolution and upsampled, as many generators' last stages do, so it lacks the per-pixel sensor
 noise of the "real" class. Formats (JPEG / PNG) and sizes are drawn independently of the label,
 so the only signal a detector can learn is the artifact itself.
+
+With `format_only_quality=Q` it is the opposite: both classes are drawn alike and differ ONLY in file
+format (real: JPEG at quality Q, generated: PNG), GenImage's format bias in its purest form. A
+detector that scores well there has learned the format, which the JPEG-Q control must expose.
 """
 
 from __future__ import annotations
@@ -50,10 +54,10 @@ def make_image(rng: np.random.Generator, h: int, w: int, generated: bool) -> np.
     return np.clip(_scene(rng, h, w) + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def encode_image(rgb: np.ndarray, fmt: str) -> bytes:
+def encode_image(rgb: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     if fmt == "JPEG":
-        Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
     else:
         Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -65,6 +69,7 @@ def make_genimage(
     per_class: dict[str, int] | None = None,
     seed: int = 0,
     layout: str = "genimage",
+    format_only_quality: int | None = None,
 ) -> Path:
     """Write `per_class[split]` real and generated images per split; returns the subset folder.
 
@@ -89,12 +94,14 @@ def make_genimage(
                 h, w = SIZES[int(rng.integers(len(SIZES)))]
                 fmt = "JPEG" if rng.random() < 0.5 else "PNG"
                 cls = int(rng.integers(1000))
-                rgb = make_image(rng, h, w, generated=bool(label))
+                rgb = make_image(rng, h, w, generated=bool(label) and format_only_quality is None)
+                if format_only_quality is not None:
+                    fmt = "PNG" if label else "JPEG"
                 ext = ".JPEG" if fmt == "JPEG" else ".png"
                 name = (
                     f"{cls:03d}_{GENERATOR_TAG[subset]}_{k:05d}{ext}" if label else f"{wnids[cls]}_{k}{ext}"
                 )
-                (out / name).write_bytes(encode_image(rgb, fmt))
+                (out / name).write_bytes(encode_image(rgb, fmt, format_only_quality or 95))
     return base
 
 

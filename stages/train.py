@@ -73,6 +73,9 @@ class TrainConfig:
     precision: str = "auto"  # fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, fp32 elsewhere
     lare: str | None = None  # --lare / --pixels: which artifact of each cache (see cachedata.Choice)
     pixels: str | None = None
+    perturb: str | None = None  # train on the artifacts extracted with this --perturb SPEC (None: clean)
+    perturb_only: str | None = None  # ... and this --perturb-only class
+    real_jpeg_quality: int | None = None  # real rows of this JPEG quality only (the JPEG-96 control)
 
     def hparams(self, subsets: set[str]) -> dict[str, Any]:
         """The hyper-parameters of a run on caches of `subsets`: the options, else the method's defaults."""
@@ -103,7 +106,10 @@ class TrainConfig:
             "max_per_class": per_class(self.max_per_class, d["max_per_class"]),
             "shuffle_labels": self.shuffle_labels,
             "memory_rows": self.memory_rows,
+            "real_jpeg_quality": self.real_jpeg_quality,
         }
+        if self.real_jpeg_quality is not None and not 1 <= self.real_jpeg_quality <= 100:
+            raise UserError(f"--real-jpeg-quality must be in 1..100, not {self.real_jpeg_quality}")
         hp.update(method.extra_hparams(self))
         if self.loader_workers < -1:
             raise UserError(
@@ -215,6 +221,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
         "backbone": {**identity, "arch": cfg.backbone, "spec_weights": cfg.backbone_weights},
         "caches": [s.identity() for s in data.sources],
         "lare": {"params": data.lare_params, "model": data.lare_model, "pixel_size": data.pixel_size},
+        "pixels": data.pixel_params,  # how detection crops new images (window, small images)
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
         "seed": cfg.seed,
         "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
@@ -238,9 +245,9 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
     """`pipeline train`: returns the run directory; a finished run is not retrained."""
-    data = cachedata.CacheData(
-        cfg.caches, verify=cfg.verify, split="train", choice=cachedata.Choice(cfg.lare, cfg.pixels), log=log
-    )
+    wanted = cachedata.wanted_perturbation(cfg.perturb, cfg.perturb_only)
+    choice = cachedata.Choice(cfg.lare, cfg.pixels, perturb=wanted)
+    data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split="train", choice=choice, log=log)
     run, params = plan_run(cfg, data)
     if method_registry.get(cfg.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
         log(f"note: {note}")
@@ -251,9 +258,11 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     method = method_registry.get(cfg.method)
     if cfg.lr is None and hp["lr"] != method.defaults["lr"]:
         log(f"lr {hp['lr']:g}: the {cfg.method} paper's rate for this training subset (--lr to override)")
-    pool = data.rows("train")  # the only split training reads: test (val) splits stay unseen
-    if len(pool) == 0:
-        raise UserError("no usable training rows (split 'train') in the given cache(s)")
+    # the only split training reads: test (val) splits stay unseen
+    pool = data.rows("train", hp["real_jpeg_quality"])
+    if len(pool) == 0 or (hp["real_jpeg_quality"] is not None and not (pool.label == 0).any()):
+        which = f"real rows of JPEG quality {hp['real_jpeg_quality']}" if len(pool) else "rows"
+        raise UserError(f"no usable training {which} (split 'train') in the given cache(s)")
     rest, val_rows = hold_out(pool, hp["val_fraction"], hp["max_per_class"], cfg.seed)
     rows = data.sample(rest, hp["max_per_class"], cfg.seed, log)
     labels = torch.from_numpy(rows.label)

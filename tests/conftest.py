@@ -95,13 +95,14 @@ def artifact_arrays(cache: Path, artifact: str) -> dict[str, bytes]:
 TINY_TRAIN = ("--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-size", "32", "--lr", "1e-3")
 
 
-def extract_cache(data_root: Path, cache_dir: Path, subset: str = "sdv14") -> Path:
-    """Extract a subset with the tiny SD model (64 px, crop geometry: LaRE aligned with the pixels)."""
+def extract_cache(data_root: Path, cache_dir: Path, subset: str = "sdv14", **kw) -> Path:
+    """Extract a subset with the tiny SD model (64 px, crop geometry: LaRE aligned with the pixels);
+    `kw`: other ExtractConfig fields (e.g. perturb)."""
     from stages.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
         data_root=str(data_root), subset=subset, cache_dir=str(cache_dir), model="tiny", device="cpu",
-        size=64, pixel_size=64, preprocess="crop", rows_per_shard=16, progress=False,
+        size=64, pixel_size=64, preprocess="crop", rows_per_shard=16, progress=False, **kw,
     )  # fmt: skip
     return Path(run_extract(cfg, log=lambda m: None).cache)
 

@@ -51,6 +51,16 @@ def test_detect_scores_like_eval_and_lists_bad_files(egre_run, learn_set, tmp_pa
             assert float(a["score"]) == pytest.approx(float(b["score"]), abs=2e-3)
 
 
+def test_detection_crops_with_the_runs_recorded_window(egre_run, learn_set):
+    import json
+
+    from stages.cachedata import CacheData
+
+    params = json.loads((egre_run / "params.json").read_text())
+    assert params["pixels"] == CacheData([str(learn_set[1])], verify=False).pixel_params
+    assert params["pixels"]["small_images"] == "tile"
+
+
 def test_a_run_trained_on_schema_1_maps_is_refused(egre_run, learn_set, tmp_path):
     """Detection would compute schema-2 maps for a head trained on schema-1 (bilinear) maps: refused."""
     import json

@@ -289,3 +289,30 @@ def test_a_schema_1_cache_is_read_labelled_and_never_extended(genimage, tmp_path
     ):
         proc = run_cli("cache", verb, str(src), str(dst), check=False)
         assert proc.returncode == 2 and "one cache holds one schema" in proc.stderr, proc.stderr
+
+
+def test_small_images_reflect_pads_the_pixel_window(genimage, tmp_path):
+    """`--small-images reflect` (the EGRE reference's padding) as a user types it; bad values: one line."""
+    import json
+
+    run_cli(
+        *extract_args(
+            genimage, tmp_path, "--split", "val", "--pixel-size", "384", "--small-images", "reflect"
+        )
+    )
+    cache = tmp_path / "sdv14.zarr"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    ((path, art),) = [(p, a) for p, a in manifest["artifacts"].items() if a["kind"] == "pixels"]
+    assert art["params"]["small_images"] == "reflect" and "reflect-101" in art["params"]["geometry"]
+    group = zarr.open_group(str(cache), mode="r")
+    index = group[f"index/{art['upstream']['index'][:16]}"]
+    crops = group[f"{path}/crops"][:]
+    root = next(p for p in genimage.rglob("imagenet_ai_0419_sdv4") if p.is_dir())
+    for row, rel in enumerate(index["path"][:]):
+        rgb = pixels.decode_rgb((root / str(rel)).read_bytes())
+        assert np.array_equal(crops[row], pixels.crop_reflect(rgb, 384).transpose(2, 0, 1)), rel
+    proc = run_cli(*extract_args(genimage, tmp_path / "x", "--small-images", "mirror"), check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert (
+        proc.returncode == 2 and len(lines) == 1 and "--small-images must be one of tile, reflect" in lines[0]
+    )

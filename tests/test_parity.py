@@ -110,7 +110,7 @@ def test_cached_maps_equal_the_reference(parity_set, tmp_path, capsys):
     assert (
         "1 row(s) with no class in the file name used 'a photo' (e.g. train/ai/midjourney_0001.png)" in info
     )
-    assert "preprocess=resize resample=bicubic" in info
+    assert "resample=bicubic" in info
 
     folder = sd.resolve_model("tiny").folder
     models = {

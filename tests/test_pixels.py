@@ -56,3 +56,14 @@ def test_max_pixels_is_the_bomb_limit():
     assert pixels.decode_rgb(data, max_pixels=10_000).shape == (100, 100, 3)
     with pytest.raises(pixels.BadImage, match="decompression bomb: 100x100"):
         pixels.decode_rgb(data, max_pixels=9_999)
+
+
+def test_reflect_101_padding_is_centred_and_never_repeats_the_edge():
+    row = np.arange(1, 4, dtype=np.uint8)  # one row [1, 2, 3]: reflect-101 gives ... 3 2 | 1 2 3 | 2 1 ...
+    rgb = np.repeat(np.repeat(row[None, :, None], 3, axis=0), 3, axis=2)  # 3 x 3 x 3
+    out = pixels.crop_reflect(rgb, 7)
+    assert out.shape == (7, 7, 3)
+    assert out[3, :, 0].tolist() == [3, 2, 1, 2, 3, 2, 1]  # 2 padded on each side, as PadIfNeeded centres
+    big = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    assert np.array_equal(pixels.centre_crop(big, 256, "reflect"), pixels.centre_crop(big, 256, "tile"))
+    assert pixels.centre_crop(rgb, 7, "tile")[3, :, 0].tolist() != out[3, :, 0].tolist()

@@ -1,0 +1,269 @@
+"""`pipeline robustness`: one command for a robustness or format-bias study over perturbed caches.
+
+A grid is a list of conditions, each a perturbation of the training data and one of the test data
+(`stages.perturb` SPECs). The command extracts every (subset, perturbation) cache artifact that is
+missing, trains one detector per distinct training condition, evaluates each condition on every test
+subset, and writes a CSV and figures. Every step is named by its fingerprint, so a rerun after a kill
+redoes nothing that finished.
+
+Grids (LoL Appendix A and REFERENCE_NOTES.md, "Robustness"; the GenImage and AIGCDetect degradations):
+  lol-a4      each of LoL's four perturbations alone, on train and test (Table A4)
+  lol-a7      the four in sequence, noise -> blur -> JPEG -> crop, on train and test (Figure A7)
+  genimage    test only: downscale to 112 and 64 px, JPEG 65 and 30, blur sigma 3 and 5
+  aigcdetect  test only: JPEG 95, blur sigma 1, half size
+  jpeg96      the JPEG-96 control of "Fake or JPEG?": real training images of quality 96 only and
+              generated images JPEG'd at 96, in training and at test
+Every grid has the clean condition as its first row, the baseline the others are read against.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from stages import index as index_stage
+from stages.evaluate import evaluate
+from stages.extract import ExtractConfig, run_extract
+from stages.train import TrainConfig, run_train
+
+A4 = {"noise": "noise:5-20", "blur": "blur:3,5,7,9", "jpeg": "jpeg:10-75", "crop": "crop:5-20"}
+METRICS = ("acc", "ap", "real_acc", "generated_acc")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One row of a study: what the training and the test data went through."""
+
+    name: str  # the row's label
+    family: str  # which severity plot it belongs to ("clean" belongs to all of them)
+    level: str  # its x-axis label in that plot
+    train: str | None = None  # SPEC of the training data (None: clean)
+    test: str | None = None  # SPEC of the test data
+    only: str | None = None  # --perturb-only, for both
+    real_jpeg_quality: int | None = None  # training restricted to real images of this JPEG quality
+
+    @property
+    def training(self) -> tuple:
+        return self.train, self.only if self.train else None, self.real_jpeg_quality
+
+
+CLEAN = Condition("clean", "clean", "clean")
+
+
+def _both(family: str, spec: str, level: str) -> Condition:
+    return Condition(f"{family} {level}", family, level, train=spec, test=spec)
+
+
+def _test(family: str, spec: str, level: str) -> Condition:
+    return Condition(f"{family} {level} (test)", family, level, test=spec)
+
+
+GRIDS: dict[str, list[Condition]] = {
+    "lol-a4": [CLEAN, *(_both(f, s, s.split(":")[1]) for f, s in A4.items())],
+    "lol-a7": [CLEAN, Condition("noise+blur+jpeg+crop", "chain", "A7", *(["+".join(A4.values())] * 2))],
+    "genimage": [
+        CLEAN,
+        _test("resize", "resize:112px", "112px"),
+        _test("resize", "resize:64px", "64px"),
+        _test("jpeg", "jpeg:65", "q65"),
+        _test("jpeg", "jpeg:30", "q30"),
+        _test("blur", "blur:sigma=3", "sigma 3"),
+        _test("blur", "blur:sigma=5", "sigma 5"),
+    ],
+    "aigcdetect": [
+        CLEAN,
+        _test("jpeg", "jpeg:95", "q95"),
+        _test("blur", "blur:sigma=1", "sigma 1"),
+        _test("resize", "resize:0.5", "x0.5"),
+    ],
+    "jpeg96": [
+        CLEAN,
+        Condition("JPEG-96 control", "jpeg96", "q96", "jpeg:96", "jpeg:96", "generated", 96),
+    ],
+}
+
+
+@dataclass
+class RobustnessConfig:
+    """What `pipeline robustness` takes: the study, and the usual extraction and training options."""
+
+    data_root: str
+    train_subset: str
+    test_subsets: list[str]
+    grid: str = "lol-a4"
+    method: str = "lol"
+    out: str = "results/robustness"
+    extract: dict = field(default_factory=dict)  # ExtractConfig fields (model, device, cache_dir, ...)
+    train: dict = field(default_factory=dict)  # TrainConfig fields (backbone, epochs, crop_size, ...)
+    progress: bool = True
+
+    def conditions(self) -> list[Condition]:
+        if self.grid not in GRIDS:
+            raise UserError(f"--grid must be one of {', '.join(GRIDS)}, not '{self.grid}'")
+        return GRIDS[self.grid]
+
+
+def _extract(cfg: RobustnessConfig, subset: str, splits: tuple[str, ...], spec: str | None, only, log) -> str:
+    ecfg = ExtractConfig(
+        data_root=cfg.data_root, subset=subset, splits=splits, perturb=spec,
+        perturb_only=only if spec else None, progress=cfg.progress, **cfg.extract,
+    )  # fmt: skip
+    return run_extract(ecfg, log=log).cache
+
+
+def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
+    """Extract what is missing, train, evaluate; returns the CSV and the figures written."""
+    conditions = cfg.conditions()
+    train_subset = index_stage.canonical_subset(cfg.train_subset)
+    tests = list(dict.fromkeys(index_stage.canonical_subset(s) for s in cfg.test_subsets))
+    if not tests:
+        raise UserError("give at least one --test-subsets")
+    out = Path(cfg.out)
+
+    # the train subset is extracted with both splits (val for its own test), test-only subsets with val
+    caches: dict[tuple, str] = {}
+    for c in conditions:
+        wanted = [(train_subset, c.train)] + [(s, c.test) for s in tests]
+        for subset, spec in wanted:
+            key = (subset, spec, c.only if spec else None)
+            if key not in caches:
+                splits = ("train", "val") if subset == train_subset else ("val",)
+                log(f"robustness: extract {subset} [{spec or 'clean'}]")
+                caches[key] = _extract(cfg, subset, splits, spec, c.only, log)
+
+    runs: dict[tuple, Path] = {}
+    records: list[dict] = []
+    for c in conditions:
+        if c.training not in runs:
+            tcfg = TrainConfig(
+                caches=[caches[(train_subset, c.train, c.only if c.train else None)]], method=cfg.method,
+                out=str(out / "runs"), perturb=c.train, perturb_only=c.only if c.train else None,
+                real_jpeg_quality=c.real_jpeg_quality, progress=cfg.progress, **cfg.train,
+            )  # fmt: skip
+            log(f"robustness: train {cfg.method} on {train_subset} [{c.train or 'clean'}]")
+            runs[c.training] = run_train(tcfg, log=log)
+        for subset in tests:
+            only = c.only if c.test else None
+            (result,) = evaluate(
+                runs[c.training], [caches[(subset, c.test, only)]], out / "results", progress=cfg.progress,
+                log=log, device=cfg.train.get("device", "auto"), perturb=c.test, perturb_only=only,
+            )  # fmt: skip
+            records.append({"condition": c, "subset": subset, "result": result})
+    csv_path = write_csv(out / f"robustness-{cfg.grid}-{cfg.method}.csv", cfg, records)
+    figures = [table_figure(out / f"robustness-{cfg.grid}-{cfg.method}-table.png", cfg, conditions, records)]
+    figures += severity_figures(out, cfg, conditions, tests, records)
+    log(text_table(conditions, records))
+    return csv_path, figures
+
+
+def _metric(records: list[dict], c: Condition, metric: str, subset: str | None = None) -> float:
+    """One subset's value, or the mean over the test subsets (subset None)."""
+    vals = [
+        r["result"]["metrics"][metric]
+        for r in records
+        if r["condition"] == c and subset in (None, r["subset"])
+    ]
+    vals = [v for v in vals if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def write_csv(path: Path, cfg: RobustnessConfig, records: list[dict]) -> Path:
+    """One row per (condition, test subset), and a `mean` row per condition; percentages, 2 decimals."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = ["grid", "method", "condition", "family", "level", "train_perturb", "test_perturb",
+            "perturb_only", "real_jpeg_quality", "train_subset", "test_subset", "n",
+            *(f"{m}_%" for m in METRICS), "run"]  # fmt: skip
+    conditions = list(dict.fromkeys(r["condition"] for r in records))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(head)
+        for c in conditions:
+            mine = [r for r in records if r["condition"] == c]
+            base = [cfg.grid, cfg.method, c.name, c.family, c.level, c.train or "", c.test or "",
+                    c.only or "", c.real_jpeg_quality or "", cfg.train_subset]  # fmt: skip
+            for r in mine:
+                m = r["result"]["metrics"]
+                w.writerow(
+                    [*base, r["subset"], m["n"], *(f"{100 * m[k]:.2f}" for k in METRICS), r["result"]["run"]]
+                )
+            n = sum(r["result"]["metrics"]["n"] for r in mine)
+            w.writerow([*base, "mean", n, *(f"{100 * _metric(records, c, k):.2f}" for k in METRICS), ""])
+    return path
+
+
+def text_table(conditions: list[Condition], records: list[dict]) -> str:
+    lines = [f"{'condition':<34}{'ACC %':>8}{'AP %':>8}   (mean over the test subsets)"]
+    for c in conditions:
+        lines.append(
+            f"{c.name:<34}{100 * _metric(records, c, 'acc'):>8.1f}{100 * _metric(records, c, 'ap'):>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def table_figure(path: Path, cfg: RobustnessConfig, conditions: list[Condition], records: list[dict]) -> Path:
+    """Table A4's layout: one row per perturbation, ACC and AP averaged over the test subsets."""
+    plt = _pyplot()
+    cells = [[c.train or "-", c.test or "-", f"{100 * _metric(records, c, 'acc'):.1f}",
+              f"{100 * _metric(records, c, 'ap'):.1f}"] for c in conditions]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.4 * len(conditions)))
+    ax.axis("off")
+    table = ax.table(
+        cellText=cells, rowLabels=[c.name for c in conditions],
+        colLabels=["train perturbation", "test perturbation", "Avg. ACC (%)", "Avg. AP (%)"], loc="center",
+    )  # fmt: skip
+    table.auto_set_font_size(False)
+    table.set_fontsize(8)
+    table.scale(1, 1.3)
+    subsets = ", ".join(sorted({r["subset"] for r in records}))
+    ax.set_title(
+        f"{cfg.method} trained on {cfg.train_subset}, grid {cfg.grid}: mean over {subsets}", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def severity_figures(
+    out: Path, cfg: RobustnessConfig, conditions: list[Condition], tests: list[str], records: list[dict]
+) -> list[Path]:
+    """Per family: ACC and AP against severity (clean first), one line per test subset and their mean."""
+    plt = _pyplot()
+    paths = []
+    for family in dict.fromkeys(c.family for c in conditions if c.family != "clean"):
+        points = [c for c in conditions if c.family in ("clean", family)]
+        x = range(len(points))
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, metric in zip(axes, ("acc", "ap"), strict=True):
+            for subset in tests:
+                ax.plot(
+                    x, [100 * _metric(records, c, metric, subset) for c in points], marker="o", label=subset
+                )
+            ax.plot(x, [100 * _metric(records, c, metric) for c in points], "k--", marker="s", label="mean")
+            ax.set_xticks(list(x), [c.level for c in points])
+            ax.set_ylim(0, 101)
+            ax.set_xlabel(f"{family} severity")
+            ax.set_ylabel(f"{metric.upper()} (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{cfg.method} trained on {cfg.train_subset} ({cfg.grid}): {family}")
+        fig.tight_layout()
+        path = out / f"robustness-{cfg.grid}-{cfg.method}-{family}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths

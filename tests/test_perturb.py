@@ -1,0 +1,178 @@
+"""Perturbations (`--perturb SPEC`): each family's effect, draws keyed by content, perturbed caches that
+are bitwise the same after a resume, with decode workers and on a two-worker cluster, bad SPECs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import artifact_arrays, assert_same_cache, run_cli
+from PIL import Image
+
+from pipeline.errors import UserError
+from stages import perturb
+from stages.extract import ExtractConfig, ShardComputer, run_extract
+from stages.index import jpeg_quality
+from stages.synthetic import make_genimage, make_image
+
+RGB = make_image(np.random.default_rng(0), 96, 128, generated=False)  # noisy, like a photo
+
+
+def _apply(spec: str, rgb: np.ndarray = RGB, image_id: str = "abc", label: int = 1, **kw) -> np.ndarray:
+    return perturb.parse(spec, **kw)(rgb, image_id, label)
+
+
+def _high_freq(rgb: np.ndarray) -> float:
+    """Energy of the horizontal and vertical pixel differences."""
+    x = rgb.astype(np.float64)
+    return float((np.diff(x, axis=0) ** 2).mean() + (np.diff(x, axis=1) ** 2).mean())
+
+
+def test_specs_parse_to_one_canonical_text():
+    assert perturb.canonical(" JPEG:096 ") == "jpeg:96"
+    chain = "noise:5-20+blur:3,5,7,9+jpeg:10-75+crop:5-20"
+    assert perturb.canonical(chain) == chain
+    assert perturb.canonical("blur:sigma=3+resize:112px+resize:0.5") == "blur:sigma=3+resize:112px+resize:0.5"
+    assert perturb.parse("jpeg:96", seed=3, only="generated").record() == {
+        "spec": "jpeg:96", "only": "generated", "seed": 3,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spec", ["", "gauss:3", "jpeg", "jpeg:0", "jpeg:101", "jpeg:75-10", "blur:4", "blur:1", "crop:100",
+             "resize:2", "resize:1.5px", "noise:a", "jpeg:96+"],
+)  # fmt: skip
+def test_a_malformed_spec_names_the_families(spec):
+    with pytest.raises(UserError, match="families jpeg, blur, noise, crop, resize"):
+        perturb.parse(spec)
+
+
+def test_jpeg_changes_the_pixels_and_the_quality_estimated_is_q():
+    for q in (30, 75, 96):
+        data = perturb.jpeg_bytes(RGB, q)
+        with Image.open(io.BytesIO(data)) as img:
+            assert jpeg_quality(img.quantization) == q
+            decoded = np.asarray(img.convert("RGB"))
+        out = _apply(f"jpeg:{q}")
+        assert np.array_equal(out, decoded) and not np.array_equal(out, RGB)
+
+
+def test_blur_lowers_high_frequencies_more_with_a_larger_kernel():
+    energy = [_high_freq(RGB)] + [_high_freq(_apply(f"blur:{k}")) for k in (3, 9)]
+    energy.append(_high_freq(_apply("blur:sigma=3")))
+    assert energy[0] > energy[1] > energy[2] > energy[3], energy
+    assert _apply("blur:9", RGB[:3, :5]).shape == (3, 5, 3)  # a kernel larger than the image still works
+
+
+def test_noise_has_the_variance_asked_and_crop_and_resize_keep_or_set_the_size():
+    flat = np.full((200, 200, 3), 128, dtype=np.uint8)
+    diff = _apply("noise:16", flat).astype(np.float64) - 128
+    assert abs(diff.var() - 16) < 1.0 and abs(diff.mean()) < 0.1
+    cropped = _apply("crop:5-20")
+    assert cropped.shape == RGB.shape and not np.array_equal(cropped, RGB)
+    assert _apply("resize:0.5").shape == (48, 64, 3)
+    assert _apply("resize:64px").shape == (64, 85, 3)  # the shorter side, aspect kept
+
+
+def test_draws_are_keyed_by_seed_content_and_spec():
+    spec = "noise:5-20+blur:3,5,7,9+jpeg:10-75+crop:5-20"
+    a = _apply(spec, image_id="id-1")
+    assert np.array_equal(a, _apply(spec, image_id="id-1"))
+    assert not np.array_equal(a, _apply(spec, image_id="id-2"))
+    assert not np.array_equal(a, _apply(spec, image_id="id-1", seed=1))
+    assert np.array_equal(_apply("jpeg:50", label=0, only="generated"), RGB)  # the other class: untouched
+    assert not np.array_equal(_apply("jpeg:50", label=1, only="generated"), RGB)
+
+
+# ---- perturbed caches ------------------------------------------------------------------------------
+SPEC = "noise:5-20+jpeg:10-75+crop:5-20"
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("perturb-data")
+    make_genimage(root, "sdv14", {"train": 2, "val": 1}, seed=7)
+    return root
+
+
+def _cfg(data, cache, **kw) -> ExtractConfig:
+    base = dict(data_root=str(data), subset="sdv14", cache_dir=str(cache), model="tiny", device="cpu",
+                size=32, pixel_size=32, rows_per_shard=2, batch_size=2, progress=False,
+                perturb=SPEC)  # fmt: skip
+    return ExtractConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference(small, tmp_path_factory):
+    """A perturbed single-process run with one torch thread (as each dask worker has)."""
+    cache = tmp_path_factory.mktemp("perturb-ref")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_extract(_cfg(small, cache), log=lambda m: None)
+    finally:
+        torch.set_num_threads(n)
+    return cache
+
+
+def test_a_perturbed_artifact_lives_beside_the_clean_one(small, reference, tmp_path):
+    manifest = json.loads((reference / "sdv14.zarr" / "manifest.json").read_text())
+    recorded = {a["params"]["perturb"]["spec"] for a in manifest["artifacts"].values()}
+    assert recorded == {SPEC}
+    clean = run_extract(_cfg(small, tmp_path, perturb=None), log=lambda m: None)
+    perturbed = run_extract(_cfg(small, tmp_path), log=lambda m: None)
+    assert set(clean.artifacts.values()).isdisjoint(perturbed.artifacts.values())  # other fingerprints
+    cache = tmp_path / "sdv14.zarr"
+    crops = [artifact_arrays(cache, r.artifacts["pixels"])["crops"] for r in (clean, perturbed)]
+    assert crops[0] != crops[1]
+    info = run_cli("cache", "info", str(tmp_path / "sdv14.zarr")).stdout
+    assert f"perturbed: {SPEC}, seed 0" in info
+
+
+def test_resumed_with_decode_workers_the_perturbed_cache_is_bitwise_the_same(small, reference, tmp_path):
+    def two_shards_then_stop(job, shards, on_rows):
+        ShardComputer(job).run(shards[:2], on_rows)
+        raise KeyboardInterrupt
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_extract(_cfg(small, tmp_path), log=lambda m: None, compute=two_shards_then_stop)
+        resumed = run_extract(_cfg(small, tmp_path, loader_workers=2), log=lambda m: None)
+    finally:
+        torch.set_num_threads(n)
+    assert resumed.rows_done == 2  # 6 rows in shards of 2: only the third shard was left
+    assert_same_cache(tmp_path / "sdv14.zarr", reference / "sdv14.zarr")
+
+
+def test_other_batch_size_gives_the_same_perturbed_crops(small, reference, tmp_path):
+    result = run_extract(_cfg(small, tmp_path, batch_size=1, rows_per_shard=2), log=lambda m: None)
+    pixels = result.artifacts["pixels"]
+    assert artifact_arrays(tmp_path / "sdv14.zarr", pixels) == artifact_arrays(
+        reference / "sdv14.zarr", pixels
+    )
+
+
+def test_two_cluster_workers_write_the_same_perturbed_cache(small, reference, tmp_path):
+    args = ["extract", "--data-root", str(small), "--subset", "sdv14", "--cache-dir", str(tmp_path),
+            "--model", "tiny", "--device", "cpu", "--size", "32", "--pixel-size", "32",
+            "--rows-per-shard", "2", "--batch-size", "2", "--no-progress", "--perturb", SPEC,
+            "--workers", "2"]  # fmt: skip
+    run_cli(*args)
+    assert_same_cache(tmp_path / "sdv14.zarr", reference / "sdv14.zarr")
+
+
+@pytest.mark.parametrize(
+    "extra", [["--perturb", "sharpen:2"], ["--perturb-only", "generated"]],
+)  # fmt: skip
+def test_bad_perturbation_options_are_one_line_and_write_nothing(small, tmp_path, extra):
+    args = ["extract", "--data-root", str(small), "--subset", "sdv14", "--cache-dir", str(tmp_path / "c"),
+            "--model", "tiny", "--device", "cpu", *extra]  # fmt: skip
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "c").exists()
