@@ -23,6 +23,7 @@ No pickle: weights and optimizer tensors are safetensors, the rest JSON.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -142,18 +143,20 @@ def hold_out(rows: cachedata.Rows, fraction: float, per_class_max: int | None, s
 
     n is the label's training-split rows, or --max-per-class when smaller: a LoL run of 1,600 + 1,600
     holds out 80 + 80 more rows of the train split and still trains on the paper's 1,600 + 1,600.
+    At least one row of a label is held out and one left to train on; a label with fewer than two
+    rows gives none (see validation_metrics).
     """
     rng = np.random.default_rng((seed, 1))  # its own stream: the training sample keeps `seed`'s
     val = []
     for label in (0, 1):
         idx = np.flatnonzero(rows.label == label)
-        k = max(1, round(fraction * min(len(idx), per_class_max or len(idx))))
-        if len(idx) <= k:
-            raise UserError(
-                f"{len(idx)} training-split row(s) of label {label}: too few to hold out a validation slice "
-                f"(--val-fraction {fraction}) and still train"
-            )
-        val.append(rng.choice(idx, size=k, replace=False))
+        if len(idx) >= 2:
+            k = min(len(idx) - 1, max(1, round(fraction * min(len(idx), per_class_max or len(idx)))))
+            val.append(rng.choice(idx, size=k, replace=False))
+    if not val:
+        raise UserError(
+            f"{len(rows)} training-split row(s): too few to hold out a validation slice and still train"
+        )
     val_pos = np.sort(np.concatenate(val))
     keep = np.ones(len(rows), dtype=bool)
     keep[val_pos] = False
@@ -161,10 +164,14 @@ def hold_out(rows: cachedata.Rows, fraction: float, per_class_max: int | None, s
 
 
 def validation_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    """What an epoch is judged by on the validation slice: AUC, AP, ACC at 0.5, log loss."""
+    """What an epoch is judged by on the validation slice: AUC, AP, ACC at 0.5, log loss.
+
+    A slice with one label only (a training set that lacks the other, e.g. the finished shards of an
+    unfinished cache) has no AUC or AP (NaN): the best epoch is then the one of lowest loss."""
+    both = len(np.unique(labels)) == 2
     return {
-        "auc": float(roc_auc_score(labels, scores)),
-        "ap": float(average_precision_score(labels, scores)),
+        "auc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+        "ap": float(average_precision_score(labels, scores)) if both else float("nan"),
         "acc": float(((scores > 0.5) == (labels == 1)).mean()),
         "loss": float(log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
         "n": len(labels),
@@ -173,7 +180,12 @@ def validation_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, floa
 
 def best_epoch(history: dict[int, dict]) -> int:
     """The epoch of highest validation AUC; among equals, the lowest validation loss, then the earliest."""
-    return max(history, key=lambda e: (history[e]["auc"], -history[e]["loss"], -e))
+
+    def key(e: int) -> tuple[float, float, int]:
+        auc = history[e]["auc"]
+        return (-math.inf if math.isnan(auc) else auc, -history[e]["loss"], -e)
+
+    return max(history, key=key)
 
 
 def uninformative_labels(labels: torch.Tensor, seed: int) -> torch.Tensor:
@@ -265,6 +277,8 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         raise UserError(f"no usable training {which} (split 'train') in the given cache(s)")
     rest, val_rows = hold_out(pool, hp["val_fraction"], hp["max_per_class"], cfg.seed)
     rows = data.sample(rest, hp["max_per_class"], cfg.seed, log)
+    for label in sorted({0, 1} - set(val_rows.label.tolist())):
+        log(f"note: no validation row of label {label}: the best epoch is the one of lowest validation loss")
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
@@ -325,7 +339,10 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         # every step would make the host wait for the GPU instead of preparing the next batch.
         total, t0 = torch.zeros((), dtype=torch.float64, device=device), time.perf_counter()
         bar = tqdm(total=n, desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress)
+        trained = 0
         for _, crops, maps, y in feed.epoch(gen):  # on the device already
+            if len(y) < 2:  # BatchNorm cannot train on one sample: an epoch's last lone row waits
+                continue  # for the next epoch's order
             x, m = make_inputs(cfg.method, hp, crops, maps, True, gen, params["aligned"])
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -337,14 +354,19 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
             opt.step()
             total += loss.detach().double() * len(y)
+            trained += len(y)
             bar.update(len(y))
         bar.close()
         model.eval()
         scores = predict(Run(run, params, model, device), data, val_rows, VAL_BATCH, progress=False)
         history[epoch] = validation_metrics(val_rows.label, scores)
-        if sched is not None:
+        if sched is not None and not math.isnan(history[epoch]["auc"]):
             sched.step(history[epoch]["auc"])
-        info = {"loss": float(total) / n, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
+        info = {
+            "loss": float(total) / trained,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "rows": trained,
+        }
         info.update(val=history[epoch], scheduler=sched.state_dict() if sched is not None else None)
         save_epoch(run, epoch, model, opt, info)
         best = best_epoch(history)

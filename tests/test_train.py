@@ -311,3 +311,23 @@ def test_resume_restores_the_plateau_schedule_and_the_validation_history(two_cac
     assert lrs(whole) == lrs(resumed) and lrs(whole)[-1] == 5e-4  # the schedule did reduce, after the stop
     for name in ("epoch-010.safetensors", "done.json"):
         assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
+def test_a_one_label_validation_slice_selects_by_loss():
+    """No AUC without both labels (a training set that lacks one): the lowest validation loss wins."""
+    import math
+
+    from stages.train import best_epoch, validation_metrics
+
+    v = validation_metrics(np.array([1, 1]), np.array([0.9, 0.6]))
+    assert math.isnan(v["auc"]) and math.isnan(v["ap"]) and v["acc"] == 1.0 and v["loss"] > 0
+    history = {
+        1: {"auc": math.nan, "loss": 0.5},
+        2: {"auc": math.nan, "loss": 0.4},
+        3: {"auc": math.nan, "loss": 0.6},
+    }
+    assert best_epoch(history) == 2
+    assert (
+        best_epoch({1: {"auc": 0.9, "loss": 0.5}, 2: {"auc": 0.9, "loss": 0.3}, 3: {"auc": 0.8, "loss": 0.1}})
+        == 2
+    )
