@@ -30,7 +30,7 @@ help:
 	@echo "make demo                         synthetic GenImage-layout set -> extract (tiny model) -> cache summary"
 	@echo "make test                         the test suite (CPU only, tiny models)"
 	@echo "make extract SUBSET=sdv14 DATA=/data/GenImage CACHE=cache MODEL=... DEVICE=cuda EXTRA='--ensemble 4'"
-	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class 1600'   train from \$$(CACHE)/\$$(SUBSET).zarr"
+	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class all'   train from \$$(CACHE)/\$$(SUBSET).zarr"
 	@echo "make eval RUN=runs/<run> TEST_SUBSETS='adm biggan'   evaluate a run on caches -> \$$(RESULTS)/"
 	@echo "make report                       train x test table and \$$(RESULTS)/matrix.png"
 	@echo "make robustness GRID=lol-a4 METHOD=lol SUBSET=sdv14 TEST_SUBSETS='adm biggan'   -> \$$(RESULTS)/robustness/"

@@ -243,13 +243,15 @@ def train_rate(args, cache: str, work: Path, method: str, batch: int, epochs: in
 
 def compute_only(args, method: str, batch: int, steps: int) -> float:
     """samples/s of forward + backward + Adam on one batch resident on the device: the model's own rate."""
+    from stages import method as method_registry
     from stages.batches import make_inputs
-    from stages.train import build_model
+    from stages.checkpoint import build_model
 
-    params = {"backbone": {"arch": args.backbone, "spec_weights": "random"}, "seed": 0,
+    params = {"backbone": {"arch": args.backbone, "spec_weights": "random"}, "seed": 0, "method": method,
               "hparams": {"crop_size": args.crop, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}}  # fmt: skip
+    params["model"] = method_registry.get(method).model_args(params["hparams"], 4)
     cuda = args.device.startswith("cuda")
-    model = build_model(method, params, 4).to(args.device)
+    model = build_model(params).to(args.device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)

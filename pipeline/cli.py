@@ -1,6 +1,10 @@
 """The `pipeline` command: extract caches; inspect, verify and share them; train, evaluate, report, detect.
 
 Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError), never a traceback.
+
+Layering: `pipeline/` (orchestration) is used by `stages/`; the CLI is one of the two places where
+`pipeline/` calls into `stages/` (the other is the dask job in pipeline.distributed). It imports each
+stage inside its command, so that `--help` and the cache commands start without torch.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import typer
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 
 app = typer.Typer(
     help="Feature-cache pipeline for detecting diffusion-generated images (LaRE^2, Learning on Less).",
@@ -23,6 +27,12 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(help="Inspect, check and share caches.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options the user gave: the others (None) keep the defaults of the stage's config dataclass,
+    the one place they are written."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 _PERTURB_EXTRACT = typer.Option(
@@ -48,55 +58,53 @@ def extract(
         help="adm, biggan, glide, midjourney, sdv14, sdv15, vqdm, wukong "
         "(or a GenImage archive folder name).",
     ),
-    cache_dir: str = typer.Option(
-        "cache", "--cache-dir", help="Where <subset>.zarr is written (path or URL)."
-    ),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="Where <subset>.zarr is written (path or URL)."),
     model: str = typer.Option(
-        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        None,
         help="Hub id (id@revision), local diffusers folder, or random weights: 'tiny', 'random-sd15'.",
     ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    split: list[str] = typer.Option(["train", "val"], "--split", help="Splits to index (repeat the option)."),
-    timestep: int = typer.Option(200, help="Diffusion timestep the latent is noised at."),
-    ensemble: int = typer.Option(4, help="Noises per image, averaged (e in the paper)."),
-    size: int = typer.Option(256, help="Side of the square image the VAE encodes."),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
+    split: list[str] = typer.Option(None, "--split", help="Splits to index (repeat the option)."),
+    timestep: int = typer.Option(None, help="Diffusion timestep the latent is noised at."),
+    ensemble: int = typer.Option(None, help="Noises per image, averaged (e in the paper)."),
+    size: int = typer.Option(None, help="Side of the square image the VAE encodes."),
     preprocess: str = typer.Option(
-        "resize",
+        None,
         help="resize: straight resize to --size (reference); "
         "crop: resample-free centre crop, aligned with the pixel cache.",
     ),
-    prompt: str = typer.Option("a photo", help="Fixed text condition for the UNet."),
+    prompt: str = typer.Option(None, help="Fixed text condition for the UNet."),
     prompt_template: str = typer.Option(
         None,
         help="Per-image prompt, e.g. 'a photo of a {cls}', with the "
         "ImageNet class parsed from GenImage file names (reference).",
     ),
-    dtype: str = typer.Option("float16", help="Storage dtype of the maps: float16 or float32."),
+    dtype: str = typer.Option(None, help="Storage dtype of the maps: float16 or float32."),
     precision: str = typer.Option(
-        "auto", help="Compute precision: auto (fp32 on CPU, fp16 on GPU), fp32, bf16, fp16."
+        None, help="Compute precision: auto (fp32 on CPU, fp16 on GPU), fp32, bf16, fp16."
     ),
-    seed: int = typer.Option(0, help="Seed of the per-image noise generators (keyed by image content)."),
-    pixels: bool = typer.Option(True, "--pixels/--no-pixels", help="Also store uint8 pixel crops."),
+    seed: int = typer.Option(None, help="Seed of the per-image noise generators (keyed by image content)."),
+    pixels: bool = typer.Option(None, "--pixels/--no-pixels", help="Also store uint8 pixel crops."),
     pixel_size: int = typer.Option(
-        256, help="Side of the stored pixel crop, the window training crops come from (no resampling)."
+        None, help="Side of the stored pixel crop, the window training crops come from (no resampling)."
     ),
     small_images: str = typer.Option(
-        "tile",
+        None,
         help="Images smaller than the window: tile (LoL's stitching) or reflect (reflect-101 padding, "
         "the EGRE reference). Also the `--preprocess crop` geometry.",
     ),
-    max_pixels: int = typer.Option(
-        64 * 1024 * 1024, help="Images with more pixels are refused (decompression bombs)."
+    max_pixels: int = typer.Option(None, help="Images with more pixels are refused (decompression bombs)."),
+    batch_size: int = typer.Option(
+        None, help="Images per model call. Changes the last bits of the maps only."
     ),
-    batch_size: int = typer.Option(16, help="Images per model call. Changes the last bits of the maps only."),
     rows_per_shard: int = typer.Option(
-        512, help="Rows per shard (layout only; not part of the fingerprint)."
+        None, help="Rows per shard (layout only; not part of the fingerprint)."
     ),
     loader_workers: int = typer.Option(
-        -1, help="DataLoader decode workers; -1: none on CPU, all cores but two on GPU."
+        None, help="DataLoader decode workers; -1: none on CPU, all cores but two on GPU."
     ),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the VAE encoder and UNet (GPU)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    compile: bool = typer.Option(None, "--compile", help="torch.compile the VAE encoder and UNet (GPU)."),
+    progress: bool = typer.Option(None, "--progress/--no-progress", help="Show progress bars."),
     workers: int = typer.Option(
         None, "--workers", help="Run on a dask cluster of N workers started here (cuda: one per GPU)."
     ),
@@ -106,7 +114,9 @@ def extract(
     perturb: str = _PERTURB_EXTRACT,
     perturb_only: str = _PERTURB_ONLY,
 ) -> None:
-    """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr."""
+    """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr.
+
+    Options not given take ExtractConfig's defaults (listed in the README's table)."""
     compute = None
     if workers is not None or scheduler:
         from pipeline.distributed import cluster_compute
@@ -117,30 +127,32 @@ def extract(
     cfg = ExtractConfig(
         data_root=str(data_root),
         subset=subset,
-        cache_dir=cache_dir,
-        model=model,
-        splits=tuple(split),
-        timestep=timestep,
-        ensemble=ensemble,
-        size=size,
-        preprocess=preprocess,
-        prompt=prompt,
-        prompt_template=prompt_template,
-        dtype=dtype,
-        precision=precision,
-        seed=seed,
-        pixels=pixels,
-        pixel_size=pixel_size,
-        small_images=small_images,
-        max_pixels=max_pixels,
-        batch_size=batch_size,
-        rows_per_shard=rows_per_shard,
-        device=device,
-        loader_workers=loader_workers,
-        compile=compile,
-        progress=progress,
-        perturb=perturb,
-        perturb_only=perturb_only,
+        **_given(
+            cache_dir=cache_dir,
+            model=model,
+            splits=tuple(split) if split else None,
+            timestep=timestep,
+            ensemble=ensemble,
+            size=size,
+            preprocess=preprocess,
+            prompt=prompt,
+            prompt_template=prompt_template,
+            dtype=dtype,
+            precision=precision,
+            seed=seed,
+            pixels=pixels,
+            pixel_size=pixel_size,
+            small_images=small_images,
+            max_pixels=max_pixels,
+            batch_size=batch_size,
+            rows_per_shard=rows_per_shard,
+            device=device,
+            loader_workers=loader_workers,
+            compile=compile,
+            progress=progress,
+            perturb=perturb,
+            perturb_only=perturb_only,
+        ),
     )
     run_extract(cfg, log=lambda msg: typer.echo(msg, err=True), compute=compute)
 
@@ -148,11 +160,12 @@ def extract(
 def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) -> list[str]:
     """The artifact's lines in `cache info`: its path names it (`--lare`/`--pixels` take the fingerprint
     prefix after the slash), its index and splits, then its parameters as those options filter them."""
+    from pipeline.store import index_path
     from stages.cachedata import selectable_fields
 
     state = "complete" if art["complete"] else "INCOMPLETE"
     done = f"{art['shards_done']}/{art['n_shards']} shards"
-    index = f"index/{art['upstream']['index'][:16]}"
+    index = index_path(art["upstream"]["index"])
     splits = ",".join(indexes.get(index, {}).get("splits", []))
     head = f"{path:<28} {state} {done}, {art['n_rows']} rows, {art['n_failed']} failed; {index} ({splits})"
     lines = [head]
@@ -320,7 +333,10 @@ _PIXELS = typer.Option(
 )
 
 
-def _range(text: str, name: str) -> tuple[float, float]:
+def _range(text: str | None, name: str) -> tuple[float, float] | None:
+    """'LOW,HIGH' -> (low, high); None (not given) stays None."""
+    if text is None:
+        return None
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
@@ -334,31 +350,43 @@ def _range(text: str, name: str) -> tuple[float, float]:
 def train(
     extra_caches: list[str] = typer.Argument(None, help="More caches (after --from-cache), concatenated."),
     from_cache: list[str] = typer.Option(None, "--from-cache", help="Cache(s) to train on (path or URL)."),
-    method: str = typer.Option("egre", help="egre (LaRE^2) or lol (Learning on Less)."),
-    out: str = typer.Option("runs", help="Folder of run directories."),
-    max_per_class: int = typer.Option(None, help="Train on N real + N generated rows, seeded (LoL: 1600)."),
-    seed: int = typer.Option(0),
-    epochs: int = typer.Option(None, help="Default: egre 10, lol 20."),
-    batch_size: int = typer.Option(None, help="Default: egre 48, lol 4."),
-    lr: float = typer.Option(None, help="Default: egre 1e-4, lol 5e-6."),
-    crop_size: int = typer.Option(224, help="Side of the random (train) / centre (test) crop."),
-    backbone: str = typer.Option("RN50", help="open_clip config: RN50, or tiny-RN for tests."),
-    backbone_weights: str = typer.Option(
-        "openai", help="openai (download), random, or a local open_clip checkpoint file."
+    method: str = typer.Option(None, help="egre (LaRE^2, the default) or lol (Learning on Less)."),
+    out: str = typer.Option(None, help="Folder of run directories."),
+    max_per_class: str = typer.Option(
+        None,
+        help="Train on N real + N generated rows of the train split, seeded, or 'all'. "
+        "Default: the method's (LoL: the paper's 1600).",
     ),
-    mask_range: str = typer.Option("0.6,0.8", help="LoL: r_mask drawn uniformly in LOW,HIGH."),
-    aspect_range: str = typer.Option("0.33,3.0", help="LoL: r_aspect drawn uniformly in LOW,HIGH."),
-    shuffle_labels: bool = typer.Option(False, help="Control: half of each class labelled generated."),
+    seed: int = typer.Option(None, help="Seeds the sample, the validation slice and every epoch."),
+    epochs: int = typer.Option(None, help="At most this many epochs. Default: the method's."),
+    patience: int = typer.Option(
+        None, help="Stop after N epochs without a better validation AUC; 0: never. Default: the method's."
+    ),
+    val_fraction: float = typer.Option(
+        None,
+        help="Share of the training rows (per label, seeded) held out from the TRAIN split to pick "
+        "the best epoch (and step EGRE's plateau schedule); no test split is ever read.",
+    ),
+    batch_size: int = typer.Option(None, help="Default: the method's."),
+    lr: float = typer.Option(None, help="Default: the method's (LoL: 5e-7 on a BigGAN training cache)."),
+    crop_size: int = typer.Option(None, help="Side of the random (train) / centre (test) crop."),
+    backbone: str = typer.Option(None, help="open_clip config: RN50, or tiny-RN for tests."),
+    backbone_weights: str = typer.Option(
+        None, help="openai (download, the default), random, or a local open_clip checkpoint file."
+    ),
+    mask_range: str = typer.Option(None, help="LoL: r_mask drawn uniformly in LOW,HIGH."),
+    aspect_range: str = typer.Option(None, help="LoL: r_aspect drawn uniformly in LOW,HIGH."),
+    shuffle_labels: bool = typer.Option(None, help="Control: half of each class labelled generated."),
     stop_after: int = typer.Option(None, help="Stop after this epoch as if interrupted (rerun resumes)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(None, help="auto (the default), cpu, cuda, cuda:1, ..."),
     memory_rows: int = typer.Option(
-        16384, help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
+        None, help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
     ),
     loader_workers: int = typer.Option(
-        -1, help="Processes reading cache shards; -1: none on CPU, some on GPU. Changes no bit of the run."
+        None, help="Processes reading cache shards; -1: none on CPU, some on GPU. Changes no bit of the run."
     ),
     precision: str = typer.Option(
-        "auto", help="fp32, or bf16 (autocast); auto: bf16 on CUDA, fp32 on CPU. Part of the fingerprint."
+        None, help="fp32, or bf16 (autocast); auto: bf16 on CUDA, fp32 on CPU. Part of the fingerprint."
     ),
     perturb: str = _PERTURB_READ,
     perturb_only: str = _PERTURB_ONLY,
@@ -368,19 +396,24 @@ def train(
     no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
     lare: str = _LARE,
     pixels: str = _PIXELS,
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
-    """Train a detector from caches only; prints the run directory (named by its fingerprint)."""
+    """Train a detector from caches only; prints the run directory (named by its fingerprint).
+
+    Options not given take TrainConfig's defaults or the method's (docs/training.md)."""
     from stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(
-        caches=_caches(from_cache, extra_caches), method=method, out=out, max_per_class=max_per_class,
-        seed=seed, epochs=epochs, batch_size=batch_size, lr=lr, crop_size=crop_size, backbone=backbone,
-        backbone_weights=backbone_weights, mask_range=_range(mask_range, "--mask-range"),
-        aspect_range=_range(aspect_range, "--aspect-range"), shuffle_labels=shuffle_labels,
-        verify=not no_verify, progress=progress, stop_after=stop_after, memory_rows=memory_rows,
-        device=device, loader_workers=loader_workers, precision=precision, lare=lare, pixels=pixels,
-        perturb=perturb, perturb_only=perturb_only, real_jpeg_quality=real_jpeg_quality,
+        caches=_caches(from_cache, extra_caches), verify=not no_verify, max_per_class=max_per_class,
+        epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, stop_after=stop_after, lare=lare,
+        pixels=pixels, perturb=perturb, perturb_only=perturb_only, real_jpeg_quality=real_jpeg_quality,
+        **_given(
+            method=method, out=out, seed=seed, val_fraction=val_fraction, crop_size=crop_size,
+            backbone=backbone, backbone_weights=backbone_weights, shuffle_labels=shuffle_labels,
+            mask_range=_range(mask_range, "--mask-range"), progress=progress, memory_rows=memory_rows,
+            aspect_range=_range(aspect_range, "--aspect-range"), device=device,
+            loader_workers=loader_workers, precision=precision,
+        ),
     )  # fmt: skip
     run = run_train(cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(str(run))
@@ -394,8 +427,15 @@ def eval_(
         None, "--from-cache", help="Test cache(s); each is evaluated apart."
     ),
     out: str = typer.Option("results", help="Folder for <run>__<subset>-<key>.csv/.json."),
-    split: str = typer.Option("val", help="Which split of the test caches to score."),
-    batch_size: int = typer.Option(64),
+    split: str = typer.Option(None, help="Which split of the test caches to score."),
+    epoch: str = typer.Option(
+        None,
+        "--epoch",
+        "--epochs",
+        help="Weights to score: best (by the run's validation slice; the default), last, "
+        "an epoch number, or last5 (each of the final five; mean +- std, LoL's protocol).",
+    ),
+    batch_size: int = typer.Option(None, help="Rows per model call."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     perturb: str = _PERTURB_READ,
     perturb_only: str = _PERTURB_ONLY,
@@ -408,9 +448,10 @@ def eval_(
     from stages.evaluate import evaluate
 
     evaluate(
-        checkpoint, _caches(from_cache, extra_caches), out, split=split, batch_size=batch_size,
-        verify=not no_verify, progress=progress, log=typer.echo, device=device, lare=lare, pixels=pixels,
+        checkpoint, _caches(from_cache, extra_caches), out, verify=not no_verify, progress=progress,
+        log=typer.echo, device=device, lare=lare, pixels=pixels,
         perturb=perturb, perturb_only=perturb_only,
+        **_given(split=split, batch_size=batch_size, epoch=epoch),
     )  # fmt: skip
 
 
@@ -420,11 +461,13 @@ def report(
     out: Path = typer.Option(None, help="Heatmap PNG to write (e.g. results/matrix.png)."),
     metric: str = typer.Option("acc", help="acc, ap, real_acc or generated_acc."),
 ) -> None:
-    """Print the train x test table (with a mean column) and draw it as a heatmap."""
+    """Print the train x test table (with a mean column) and draw it as a heatmap.
+
+    Results of `eval --epoch last5` show mean+-std in the table and the mean in the heatmap."""
     from stages.report import collect, heatmap, table
 
-    rows, cols, mat = collect(results, metric)
-    typer.echo(table(rows, cols, mat, metric))
+    rows, cols, mat, std = collect(results, metric)
+    typer.echo(table(rows, cols, mat, metric, std))
     if out is not None:
         typer.echo(f"wrote {heatmap(rows, cols, mat, metric, out)}")
 
@@ -439,23 +482,23 @@ def robustness(
     grid: str = typer.Option("lol-a4", help="lol-a4, lol-a7, genimage, aigcdetect or jpeg96."),
     method: str = typer.Option("lol", help="lol or egre."),
     out: str = typer.Option("results/robustness", help="Folder for runs/, results/, the CSV and figures."),
-    cache_dir: str = typer.Option("cache", "--cache-dir", help="Where <subset>.zarr caches are (or go)."),
-    model: str = typer.Option("stable-diffusion-v1-5/stable-diffusion-v1-5", help="As for extract."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    size: int = typer.Option(256, help="As for extract."),
-    pixel_size: int = typer.Option(256, help="As for extract."),
-    preprocess: str = typer.Option("resize", help="As for extract."),
-    ensemble: int = typer.Option(4, help="As for extract."),
-    extract_batch_size: int = typer.Option(16, help="Images per LaRE model call (extract --batch-size)."),
-    rows_per_shard: int = typer.Option(512, help="As for extract."),
-    seed: int = typer.Option(0, help="Seed of extraction (noises, perturbations) and training."),
-    backbone: str = typer.Option("RN50", help="As for train."),
-    backbone_weights: str = typer.Option("openai", help="As for train."),
+    cache_dir: str = typer.Option(None, "--cache-dir", help="Where <subset>.zarr caches are (or go)."),
+    model: str = typer.Option(None, help="As for extract."),
+    device: str = typer.Option(None, help="auto (the default), cpu, cuda, cuda:1, ..."),
+    size: int = typer.Option(None, help="As for extract."),
+    pixel_size: int = typer.Option(None, help="As for extract."),
+    preprocess: str = typer.Option(None, help="As for extract."),
+    ensemble: int = typer.Option(None, help="As for extract."),
+    extract_batch_size: int = typer.Option(None, help="Images per LaRE model call (extract --batch-size)."),
+    rows_per_shard: int = typer.Option(None, help="As for extract."),
+    seed: int = typer.Option(None, help="Seed of extraction (noises, perturbations) and training."),
+    backbone: str = typer.Option(None, help="As for train."),
+    backbone_weights: str = typer.Option(None, help="As for train."),
     epochs: int = typer.Option(None, help="As for train."),
     batch_size: int = typer.Option(None, help="Training batch size, as for train."),
     lr: float = typer.Option(None, help="As for train."),
-    crop_size: int = typer.Option(224, help="As for train."),
-    max_per_class: int = typer.Option(None, help="As for train (LoL: 1600)."),
+    crop_size: int = typer.Option(None, help="As for train."),
+    max_per_class: str = typer.Option(None, help="As for train."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """A robustness or format-bias study: extract what is missing, train, evaluate; CSV and figures."""
@@ -465,11 +508,12 @@ def robustness(
         data_root=str(data_root), train_subset=train_subset,
         test_subsets=[s for item in test_subsets for s in item.split(",") if s.strip()], grid=grid,
         method=method, out=out, progress=progress,
-        extract=dict(cache_dir=cache_dir, model=model, device=device, size=size, pixel_size=pixel_size,
-                     preprocess=preprocess, ensemble=ensemble, batch_size=extract_batch_size,
-                     rows_per_shard=rows_per_shard, seed=seed),
-        train=dict(backbone=backbone, backbone_weights=backbone_weights, epochs=epochs, batch_size=batch_size,
-                   lr=lr, crop_size=crop_size, max_per_class=max_per_class, seed=seed, device=device),
+        extract=_given(cache_dir=cache_dir, model=model, device=device, size=size, pixel_size=pixel_size,
+                       preprocess=preprocess, ensemble=ensemble, batch_size=extract_batch_size,
+                       rows_per_shard=rows_per_shard, seed=seed),
+        train=_given(backbone=backbone, backbone_weights=backbone_weights, epochs=epochs, lr=lr,
+                     batch_size=batch_size, crop_size=crop_size, max_per_class=max_per_class, seed=seed,
+                     device=device),
     )  # fmt: skip
     cfg.conditions()  # a bad --grid fails before anything is computed
     csv_path, figures = run_robustness(cfg, log=lambda m: typer.echo(m, err=True))
@@ -483,24 +527,23 @@ def detect(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
     out: Path = typer.Option("scores.csv", help="CSV of path, score, decision, error."),
-    threshold: float = typer.Option(0.5, help="Score above which an image is called generated."),
+    threshold: float = typer.Option(None, help="Score above which an image is called generated."),
+    epoch: str = typer.Option(
+        None, help="Weights to use: best (by the run's validation slice; the default), last, or N."
+    ),
     device: str = typer.Option("auto", help="Where the LaRE model runs (EGRE): auto, cpu, cuda."),
-    batch_size: int = typer.Option(16, help="Images per model call. Changes the last bits of the maps only."),
+    batch_size: int = typer.Option(
+        None, help="Images per model call. Changes the last bits of the maps only."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
     from stages.detect import detect as run_detect
 
     scored, failed = run_detect(
-        folder,
-        checkpoint,
-        out,
-        threshold,
-        device,
-        progress,
-        log=lambda m: typer.echo(m, err=True),
-        batch_size=batch_size,
-    )
+        folder, checkpoint, out, device=device, progress=progress, log=lambda m: typer.echo(m, err=True),
+        **_given(threshold=threshold, batch_size=batch_size, epoch=epoch),
+    )  # fmt: skip
     typer.echo(f"scored {scored} image(s), {failed} unreadable -> {out}")
 
 
@@ -517,8 +560,7 @@ def main() -> None:
     except Exception as e:
         # Storage the user pointed at refused us (permissions, no credentials, a full disk): one line.
         if isinstance(e, OSError) or type(e).__name__ in _STORAGE_ACCESS_ERRORS:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            typer.echo(f"Error: {type(e).__name__}: {first}", err=True)
+            typer.echo(f"Error: {type(e).__name__}: {first_line(e)}", err=True)
             sys.exit(2)
         raise
 

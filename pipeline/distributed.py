@@ -13,6 +13,9 @@ for `resources={"GPU": 1}`, so a worker started with `--resources GPU=1` (one pe
 a time. When a worker dies, dask reruns its tasks elsewhere; since a shard's record is written after
 its data and values depend only on the row (never on which worker or in which order), the cache ends
 bitwise the same as a single-process run with the same thread count.
+
+Layering: one of the two places where `pipeline/` calls into `stages/` (the other is the CLI): the
+job and the per-shard computation are stage code (stages.extract), imported inside the functions.
 """
 
 from __future__ import annotations

@@ -8,3 +8,9 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def first_line(e: BaseException, lines: int = 1) -> str:
+    """The first `lines` lines of an exception's message, joined (its type's name when it has none):
+    what a one-line error quotes of a library's exception."""
+    return " ".join(str(e).strip().splitlines()[:lines]).strip() or type(e).__name__

@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,16 +44,19 @@ def _strip_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
-def code_version(*modules: ModuleType) -> str:
-    """Hash of the code of the modules that decide a stage's values.
+def code_version(*parts: ModuleType | type | Callable) -> str:
+    """Hash of the code of the modules (or single top-level functions and classes) that decide a
+    stage's values.
 
     Taken over the syntax tree without docstrings, so editing a comment or a docstring does not
     invalidate a week of GPU work, while any change to what the code does gives a new artifact.
+    A function or class alone lets a module hold code that does not decide the values beside it.
     """
     h = hashlib.sha256()
-    for module in modules:
-        tree = _strip_docstrings(ast.parse(inspect.getsource(module)))
-        h.update(module.__name__.encode())
+    for part in parts:
+        tree = _strip_docstrings(ast.parse(inspect.getsource(part)))
+        name = part.__name__ if isinstance(part, ModuleType) else f"{part.__module__}.{part.__qualname__}"
+        h.update(name.encode())
         h.update(ast.dump(tree, annotate_fields=False, include_attributes=False).encode())
     return h.hexdigest()[:16]
 

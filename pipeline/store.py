@@ -114,6 +114,16 @@ def fsspec_url(url: str) -> str:
     return f"zip://{m['inner'] or ''}::{m['archive']}"
 
 
+def latest(entries: dict[str, dict]) -> str | None:
+    """The key of the entry created last (by its `created_at` stamp); None when there is none."""
+    return max(entries, key=lambda k: entries[k].get("created_at", ""), default=None)
+
+
+def index_path(index_fp: str) -> str:
+    """Where an index table of this fingerprint lives in a cache."""
+    return f"index/{index_fp[:16]}"
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write a local file whole: a reader sees the old content or the new, never half (even after a crash)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -533,13 +543,12 @@ class CacheStore:
                 },
             }
         metadata = {key: self.checksum(key) for key in self.list_keys("") if key.endswith("zarr.json")}
-        latest = max(indexes.items(), key=lambda kv: kv[1].get("created_at", ""), default=(None, None))[0]
         return {
             "schema_version": self.schema_version,
             "subset": self.subset,
             "updated_at": now(),
             "packages": package_versions(),
-            "latest_index": latest,
+            "latest_index": latest(indexes),
             "indexes": indexes,
             "artifacts": artifacts,
             "metadata_files": metadata,
@@ -654,7 +663,7 @@ def check_layout(manifest: dict[str, Any], metadata: dict[str, Any], url: str) -
         rows[path] = n
     for path, art in manifest.get("artifacts", {}).items():
         where = f"{url}/{path}"
-        index = f"index/{str(art.get('upstream', {}).get('index'))[:16]}"
+        index = index_path(str(art.get("upstream", {}).get("index")))
         if index not in rows:
             raise _layout_error(where, f"its index {index} is not in the manifest")
         n = rows[index]

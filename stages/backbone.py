@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import checksum_file
 
 TINY = "tiny-RN"
@@ -66,10 +66,9 @@ def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - offline download, bad file: one line for the user
-        first = " ".join(str(e).strip().split("\n")[:2]).strip() or type(e).__name__
         hint = "pass --backbone-weights PATH to a local copy" if spec.weights == "openai" else ""
         raise UserError(
-            f"could not load the {spec.arch} backbone weights '{spec.weights}' ({first}); {hint}"
+            f"could not load the {spec.arch} backbone weights '{spec.weights}' ({first_line(e, 2)}); {hint}"
         ) from None
     visual = model.visual
     if not hasattr(visual, "layer3"):
@@ -96,6 +95,13 @@ def visual_features(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     x = visual.layer2(x)
     f3 = visual.layer3(x)
     return f3, visual.attnpool(visual.layer4(f3))
+
+
+def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float, (x / 255 - mean) / std per channel."""
+    mean_ = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    std_ = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255 - mean_) / std_
 
 
 def dims(visual: nn.Module) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages import egre, lol
+from stages import method as method_registry
 from stages.cachedata import CacheData, Rows
 
 LARE_GRID = 8  # pixels per LaRE cell (the VAE's downsampling)
@@ -52,25 +52,17 @@ def make_inputs(
     gen: torch.Generator | None,
     aligned: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalised images, LaRE maps) for one batch, on the device of `crops`: crop (the map with the same
-    window when aligned), and for LoL in training flip, rotation and the rectangle mask."""
+    """(network input, LaRE maps) for one batch of the method named `method`, on the device of `crops`:
+    crop (the map with the same window when aligned and the method reads maps), then the method's
+    `prepare` (normalisation; for LoL in training flip, rotation and the rectangle mask)."""
     c = hp["crop_size"]
     grid = LARE_GRID if aligned else 1
     off = crop_offsets(len(crops), crops.shape[-1], c, train, gen, grid)
     images = crop_windows(crops, off, c)
-    if aligned and method == "egre":
+    m = method_registry.get(method)
+    if aligned and m.reads_lare:
         maps = crop_windows(maps, off // LARE_GRID, c // LARE_GRID)
-    if method == "egre":
-        return egre.normalise(images), maps
-    if train:
-        images = lol.augment(images, gen)
-    x = lol.normalise(images)
-    if train:
-        masks = lol.draw_masks(
-            len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]), device=x.device
-        )
-        x = x.masked_fill(masks[:, None], 0.0)
-    return x, maps
+    return m.prepare(images, hp, train, gen), maps
 
 
 class BlockReads(torch.utils.data.Dataset):

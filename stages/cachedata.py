@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.store import MANIFEST, STATUS_OK, CacheStore, check_layout, require_intact
+from pipeline.store import MANIFEST, STATUS_OK, CacheStore, check_layout, index_path, require_intact
 from stages import index as index_stage
 from stages import perturb as perturb_stage
 
@@ -181,8 +181,7 @@ def choose(
         if art["kind"] == kind
         and (index_fp is None or art["upstream"]["index"] == index_fp)
         and (
-            split is None
-            or split in indexes.get(f"index/{art['upstream']['index'][:16]}", {}).get("splits", [])
+            split is None or split in indexes.get(index_path(art["upstream"]["index"]), {}).get("splits", [])
         )
     ]
     pool = [kv for kv in pool if kv[1]["complete"]] or (pool if allow_incomplete else [])
@@ -253,8 +252,8 @@ def open_source(
         allow_incomplete=not verify,
         perturb=choice.perturb,
     )
-    index_path = f"index/{index_fp[:16]}"
-    cols, _ = store.read_table(index_path)
+    index = index_path(index_fp)
+    cols, _ = store.read_table(index)
     n = len(cols["path"])
     usable = np.ones(n, dtype=bool)
     for path, art in (lare, pixels):
@@ -267,7 +266,7 @@ def open_source(
             )
     columns = {k: cols[k] for k in ("id", "path", "label", "split", "format")}
     columns["jpeg_quality"] = index_stage.qualities(cols)
-    src = Source(url, manifest["subset"], index_path, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
+    src = Source(url, manifest["subset"], index, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
     return src, store
 
 

@@ -16,11 +16,12 @@ from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from stages import index as index_stage
 from stages import lare as lare_math
+from stages import method as method_registry
 from stages import pixels as pixels_stage
 from stages import sd
 from stages.batches import make_inputs
+from stages.checkpoint import Run, load_run
 from stages.recipe import RowRecipe
-from stages.train import Run, load_run
 
 
 def _broken_link(p: Path) -> bool:
@@ -86,16 +87,19 @@ def detect(
     progress: bool = True,
     log=print,
     batch_size: int = 16,
+    epoch: str | int = "best",
 ) -> tuple[int, int]:
-    """Writes `path,score,decision,error` per file, in file order; returns (scored, failed)."""
+    """Writes `path,score,decision,error` per file, in file order; returns (scored, failed).
+
+    `epoch`: the weights used, best (by the run's validation slice), last or a number."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     device = resolve_device(device)
-    run = load_run(run_path, device)
+    run = load_run(run_path, device, epoch)
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")
-    lare = LaREOnTheFly(run, device, files, log) if run.method == "egre" else None
+    lare = LaREOnTheFly(run, device, files, log) if method_registry.get(run.method).reads_lare else None
     lare_params = run.params["lare"]["params"]
     max_pixels = lare_params.get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS)
     pixel_params = run.params.get("pixels") or {

@@ -1,8 +1,9 @@
 """EGRE, the classifier of LaRE^2 (CVPR 2024): CLIP RN50 features refined by the LaRE map.
 
-Spatial refinement: the LaRE map, pooled to the layer3 grid and mapped to one map per head, is
-added to that head's attention logits (a mean token queries the layer3 tokens). Channel refinement:
-the map's per-channel means go through an MLP whose sigmoid weighs the pooled layer3 channels.
+Spatial refinement (8 heads of width 64, xavier-initialised, as the reference): the LaRE map,
+pooled to the layer3 grid and mapped to one map per head, is added to that head's attention logits
+(a mean token queries the layer3 tokens). Channel refinement: the map's per-channel means go through
+a bias-free MLP whose sigmoid weighs the pooled layer3 channels.
 Head: [attention-pooled embedding, spatial, channel] -> Linear -> 2 logits, cross-entropy.
 """
 
@@ -14,31 +15,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages import backbone
 from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
+from stages.method import Method, register
 
-HEADS = 8
-DEFAULTS = {"lr": 1e-4, "batch_size": 48, "epochs": 10, "grad_clip": 5.0, "betas": (0.9, 0.999)}
+HEADS, HEAD_DIM = 8, 64  # the reference's MultiHeadMapAttention: h = 8, d_k = d_v = 64
+# `epochs` caps a run; `patience` epochs without a better validation score end it (the reference
+# trains until stopped). `plateau` is the reference's ReduceLROnPlateau, stepped on the validation
+# AUC (the reference steps it on test files: we do not). max_per_class None: every training row.
+DEFAULTS = {
+    "lr": 1e-4, "batch_size": 48, "epochs": 50, "patience": 10, "grad_clip": 5.0, "betas": (0.9, 0.999),
+    "max_per_class": None, "plateau": {"mode": "max", "factor": 0.5, "patience": 4, "min_lr": 1e-7},
+}  # fmt: skip
 
 
 class EGRE(nn.Module):
-    def __init__(self, visual: nn.Module, lare_channels: int, grid: int, heads: int = HEADS):
+    def __init__(
+        self, visual: nn.Module, lare_channels: int, grid: int, heads: int = HEADS, head_dim: int = HEAD_DIM
+    ):
         super().__init__()
         c3, d = dims(visual)
-        self.visual, self.heads, self.grid = visual, heads, grid
+        self.visual, self.heads, self.head_dim, self.grid = visual, heads, head_dim, grid
         self.to_heads = nn.Conv2d(lare_channels, heads, kernel_size=1)
         self.pos = nn.Parameter(torch.randn(grid * grid + 1, c3) / math.sqrt(c3))
-        self.q, self.k, self.v, self.o = (nn.Linear(c3, c3) for _ in range(4))
+        width = heads * head_dim  # 512 for the reference, whatever the backbone's layer3 width
+        self.q, self.k, self.v = (nn.Linear(c3, width) for _ in range(3))
+        self.o = nn.Linear(width, c3)
+        for layer in (self.q, self.k, self.v, self.o):  # the reference's init
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
         self.drop = nn.Dropout(0.1)
         self.norm = nn.LayerNorm(c3)
-        self.channel = nn.Sequential(
-            nn.Linear(lare_channels, 128), nn.ReLU(), nn.Linear(128, c3), nn.Sigmoid()
+        self.channel = nn.Sequential(  # the reference's ChannelAlignLayer: no biases
+            nn.Linear(lare_channels, 128, bias=False), nn.ReLU(), nn.Linear(128, c3, bias=False), nn.Sigmoid()
         )
         self.head = nn.Linear(d + 2 * c3, 2)
 
     def spatial(self, f3: torch.Tensor, lare: torch.Tensor) -> torch.Tensor:
         """Mean-token attention over the layer3 tokens, each head's logits biased by its LaRE map."""
         b, c, g, _ = f3.shape
-        h, dh = self.heads, c // self.heads
+        h, dh = self.heads, self.head_dim
         tokens = f3.flatten(2).transpose(1, 2)
         tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], dim=1) + self.pos
         bias = self.to_heads(F.adaptive_avg_pool2d(lare, (g, g))).flatten(2)  # (B, heads, g*g)
@@ -49,7 +65,7 @@ class EGRE(nn.Module):
 
         q, k, v = split(self.q(tokens[:, :1])), split(self.k(tokens)), split(self.v(tokens))
         attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh) + bias, dim=-1)
-        out = self.o((self.drop(attn) @ v).transpose(1, 2).reshape(b, 1, c))[:, 0]
+        out = self.o((self.drop(attn) @ v).transpose(1, 2).reshape(b, 1, h * dh))[:, 0]
         return self.norm(tokens[:, 0] + self.drop(out))
 
     def forward(self, images: torch.Tensor, lare: torch.Tensor) -> torch.Tensor:
@@ -69,6 +85,22 @@ class EGRE(nn.Module):
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, ImageNet mean/std (the reference's choice for EGRE)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return backbone.normalise(images, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def prepare(images: torch.Tensor, hp: dict, train: bool, gen: torch.Generator | None) -> torch.Tensor:
+    """EGRE's input: the crop, normalised (the reference uses no other augmentation)."""
+    return normalise(images)
+
+
+def model_args(hp: dict, lare_channels: int) -> dict:
+    """EGRE's constructor arguments besides the tower (saved in params.json, built from on load)."""
+    return {
+        "lare_channels": lare_channels,
+        "grid": hp["crop_size"] // 16,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+    }
+
+
+METHOD = register(Method("egre", EGRE, prepare, reads_lare=True, defaults=DEFAULTS, model_args=model_args))

@@ -5,7 +5,8 @@ sklearn's average_precision_score over the WHOLE test set. Every usable row of t
 once (no sampling, no dropped last batch). An oracle accuracy (threshold chosen on the test labels)
 is reported under a name that says so; it is not a fair figure.
 
-Results are named by (run fingerprint, test artifacts): an evaluation already done is not redone.
+Results are named by (run fingerprint, test artifacts, split, the epochs scored, the scoring
+code's version): an evaluation already done is not redone, a fix to the scoring is.
 A perturbed test artifact (`--perturb SPEC`) is another test artifact, so its results are apart.
 ACC and AP are also given per source format of the files (`by_format`: png, jpeg, ...): a detector
 that learned the format rather than the generator shows it there.
@@ -15,20 +16,19 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import accuracy_score, average_precision_score
-from tqdm import tqdm
 
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
-from pipeline.fingerprint import fingerprint
-from stages import cachedata, sd
+from pipeline.fingerprint import code_version, fingerprint
+from stages import batches, cachedata, checkpoint, sd
+from stages import method as method_registry
 from stages import perturb as perturb_stage
-from stages.batches import make_inputs
-from stages.train import Run, atomic_json, load_run
+from stages.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
 THRESHOLD = 0.5
 
@@ -70,32 +70,9 @@ def oracle_acc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(((tp + tn)[valid]).max() / len(y))
 
 
-@torch.inference_mode()
-def predict(
-    run: Run, data: cachedata.CacheData, rows: cachedata.Rows, batch_size: int, progress: bool
-) -> np.ndarray:
-    """Scores of the rows, read from the cache a block of rows at a time (memory stays bounded)."""
-    hp = run.params["hparams"]
-    aligned = run.params["aligned"]
-    scores = []
-    block = max(batch_size, 1024)
-    bar = tqdm(total=len(rows), desc=f"eval {run.name}", unit="img", disable=not progress)
-    for b0 in range(0, len(rows), block):
-        part = rows[b0 : b0 + block]
-        crops, maps = (torch.from_numpy(a).to(run.device) for a in data.load(part, progress=False))
-        for i in range(0, len(part), batch_size):  # cropped on the model's device
-            x, m = make_inputs(
-                run.method, hp, crops[i : i + batch_size], maps[i : i + batch_size], False, None, aligned
-            )
-            scores.append(run.scores(x, m).numpy())
-            bar.update(len(x))
-    bar.close()
-    return np.concatenate(scores) if scores else np.zeros(0)
-
-
 def check_compatible(run: Run, data: cachedata.CacheData) -> None:
     want = run.params["lare"]
-    if run.method == "egre" and (
+    if method_registry.get(run.method).reads_lare and (
         data.lare_params != want["params"] or data.lare_model.get("weights") != want["model"].get("weights")
     ):
         raise UserError(
@@ -103,6 +80,11 @@ def check_compatible(run: Run, data: cachedata.CacheData) -> None:
             f"the maps {run.name} was trained on; extract them with the same settings"
         )
     data.check_crop(run.params["hparams"]["crop_size"])
+
+
+def scoring_code() -> str:
+    """The version of the code that turns a run and a cache into these results: part of their key."""
+    return code_version(batches, checkpoint, sys.modules[__name__])
 
 
 def evaluate(
@@ -115,6 +97,7 @@ def evaluate(
     progress: bool = True,
     log=print,
     device: str = "cpu",
+    epoch: str | int = "best",
     lare: str | None = None,
     pixels: str | None = None,
     perturb: str | None = None,
@@ -122,14 +105,18 @@ def evaluate(
 ) -> list[dict]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache.
 
-    In each cache, the artifacts the run was trained on are read by default (`lare`/`pixels`
-    selectors choose others, see cachedata.Choice), from an index that covers `split`;
-    `perturb`, `perturb_only`: the test artifacts extracted with that `--perturb` (None: clean).
+    `epoch` picks the weights: best (by the run's validation slice), last, a number, or last5: each
+    of the final five epochs scored apart, the metrics reported as mean and std over them (LoL's
+    protocol; std is numpy's, ddof 0). In each cache, the artifacts the run was trained on are read
+    by default (`lare`/`pixels` selectors choose others, see cachedata.Choice), from an index that
+    covers `split`; `perturb`, `perturb_only`: the test artifacts extracted with that `--perturb`
+    (None: clean).
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     wanted = cachedata.wanted_perturbation(perturb, perturb_only)
-    run = load_run(run_path, resolve_device(device))
+    epochs = select_epochs(run_path, epoch, several=True)
+    run = load_run(run_path, resolve_device(device), epochs[0])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -137,9 +124,17 @@ def evaluate(
     for url in caches:
         data = cachedata.CacheData([url], verify=verify, split=split, choice=choice, log=log)
         src = data.sources[0]
-        if run.method == "egre" and (note := sd.random_weights_note(data.lare_model)):
+        if method_registry.get(run.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
             log(f"note: {note}")
-        key = fingerprint({"run": run.params["fingerprint"], "test": src.identity(), "split": split})
+        key = fingerprint(
+            {
+                "run": run.params["fingerprint"],
+                "test": src.identity(),
+                "split": split,
+                "epochs": epochs,
+                "code": scoring_code(),
+            }
+        )
         stem = out / f"{run.name}__{src.subset}-{key[:8]}"
         if stem.with_suffix(".json").is_file():
             result = json.loads(stem.with_suffix(".json").read_text())
@@ -150,7 +145,14 @@ def evaluate(
         rows = data.rows(split)
         if len(rows) == 0:
             raise UserError(f"{url} has no usable rows in split '{split}'")
-        scores = predict(run, data, rows, batch_size, progress)
+        scores = {}
+        for e in epochs:
+            if run.epoch != e:
+                run.use_epoch(e)
+            scores[e] = predict(run, data, rows, batch_size, progress)
+        each = [metrics(rows.label, scores[e]) for e in epochs]
+        formats = src.columns["format"][rows.row]
+        by_format = [metrics_by_format(rows.label, scores[e], formats) for e in epochs]
         result = {
             "run": run.name,
             "run_fingerprint": run.params["fingerprint"],
@@ -162,24 +164,49 @@ def evaluate(
             "test_cache": src.identity(),
             "test_url": url,
             "split": split,
-            "metrics": metrics(rows.label, scores),
-            "by_format": metrics_by_format(rows.label, scores, src.columns["format"][rows.row]),
+            "epoch_choice": str(epoch),
+            "epochs": epochs,
+            "metrics": each[0],
+            "by_format": by_format[0],
         }
+        if len(epochs) > 1:  # means over the epochs (metrics, by_format) and the std of the metrics
+            result["metrics"], result["metrics_std"] = mean_std(each)
+            result["by_format"] = {f: mean_std([b[f] for b in by_format])[0] for f in by_format[0]}
+            result["per_epoch"] = [{"epoch": e, "metrics": m} for e, m in zip(epochs, each, strict=True)]
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["path", "id", "label", "format", "score"])
-            for r, lab, s in zip(rows.row, rows.label, scores, strict=True):
-                c = src.columns
-                w.writerow([c["path"][r], c["id"][r], int(lab), c["format"][r], f"{s:.6f}"])
+            w.writerow(["path", "id", "label", "format", "epoch", "score"])
+            c = src.columns
+            for e in epochs:
+                for r, lab, s in zip(rows.row, rows.label, scores[e], strict=True):
+                    w.writerow([c["path"][r], c["id"][r], int(lab), c["format"][r], e, f"{s:.6f}"])
         atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
-        m = result["metrics"]
-        per_format = "; ".join(
-            f"{f} ACC {fm['acc']:.4f} AP {fm['ap']:.4f} n={fm['n']}" for f, fm in result["by_format"].items()
-        )
-        log(
-            f"{run.name} on {src.subset} [{result['test_perturb']}]: ACC {m['acc']:.4f} "
-            f"(real {m['real_acc']:.4f}, generated {m['generated_acc']:.4f}) AP {m['ap']:.4f}, "
-            f"n={m['n']} ({per_format}) -> {stem}.json"
-        )
+        log(f"{run.name} on {src.subset} [{result['test_perturb']}]: {summary(result)} -> {stem}.json")
         results.append(result)
     return results
+
+
+def mean_std(each: list[dict]) -> tuple[dict, dict]:
+    """Per key, the mean and the std (numpy's, ddof 0) of several epochs' metrics."""
+    return (
+        {k: float(np.mean([m[k] for m in each])) for k in each[0]},
+        {k: float(np.std([m[k] for m in each])) for k in each[0]},
+    )
+
+
+def summary(result: dict) -> str:
+    """One line of a result: ACC (real, generated), AP, n, and the epochs; mean +- std over several."""
+    m, sd = result["metrics"], result.get("metrics_std")
+
+    def v(k: str) -> str:
+        return f"{m[k]:.4f}" + (f" +- {sd[k]:.4f}" if sd else "")
+
+    epochs = result["epochs"]
+    which = f"epoch {epochs[0]}" if len(epochs) == 1 else f"mean +- std over epochs {epochs[0]}..{epochs[-1]}"
+    per_format = "; ".join(
+        f"{f} ACC {fm['acc']:.4f} AP {fm['ap']:.4f} n={int(fm['n'])}" for f, fm in result["by_format"].items()
+    )
+    return (
+        f"ACC {v('acc')} (real {v('real_acc')}, generated {v('generated_acc')}) AP {v('ap')}, "
+        f"n={int(m['n'])} ({per_format}), {which} ({result['epoch_choice']})"
+    )

@@ -25,7 +25,7 @@ from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWriter
-from pipeline.store import SCHEMA_VERSION, ArraySpec, Artifact, CacheStore, now
+from pipeline.store import SCHEMA_VERSION, ArraySpec, Artifact, CacheStore, index_path, latest, now
 from stages import index as index_stage
 from stages import lare as lare_math
 from stages import perturb as perturb_stage
@@ -251,16 +251,17 @@ class ExtractJob:
         return bool(self.plan.pending.get(self.artifacts["lare"].path))
 
 
-def _load_or_scan_index(store: CacheStore, cfg: ExtractConfig) -> tuple[index_stage.Index, str]:
+def _load_or_scan_index(store: CacheStore, cfg: ExtractConfig, log=print) -> tuple[index_stage.Index, str]:
     previous = None
     tables = store.tables("index")
     if tables:
-        latest = max(tables, key=lambda p: tables[p].get("created_at", ""))
-        cols, attrs = store.read_table(latest)
+        cols, attrs = store.read_table(latest(tables))
         previous = index_stage.Index(attrs["subset"], attrs["root"], cols)
-    idx = index_stage.scan(cfg.data_root, cfg.subset, cfg.splits, previous=previous, progress=cfg.progress)
+    idx = index_stage.scan(
+        cfg.data_root, cfg.subset, cfg.splits, previous=previous, progress=cfg.progress, log=log
+    )
     fp = idx.fingerprint
-    path = f"index/{fp[:16]}"
+    path = index_path(fp)
     if path not in tables:
         attrs = {"fingerprint": fp, "subset": idx.subset, "root": idx.root, "splits": list(cfg.splits)}
         store.write_table(path, idx.columns, {**attrs, "n_rows": len(idx), "created_at": now()})
@@ -280,7 +281,7 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
     cache_url = cache_url_for(cfg)
     subset = index_stage.canonical_subset(cfg.subset)
     store = CacheStore(cache_url, mode="a", subset=subset)
-    idx, index_path = _load_or_scan_index(store, cfg)
+    idx, index = _load_or_scan_index(store, cfg, log)
     device = resolve_device(cfg.device)
     precision = cfg.resolved_precision(device)
     model_ref = sd.resolve_model(cfg.model)
@@ -316,7 +317,7 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
             f"they use the prompt '{cfg.prompt}'"
         )
     return ExtractJob(
-        cfg=cfg, cache_url=cache_url, subset=subset, index_path=index_path,
+        cfg=cfg, cache_url=cache_url, subset=subset, index_path=index,
         files=[idx.abspath(r) for r in range(n)], ids=idx.columns["id"], labels=idx.columns["label"],
         paths=[str(p) for p in idx.columns["path"]], prompts=prompts, prompt_idx=prompt_idx,
         model=model_ref, device=device, precision=precision, latent=latent, artifacts=artifacts, plan=plan,

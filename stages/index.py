@@ -205,6 +205,7 @@ def scan(
     previous: Index | None = None,
     threads: int = 16,
     progress: bool = True,
+    log=print,
 ) -> Index:
     """Build the index of one subset; files unchanged since `previous` (size, mtime) are not re-read."""
     alias = canonical_subset(subset)
@@ -217,9 +218,7 @@ def scan(
     if not files:
         raise UserError(f"no image files under {root} for split(s) {', '.join(splits)}")
     if skipped:
-        print(
-            f"index: skipped {skipped} file(s) without an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))})"
-        )
+        log(f"index: skipped {skipped} file(s) without an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))})")
 
     stats = [os.stat(root / rel) for rel, _, _ in files]
     known: dict[str, tuple] = {}

@@ -13,9 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stages import backbone
 from stages.backbone import CLIP_MEAN, CLIP_STD, dims, visual_features
+from stages.method import Method, register
 
-DEFAULTS = {"lr": 5e-6, "batch_size": 4, "epochs": 20, "grad_clip": None, "betas": (0.9, 0.999)}
+# The paper's setting (Sec. 4.2): 1,600 real + 1,600 generated training images, 20 epochs (no early
+# stop: patience 0), Adam 5e-6, or 5e-7 when the training subset is BigGAN (`lr_by_subset`).
+DEFAULTS = {
+    "lr": 5e-6, "batch_size": 4, "epochs": 20, "patience": 0, "grad_clip": None, "betas": (0.9, 0.999),
+    "max_per_class": 1600, "plateau": None, "lr_by_subset": {"biggan": 5e-7},
+}  # fmt: skip
 MASK_RANGE = (0.6, 0.8)
 ASPECT_RANGE = (0.33, 3.0)
 
@@ -79,9 +86,7 @@ def draw_masks(
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float, CLIP mean/std."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
+    return backbone.normalise(images, CLIP_MEAN, CLIP_STD)
 
 
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -104,3 +109,24 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     cols = torch.where(flips.to(dev).view(n, 1, 1), last - cols, cols)  # f = x flipped left-right
     index = (rows * side + cols).view(n, 1, side * side).expand(n, images.shape[1], side * side)
     return images.flatten(2).gather(2, index).view(images.shape)
+
+
+def prepare(images: torch.Tensor, hp: dict, train: bool, gen: torch.Generator | None) -> torch.Tensor:
+    """LoL's input: in training flip and rotation, normalisation, then the rectangle mask per sample
+    (masked pixels 0 in normalised space); at test the crop, normalised."""
+    if not train:
+        return normalise(images)
+    x = normalise(augment(images, gen))
+    c = x.shape[-1]
+    masks = draw_masks(len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]), device=x.device)
+    return x.masked_fill(masks[:, None], 0.0)
+
+
+def extra_hparams(cfg) -> dict:
+    """The mask's ranges (TrainConfig.mask_range, .aspect_range) are LoL's own hyper-parameters."""
+    return {"mask_range": list(cfg.mask_range), "aspect_range": list(cfg.aspect_range)}
+
+
+METHOD = register(
+    Method("lol", LoL, prepare, reads_lare=False, defaults=DEFAULTS, extra_hparams=extra_hparams)
+)

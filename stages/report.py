@@ -13,8 +13,11 @@ from pipeline.errors import UserError
 METRICS = ("acc", "ap", "real_acc", "generated_acc")
 
 
-def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[str], np.ndarray]:
-    """(row labels 'method:train subsets', columns, matrix with NaN where missing).
+def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(row labels 'method:train subsets', columns, matrix, std matrix), NaN where missing.
+
+    A result over several epochs (`eval --epoch last5`) holds their mean; its std fills the second
+    matrix. A result of another epoch choice than `best` is its own row, labelled with the choice.
 
     A result is keyed by (run, test subset, split, test artifacts); no two of them share a cell.
     Columns are test subsets, written `subset:split` when the folder holds several splits and
@@ -35,9 +38,12 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
         raise UserError(f"no evaluation results (*.json from `pipeline eval`) in {results}")
 
     def short(r: dict) -> str:
+        choice = r.get("epoch_choice", "best")
         trained = r.get("train_perturb", "clean")
-        return f"{r['method']}:{'+'.join(r['train_subsets'])}" + (
-            "" if trained == "clean" else f" [{trained}]"
+        return (
+            f"{r['method']}:{'+'.join(r['train_subsets'])}"
+            + ("" if trained == "clean" else f" [{trained}]")
+            + ("" if choice == "best" else f" ({choice})")
         )
 
     runs_per_label: dict[str, set] = {}
@@ -73,9 +79,12 @@ def collect(results: str | Path, metric: str = "acc") -> tuple[list[str], list[s
     rows = sorted({label(r) for r in records})
     cols = sorted({column(r) for r in records})
     mat = np.full((len(rows), len(cols)), np.nan)
+    std = mat.copy()
     for r in records:
-        mat[rows.index(label(r)), cols.index(column(r))] = r["metrics"][metric]
-    return rows, cols, mat
+        at = rows.index(label(r)), cols.index(column(r))
+        mat[at] = r["metrics"][metric]
+        std[at] = r.get("metrics_std", {}).get(metric, np.nan)
+    return rows, cols, mat, std
 
 
 def with_means(mat: np.ndarray) -> np.ndarray:
@@ -84,15 +93,26 @@ def with_means(mat: np.ndarray) -> np.ndarray:
     return np.column_stack([mat, means])
 
 
-def table(rows: list[str], cols: list[str], mat: np.ndarray, metric: str) -> str:
+def table(
+    rows: list[str], cols: list[str], mat: np.ndarray, metric: str, std: np.ndarray | None = None
+) -> str:
+    """The matrix as text, in percent; a cell with a spread over epochs reads 'mean+-std'."""
     corner = "train / test"
     width = max(len(r) for r in [*rows, corner]) + 2
-    cw = max([10, *(len(c) + 2 for c in cols)])  # split and artifact columns have long names
+    spread = np.full(mat.shape, np.nan) if std is None else std
+    least = 14 if np.isfinite(spread).any() else 10
+    cw = max([least, *(len(c) + 2 for c in cols)])  # split and artifact columns have long names
+
+    def cell(v: float, sd: float) -> str:
+        text = "-" if math.isnan(v) else f"{100 * v:.1f}" + ("" if math.isnan(sd) else f"+-{100 * sd:.1f}")
+        return f"{text:>{cw}}"
+
     head = f"{corner:<{width}}" + "".join(f"{c:>{cw}}" for c in [*cols, "mean"])
     lines = [f"{metric.upper()} (%)", head]
-    for r, vals in zip(rows, with_means(mat), strict=True):
-        cells = "".join(f"{'-':>{cw}}" if math.isnan(v) else f"{100 * v:>{cw}.1f}" for v in vals)
-        lines.append(f"{r:<{width}}{cells}")
+    for r, vals, sds in zip(rows, with_means(mat), spread, strict=True):
+        lines.append(
+            f"{r:<{width}}" + "".join(cell(v, sd) for v, sd in zip(vals, [*sds, np.nan], strict=True))
+        )
     return "\n".join(lines)
 
 

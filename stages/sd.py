@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.config import home
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import checksum_files
 from stages import lare as lare_math
 
@@ -105,10 +105,9 @@ def resolve_model(spec: str) -> ModelRef:
     try:
         snapshot = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated repo: all end the same way
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"model '{spec}' is not in the local Hugging Face cache and could not be downloaded ({first}); "
-            "fetch it once where the hub is reachable, or pass a local diffusers folder"
+            f"model '{spec}' is not in the local Hugging Face cache and could not be downloaded "
+            f"({first_line(e)}); fetch it once where the hub is reachable, or pass a local diffusers folder"
         ) from None
     return ModelRef(spec, snapshot, "hub", _weights_hash(snapshot), revision=snapshot.name)
 

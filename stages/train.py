@@ -2,11 +2,18 @@
 
     <out>/<method>-<subsets>-<fp12>/
       params.json                  everything that decides the weights (and the fingerprint)
-      sample.json                  the training rows chosen (cache, row, content id, path, label)
+      sample.json                  the training and validation rows (cache, row, content id, path, label)
       epoch-NNN.safetensors        model weights after epoch NNN (every epoch is kept)
       epoch-NNN.optim.safetensors  optimizer state (only the latest is kept: it is what resume needs)
-      epoch-NNN.json               written last: the epoch is finished; loss, param groups
-      done.json                    the run is complete; a rerun returns at once
+      epoch-NNN.json               written last: the epoch is finished; loss, validation scores,
+                                   param groups, the plateau schedule's state
+      done.json                    the run is complete (last and best epoch); a rerun returns at once
+
+Model selection never looks at a test set: a seeded, label-stratified slice of the TRAIN split
+(--val-fraction) is held out and scored after every epoch (AUC, AP, ACC@0.5, log loss). The best
+epoch is the one of highest validation AUC (ties: lowest validation loss); EGRE's plateau schedule
+steps on that AUC; --patience epochs without a new best end the run. No row of any cache's val
+split is read by training.
 
 Every random number of epoch k (order, crops, flips, masks, dropout) comes from generators seeded
 by (seed, k), so a run resumed after epoch k is bitwise equal to one never interrupted.
@@ -16,26 +23,28 @@ No pickle: weights and optimizer tensors are safetensors, the rest JSON.
 from __future__ import annotations
 
 import json
-import logging
-import os
-import re
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
-from stages import backbone, batches, cachedata, egre, lol, sd
+from pipeline.store import now
+from stages import backbone, batches, cachedata, checkpoint, lol, sd
+from stages import method as method_registry
 from stages.batches import EpochBatches, default_loader_workers, make_inputs
+from stages.checkpoint import Run, atomic_json, build_model, finished_epochs, load_epoch, predict, save_epoch
 
-METHODS = {"egre": egre, "lol": lol}
+VAL_BATCH = 64  # validation rows per model call (inference only; part of the code, not an option)
 
 
 @dataclass
@@ -43,9 +52,11 @@ class TrainConfig:
     caches: list[str]
     method: str = "egre"
     out: str = "runs"
-    max_per_class: int | None = None
+    max_per_class: int | str | None = None  # None: the method's default; 'all': every training row
     seed: int = 0
     epochs: int | None = None  # None: the method's default (see egre.DEFAULTS, lol.DEFAULTS)
+    patience: int | None = None  # epochs without a new best before stopping; 0: never; None: default
+    val_fraction: float = 0.05  # of the training rows, per label, held out from the train split
     batch_size: int | None = None
     lr: float | None = None
     crop_size: int = 224
@@ -67,30 +78,40 @@ class TrainConfig:
     perturb_only: str | None = None  # ... and this --perturb-only class
     real_jpeg_quality: int | None = None  # real rows of this JPEG quality only (the JPEG-96 control)
 
-    def hparams(self) -> dict[str, Any]:
-        if self.method not in METHODS:
-            raise UserError(f"--method must be one of {', '.join(METHODS)}, not '{self.method}'")
-        for name in ("epochs", "batch_size", "lr", "max_per_class"):
+    def hparams(self, subsets: set[str]) -> dict[str, Any]:
+        """The hyper-parameters of a run on caches of `subsets`: the options, else the method's defaults."""
+        method = method_registry.get(self.method)
+        for name in ("epochs", "batch_size", "lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
-        d = METHODS[self.method].DEFAULTS
+        if self.patience is not None and self.patience < 0:
+            raise UserError(f"--patience must be 0 (never stop early) or more, not {self.patience}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(
+                f"--val-fraction must lie strictly between 0 and 1 (a validation slice and training rows "
+                f"are both needed), not {self.val_fraction}"
+            )
+        d = method.defaults
+        (only,) = subsets if len(subsets) == 1 else (None,)
         hp = {
             "epochs": self.epochs or d["epochs"],
+            "patience": d["patience"] if self.patience is None else self.patience,
             "batch_size": self.batch_size or d["batch_size"],
-            "lr": self.lr or d["lr"],
+            "lr": self.lr or d.get("lr_by_subset", {}).get(only, d["lr"]),
             "betas": list(d["betas"]),
             "grad_clip": d["grad_clip"],
+            "plateau": d["plateau"],
+            "val_fraction": self.val_fraction,
             "crop_size": self.crop_size,
-            "max_per_class": self.max_per_class,
+            "max_per_class": per_class(self.max_per_class, d["max_per_class"]),
             "shuffle_labels": self.shuffle_labels,
             "memory_rows": self.memory_rows,
             "real_jpeg_quality": self.real_jpeg_quality,
         }
         if self.real_jpeg_quality is not None and not 1 <= self.real_jpeg_quality <= 100:
             raise UserError(f"--real-jpeg-quality must be in 1..100, not {self.real_jpeg_quality}")
-        if self.method == "lol":
-            hp.update(mask_range=list(self.mask_range), aspect_range=list(self.aspect_range))
+        hp.update(method.extra_hparams(self))
         if self.loader_workers < -1:
             raise UserError(
                 f"--loader-workers must be -1 (automatic) or at least 0, not {self.loader_workers}"
@@ -102,74 +123,69 @@ class TrainConfig:
         return hp
 
 
-def build_model(method: str, params: dict, lare_channels: int, pretrained: bool = True) -> torch.nn.Module:
-    """The network of a run, initialised from its seed and (pretrained) the backbone weights of its spec.
-
-    pretrained=False builds the architecture only, for loading a checkpoint that holds every weight:
-    evaluation and detection need neither the download nor the original weight file.
-    """
-    weights = params["backbone"]["spec_weights"] if pretrained else "random"
-    spec = backbone.BackboneSpec(params["backbone"]["arch"], weights)
-    c = params["hparams"]["crop_size"]
-    level = logging.getLogger().level
-    logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs random weights, failed downloads
+def per_class(value: int | str | None, default: int | None) -> int | None:
+    """--max-per-class: a positive number, 'all' (None: every row), or None for the method's default."""
+    if value is None:
+        return default
+    if value == "all":
+        return None
     try:
-        visual = backbone.load_visual(spec, c, seed=params["seed"])
-    finally:
-        logging.getLogger().setLevel(level)
-    torch.manual_seed(params["seed"])
-    if method == "egre":
-        return egre.EGRE(visual, lare_channels, grid=c // 16)
-    return lol.LoL(visual)
+        n = int(value)
+    except ValueError:
+        raise UserError(f"--max-per-class takes a positive number or 'all', not '{value}'") from None
+    if n <= 0:
+        raise UserError(f"--max-per-class must be positive (or 'all'), not {value}")
+    return n
 
 
-# ---- checkpoints --------------------------------------------------------------------------------
-def atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def hold_out(rows: cachedata.Rows, fraction: float, per_class_max: int | None, seed: int):
+    """(rows left for training, validation rows): per label, round(fraction * n) rows drawn, seeded.
+
+    n is the label's training-split rows, or --max-per-class when smaller: a LoL run of 1,600 + 1,600
+    holds out 80 + 80 more rows of the train split and still trains on the paper's 1,600 + 1,600.
+    At least one row of a label is held out and one left to train on; a label with fewer than two
+    rows gives none (see validation_metrics).
+    """
+    rng = np.random.default_rng((seed, 1))  # its own stream: the training sample keeps `seed`'s
+    val = []
+    for label in (0, 1):
+        idx = np.flatnonzero(rows.label == label)
+        if len(idx) >= 2:
+            k = min(len(idx) - 1, max(1, round(fraction * min(len(idx), per_class_max or len(idx)))))
+            val.append(rng.choice(idx, size=k, replace=False))
+    if not val:
+        raise UserError(
+            f"{len(rows)} training-split row(s): too few to hold out a validation slice and still train"
+        )
+    val_pos = np.sort(np.concatenate(val))
+    keep = np.ones(len(rows), dtype=bool)
+    keep[val_pos] = False
+    return rows[keep], rows[val_pos]
 
 
-def _atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def validation_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """What an epoch is judged by on the validation slice: AUC, AP, ACC at 0.5, log loss.
+
+    A slice with one label only (a training set that lacks the other, e.g. the finished shards of an
+    unfinished cache) has no AUC or AP (NaN): the best epoch is then the one of lowest loss."""
+    both = len(np.unique(labels)) == 2
+    return {
+        "auc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+        "ap": float(average_precision_score(labels, scores)) if both else float("nan"),
+        "acc": float(((scores > 0.5) == (labels == 1)).mean()),
+        "loss": float(log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "n": len(labels),
+    }
 
 
-def save_epoch(run: Path, epoch: int, model, opt, info: dict) -> None:
-    _atomic_safetensors(run / f"epoch-{epoch:03d}.safetensors", model.state_dict())
-    state = opt.state_dict()
-    tensors = {f"{pid}.{k}": v for pid, s in state["state"].items() for k, v in s.items()}
-    _atomic_safetensors(run / f"epoch-{epoch:03d}.optim.safetensors", tensors)
-    atomic_json(
-        run / f"epoch-{epoch:03d}.json", {**info, "epoch": epoch, "param_groups": state["param_groups"]}
-    )
-    for old in run.glob("epoch-*.optim.safetensors"):
-        if old.name != f"epoch-{epoch:03d}.optim.safetensors":
-            old.unlink()
+def best_epoch(history: dict[int, dict]) -> int:
+    """The epoch of highest validation AUC; among equals, the lowest validation loss, then the earliest."""
 
+    def key(e: int) -> tuple[float, float, int]:
+        auc = history[e]["auc"]
+        return (-math.inf if math.isnan(auc) else auc, -history[e]["loss"], -e)
 
-def finished_epochs(run: Path) -> list[int]:
-    """Epochs whose record (written last) and weights exist."""
-    out = []
-    for p in run.glob("epoch-*.json"):
-        m = re.fullmatch(r"epoch-(\d{3})\.json", p.name)
-        if m and (run / f"epoch-{m.group(1)}.safetensors").is_file():
-            out.append(int(m.group(1)))
-    return sorted(out)
-
-
-def load_epoch(run: Path, epoch: int, model, opt=None) -> None:
-    model.load_state_dict(load_file(str(run / f"epoch-{epoch:03d}.safetensors")))
-    if opt is None:
-        return
-    info = json.loads((run / f"epoch-{epoch:03d}.json").read_text())
-    flat = load_file(str(run / f"epoch-{epoch:03d}.optim.safetensors"))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in flat.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    return max(history, key=key)
 
 
 def uninformative_labels(labels: torch.Tensor, seed: int) -> torch.Tensor:
@@ -206,7 +222,7 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
-    hp = cfg.hparams()
+    hp = cfg.hparams({s.subset for s in data.sources})
     data.check_crop(hp["crop_size"])
     identity = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights).identity()  # hashes a weight file
     aligned = data.aligned()
@@ -221,7 +237,15 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
         "seed": cfg.seed,
         "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
-        "code": code_version(backbone, batches, cachedata, egre, lol, sys.modules[__name__]),
+        "code": code_version(
+            backbone,
+            cachedata,
+            batches,
+            *checkpoint.TRAINING,
+            method_registry,
+            sys.modules[method_registry.get(cfg.method).model.__module__],
+            sys.modules[__name__],
+        ),
     }
     ident = {k: v for k, v in params.items() if k != "backbone"}
     ident["backbone"] = identity
@@ -237,27 +261,36 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     choice = cachedata.Choice(cfg.lare, cfg.pixels, perturb=wanted)
     data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split="train", choice=choice, log=log)
     run, params = plan_run(cfg, data)
-    if cfg.method == "egre" and (note := sd.random_weights_note(data.lare_model)):
+    if method_registry.get(cfg.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
         log(f"note: {note}")
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
     hp = params["hparams"]
-    rows = data.sample(data.rows("train", hp["real_jpeg_quality"]), hp["max_per_class"], cfg.seed, log)
-    if len(rows) == 0 or (hp["real_jpeg_quality"] is not None and not (rows.label == 0).any()):
-        which = f"real rows of JPEG quality {hp['real_jpeg_quality']}" if len(rows) else "rows"
+    method = method_registry.get(cfg.method)
+    if cfg.lr is None and hp["lr"] != method.defaults["lr"]:
+        log(f"lr {hp['lr']:g}: the {cfg.method} paper's rate for this training subset (--lr to override)")
+    # the only split training reads: test (val) splits stay unseen
+    pool = data.rows("train", hp["real_jpeg_quality"])
+    if len(pool) == 0 or (hp["real_jpeg_quality"] is not None and not (pool.label == 0).any()):
+        which = f"real rows of JPEG quality {hp['real_jpeg_quality']}" if len(pool) else "rows"
         raise UserError(f"no usable training {which} (split 'train') in the given cache(s)")
+    rest, val_rows = hold_out(pool, hp["val_fraction"], hp["max_per_class"], cfg.seed)
+    rows = data.sample(rest, hp["max_per_class"], cfg.seed, log)
+    for label in sorted({0, 1} - set(val_rows.label.tolist())):
+        log(f"note: no validation row of label {label}: the best epoch is the one of lowest validation loss")
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
     device = resolve_device(cfg.device)
     cuda = device.startswith("cuda")
     workers = default_loader_workers(device) if cfg.loader_workers < 0 else cfg.loader_workers
-    batches = EpochBatches(
+    feed = EpochBatches(
         data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress, workers=workers, device=device
     )
+    params["model"] = method.model_args(hp, feed.lare_channels)  # what load_run builds from
     # Built before the run directory is written: a backbone that cannot be loaded leaves nothing behind.
-    model = build_model(cfg.method, params, batches.lare_channels).to(device)
+    model = build_model(params).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     run.mkdir(parents=True, exist_ok=True)
@@ -266,19 +299,38 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         if old["fingerprint"] != params["fingerprint"]:
             raise UserError(f"{run} holds another run (fingerprint {old['fingerprint'][:12]})")
     else:
-        atomic_json(
-            run / "params.json", {**params, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        )
+        atomic_json(run / "params.json", {**params, "created_at": now()})
     if not (run / "sample.json").is_file():
-        atomic_json(run / "sample.json", {"seed": cfg.seed, "n": len(rows), "caches": data.describe(rows)})
+        atomic_json(
+            run / "sample.json",
+            {
+                "seed": cfg.seed, "n": len(rows), "caches": data.describe(rows),
+                "val_fraction": hp["val_fraction"], "n_validation": len(val_rows),
+                "validation": data.describe(val_rows),
+            },
+        )  # fmt: skip
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
+    plateau = hp["plateau"]
+    sched = None
+    if plateau:
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode=plateau["mode"], factor=plateau["factor"], patience=plateau["patience"],
+            min_lr=plateau["min_lr"],
+        )  # fmt: skip
     done = finished_epochs(run)
     start = done[-1] if done else 0
+    history = {e: json.loads((run / f"epoch-{e:03d}.json").read_text())["val"] for e in done}
     if start:
         load_epoch(run, start, model, opt)
+        if sched is not None:
+            sched.load_state_dict(json.loads((run / f"epoch-{start:03d}.json").read_text())["scheduler"])
         log(f"resuming {run.name} after epoch {start}")
     n = len(rows)
+    stopped = f"--epochs {hp['epochs']} reached"
     for epoch in range(start + 1, hp["epochs"] + 1):
+        if hp["patience"] and history and max(history) - best_epoch(history) >= hp["patience"]:
+            stopped = f"no better validation score for {hp['patience']} epochs (--patience)"
+            break
         seed = epoch_seed(cfg.seed, epoch)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # dropout
@@ -287,7 +339,10 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         # every step would make the host wait for the GPU instead of preparing the next batch.
         total, t0 = torch.zeros((), dtype=torch.float64, device=device), time.perf_counter()
         bar = tqdm(total=n, desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress)
-        for _, crops, maps, y in batches.epoch(gen):  # on the device already
+        trained = 0
+        for _, crops, maps, y in feed.epoch(gen):  # on the device already
+            if len(y) < 2:  # BatchNorm cannot train on one sample: an epoch's last lone row waits
+                continue  # for the next epoch's order
             x, m = make_inputs(cfg.method, hp, crops, maps, True, gen, params["aligned"])
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -299,55 +354,35 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
             opt.step()
             total += loss.detach().double() * len(y)
+            trained += len(y)
             bar.update(len(y))
         bar.close()
-        info = {"loss": float(total) / n, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
+        model.eval()
+        scores = predict(Run(run, params, model, device), data, val_rows, VAL_BATCH, progress=False)
+        history[epoch] = validation_metrics(val_rows.label, scores)
+        if sched is not None and not math.isnan(history[epoch]["auc"]):
+            sched.step(history[epoch]["auc"])
+        info = {
+            "loss": float(total) / trained,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "rows": trained,
+        }
+        info.update(val=history[epoch], scheduler=sched.state_dict() if sched is not None else None)
         save_epoch(run, epoch, model, opt, info)
-        log(f"epoch {epoch}: loss {info['loss']:.4f}")
+        best = best_epoch(history)
+        v = history[epoch]
+        log(
+            f"epoch {epoch}: loss {info['loss']:.4f}, validation AUC {v['auc']:.4f} AP {v['ap']:.4f} "
+            f"ACC {v['acc']:.4f} (best epoch {best})"
+        )
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
             log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
             return run
-    atomic_json(run / "done.json", {"epochs": hp["epochs"], "final": f"epoch-{hp['epochs']:03d}.safetensors"})
+    last, best = max(history), best_epoch(history)
+    log(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {history[best]['auc']:.4f})")
+    atomic_json(
+        run / "done.json",
+        {"epochs": last, "best": best, "best_val": history[best], "stopped": stopped,
+         "final": f"epoch-{last:03d}.safetensors"},
+    )  # fmt: skip
     return run
-
-
-@dataclass
-class Run:
-    """A finished run, loaded for evaluation or detection."""
-
-    path: Path
-    params: dict
-    model: torch.nn.Module
-    device: str = "cpu"
-
-    @torch.inference_mode()
-    def scores(self, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """P(generated) of a prepared batch, on the CPU."""
-        return self.model.score(self.model(x.to(self.device), maps.to(self.device))).cpu()
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def method(self) -> str:
-        return self.params["method"]
-
-
-def load_run(path: str | Path, device: str = "cpu") -> Run:
-    run = Path(path)
-    if not (run / "params.json").is_file():
-        raise UserError(f"{run} is not a run directory (no params.json)")
-    done = run / "done.json"
-    if not done.is_file():
-        raise UserError(
-            f"{run} has not finished training (no done.json): rerun `pipeline train` to resume it"
-        )
-    params = json.loads((run / "params.json").read_text())
-    epochs = json.loads(done.read_text())["epochs"]
-    first = load_file(str(run / f"epoch-{epochs:03d}.safetensors"))
-    channels = first["to_heads.weight"].shape[1] if "to_heads.weight" in first else 0  # LoL: unused
-    model = build_model(params["method"], params, channels, pretrained=False)
-    model.load_state_dict(first)
-    model.to(device).eval()
-    return Run(run, params, model, device)

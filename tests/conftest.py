@@ -129,9 +129,8 @@ def one_thread():
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesses
 
 
-@pytest.fixture(scope="session")
-def egre_run(learn_set, tmp_path_factory) -> Path:
-    """A short EGRE run (tiny backbone, 2 epochs) on `learn_set`, for evaluation and detection tests."""
+def tiny_run(cache: Path, out: Path, method: str, epochs: int) -> Path:
+    """A short run (tiny backbone, batch 16, lr 1e-3, 32 px crops) on one thread."""
     import torch
 
     from stages.train import TrainConfig, run_train
@@ -140,10 +139,15 @@ def egre_run(learn_set, tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     try:
         cfg = TrainConfig(
-            caches=[str(learn_set[1])], method="egre", out=str(tmp_path_factory.mktemp("runs")), epochs=2,
-            batch_size=16, lr=1e-3, crop_size=32, backbone="tiny-RN", backbone_weights="random",
-            progress=False,
+            caches=[str(cache)], method=method, out=str(out), epochs=epochs, batch_size=16, lr=1e-3,
+            crop_size=32, backbone="tiny-RN", backbone_weights="random", progress=False,
         )  # fmt: skip
         return run_train(cfg, log=lambda m: None)
     finally:
         torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def egre_run(learn_set, tmp_path_factory) -> Path:
+    """A short EGRE run (tiny backbone, 2 epochs) on `learn_set`, for evaluation and detection tests."""
+    return tiny_run(learn_set[1], tmp_path_factory.mktemp("runs"), "egre", epochs=2)

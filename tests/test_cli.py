@@ -47,6 +47,18 @@ def test_extract_info_verify_tamper(tmp_path):
     manifest = json.loads(run_cli("cache", "info", zarr_path, "--json").stdout)
     lare = next(a for a in manifest["artifacts"].values() if a["kind"] == "lare")
     assert lare["params"]["timestep"] == 200 and lare["n_rows"] == 12
+    from stages.extract import ExtractConfig  # the options not typed take the config's defaults
+
+    for name in (
+        "timestep",
+        "ensemble",
+        "size",
+        "preprocess",
+        "prompt",
+        "dtype",
+        "seed",
+    ):  # precision: resolved
+        assert lare["params"][name] == getattr(ExtractConfig, name), name
 
     ok = run_cli("cache", "verify", zarr_path)
     assert ok.stdout.startswith("ok:")
@@ -78,3 +90,39 @@ def test_storage_without_credentials_is_one_line():
     )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("Error: NoCredentialsError")
+
+
+def test_readme_recipes_use_only_options_the_commands_have():
+    """Each `pipeline <command> --option` of the README's reproduction recipes is in its --help."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Reproduce the papers", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [line.strip() for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    used: dict[str, set[str]] = {}
+    for line in commands:
+        for m in re.finditer(r"pipeline (\w+)(.*?)(?:\)|;|$)", line):
+            used.setdefault(m.group(1), set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", m.group(2)))
+    assert set(used) == {"extract", "train", "eval", "report"}
+    assert {"--epochs", "--pixel-size", "--prompt-template", "--method"} <= set().union(*used.values())
+    for command, options in used.items():
+        help_text = run_cli(command, "--help", env={"COLUMNS": "200"}).stdout
+        for option in options:
+            assert re.search(rf"(?<![\w-]){option}(?![\w-])", help_text), (command, option)
+
+
+def test_readme_layout_names_every_module_and_only_those():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    layout = (root / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    entries = re.split(r"\n(?=\S)", layout.strip())  # one entry per top-level folder
+    for package in ("pipeline", "stages"):
+        (entry,) = [e for e in entries if e.startswith(f"{package}/")]
+        listed = re.sub(r"\([^)]*\)", "", " ".join(entry.split()).split(":", 1)[1].split(";")[0])
+        named = {name.strip() for name in listed.split(",")}
+        modules = {p.stem for p in (root / package).glob("*.py") if p.stem != "__init__"}
+        assert named == modules, (package, named ^ modules)

@@ -70,6 +70,27 @@ def test_backbone_weights_file_is_loaded_by_the_real_open_clip_path(tmp_path):
         backbone.BackboneSpec(backbone.TINY, str(tmp_path / "missing.safetensors")).identity()
 
 
+def test_attention_and_gate_follow_the_reference_layers_and_init():
+    """q, k, v: layer3 width -> 8 x 64; o: 512 -> layer3 width; xavier-uniform, zero biases; the
+    channel gate Linear(4, 128) and Linear(128, C3) without biases."""
+    import math
+
+    model = tiny_egre()
+    c3, _ = backbone.dims(model.visual)
+    for name, (fan_in, fan_out) in {"q": (c3, 512), "k": (c3, 512), "v": (c3, 512), "o": (512, c3)}.items():
+        layer = getattr(model, name)
+        assert (layer.in_features, layer.out_features) == (fan_in, fan_out), name
+        bound = math.sqrt(6 / (fan_in + fan_out))  # xavier-uniform: U(-bound, bound)
+        w = layer.weight.detach()
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound, name
+        assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05), name
+        assert torch.count_nonzero(layer.bias) == 0, name
+    assert (model.heads, model.head_dim) == (8, 64)
+    gate = [m for m in model.channel if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in gate] == [(4, 128), (128, c3)]
+    assert all(m.bias is None for m in gate)
+
+
 def test_batched_crops_are_the_per_sample_windows():
     crops = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     maps = torch.randn(16, 4, 8, 8)

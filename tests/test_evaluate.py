@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
-from conftest import ONE_THREAD, run_cli
+from conftest import ONE_THREAD, run_cli, tiny_run
 from sklearn.metrics import average_precision_score
 
 from stages.evaluate import evaluate, metrics
@@ -56,3 +57,76 @@ def test_eval_cli_writes_every_row_once_and_is_cached_then_report(egre_run, lear
     acc = 100 * r["metrics"]["acc"]
     assert row.split()[-3:] == ["25.0", f"{acc:.1f}", f"{(25 + acc) / 2:.1f}"]
     assert (out / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def five_epoch_run(learn_set, tmp_path_factory):
+    """A LoL run of 5 epochs (tiny backbone) on `learn_set`: enough for --epoch last5."""
+    return tiny_run(learn_set[1], tmp_path_factory.mktemp("runs5"), "lol", epochs=5)
+
+
+def test_eval_last5_mean_and_std_per_subset_best_by_default_and_report(five_epoch_run, learn_set, tmp_path):
+    _, cache = learn_set
+    out = tmp_path / "results"
+    base = ("eval", "--checkpoint", str(five_epoch_run), "--from-cache", str(cache), "--out", str(out),
+            "--no-progress")  # fmt: skip
+    proc = run_cli(*base, "--epochs", "last5", env=ONE_THREAD)
+    assert "+-" in proc.stdout and "epochs 1..5" in proc.stdout
+    (result,) = out.glob("*.json")
+    r = json.loads(result.read_text())
+    assert r["epochs"] == [1, 2, 3, 4, 5] and r["epoch_choice"] == "last5"
+    with open(result.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 * 32 and sorted({int(row["epoch"]) for row in rows}) == [1, 2, 3, 4, 5]
+    for e, per in zip(r["epochs"], r["per_epoch"], strict=True):  # each epoch's metrics from its own scores
+        mine = [row for row in rows if int(row["epoch"]) == e]
+        got = metrics(np.array([int(x["label"]) for x in mine]), np.array([float(x["score"]) for x in mine]))
+        assert per["epoch"] == e and got["acc"] == per["metrics"]["acc"]
+    accs = [p["metrics"]["acc"] for p in r["per_epoch"]]
+    assert r["metrics"]["acc"] == pytest.approx(np.mean(accs)) and r["metrics_std"]["acc"] == pytest.approx(
+        np.std(accs)
+    )
+
+    run_cli(*base, env=ONE_THREAD)  # the default: the best epoch by the run's validation slice
+    best = json.loads((five_epoch_run / "done.json").read_text())["best"]
+    (default,) = [json.loads(p.read_text()) for p in out.glob("*.json") if p != result]
+    assert default["epochs"] == [best] and default["epoch_choice"] == "best" and "metrics_std" not in default
+
+    rep = run_cli("report", str(out), "--out", str(out / "matrix.png")).stdout.splitlines()
+    table = {line.split()[0] + (" " + line.split()[1] if "(" in line else ""): line for line in rep[2:]}
+    mean, sd = 100 * r["metrics"]["acc"], 100 * r["metrics_std"]["acc"]
+    assert table["lol:sdv14 (last5)"].split()[-2] == f"{mean:.1f}+-{sd:.1f}"  # table: mean +- std
+    assert table["lol:sdv14"].split()[-2] == f"{100 * default['metrics']['acc']:.1f}"
+    assert (out / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from stages.report import collect
+
+    rows_, cols, mat, std = collect(out)
+    at = rows_.index("lol:sdv14 (last5)"), cols.index("sdv14")
+    assert mat[at] == r["metrics"]["acc"] and std[at] == r["metrics_std"]["acc"]  # the heatmap draws the mean
+
+
+def test_epoch_choices_that_cannot_be_served_are_one_line(egre_run, learn_set, tmp_path):
+    _, cache = learn_set
+    old = tmp_path / "old-run"  # a run trained before validation existed: no best epoch recorded
+    shutil.copytree(egre_run, old)
+    done = json.loads((old / "done.json").read_text())
+    (old / "done.json").write_text(
+        json.dumps({k: v for k, v in done.items() if k not in ("best", "best_val")})
+    )
+    for args, message in (  # as the user types them: one line, exit 2
+        (("--checkpoint", str(old)), "has no validation scores"),
+        (("--checkpoint", str(egre_run), "--epochs", "last5"), "--epoch last5 needs 5 finished epochs"),
+    ):
+        proc = run_cli("eval", *args, "--from-cache", str(cache), "--out", str(tmp_path / "r"), check=False)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    from pipeline.errors import UserError
+    from stages.detect import detect
+
+    for choice, message in (("9", "has no finished epoch 9"), ("first", "--epoch takes best, last")):
+        with pytest.raises(UserError, match=message):
+            evaluate(egre_run, [str(cache)], tmp_path / "r", epoch=choice, progress=False)
+    with pytest.raises(UserError, match="--epoch takes best, last or an epoch number, not 'last5'"):
+        detect(tmp_path, egre_run, tmp_path / "s.csv", epoch="last5", progress=False)
+    ok = run_cli("eval", "--checkpoint", str(old), "--epoch", "last", "--from-cache", str(cache),
+                 "--out", str(tmp_path / "r"), "--no-progress", env=ONE_THREAD)  # fmt: skip
+    assert f"epoch {done['epochs']} (last)" in ok.stdout

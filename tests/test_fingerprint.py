@@ -138,3 +138,30 @@ def test_lare_fingerprint_covers_tables_filter_parsing_and_recipe(tmp_path):
     fps = dict(zip(EDITS, changed, strict=True))
     assert all(fp != base for fp in fps.values()), fps
     assert len(set(fps.values())) == len(fps)
+
+
+def test_code_version_of_single_functions_ignores_their_neighbours(tmp_path, monkeypatch):
+    """A run's code version hashes the checkpoint functions that decide its weights, not the module:
+    editing how an epoch is chosen or loaded retrains nothing; editing a hashed function does."""
+    import importlib
+    import sys
+
+    from pipeline.fingerprint import code_version
+    from stages import checkpoint
+
+    assert (
+        checkpoint.load_run not in checkpoint.TRAINING and checkpoint.select_epochs not in checkpoint.TRAINING
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = 'def decides(x):\n    """Doc."""\n    return x + 1\n\n\ndef chooses(x):\n    return x\n'
+    (tmp_path / "cv_probe.py").write_text(src)
+    mod = importlib.import_module("cv_probe")
+    before = code_version(mod.decides), code_version(mod)
+    (tmp_path / "cv_probe.py").write_text(
+        src.replace("return x\n", "return -x\n").replace("Doc.", "Other doc.")
+    )
+    mod = importlib.reload(sys.modules["cv_probe"])
+    assert code_version(mod.decides) == before[0] and code_version(mod) != before[1]
+    (tmp_path / "cv_probe.py").write_text(src.replace("x + 1", "x + 2"))
+    mod = importlib.reload(sys.modules["cv_probe"])
+    assert code_version(mod.decides) != before[0]

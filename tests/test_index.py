@@ -100,3 +100,12 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
         assert proc.returncode == 2, proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_files_without_an_image_suffix_are_skipped_and_said_through_the_log(tmp_path):
+    base = make_genimage(tmp_path, "adm", {"train": 2, "val": 1})
+    (base / "train" / "ai" / "notes.txt").write_text("not an image")
+    said: list[str] = []
+    assert len(index.scan(tmp_path, "adm", progress=False, log=said.append)) == 6
+    (line,) = said
+    assert line.startswith("index: skipped 1 file(s) without an image suffix (.bmp, ")

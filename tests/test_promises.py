@@ -86,7 +86,8 @@ def test_train_reads_the_train_rows_beside_a_newer_val_only_artifact(cache, run1
     params = json.loads((Path(proc.stdout.strip()) / "params.json").read_text())
     assert params["caches"][0]["lare"].startswith(cache["full32"].split("/")[1])
     sample = json.loads((run16 / "sample.json").read_text())
-    assert sample["n"] == 8 and all(p.startswith("train/") for p in sample["caches"][0]["paths"])
+    assert sample["n"] + sample["n_validation"] == 8  # the training rows and the validation slice
+    assert all(p.startswith("train/") for c in sample["caches"] + sample["validation"] for p in c["paths"])
 
 
 def test_eval_reads_the_maps_the_run_was_trained_on_and_selectors_choose(cache, run16, tmp_path):
@@ -243,8 +244,10 @@ def test_no_verify_trains_on_the_finished_shards_of_an_unfinished_cache(cache, t
     proc = _train(str(copy), tmp_path / "runs", "--no-verify", "--lare", "dtype=float16")
     assert f"{art} is unfinished (3/4 shards)" in proc.stderr
     sample = json.loads((Path(proc.stdout.strip()) / "sample.json").read_text())
-    rows = sample["caches"][0]["rows"]
-    assert rows == [0, 1, 2, 3] and sample["n"] == 4  # the train rows of the finished shards
+    rows = sorted(sample["caches"][0]["rows"] + sample["validation"][0]["rows"])  # training + validation
+    assert (
+        rows == [0, 1, 2, 3] and sample["n"] + sample["n_validation"] == 4
+    )  # the finished shards' train rows
 
 
 # 7. storage faults during extract: one line, the count of finished shards, resume --------------

@@ -161,7 +161,173 @@ def test_unloadable_backbone_is_one_line_and_leaves_no_run(learn_set, tmp_path):
 
 
 def test_bad_numbers_are_one_line_and_leave_no_run(learn_set, tmp_path):
-    for kw, match in (({"crop_size": 512}, "smaller than the 512 px"), ({"epochs": -1}, "--epochs must")):
+    for kw, match in (
+        ({"crop_size": 512}, "smaller than the 512 px"),
+        ({"epochs": -1}, "--epochs must"),
+        ({"patience": -1}, "--patience must"),
+        ({"max_per_class": "lots"}, "--max-per-class takes a positive number or 'all'"),
+        ({"max_per_class": 0}, "--max-per-class must be positive"),
+        ({"val_fraction": 1.0}, "--val-fraction must lie strictly between 0 and 1"),
+    ):
         with pytest.raises(UserError, match=match):
             run_train(cfg_for([learn_set[1]], tmp_path / "runs", **kw))
+    for fraction in ("0", "1.2"):  # as the user types it: one line, exit 2
+        proc = run_cli("train", "--from-cache", str(learn_set[1]), "--out", str(tmp_path / "runs"),
+                       "--val-fraction", fraction, *TINY_TRAIN, check=False)  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert (
+            proc.stderr.startswith("Error: --val-fraction must lie strictly between 0 and 1")
+            and fraction in proc.stderr
+        )
     assert not (tmp_path / "runs").exists()
+
+
+def _spoil_val_split(cache: Path, copy: Path) -> int:
+    """Copy a cache and overwrite the LaRE maps (NaN) and pixels (noise) of its val-split rows in place.
+
+    The manifest is untouched (same artifact fingerprints, so the same run name); only --no-verify
+    reads the copy. Returns how many rows were spoiled."""
+    import zarr
+
+    from stages.cachedata import CacheData
+
+    shutil.copytree(cache, copy)
+    src = CacheData([str(copy)]).sources[0]
+    val = np.flatnonzero((src.columns["split"] == "val") & src.usable)
+    group = zarr.open_group(str(copy), mode="r+")
+    maps, crops = group[f"{src.lare}/maps"], group[f"{src.pixels}/crops"]
+    for r in val.tolist():
+        maps[r] = np.full(maps.shape[1:], np.nan, dtype=maps.dtype)
+        crops[r] = np.random.default_rng(r).integers(0, 256, crops.shape[1:], dtype=np.uint8)
+    return len(val)
+
+
+def test_val_split_is_never_read_and_validation_comes_from_the_train_split(two_caches, tmp_path):
+    """Spoiling every val-split row of the cache changes no bit of training: no such row enters a
+    batch or a validation score (NaN maps would poison either). The validation slice is a seeded,
+    label-stratified part of the train split, disjoint from the training rows."""
+    assert _spoil_val_split(two_caches[0], tmp_path / "spoiled.zarr") == 6
+    clean = run_train(cfg_for(two_caches[:1], tmp_path / "a", epochs=2), log=lambda m: None)
+    spoiled = run_train(
+        cfg_for([tmp_path / "spoiled.zarr"], tmp_path / "b", epochs=2, verify=False), log=lambda m: None
+    )
+    assert clean.name == spoiled.name
+    for name in ("epoch-001.safetensors", "epoch-002.safetensors", "done.json"):
+        assert (clean / name).read_bytes() == (spoiled / name).read_bytes(), name
+    for e in (1, 2):
+        a, b = (json.loads((r / f"epoch-{e:03d}.json").read_text()) for r in (clean, spoiled))
+        assert a["val"] == b["val"] and np.isfinite(a["val"]["auc"]) and a["val"]["n"] == 2
+
+    sample = json.loads((clean / "sample.json").read_text())
+    (train,), (val,) = sample["caches"], sample["validation"]
+    assert all(p.startswith("train/") for p in train["paths"] + val["paths"])
+    assert not set(train["rows"]) & set(val["rows"])
+    assert sorted(val["labels"]) == [0, 1]  # round(0.05 * 5) -> at least one row per label
+    assert len(train["rows"]) + len(val["rows"]) == 10  # every other train-split row trains
+    other = run_train(cfg_for(two_caches[:1], tmp_path / "c", epochs=1, seed=3), log=lambda m: None)
+    (val3,) = json.loads((other / "sample.json").read_text())["validation"]
+    assert val3["rows"] != val["rows"]  # seeded: another seed holds out other rows
+    assert json.loads((clean / "params.json").read_text())["hparams"]["val_fraction"] == 0.05
+
+
+def test_plateau_schedule_and_early_stop_follow_the_validation_scores(two_caches, tmp_path):
+    """The learning rate of every epoch is what torch's ReduceLROnPlateau (the reference's settings)
+    gives on the recorded validation AUCs; the best epoch is the recorded one; --patience ends a run
+    that many epochs after its best."""
+    import torch
+
+    from stages.train import best_epoch
+
+    for patience, epochs in ((0, 7), (1, 7)):
+        said: list[str] = []
+        run = run_train(
+            cfg_for(two_caches, tmp_path / f"p{patience}", epochs=epochs, patience=patience), log=said.append
+        )
+        params = json.loads((run / "params.json").read_text())
+        assert params["hparams"]["plateau"] == {"mode": "max", "factor": 0.5, "patience": 4, "min_lr": 1e-7}
+        done = json.loads((run / "done.json").read_text())
+        records = {
+            e: json.loads((run / f"epoch-{e:03d}.json").read_text()) for e in range(1, done["epochs"] + 1)
+        }
+        history = {e: r["val"] for e, r in records.items()}
+        assert done["best"] == best_epoch(history) and done["best_val"] == history[done["best"]]
+        assert max(r["auc"] for r in history.values()) == history[done["best"]]["auc"]
+        if patience and done["epochs"] < epochs:
+            assert done["epochs"] - done["best"] == patience and "--patience" in done["stopped"]
+        else:
+            assert done["epochs"] == epochs and "--epochs" in done["stopped"]
+        assert f"best epoch {done['best']}" in said[-1]
+        replay = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            replay, mode="max", factor=0.5, patience=4, min_lr=1e-7
+        )
+        for e, r in records.items():
+            sched.step(r["val"]["auc"])
+            assert [g["lr"] for g in r["param_groups"]] == [replay.param_groups[0]["lr"]], e
+    assert done["epochs"] < 7  # patience 1 on a 2-row validation slice: stopped early
+
+
+def test_lol_trains_on_the_papers_setting_by_default(tmp_path):
+    """--method lol: 1,600 + 1,600 rows unless --max-per-class; a BigGAN training cache gets lr 5e-7
+    unless --lr is given, and the log says so."""
+    make_genimage(tmp_path / "data", "biggan", {"train": 4, "val": 1}, seed=5)
+    cache = extract_cache(tmp_path / "data", tmp_path / "cache", "biggan")
+    tiny = ("--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-size", "32")
+    args = ("train", "--from-cache", str(cache), "--method", "lol", "--epochs", "1", "--no-progress", *tiny,
+            "--out", str(tmp_path / "runs"))  # fmt: skip
+    proc = run_cli(*args, env=ONE_THREAD)
+    params = json.loads((Path(proc.stdout.strip()) / "params.json").read_text())
+    hp = params["hparams"]
+    defaults = TrainConfig(caches=[])  # the options not typed take TrainConfig's defaults
+    assert (params["seed"], hp["val_fraction"], hp["memory_rows"], hp["mask_range"]) == (
+        defaults.seed,
+        defaults.val_fraction,
+        defaults.memory_rows,
+        list(defaults.mask_range),
+    )
+    assert hp["lr"] == 5e-7 and "lr 5e-07: the lol paper's rate for this training subset" in proc.stderr
+    assert hp["max_per_class"] == 1600 and "fewer than --max-per-class 1600" in proc.stderr
+    said: list[str] = []
+    cfg = cfg_for([cache], tmp_path / "runs", method="lol", epochs=1, lr=1e-3, max_per_class="all")
+    hp = json.loads((run_train(cfg, log=said.append) / "params.json").read_text())["hparams"]
+    assert hp["lr"] == 1e-3 and hp["max_per_class"] is None and not [m for m in said if m.startswith("lr")]
+
+
+def test_resume_restores_the_plateau_schedule_and_the_validation_history(two_caches, tmp_path):
+    """Stopped at epoch 7 and resumed, a 10-epoch EGRE run is bitwise the uninterrupted one, the
+    plateau schedule's reduction included: here the validation AUC peaks at epoch 5 and the rate
+    halves at epoch 10; a schedule restarted at the resume would count its bad epochs from 8."""
+    kw = dict(epochs=10, patience=0)
+    whole = run_train(cfg_for(two_caches[:1], tmp_path / "a", **kw), log=lambda m: None)
+    run_train(cfg_for(two_caches[:1], tmp_path / "b", stop_after=7, **kw), log=lambda m: None)
+    resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b", **kw), log=lambda m: None)
+
+    def lrs(run: Path) -> list[float]:
+        return [
+            json.loads((run / f"epoch-{e:03d}.json").read_text())["param_groups"][0]["lr"]
+            for e in range(1, 11)
+        ]
+
+    assert lrs(whole) == lrs(resumed) and lrs(whole)[-1] == 5e-4  # the schedule did reduce, after the stop
+    for name in ("epoch-010.safetensors", "done.json"):
+        assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
+
+
+def test_a_one_label_validation_slice_selects_by_loss():
+    """No AUC without both labels (a training set that lacks one): the lowest validation loss wins."""
+    import math
+
+    from stages.train import best_epoch, validation_metrics
+
+    v = validation_metrics(np.array([1, 1]), np.array([0.9, 0.6]))
+    assert math.isnan(v["auc"]) and math.isnan(v["ap"]) and v["acc"] == 1.0 and v["loss"] > 0
+    history = {
+        1: {"auc": math.nan, "loss": 0.5},
+        2: {"auc": math.nan, "loss": 0.4},
+        3: {"auc": math.nan, "loss": 0.6},
+    }
+    assert best_epoch(history) == 2
+    assert (
+        best_epoch({1: {"auc": 0.9, "loss": 0.5}, 2: {"auc": 0.9, "loss": 0.3}, 3: {"auc": 0.8, "loss": 0.1}})
+        == 2
+    )

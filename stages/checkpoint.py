@@ -1,0 +1,204 @@
+"""A run on disk and in memory: its record, epoch checkpoints, the choice of an epoch, loading, scoring.
+
+    <run>/params.json            the run's parameters and its model's constructor arguments ("model")
+    <run>/epoch-NNN.safetensors  weights; epoch-NNN.optim.safetensors the latest optimizer state
+    <run>/epoch-NNN.json         written last: the epoch is finished
+    <run>/done.json              last and best epoch
+
+Training writes these and evaluation and detection read them, all through this module (as
+nanoGPT's sample.py imports the model, not the trainer): save and load mirror each other, and the
+network is built from the constructor arguments the run saved. Every write is whole (atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+from tqdm import tqdm
+
+from pipeline.errors import UserError
+from pipeline.store import atomic_write
+from stages import backbone, cachedata
+from stages import method as method_registry
+from stages.batches import make_inputs
+
+
+def atomic_json(path: Path, obj: Any) -> None:
+    """Write JSON whole (the store's fsynced atomic write)."""
+    atomic_write(str(path), json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write tensors whole as safetensors (no pickle)."""
+    atomic_write(str(path), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+
+
+def build_model(params: dict, pretrained: bool = True) -> torch.nn.Module:
+    """The network of a run from its record: the method's constructor with the saved arguments,
+    initialised from the run's seed and (pretrained) the backbone weights of its spec.
+
+    pretrained=False builds the architecture only, for loading a checkpoint that holds every weight:
+    evaluation and detection need neither the download nor the original weight file.
+    """
+    weights = params["backbone"]["spec_weights"] if pretrained else "random"
+    spec = backbone.BackboneSpec(params["backbone"]["arch"], weights)
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.CRITICAL)  # open_clip logs random weights, failed downloads
+    try:
+        visual = backbone.load_visual(spec, params["hparams"]["crop_size"], seed=params["seed"])
+    finally:
+        logging.getLogger().setLevel(level)
+    torch.manual_seed(params["seed"])
+    return method_registry.get(params["method"]).model(visual, **params["model"])
+
+
+def save_epoch(run: Path, epoch: int, model, opt, info: dict) -> None:
+    atomic_safetensors(run / f"epoch-{epoch:03d}.safetensors", model.state_dict())
+    state = opt.state_dict()
+    tensors = {f"{pid}.{k}": v for pid, s in state["state"].items() for k, v in s.items()}
+    atomic_safetensors(run / f"epoch-{epoch:03d}.optim.safetensors", tensors)
+    atomic_json(
+        run / f"epoch-{epoch:03d}.json", {**info, "epoch": epoch, "param_groups": state["param_groups"]}
+    )
+    for old in run.glob("epoch-*.optim.safetensors"):
+        if old.name != f"epoch-{epoch:03d}.optim.safetensors":
+            old.unlink()
+
+
+def finished_epochs(run: Path) -> list[int]:
+    """Epochs whose record (written last) and weights exist."""
+    out = []
+    for p in run.glob("epoch-*.json"):
+        m = re.fullmatch(r"epoch-(\d{3})\.json", p.name)
+        if m and (run / f"epoch-{m.group(1)}.safetensors").is_file():
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def load_epoch(run: Path, epoch: int, model, opt=None) -> None:
+    model.load_state_dict(load_file(str(run / f"epoch-{epoch:03d}.safetensors")))
+    if opt is None:
+        return
+    info = json.loads((run / f"epoch-{epoch:03d}.json").read_text())
+    flat = load_file(str(run / f"epoch-{epoch:03d}.optim.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+@dataclass
+class Run:
+    """A finished run, loaded for evaluation or detection."""
+
+    path: Path
+    params: dict
+    model: torch.nn.Module
+    device: str = "cpu"
+    epoch: int = 0  # whose weights the model holds
+
+    def use_epoch(self, epoch: int) -> None:
+        """Load the weights of another finished epoch into the model."""
+        load_epoch(self.path, epoch, self.model)
+        self.epoch = epoch
+
+    @torch.inference_mode()
+    def scores(self, x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """P(generated) of a prepared batch, on the CPU."""
+        return self.model.score(self.model(x.to(self.device), maps.to(self.device))).cpu()
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def method(self) -> str:
+        return self.params["method"]
+
+
+@torch.inference_mode()
+def predict(
+    run: Run, data: cachedata.CacheData, rows: cachedata.Rows, batch_size: int, progress: bool
+) -> np.ndarray:
+    """Scores of the rows, read from the cache a block of rows at a time (memory stays bounded)."""
+    hp = run.params["hparams"]
+    aligned = run.params["aligned"]
+    scores = []
+    block = max(batch_size, 1024)
+    bar = tqdm(total=len(rows), desc=f"eval {run.name}", unit="img", disable=not progress)
+    for b0 in range(0, len(rows), block):
+        part = rows[b0 : b0 + block]
+        crops, maps = (torch.from_numpy(a).to(run.device) for a in data.load(part, progress=False))
+        for i in range(0, len(part), batch_size):  # cropped on the model's device
+            x, m = make_inputs(
+                run.method, hp, crops[i : i + batch_size], maps[i : i + batch_size], False, None, aligned
+            )
+            scores.append(run.scores(x, m).numpy())
+            bar.update(len(x))
+    bar.close()
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+# What decides a run's weights (training saves, resumes and validates with these): the trainer's
+# code version hashes them alone, so choosing and loading an epoch (below) can change without
+# retraining every run.
+TRAINING = (atomic_json, atomic_safetensors, build_model, save_epoch, load_epoch, Run, predict)
+
+EPOCH_CHOICES = "best, last or an epoch number"
+
+
+def select_epochs(path: str | Path, choice: str | int = "best", several: bool = False) -> list[int]:
+    """The epochs `--epoch` names in a finished run: best (by validation), last, N, or (`several`) last5."""
+    run = Path(path)
+    if not (run / "params.json").is_file():
+        raise UserError(f"{run} is not a run directory (no params.json)")
+    done = run / "done.json"
+    if not done.is_file():
+        raise UserError(
+            f"{run} has not finished training (no done.json): rerun `pipeline train` to resume it"
+        )
+    record = json.loads(done.read_text())
+    last = int(record["epochs"])
+    kept = [e for e in finished_epochs(run) if e <= last]
+    choice = str(choice)
+    if choice == "best":
+        if "best" not in record:
+            raise UserError(
+                f"{run.name} has no validation scores (trained before --val-fraction existed): "
+                "pass --epoch last or an epoch number"
+            )
+        return [int(record["best"])]
+    if choice == "last":
+        return [last]
+    if choice == "last5" and several:
+        if len(kept) < 5:
+            raise UserError(f"--epoch last5 needs 5 finished epochs; {run.name} has {len(kept)}")
+        return kept[-5:]
+    if not choice.isdigit():
+        allowed = f"{EPOCH_CHOICES}{', or last5' if several else ''}"
+        raise UserError(f"--epoch takes {allowed}, not '{choice}'")
+    if int(choice) not in kept:
+        raise UserError(f"{run.name} has no finished epoch {choice} (it has {kept[0]}..{kept[-1]})")
+    return [int(choice)]
+
+
+def load_run(path: str | Path, device: str = "cpu", epoch: str | int = "best") -> Run:
+    """A finished run with the weights of `epoch` (see select_epochs), in evaluation mode on `device`."""
+    run = Path(path)
+    (chosen,) = select_epochs(run, epoch)
+    params = json.loads((run / "params.json").read_text())
+    if "model" not in params:
+        raise UserError(f"{run.name} was trained by an older version (no model arguments saved): retrain it")
+    model = build_model(params, pretrained=False)
+    model.load_state_dict(load_file(str(run / f"epoch-{chosen:03d}.safetensors")))
+    model.to(device).eval()
+    return Run(run, params, model, device, chosen)

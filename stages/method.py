@@ -1,0 +1,74 @@
+"""The detectors a run can train, by name: one `Method` object per method module, in one registry.
+
+Trainer, evaluation and detection look a method up here and never compare its name: a new detector
+is one module that builds its `Method` and calls `register`, plus one line in BUILTIN (a test
+registers a tiny third method from its own file and trains, evaluates and detects with it).
+Like open_clip's model configs or diffusers' schedulers, what differs between methods is data on
+this object, not `if method == ...` branches elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import UserError
+
+BUILTIN = ("stages.egre", "stages.lol")  # modules that register a method when imported
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the rest of the pipeline needs to know about a detector.
+
+    model(visual, **args) builds the network around the CLIP image tower; the network has
+    forward(images, lare_maps), loss(logits, labels) and score(logits) -> P(generated).
+    model_args(hparams, lare_channels) are its constructor arguments besides the tower: a run saves
+    them in params.json and loading builds from them (save and load mirror each other).
+    prepare(images, hparams, train, generator) turns cropped uint8 images into the network's input
+    (normalisation; augmentation and masks in training).
+    reads_lare: whether the network reads LaRE maps (then evaluation checks that a test cache's maps
+    were made like the training maps, detection computes them, and aligned maps are cropped with
+    the image). defaults: the method's training hyper-parameters (see TrainConfig.hparams).
+    extra_hparams(cfg) adds method-only options of a TrainConfig to a run's hyper-parameters.
+    """
+
+    name: str
+    model: Callable[..., nn.Module]
+    prepare: Callable[[torch.Tensor, dict, bool, torch.Generator | None], torch.Tensor]
+    reads_lare: bool
+    defaults: dict[str, Any]
+    model_args: Callable[[dict, int], dict[str, Any]] = field(default=lambda hp, lare_channels: {})
+    extra_hparams: Callable[[Any], dict[str, Any]] = field(default=lambda cfg: {})
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Make `method` available by its name (a later registration of the same name replaces it)."""
+    REGISTRY[method.name] = method
+    return method
+
+
+def names() -> list[str]:
+    """The registered methods' names, built-in ones first."""
+    order = {importlib.import_module(module).__name__: k for k, module in enumerate(BUILTIN)}
+    return sorted(REGISTRY, key=lambda n: order.get(REGISTRY[n].model.__module__, len(order)))
+
+
+def get(name: str) -> Method:
+    """The method called `name`; an unknown name is one line for the user."""
+    if name not in names():
+        raise UserError(f"--method must be one of {', '.join(names())}, not '{name}'")
+    return REGISTRY[name]
+
+
+def per_method(key: str) -> str:
+    """'egre 50, lol 20': one default of every built-in method, for --help texts."""
+    return ", ".join(f"{n} {get(n).defaults[key]}" for n in names())
