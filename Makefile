@@ -84,7 +84,7 @@ demo: install
 	$(BIN)/pipeline report $(DEMO)/results --out $(DEMO)/results/matrix.png
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
