@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import resolve_device
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWriter
@@ -491,7 +491,6 @@ def run_extract(cfg: ExtractConfig, log=print, compute: Compute | None = None) -
 def _storage_fault(store: CacheStore, job: ExtractJob, e: BaseException) -> UserError:
     """One line for a run the storage stopped (disk full, no permission, an object store refusing a
     write): what happened, how many shards are finished and kept, and how to resume."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     with contextlib.suppress(Exception):  # a full disk may refuse the manifest too: the records suffice
         store.write_manifest()
     try:
@@ -500,7 +499,7 @@ def _storage_fault(store: CacheStore, job: ExtractJob, e: BaseException) -> User
     except Exception:  # noqa: BLE001 - the storage is failing: say what we can
         finished = "the finished shards are kept"
     return UserError(
-        f"writing {job.cache_url} failed ({type(e).__name__}: {text}); {finished}. "
+        f"writing {job.cache_url} failed ({type(e).__name__}: {first_line(e)}); {finished}. "
         "Fix the cause (free space, permissions, credentials) and rerun the same command to resume"
     )
 

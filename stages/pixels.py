@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import first_line
+
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 8192 x 8192; GenImage's largest images are far smaller
 
 
@@ -44,8 +46,7 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt data; all are recorded
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise BadImage(f"corrupt or truncated: {msg}") from None
+        raise BadImage(f"corrupt or truncated: {first_line(e)}") from None
 
 
 SMALL_IMAGES = ("tile", "reflect")
