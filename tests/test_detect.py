@@ -51,7 +51,7 @@ def test_detect_scores_like_eval_and_lists_bad_files(egre_run, learn_set, tmp_pa
             assert float(a["score"]) == pytest.approx(float(b["score"]), abs=2e-3)
 
 
-def test_detection_crops_with_the_runs_recorded_window(egre_run, learn_set):
+def test_detection_crops_with_the_runs_recorded_window(egre_run, learn_set, tmp_path):
     import json
 
     from stages.cachedata import CacheData
@@ -59,6 +59,22 @@ def test_detection_crops_with_the_runs_recorded_window(egre_run, learn_set):
     params = json.loads((egre_run / "params.json").read_text())
     assert params["pixels"] == CacheData([str(learn_set[1])], verify=False).pixel_params
     assert params["pixels"]["small_images"] == "tile"
+
+    # the same weights recorded with the other rule: a small image is cropped (and so scored) otherwise
+    from PIL import Image
+
+    other = tmp_path / "reflect-run"
+    shutil.copytree(egre_run, other)
+    params["pixels"]["small_images"] = "reflect"
+    (other / "params.json").write_text(json.dumps(params))
+    small = tmp_path / "small.png"
+    Image.open(next(learn_set[0].rglob("*.png"))).convert("RGB").crop((0, 0, 20, 12)).save(small)
+    scores = []
+    for run in (egre_run, other):
+        detect(small, run, tmp_path / f"{run.name}.csv", progress=False, log=lambda m: None)
+        with open(tmp_path / f"{run.name}.csv") as f:
+            scores.append(float(next(csv.DictReader(f))["score"]))
+    assert scores[0] != scores[1]
 
 
 def test_a_run_trained_on_schema_1_maps_is_refused(egre_run, learn_set, tmp_path):
