@@ -35,6 +35,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
+from pipeline.runner import ShardWriteError
 
 if TYPE_CHECKING:
     from stages.extract import ExtractJob, ShardComputer
@@ -110,7 +111,10 @@ def compute_shard(plugin_name: str, shard: int) -> dict[str, Any]:
     """The task: compute and write one whole shard on this worker; returns what the client reports."""
     worker = get_worker()
     plugin: ExtractPlugin = worker.plugins[plugin_name]
-    failed = plugin.computer().run([shard])
+    try:
+        failed = plugin.computer().run([shard])
+    except ShardWriteError as e:  # the storage's fault: reported, not raised (no worker traceback in logs)
+        return {"shard": shard, "storage_fault": e.error}
     start, stop = plugin.job.plan.bounds(shard)
     return {"shard": shard, "rows": stop - start, "failed": failed, "worker": worker.address,
             "pid": os.getpid(), "loads": plugin.loads}  # fmt: skip
@@ -206,6 +210,8 @@ def run_on_cluster(
         reports = []
         for future in as_completed(futures):
             reports.append(future.result())
+            if "storage_fault" in reports[-1]:
+                raise ShardWriteError(reports[-1]["storage_fault"])
             on_rows(reports[-1]["rows"])
         return reports
     finally:

@@ -292,6 +292,17 @@ def test_a_storage_fault_during_extract_is_one_line_and_a_rerun_resumes(cache, t
         run_cli("cache", "verify", str(tmp_path / "c" / "sdv14.zarr"))
 
 
+def test_a_storage_fault_on_a_dask_worker_is_the_same_one_line(cache, tmp_path):
+    """With --workers, the worker's storage error reaches the client as itself: the same one line."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(INJECT.format(fault=FAULTS["ENOSPC"]))
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    line = _error_line(_extract(cache["data"], tmp_path / "c", "--workers", "1", env=env, check=False))
+    assert "No space left on device" in line and "rerun the same command to resume" in line
+    assert re.search(r"\d of 4 shards are finished and kept", line), line
+
+
 # 8. the README's shapes are the cache's ---------------------------------------------------------
 def test_readme_states_the_stored_shapes(cache):
     readme = (ROOT / "README.md").read_text()
