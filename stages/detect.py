@@ -43,9 +43,11 @@ def list_images(folder: Path) -> list[Path]:
 
 
 class LaREOnTheFly:
-    """LaRE maps of new images: the model, parameters and per-row recipe of the run's training maps."""
+    """LaRE maps of new images: the model, parameters and per-row recipe of the run's training maps.
 
-    def __init__(self, run: Run, device: str, paths: list[Path], log=print):
+    `recipe` prepares each file (the pixel crop with `pixel_params`, the LaRE input and noises)."""
+
+    def __init__(self, run: Run, device: str, paths: list[Path], pixel_params: dict, log=print):
         rec = run.params["lare"]
         self.params, model_id = rec["params"], rec["model"]
         if "resample" not in self.params:
@@ -65,7 +67,7 @@ class LaREOnTheFly:
         dtype = lare_math.PRECISIONS[p["precision"]]
         model = sd.load_model(ref, device, dtype)
         self.latent = sd.latent_geometry(ref, int(p["size"]))
-        self.recipe = RowRecipe.from_params(p, self.latent, None)
+        self.recipe = RowRecipe.from_params(p, self.latent, pixel_params)
         distinct, idx, _ = self.recipe.lare.prompts(paths)  # each distinct prompt encoded once
         self.prompt_of = dict(zip(paths, idx.tolist(), strict=True))
         self.lare = lare_math.LaRE(model, model.encode_prompts(distinct), int(p["timestep"]), dtype)
@@ -99,17 +101,16 @@ def detect(
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")
-    lare = LaREOnTheFly(run, device, files, log) if method_registry.get(run.method).reads_lare else None
-    lare_params = run.params["lare"]["params"]
-    max_pixels = lare_params.get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS)
-    pixel_params = run.params.get("pixels") or {
+    max_pixels = run.params["lare"]["params"].get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS)
+    pixel_params = run.params.get("pixels") or {  # runs recorded before the pixel params: tiled
         "size": run.params["lare"]["pixel_size"],
         "max_pixels": max_pixels,
     }
-    if lare is None:
-        recipe = RowRecipe.from_params(None, None, pixel_params)
+    if method_registry.get(run.method).reads_lare:
+        lare = LaREOnTheFly(run, device, files, pixel_params, log)
+        recipe = lare.recipe
     else:
-        recipe = RowRecipe.from_params(lare_params, lare.latent, pixel_params)
+        lare, recipe = None, RowRecipe.from_params(None, None, pixel_params)
     scored = failed = 0
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not progress)

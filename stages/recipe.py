@@ -16,6 +16,7 @@ computes its rows from the run's record with this very code, never from a copy o
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +34,14 @@ PREPROCESS = ("resize", "crop")
 
 def lare_code_version() -> str:
     """The code (and data) that decides a LaRE map's value; docstrings and comments excluded."""
-    return code_version(lare_math, pixels, perturb, classes, _this()) + classes.tables_hash()[:16]
+    return (
+        code_version(lare_math, pixels, perturb, classes, sys.modules[__name__]) + classes.tables_hash()[:16]
+    )
 
 
 def pixel_code_version() -> str:
     """The code that decides a pixel crop's value."""
-    return code_version(pixels, perturb, _this())
-
-
-def _this():
-    import sys
-
-    return sys.modules[__name__]
+    return code_version(pixels, perturb, sys.modules[__name__])
 
 
 def chw(rgb: np.ndarray) -> torch.Tensor:
