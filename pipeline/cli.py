@@ -367,6 +367,11 @@ def train(
         help="Share of the training rows (per label, seeded) held out from the TRAIN split to pick "
         "the best epoch (and step EGRE's plateau schedule); no test split is ever read.",
     ),
+    min_val_rows: int = typer.Option(
+        None,
+        help="Validation rows per label the slice needs to choose the best epoch, stop early and step "
+        "the plateau schedule; below it the last epoch is kept (an AUC of a few rows is noise).",
+    ),
     batch_size: int = typer.Option(None, help="Default: the method's."),
     lr: float = typer.Option(None, help="Default: the method's (LoL: 5e-7 on a BigGAN training cache)."),
     crop_size: int = typer.Option(None, help="Side of the random (train) / centre (test) crop."),
@@ -408,8 +413,9 @@ def train(
         epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, stop_after=stop_after, lare=lare,
         pixels=pixels, perturb=perturb, perturb_only=perturb_only, real_jpeg_quality=real_jpeg_quality,
         **_given(
-            method=method, out=out, seed=seed, val_fraction=val_fraction, crop_size=crop_size,
-            backbone=backbone, backbone_weights=backbone_weights, shuffle_labels=shuffle_labels,
+            method=method, out=out, seed=seed, val_fraction=val_fraction, min_val_rows=min_val_rows,
+            crop_size=crop_size, backbone=backbone, backbone_weights=backbone_weights,
+            shuffle_labels=shuffle_labels,
             mask_range=_range(mask_range, "--mask-range"), progress=progress, memory_rows=memory_rows,
             aspect_range=_range(aspect_range, "--aspect-range"), device=device,
             loader_workers=loader_workers, precision=precision,
