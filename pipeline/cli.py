@@ -301,12 +301,20 @@ def synth(
     train: int = typer.Option(16, help="Images per class in train."),
     val: int = typer.Option(8, help="Images per class in val."),
     seed: int = typer.Option(0),
+    artifact: str = typer.Option(
+        "upsample",
+        help="What marks the generated images: upsample (from 1/4 resolution) or grid (8 px lines).",
+    ),
 ) -> None:
     """Write a small synthetic set (generated = upsampled from low resolution) for demos and tests."""
     from stages.index import canonical_subset
-    from stages.synthetic import make_genimage
+    from stages.synthetic import ARTIFACTS, make_genimage
 
-    folder = make_genimage(out, canonical_subset(subset), {"train": train, "val": val}, seed=seed)
+    if artifact not in ARTIFACTS:
+        raise UserError(f"--artifact must be one of {', '.join(ARTIFACTS)}, not '{artifact}'")
+    folder = make_genimage(
+        out, canonical_subset(subset), {"train": train, "val": val}, seed, artifact=artifact
+    )
     typer.echo(f"wrote {2 * (train + val)} images to {folder}")
 
 

@@ -328,7 +328,10 @@ def test_best_epoch_never_chosen_by_a_nan_auc_and_ties_go_to_the_lower_loss_then
         best_epoch({1: {"auc": 0.9, "loss": 0.5}, 2: {"auc": 0.9, "loss": 0.3}, 3: {"auc": 0.8, "loss": 0.1}})
         == 2
     )
-    assert best_epoch({1: {"auc": 1.0, "loss": 0.3}, 2: {"auc": 1.0, "loss": 0.3}, 3: {"auc": 0.9, "loss": 0.1}}) == 2
+    assert (
+        best_epoch({1: {"auc": 1.0, "loss": 0.3}, 2: {"auc": 1.0, "loss": 0.3}, 3: {"auc": 0.9, "loss": 0.1}})
+        == 2
+    )
 
 
 def test_selection_rule_needs_min_val_rows_of_each_label():
@@ -341,11 +344,28 @@ def test_selection_rule_needs_min_val_rows_of_each_label():
     assert "model selection is off" in selection_rule(np.array([1, 1]), 1)  # one label: no AUC at all
 
 
+@pytest.mark.parametrize(("per_label", "max_per_class", "selects"), [(980, None, False), (1000, None, True),
+                                                                     (5000, 1600, True)])  # fmt: skip
+def test_the_default_slice_selects_from_1000_training_rows_per_label(per_label, max_per_class, selects):
+    """docs/training.md: with --val-fraction 0.05 a slice chooses epochs from about 1,000 rows per label on,
+    and LoL's 1,600 + 1,600 hold out 80 + 80."""
+    from stages.cachedata import Rows
+    from stages.train import MIN_VAL_ROWS, hold_out, selection_rule
+
+    labels = np.repeat([0, 1], per_label)
+    rows = Rows(np.zeros(len(labels), dtype=int), np.arange(len(labels)), labels)
+    _, val = hold_out(rows, 0.05, max_per_class, seed=0)
+    assert (selection_rule(val.label, MIN_VAL_ROWS) is None) == selects
+    if max_per_class == 1600:
+        assert (val.label == 0).sum() == (val.label == 1).sum() == 80
+
+
 def test_a_small_validation_slice_keeps_the_last_epoch_without_early_stop_or_plateau(two_caches, tmp_path):
     """Typed as a user would: on a 1 + 1 row validation slice, --patience 1 stops nothing, the learning
     rate never moves, the best epoch is the last, and the log and done.json say why in one line."""
-    args = ["train", "--from-cache", str(two_caches[0]), "--method", "egre", "--epochs", "6", "--patience", "1",
-            "--batch-size", "4", "--out", str(tmp_path / "runs"), "--no-progress", *TINY_TRAIN]  # fmt: skip
+    args = ["train", "--from-cache", str(two_caches[0]), "--method", "egre", "--epochs", "6",
+            "--patience", "1", "--batch-size", "4", "--out", str(tmp_path / "runs"), "--no-progress",
+            *TINY_TRAIN]  # fmt: skip
     proc = run_cli(*args, env=ONE_THREAD)
     run = Path(proc.stdout.strip())
     done = json.loads((run / "done.json").read_text())
@@ -354,7 +374,9 @@ def test_a_small_validation_slice_keeps_the_last_epoch_without_early_stop_or_pla
     assert done["selection"]["why"].startswith("validation slice of 1 real + 1 generated rows, fewer than")
     notes = [line for line in proc.stderr.splitlines() if "model selection is off" in line]
     assert len(notes) == 2 and notes[0] == f"note: {done['selection']['why']}"  # at the start and the end
-    lrs = {json.loads((run / f"epoch-{e:03d}.json").read_text())["param_groups"][0]["lr"] for e in range(1, 7)}
+    lrs = {
+        json.loads((run / f"epoch-{e:03d}.json").read_text())["param_groups"][0]["lr"] for e in range(1, 7)
+    }
     assert lrs == {1e-3}
     assert json.loads((run / "params.json").read_text())["hparams"]["min_val_rows"] == 50
     proc = run_cli(*args, "--min-val-rows", "1", env=ONE_THREAD)  # selection forced on: another run
