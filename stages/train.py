@@ -48,6 +48,8 @@ from stages import method as method_registry
 from stages.batches import EpochBatches, default_loader_workers, make_inputs
 from stages.checkpoint import Run, atomic_json, build_model, finished_epochs, load_epoch, predict, save_epoch
 
+CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
+
 VAL_BATCH = 64  # validation rows per model call (inference only; part of the code, not an option)
 
 # Validation rows of EACH label below which the slice cannot choose an epoch. The AUC of n real +
