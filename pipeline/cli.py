@@ -160,7 +160,7 @@ def extract(
 def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) -> list[str]:
     """The artifact's lines in `cache info`: its path names it (`--lare`/`--pixels` take the fingerprint
     prefix after the slash), its index and splits, then its parameters as those options filter them."""
-    from pipeline.store import index_path
+    from pipeline.schema import index_path
     from stages.cachedata import selectable_fields
 
     state = "complete" if art["complete"] else "INCOMPLETE"
@@ -213,7 +213,8 @@ def cache_info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """What a cache holds: index, artifacts (parameters, model, progress) and failed rows."""
-    from pipeline.store import LEGACY_SCHEMAS, MANIFEST, CacheStore
+    from pipeline.schema import LEGACY_SCHEMAS, MANIFEST
+    from pipeline.store import CacheStore
 
     store = CacheStore(cache, mode="r")
     manifest = store.read_json(MANIFEST) or store.build_manifest()
@@ -248,7 +249,8 @@ def cache_info(
 @cache_app.command("verify")
 def cache_verify(cache: str = typer.Argument(..., help="Path or URL of a <subset>.zarr cache.")) -> None:
     """Recompute every checksum in the manifest: exit 0 when intact, 1 naming each damaged object."""
-    from pipeline.store import CacheStore, manifest_files, verify
+    from pipeline.integrity import manifest_files, verify
+    from pipeline.store import CacheStore
 
     store = CacheStore(cache, mode="r")
     problems = verify(store, progress=sys.stderr.isatty())

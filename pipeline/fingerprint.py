@@ -20,6 +20,8 @@ from typing import Any
 
 import xxhash
 
+from pipeline.storage import atomic_write
+
 
 def canonical_json(obj: Any) -> str:
     """JSON with sorted keys and no whitespace, so equal objects give equal bytes."""
@@ -142,8 +144,5 @@ def checksum_files(root: Path, paths: list[Path], stat_cache: Path | None = None
             changed = True
         h.update(f"{path.relative_to(root).as_posix()}:{entry['xxh3']};".encode())
     if changed and stat_cache is not None:
-        stat_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stat_cache.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, stat_cache)
+        atomic_write(str(stat_cache), json.dumps(cache).encode())
     return h.hexdigest()

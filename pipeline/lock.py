@@ -22,7 +22,7 @@ import platform
 from collections.abc import Callable, Iterator
 
 from pipeline.errors import UserError
-from pipeline.store import is_local, now, open_fs
+from pipeline.storage import is_local, now, open_fs
 
 LOCKS = "_locks"
 EXTRACT_LOCK = f"{LOCKS}/extract.lock"

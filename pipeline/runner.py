@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.store import STATUS_FAILED, STATUS_OK, CacheStore, ShardWrite
+from pipeline.schema import STATUS_FAILED, STATUS_OK
+from pipeline.store import CacheStore, ShardWrite
 
 
 @dataclass

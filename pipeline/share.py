@@ -28,19 +28,10 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.fingerprint import checksum_bytes
-from pipeline.store import (
-    MANIFEST,
-    PROGRESS,
-    CacheStore,
-    atomic_write,
-    is_local,
-    list_objects,
-    manifest_files,
-    now,
-    open_fs,
-    parse_json,
-    safe_key,
-)
+from pipeline.integrity import manifest_files
+from pipeline.schema import MANIFEST, PROGRESS
+from pipeline.storage import is_local, list_objects, now, open_fs, parse_json, safe_key, write_object
+from pipeline.store import CacheStore
 
 JOURNAL = "_share/journal.json"
 FLUSH_EVERY = 32  # objects between journal writes (one small PUT each)
@@ -80,16 +71,12 @@ class _Target:
 
     def write(self, key: str, data: bytes) -> None:
         """Write one whole object and check it landed: the store's md5 (S3 ETag) or a read-back."""
-        full = self.full(key)
-        if self.local:
-            atomic_write(full, data)
-        else:
-            response = self.fs.pipe_file(full, data)
-            etag = str(response.get("ETag", "")).strip('"') if isinstance(response, dict) else ""
-            # A plain single-part upload's ETag is the md5 of its bytes. Multipart and SSE-KMS ETags
-            # are not, and some stores return none: those are read back instead.
-            if etag == hashlib.md5(data).hexdigest():
-                return
+        response = write_object(self.fs, self.full(key), data)
+        etag = str(response.get("ETag", "")).strip('"') if isinstance(response, dict) else ""
+        # A plain single-part upload's ETag is the md5 of its bytes. Multipart and SSE-KMS ETags are
+        # not, some stores return none, and a local file has none: those are read back instead.
+        if etag == hashlib.md5(data).hexdigest():
+            return
         if self.read(key) != data:
             raise UserError(f"{self.url}/{key} did not arrive intact (read-back differs); rerun to retry")
 

@@ -1,6 +1,6 @@
 """The cache store: one Zarr v3 group per subset, written in whole shards, described by a manifest.
 
-Layout (cache_schema.md is the contract; this module is its only writer):
+Layout (cache_schema.md is the contract, checked by pipeline.schema; this module is its only writer):
 
     <subset>.zarr/
       zarr.json                       root group, attrs: schema_version, subset
@@ -18,38 +18,32 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import posixpath
-import re
-import threading
-import time
 import warnings
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
-from tqdm import tqdm
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.errors import UserError
 from pipeline.fingerprint import checksum_bytes
+from pipeline.schema import (
+    LEGACY_SCHEMAS,
+    MANIFEST,
+    PROGRESS,
+    SCHEMA_VERSION,
+    STATUS_OK,
+    STATUS_PENDING,
+    check_codecs,
+    check_layout,
+)
+from pipeline.storage import is_local, list_objects, now, open_fs, parse_json, safe_key, write_object
 
-SCHEMA_VERSION = 2
-# Older versions this reader still reads, each with what its values mean that version 2's do not.
-# They are read as they are (train, eval, info, verify, pull) and never extended.
-LEGACY_SCHEMAS = {
-    1: "its `resize` LaRE maps were resized bilinearly (the reference: bicubic) and its class prompts "
-    "used other ImageNet class names",
-}
-MANIFEST = "manifest.json"
-PROGRESS = "_progress"
 PACKAGES = ("lare-pipeline", "torch", "diffusers", "transformers", "zarr", "numpy", "pillow")
-STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 
 
 def package_versions() -> dict[str, str]:
@@ -62,121 +56,9 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def safe_key(key: str) -> str:
-    """Refuse store keys that could escape the cache root (a manifest from a stranger).
-
-    Absolute paths, `..`, backslashes, empty or `.` parts and anything with a `:` (a URL scheme, a
-    drive letter) are refused.
-    """
-    norm = posixpath.normpath(key)
-    if key.startswith("/") or "\\" in key or norm.startswith("..") or norm != key or ":" in key:
-        raise UserError(f"refusing unsafe path in cache manifest: '{key}'")
-    return key
-
-
-# Codecs a cache may use: plain numeric/string encodings and compressors. Anything else (e.g.
-# numcodecs.pickle, an object codec) could run code or is not ours, so the cache is refused before
-# zarr reads a byte of its data.
-SAFE_CODECS = frozenset(
-    {"bytes", "transpose", "sharding_indexed", "zstd", "blosc", "gzip", "crc32c", "vlen-utf8", "vlen-bytes"}
-)
-READ_ONLY_PROTOCOLS = ("http", "https", "zip")
-_ZIP_PATH = re.compile(r"^(?P<archive>.+?\.zip)(?:/(?P<inner>.*))?$", re.IGNORECASE)
-
-
-def check_codecs(metadata: Any, where: str) -> None:
-    """Refuse zarr metadata (a parsed zarr.json, consolidated or not) naming a codec outside SAFE_CODECS."""
-    if isinstance(metadata, dict):
-        for codec in metadata.get("codecs", []) if isinstance(metadata.get("codecs"), list) else []:
-            name = codec.get("name") if isinstance(codec, dict) else codec
-            if name not in SAFE_CODECS:
-                raise UserError(f"refusing {where}: codec '{name}' is not one this pipeline reads safely")
-        for value in metadata.values():
-            check_codecs(value, where)
-    elif isinstance(metadata, list):
-        for value in metadata:
-            check_codecs(value, where)
-
-
-def fsspec_url(url: str) -> str:
-    """The fsspec URL for a cache location; a `.zip` in the path is read inside the archive.
-
-    `a/b.zip/c` -> `zip://c::a/b.zip` (also over http or s3: `zip://c::s3://bkt/b.zip`). A local
-    directory that happens to end in `.zip` stays a directory.
-    """
-    m = _ZIP_PATH.match(url)
-    if "::" in url or m is None or os.path.isdir(m["archive"]):
-        return url
-    return f"zip://{m['inner'] or ''}::{m['archive']}"
-
-
 def latest(entries: dict[str, dict]) -> str | None:
     """The key of the entry created last (by its `created_at` stamp); None when there is none."""
     return max(entries, key=lambda k: entries[k].get("created_at", ""), default=None)
-
-
-def index_path(index_fp: str) -> str:
-    """Where an index table of this fingerprint lives in a cache."""
-    return f"index/{index_fp[:16]}"
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write a local file whole: a reader sees the old content or the new, never half (even after a crash)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"  # unique per writing thread
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def list_objects(fs: fsspec.AbstractFileSystem, root: str, prefix: str = "") -> dict[str, int]:
-    """Every object under `root/prefix`, keyed relative to `root`, with its size: one fresh listing."""
-    fs.invalidate_cache()  # zarr writes through its own (async) instance: listings may be stale
-    base = posixpath.join(root, prefix) if prefix else root
-    if not fs.exists(base):
-        return {}
-    head = root.rstrip("/") + "/"
-    return {
-        p[len(head) :] if p.startswith(head) else p: int(info.get("size") or 0)
-        for p, info in fs.find(base, detail=True).items()
-    }
-
-
-def parse_json(data: bytes | str, where: str) -> Any:
-    """JSON from a cache object; a damaged one (truncated, tampered) is a one-line UserError."""
-    try:
-        return json.loads(data)
-    except ValueError:
-        raise UserError(
-            f"{where} is damaged (not valid JSON); rerun what wrote it, or pull it again"
-        ) from None
-
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    return "file" in _protocols(fs)
-
-
-def open_fs(url: str, writable: bool) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, root path) for a cache URL; http(s) and zip are read-only: writing to them is refused."""
-    full = fsspec_url(str(url))
-    try:
-        fs, root = fsspec.core.url_to_fs(full)
-    except (ImportError, ValueError) as e:
-        raise UserError(f"cannot open {url}: {e}") from None
-    protocols = _protocols(fs)
-    if writable and set(protocols) & set(READ_ONLY_PROTOCOLS):
-        raise UserError(f"{url} is read-only ({protocols[0]}); write to a local folder or an object store")
-    return fs, root.rstrip("/")
 
 
 @contextlib.contextmanager
@@ -351,12 +233,7 @@ class CacheStore:
 
     def write_json(self, key: str, obj: Any) -> None:
         """Atomic: a reader sees the old object or the new one, never half of one."""
-        data = json.dumps(obj, indent=1, sort_keys=True).encode()
-        full = self._full(safe_key(key))
-        if self.local:
-            atomic_write(full, data)
-        else:
-            self.fs.pipe_file(full, data)  # one PUT: object stores replace whole objects atomically
+        write_object(self.fs, self._full(safe_key(key)), json.dumps(obj, indent=1, sort_keys=True).encode())
 
     def list_keys(self, prefix: str) -> list[str]:
         return sorted(list_objects(self.fs, self.root, prefix))
@@ -580,167 +457,3 @@ class CacheStore:
                 "train and eval read its finished shards with --no-verify"
             )
         return manifest
-
-
-# The index columns and their Zarr data types (cache_schema.md, "Index").
-INDEX_COLUMNS = {
-    "id": "string", "path": "string", "label": "uint8", "split": "string", "format": "string",
-    "width": "int32", "height": "int32", "size": "int64", "mtime_ns": "int64",
-}  # fmt: skip
-MAX_LATENT_CHANNELS = 16  # SD v1/v2: 4; SD3 and FLUX VAEs: 16
-
-
-def _layout_error(where: str, what: str) -> UserError:
-    return UserError(f"refusing {where}: {what} (the cache's metadata disagrees with cache_schema.md)")
-
-
-def _array_meta(metadata: dict[str, Any], key: str) -> dict[str, Any] | None:
-    meta = metadata.get(f"{key}/zarr.json")
-    return meta if isinstance(meta, dict) else None
-
-
-def _chunk_shape(meta: dict[str, Any]) -> tuple[list[Any], list[Any] | None]:
-    """(outer chunk shape: the shard's where sharded, inner chunk shape or None)."""
-    outer = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-    inner = None
-    for codec in meta.get("codecs", []):
-        if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
-            inner = codec.get("configuration", {}).get("chunk_shape")
-    return outer, inner
-
-
-def _check_array(meta: dict[str, Any], where: str, shape: list[int], dtype: str, chunk0: int | None) -> None:
-    """One array's zarr.json against the shape and dtype the schema and the index imply."""
-    if meta.get("node_type") != "array":
-        raise _layout_error(where, "not an array")
-    if meta.get("shape") != shape:
-        raise _layout_error(where, f"shape {meta.get('shape')}, expected {shape}")
-    if meta.get("data_type") != dtype:
-        raise _layout_error(where, f"data type {meta.get('data_type')}, expected {dtype}")
-    outer, inner = _chunk_shape(meta)
-    if not isinstance(outer, list) or len(outer) != len(shape) or outer[1:] != shape[1:]:
-        raise _layout_error(where, f"chunk shape {outer} does not hold whole rows of {shape[1:]}")
-    if chunk0 is not None and outer[0] != chunk0:
-        raise _layout_error(where, f"{outer[0]} rows per shard or chunk, expected {chunk0}")
-    if not isinstance(outer[0], int) or outer[0] < 1:
-        raise _layout_error(where, f"chunk shape {outer}")
-    if inner is not None and (
-        not isinstance(inner, list) or inner[1:] != shape[1:] or not isinstance(inner[0], int)
-        or inner[0] < 1 or outer[0] % inner[0]
-    ):  # fmt: skip
-        raise _layout_error(where, f"inner chunk shape {inner} does not divide the shard {outer}")
-
-
-def _n(value: Any, where: str, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise _layout_error(where, f"{what} is {value!r}")
-    return value
-
-
-def check_layout(manifest: dict[str, Any], metadata: dict[str, Any], url: str) -> None:
-    """Every array the manifest names, checked against the schema and its index's row count.
-
-    Run before anything is read: a stranger's zarr.json claiming 10^12 rows would otherwise make a
-    reader allocate for them. A table's row count is tied to the chunk objects its manifest entry
-    lists, and a complete artifact's shard count to its shard entries, so a row count cannot be
-    inflated without inflating the manifest with it. Arrays whose metadata is missing are left to
-    `verify` (it names missing objects).
-    """
-    rows = {}
-    for path, attrs in manifest.get("indexes", {}).items():
-        where = f"{url}/{path}"
-        n = _n(attrs.get("n_rows"), where, "n_rows")
-        files = attrs.get("files", {})
-        for name, dtype in INDEX_COLUMNS.items():
-            meta = _array_meta(metadata, f"{path}/{name}")
-            if meta is None:
-                continue
-            _check_array(meta, f"{where}/{name}", [n], dtype, None)
-            chunk = _chunk_shape(meta)[0][0]
-            listed = sum(1 for k in files if k.startswith(f"{path}/{name}/"))
-            if files and listed != max(1, -(-n // chunk)):
-                raise _layout_error(f"{where}/{name}", f"{n} rows in {chunk}-row chunks, but {listed} listed")
-        rows[path] = n
-    for path, art in manifest.get("artifacts", {}).items():
-        where = f"{url}/{path}"
-        index = index_path(str(art.get("upstream", {}).get("index")))
-        if index not in rows:
-            raise _layout_error(where, f"its index {index} is not in the manifest")
-        n = rows[index]
-        if art.get("n_rows") != n:
-            raise _layout_error(where, f"n_rows {art.get('n_rows')!r}, but its index has {n} rows")
-        per_shard = _n(art.get("rows_per_shard"), where, "rows_per_shard") or 1
-        if art.get("n_shards") != -(-n // per_shard):
-            raise _layout_error(where, f"n_shards {art.get('n_shards')!r} for {n} rows of {per_shard}")
-        if art.get("complete") and len(art.get("shards", {})) != art["n_shards"]:
-            raise _layout_error(where, "marked complete without a record of every shard")
-        params = art.get("params", {})
-        for name in art.get("arrays", []):
-            meta = _array_meta(metadata, f"{path}/{name}")
-            if meta is None:
-                continue
-            if name == "status":
-                _check_array(meta, f"{where}/status", [n], "uint8", per_shard)
-            elif art.get("kind") == "lare" and name == "maps":
-                side = _n(params.get("size"), where, "params.size") // 8
-                channels = meta.get("shape", [0, 0])[1] if len(meta.get("shape", [])) == 4 else 0
-                if not isinstance(channels, int) or not 1 <= channels <= MAX_LATENT_CHANNELS:
-                    raise _layout_error(f"{where}/maps", f"shape {meta.get('shape')}")
-                _check_array(meta, f"{where}/maps", [n, channels, side, side], params.get("dtype"), per_shard)
-            elif art.get("kind") == "pixels" and name == "crops":
-                side = _n(params.get("size"), where, "params.size")
-                _check_array(meta, f"{where}/crops", [n, 3, side, side], "uint8", per_shard)
-            else:
-                raise _layout_error(f"{where}/{name}", "an array the schema does not name")
-
-
-def manifest_files(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:
-    """Every object a manifest vouches for: key -> (checksum, what it is, for messages)."""
-    files: dict[str, tuple[str, str]] = {}
-    for key, digest in manifest.get("metadata_files", {}).items():
-        files[safe_key(key)] = (digest, "metadata")
-    for path, attrs in manifest.get("indexes", {}).items():
-        for key, digest in attrs.get("files", {}).items():
-            files[safe_key(key)] = (digest, f"index {path}")
-    for path, art in manifest.get("artifacts", {}).items():
-        for shard, info in art.get("shards", {}).items():
-            for key, digest in info["files"].items():
-                files[safe_key(key)] = (digest, f"shard {shard} of {path}")
-    return files
-
-
-def verify(store: CacheStore, jobs: int = 8, progress: bool = False) -> list[str]:
-    """Recompute every checksum the manifest records; returns one line per problem (empty: intact).
-
-    Objects are read `jobs` at a time: on an object store each read is a round trip.
-    """
-    files = sorted(manifest_files(store.manifest()).items())
-
-    def check(item: tuple[str, tuple[str, str]]) -> str | None:
-        key, (digest, what) = item
-        try:
-            actual = store.checksum(key)
-        except FileNotFoundError:
-            return f"{what}: {key} is missing"
-        return None if actual == digest else f"{what}: {key} does not match its checksum"
-
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        results = tqdm(pool.map(check, files), total=len(files), desc="verify", disable=not progress)
-        return [problem for problem in results if problem]
-
-
-def require_intact(url_or_store: str | CacheStore, check: bool = True) -> CacheStore:
-    """Open a cache for reading; unless check is False, refuse it (UserError) when any checksum differs.
-
-    The one gate every consumer of a cache (training, evaluation, detection) goes through.
-    """
-    store = url_or_store if isinstance(url_or_store, CacheStore) else CacheStore(str(url_or_store), mode="r")
-    if check:
-        problems = verify(store)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise UserError(
-                f"{store.url} failed verification: {problems[0]}{more}; "
-                "rerun the extraction or pull it again, or pass --no-verify to use it anyway"
-            )
-    return store

@@ -16,7 +16,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.store import MANIFEST, STATUS_OK, CacheStore, check_layout, index_path, require_intact
+from pipeline.integrity import require_intact
+from pipeline.schema import MANIFEST, STATUS_OK, check_layout, index_path
+from pipeline.store import CacheStore
 from stages import index as index_stage
 from stages import perturb as perturb_stage
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from pipeline.errors import UserError
-from pipeline.store import atomic_write
+from pipeline.storage import atomic_write
 from stages import backbone, cachedata
 from stages import method as method_registry
 from stages.batches import make_inputs

@@ -25,7 +25,9 @@ from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWriter
-from pipeline.store import SCHEMA_VERSION, ArraySpec, Artifact, CacheStore, index_path, latest, now
+from pipeline.schema import SCHEMA_VERSION, index_path
+from pipeline.storage import now
+from pipeline.store import ArraySpec, Artifact, CacheStore, latest
 from stages import index as index_stage
 from stages import lare as lare_math
 from stages import perturb as perturb_stage

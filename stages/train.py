@@ -42,7 +42,7 @@ from tqdm import tqdm
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
-from pipeline.store import now
+from pipeline.storage import now
 from stages import backbone, batches, cachedata, checkpoint, lol, sd
 from stages import method as method_registry
 from stages.batches import EpochBatches, default_loader_workers, make_inputs

@@ -69,7 +69,8 @@ def assert_same_cache(cache: Path, reference: Path) -> None:
     """Two <subset>.zarr caches hold the same complete artifacts, bitwise, and the first one verifies."""
     import json
 
-    from pipeline.store import CacheStore, verify
+    from pipeline.integrity import verify
+    from pipeline.store import CacheStore
 
     ref = json.loads((reference / "manifest.json").read_text())
     got = json.loads((cache / "manifest.json").read_text())

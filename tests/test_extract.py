@@ -7,7 +7,9 @@ import torch
 import zarr
 from conftest import artifact_arrays, extract_args, run_cli
 
-from pipeline.store import STATUS_FAILED, STATUS_OK, CacheStore, verify
+from pipeline.integrity import verify
+from pipeline.schema import STATUS_FAILED, STATUS_OK
+from pipeline.store import CacheStore
 from stages import pixels, sd
 from stages.extract import ExtractConfig, RowDataset, run_extract
 from stages.recipe import RowRecipe

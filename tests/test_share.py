@@ -22,8 +22,9 @@ from servers import guarded_env, loopback, moto_s3, range_http, s3_env
 
 from pipeline import share
 from pipeline.errors import UserError
+from pipeline.integrity import require_intact, verify
 from pipeline.share import JOURNAL, copy_cache
-from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite, require_intact, verify
+from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
 from stages.extract import ExtractConfig, run_extract
 
 

@@ -8,16 +8,10 @@ import zarr
 from conftest import toy_index
 
 from pipeline.errors import UserError
-from pipeline.store import (
-    STATUS_FAILED,
-    STATUS_OK,
-    ArraySpec,
-    Artifact,
-    CacheStore,
-    ShardWrite,
-    safe_key,
-    verify,
-)
+from pipeline.integrity import verify
+from pipeline.schema import STATUS_FAILED, STATUS_OK
+from pipeline.storage import safe_key
+from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
 
 
 def _artifact(store, n=10):

@@ -1,0 +1,162 @@
+"""The on-disk contract of cache_schema.md, checked before anything is read: schema versions, the
+codecs a cache may use, and every array's shape, data type and chunking against the manifest.
+
+A stranger's cache is refused here, in one line, before zarr parses a byte of its data: an unsafe
+codec could run code, and a zarr.json claiming 10^12 rows would make a reader allocate for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.errors import UserError
+
+SCHEMA_VERSION = 2
+# Older versions this reader still reads, each with what its values mean that version 2's do not.
+# They are read as they are (train, eval, info, verify, pull) and never extended.
+LEGACY_SCHEMAS = {
+    1: "its `resize` LaRE maps were resized bilinearly (the reference: bicubic) and its class prompts "
+    "used other ImageNet class names",
+}
+MANIFEST = "manifest.json"
+PROGRESS = "_progress"
+STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+
+
+# Codecs a cache may use: plain numeric/string encodings and compressors. Anything else (e.g.
+# numcodecs.pickle, an object codec) could run code or is not ours, so the cache is refused before
+# zarr reads a byte of its data.
+SAFE_CODECS = frozenset(
+    {"bytes", "transpose", "sharding_indexed", "zstd", "blosc", "gzip", "crc32c", "vlen-utf8", "vlen-bytes"}
+)
+
+
+def check_codecs(metadata: Any, where: str) -> None:
+    """Refuse zarr metadata (a parsed zarr.json, consolidated or not) naming a codec outside SAFE_CODECS."""
+    if isinstance(metadata, dict):
+        for codec in metadata.get("codecs", []) if isinstance(metadata.get("codecs"), list) else []:
+            name = codec.get("name") if isinstance(codec, dict) else codec
+            if name not in SAFE_CODECS:
+                raise UserError(f"refusing {where}: codec '{name}' is not one this pipeline reads safely")
+        for value in metadata.values():
+            check_codecs(value, where)
+    elif isinstance(metadata, list):
+        for value in metadata:
+            check_codecs(value, where)
+
+
+def index_path(index_fp: str) -> str:
+    """Where an index table of this fingerprint lives in a cache."""
+    return f"index/{index_fp[:16]}"
+
+
+# The index columns and their Zarr data types (cache_schema.md, "Index").
+INDEX_COLUMNS = {
+    "id": "string", "path": "string", "label": "uint8", "split": "string", "format": "string",
+    "width": "int32", "height": "int32", "size": "int64", "mtime_ns": "int64",
+}  # fmt: skip
+MAX_LATENT_CHANNELS = 16  # SD v1/v2: 4; SD3 and FLUX VAEs: 16
+
+
+def _layout_error(where: str, what: str) -> UserError:
+    return UserError(f"refusing {where}: {what} (the cache's metadata disagrees with cache_schema.md)")
+
+
+def _array_meta(metadata: dict[str, Any], key: str) -> dict[str, Any] | None:
+    meta = metadata.get(f"{key}/zarr.json")
+    return meta if isinstance(meta, dict) else None
+
+
+def _chunk_shape(meta: dict[str, Any]) -> tuple[list[Any], list[Any] | None]:
+    """(outer chunk shape: the shard's where sharded, inner chunk shape or None)."""
+    outer = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
+    inner = None
+    for codec in meta.get("codecs", []):
+        if isinstance(codec, dict) and codec.get("name") == "sharding_indexed":
+            inner = codec.get("configuration", {}).get("chunk_shape")
+    return outer, inner
+
+
+def _check_array(meta: dict[str, Any], where: str, shape: list[int], dtype: str, chunk0: int | None) -> None:
+    """One array's zarr.json against the shape and dtype the schema and the index imply."""
+    if meta.get("node_type") != "array":
+        raise _layout_error(where, "not an array")
+    if meta.get("shape") != shape:
+        raise _layout_error(where, f"shape {meta.get('shape')}, expected {shape}")
+    if meta.get("data_type") != dtype:
+        raise _layout_error(where, f"data type {meta.get('data_type')}, expected {dtype}")
+    outer, inner = _chunk_shape(meta)
+    if not isinstance(outer, list) or len(outer) != len(shape) or outer[1:] != shape[1:]:
+        raise _layout_error(where, f"chunk shape {outer} does not hold whole rows of {shape[1:]}")
+    if chunk0 is not None and outer[0] != chunk0:
+        raise _layout_error(where, f"{outer[0]} rows per shard or chunk, expected {chunk0}")
+    if not isinstance(outer[0], int) or outer[0] < 1:
+        raise _layout_error(where, f"chunk shape {outer}")
+    if inner is not None and (
+        not isinstance(inner, list) or inner[1:] != shape[1:] or not isinstance(inner[0], int)
+        or inner[0] < 1 or outer[0] % inner[0]
+    ):  # fmt: skip
+        raise _layout_error(where, f"inner chunk shape {inner} does not divide the shard {outer}")
+
+
+def _n(value: Any, where: str, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _layout_error(where, f"{what} is {value!r}")
+    return value
+
+
+def check_layout(manifest: dict[str, Any], metadata: dict[str, Any], url: str) -> None:
+    """Every array the manifest names, checked against the schema and its index's row count.
+
+    Run before anything is read: a stranger's zarr.json claiming 10^12 rows would otherwise make a
+    reader allocate for them. A table's row count is tied to the chunk objects its manifest entry
+    lists, and a complete artifact's shard count to its shard entries, so a row count cannot be
+    inflated without inflating the manifest with it. Arrays whose metadata is missing are left to
+    `verify` (it names missing objects).
+    """
+    rows = {}
+    for path, attrs in manifest.get("indexes", {}).items():
+        where = f"{url}/{path}"
+        n = _n(attrs.get("n_rows"), where, "n_rows")
+        files = attrs.get("files", {})
+        for name, dtype in INDEX_COLUMNS.items():
+            meta = _array_meta(metadata, f"{path}/{name}")
+            if meta is None:
+                continue
+            _check_array(meta, f"{where}/{name}", [n], dtype, None)
+            chunk = _chunk_shape(meta)[0][0]
+            listed = sum(1 for k in files if k.startswith(f"{path}/{name}/"))
+            if files and listed != max(1, -(-n // chunk)):
+                raise _layout_error(f"{where}/{name}", f"{n} rows in {chunk}-row chunks, but {listed} listed")
+        rows[path] = n
+    for path, art in manifest.get("artifacts", {}).items():
+        where = f"{url}/{path}"
+        index = index_path(str(art.get("upstream", {}).get("index")))
+        if index not in rows:
+            raise _layout_error(where, f"its index {index} is not in the manifest")
+        n = rows[index]
+        if art.get("n_rows") != n:
+            raise _layout_error(where, f"n_rows {art.get('n_rows')!r}, but its index has {n} rows")
+        per_shard = _n(art.get("rows_per_shard"), where, "rows_per_shard") or 1
+        if art.get("n_shards") != -(-n // per_shard):
+            raise _layout_error(where, f"n_shards {art.get('n_shards')!r} for {n} rows of {per_shard}")
+        if art.get("complete") and len(art.get("shards", {})) != art["n_shards"]:
+            raise _layout_error(where, "marked complete without a record of every shard")
+        params = art.get("params", {})
+        for name in art.get("arrays", []):
+            meta = _array_meta(metadata, f"{path}/{name}")
+            if meta is None:
+                continue
+            if name == "status":
+                _check_array(meta, f"{where}/status", [n], "uint8", per_shard)
+            elif art.get("kind") == "lare" and name == "maps":
+                side = _n(params.get("size"), where, "params.size") // 8
+                channels = meta.get("shape", [0, 0])[1] if len(meta.get("shape", [])) == 4 else 0
+                if not isinstance(channels, int) or not 1 <= channels <= MAX_LATENT_CHANNELS:
+                    raise _layout_error(f"{where}/maps", f"shape {meta.get('shape')}")
+                _check_array(meta, f"{where}/maps", [n, channels, side, side], params.get("dtype"), per_shard)
+            elif art.get("kind") == "pixels" and name == "crops":
+                side = _n(params.get("size"), where, "params.size")
+                _check_array(meta, f"{where}/crops", [n, 3, side, side], "uint8", per_shard)
+            else:
+                raise _layout_error(f"{where}/{name}", "an array the schema does not name")
