@@ -419,6 +419,14 @@ def train(
     typer.echo(str(run))
 
 
+_THRESHOLD = typer.Option(
+    None,
+    help="Score above which an image is called generated: 0.5 (the default), a number, or fpr1, fpr5, "
+    "balanced: calibrated on the run's validation slice (FPR 1%/5% on its real rows, best balanced "
+    "accuracy). The results say which was used.",
+)
+
+
 @app.command("eval")
 def eval_(
     extra_caches: list[str] = typer.Argument(None, help="More test caches (after --from-cache)."),
@@ -442,16 +450,18 @@ def eval_(
     no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
     lare: str = _LARE,
     pixels: str = _PIXELS,
+    threshold: str = _THRESHOLD,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Score every usable row of each test cache: ACC@0.5, real/generated ACC, AP (whole set)."""
+    """Score every usable row of each test cache: ACC, real/generated ACC and real FPR at the threshold;
+    AP, ROC AUC, TPR at FPR 1%/5%, ECE (whole set); a reliability diagram PNG beside each result."""
     from stages.evaluate import evaluate
 
     evaluate(
         checkpoint, _caches(from_cache, extra_caches), out, verify=not no_verify, progress=progress,
         log=typer.echo, device=device, lare=lare, pixels=pixels,
         perturb=perturb, perturb_only=perturb_only,
-        **_given(split=split, batch_size=batch_size, epoch=epoch),
+        **_given(split=split, batch_size=batch_size, epoch=epoch, threshold=threshold),
     )  # fmt: skip
 
 
@@ -526,8 +536,10 @@ def robustness(
 def detect(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
-    out: Path = typer.Option("scores.csv", help="CSV of path, score, decision, error."),
-    threshold: float = typer.Option(None, help="Score above which an image is called generated."),
+    out: Path = typer.Option(
+        "scores.csv", help="CSV of path, score, decision, error, and the run, epoch and threshold used."
+    ),
+    threshold: str = _THRESHOLD,
     epoch: str = typer.Option(
         None, help="Weights to use: best (by the run's validation slice; the default), last, or N."
     ),
