@@ -469,17 +469,23 @@ def eval_(
 def report(
     results: Path = typer.Argument(..., help="Folder of `pipeline eval` results."),
     out: Path = typer.Option(None, help="Heatmap PNG to write (e.g. results/matrix.png)."),
-    metric: str = typer.Option("acc", help="acc, ap, real_acc or generated_acc."),
+    metric: str = typer.Option(
+        "acc", help="acc, ap, auc, tpr_at_fpr1, tpr_at_fpr5, ece, real_acc, generated_acc or real_fpr."
+    ),
+    csv_out: Path = typer.Option(None, "--csv", help="The table as CSV (fractions, rows per cell)."),
 ) -> None:
     """Print the train x test table (with a mean column) and draw it as a heatmap.
 
-    Results of `eval --epoch last5` show mean+-std in the table and the mean in the heatmap."""
-    from stages.report import collect, heatmap, table
+    Results of `eval --epoch last5` show mean+-std in the table and the mean in the heatmap; results
+    on test artifacts of identical parameters share a cell (averaged, weighted by rows)."""
+    from stages.report import collect, heatmap, table, write_csv
 
-    rows, cols, mat, std = collect(results, metric)
-    typer.echo(table(rows, cols, mat, metric, std))
+    matrix = collect(results, metric)
+    typer.echo(table(matrix))
+    if csv_out is not None:
+        typer.echo(f"wrote {write_csv(matrix, csv_out)}")
     if out is not None:
-        typer.echo(f"wrote {heatmap(rows, cols, mat, metric, out)}")
+        typer.echo(f"wrote {heatmap(matrix, out)}")
 
 
 @app.command()
