@@ -128,7 +128,7 @@ def collect(results: str | Path, metric: str = "acc") -> Matrix:
         thresholds = "none (threshold-free metric)"
     filled = n[n > 0]
     rows_text = f"{filled.min()}" if filled.min() == filled.max() else f"{filled.min()}-{filled.max()}"
-    subtitle = f"split {splits}; threshold {thresholds}; n = {rows_text} images per cell"
+    subtitle = f"split {splits}; threshold {thresholds}; n = {rows_text} scored rows per cell"
     return Matrix(rows, cols, mat, std, n, metric, subtitle)
 
 

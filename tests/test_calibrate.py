@@ -137,3 +137,22 @@ def test_train_calibrates_eval_and_detect_say_which_threshold(calibrated_run, le
     assert row["threshold_choice"] == "balanced" and "validation slice" in row["threshold_origin"]
     assert row["lare_weights"] == params["lare"]["model"]["weights"] and row["run"] == run.name
     assert row["decision"] == ("generated" if float(row["score"]) > float(row["threshold"]) else "real")
+
+
+def test_runs_without_calibration_still_evaluate_at_0_5_and_say_so_when_asked(egre_run, learn_set, tmp_path):
+    """A run of one validation row per label has no thresholds; a run from before calibration has no
+    calibration.json: both evaluate at the default 0.5, and a calibrated choice is one line, exit 2."""
+    import shutil
+
+    old = tmp_path / "old-run"
+    shutil.copytree(egre_run, old)
+    (old / calibrate.FILE).unlink()
+    common = ("--from-cache", str(learn_set[1]), "--out", str(tmp_path / "r"), "--no-progress")
+    for run, message in (
+        (egre_run, "has no 'balanced' threshold: 1 real + 1 generated rows"),
+        (old, "has no calibrated thresholds (trained before calibration existed)"),
+    ):
+        proc = run_cli("eval", "--checkpoint", str(run), *common, "--threshold", "balanced", check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    ok = run_cli("eval", "--checkpoint", str(old), *common, env=ONE_THREAD)
+    assert "threshold 0.5 (0.5)" in ok.stdout

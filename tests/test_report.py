@@ -52,7 +52,7 @@ def test_report_cli_writes_csv_and_a_figure_that_says_split_threshold_and_n(tmp_
     proc = run_cli(
         "report", str(tmp_path), "--out", str(tmp_path / "m.png"), "--csv", str(tmp_path / "m.csv")
     )
-    assert "split val; threshold 0.5, fpr5 (0.8123); n = 20-40 images per cell" in proc.stdout
+    assert "split val; threshold 0.5, fpr5 (0.8123); n = 20-40 scored rows per cell" in proc.stdout
     with open(tmp_path / "m.csv") as f:
         rows = {r["train / test"]: r for r in csv.DictReader(f)}
     assert float(rows["egre:sdv14"]["adm"]) == pytest.approx(0.75) and rows["egre:sdv14"]["n:adm"] == "40"
