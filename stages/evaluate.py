@@ -97,7 +97,7 @@ def check_compatible(run: Run, data: cachedata.CacheData) -> None:
 
 def scoring_code() -> str:
     """The version of the code that turns a run and a cache into these results: part of their key."""
-    return code_version(batches, checkpoint, sys.modules[__name__])
+    return code_version(batches, checkpoint, calibrate, sys.modules[__name__])
 
 
 def evaluate(
@@ -230,10 +230,11 @@ def summary(result: dict) -> str:
     per_format = "; ".join(
         f"{f} ACC {fm['acc']:.4f} AP {fm['ap']:.4f} n={int(fm['n'])}" for f, fm in result["by_format"].items()
     )
-    thr = result.get("threshold", {"value": m["threshold"], "choice": str(m["threshold"])})
+    thr = result.get("threshold", {"value": m["threshold"], "choice": "", "origin": "given"})
+    origin = thr["choice"] if thr["choice"] in calibrate.CHOICES else thr["origin"]
     return (
         f"ACC {v('acc')} (real {v('real_acc')}, generated {v('generated_acc')}) AP {v('ap')} "
         f"AUC {v('auc')} TPR@FPR1% {v('tpr_at_fpr1')} TPR@FPR5% {v('tpr_at_fpr5')} "
-        f"real FPR {v('real_fpr')} ECE {v('ece')}, threshold {thr['value']:.4g} ({thr['choice']}), "
+        f"real FPR {v('real_fpr')} ECE {v('ece')}, threshold {thr['value']:.4g} ({origin}), "
         f"n={int(m['n'])} ({per_format}), {which} ({result['epoch_choice']})"
     )

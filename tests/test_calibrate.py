@@ -119,7 +119,7 @@ def test_train_calibrates_eval_and_detect_say_which_threshold(calibrated_run, le
         assert {"auc", "tpr_at_fpr1", "tpr_at_fpr5", "real_fpr", "ece"} <= per_format.keys()
     assert Path(f"{result.with_suffix('')}.reliability.png").read_bytes()[:4] == b"\x89PNG"
     default = run_cli(*base, env=ONE_THREAD)  # another threshold is another result
-    assert "threshold 0.5 (0.5)" in default.stdout and len(list(out.glob("*.json"))) == 2
+    assert "threshold 0.5 (default)" in default.stdout and len(list(out.glob("*.json"))) == 2
 
     refused = run_cli(*base, "--threshold", "fpr1", check=False)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
@@ -155,4 +155,4 @@ def test_runs_without_calibration_still_evaluate_at_0_5_and_say_so_when_asked(eg
         proc = run_cli("eval", "--checkpoint", str(run), *common, "--threshold", "balanced", check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     ok = run_cli("eval", "--checkpoint", str(old), *common, env=ONE_THREAD)
-    assert "threshold 0.5 (0.5)" in ok.stdout
+    assert "threshold 0.5 (default)" in ok.stdout
