@@ -466,6 +466,32 @@ def eval_(
 
 
 @app.command()
+def calibrate(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
+    from_cache: list[str] = typer.Option(
+        None, "--from-cache", help="Where its training caches are now (default: the paths it recorded)."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
+) -> None:
+    """Recompute a run's calibrated thresholds from its validation slice (runs trained before
+    `train` wrote calibration.json). Prints the thresholds."""
+    from pipeline.config import resolve_device
+    from stages.calibrate import FILE, recalibrate
+
+    record = recalibrate(
+        checkpoint,
+        from_cache or None,
+        resolve_device(device),
+        not no_verify,
+        log=lambda m: typer.echo(m, err=True),
+    )
+    for name, value in record["thresholds"].items():
+        typer.echo(f"{name}: {value:.6g}")
+    typer.echo(f"wrote {Path(checkpoint) / FILE}")
+
+
+@app.command()
 def report(
     results: Path = typer.Argument(..., help="Folder of `pipeline eval` results."),
     out: Path = typer.Option(None, help="Heatmap PNG to write (e.g. results/matrix.png)."),

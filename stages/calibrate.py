@@ -32,6 +32,7 @@ MIN_REAL = {name: math.ceil(1 / alpha) for name, alpha in TARGET_FPRS.items()}  
 BALANCED_MIN = 10  # rows of each label: below this one row moves balanced accuracy by 5 points or more
 CHOICES = (*TARGET_FPRS, "balanced")
 FILE = "calibration.json"
+RESCORE_BATCH = 64  # rows per model call in `pipeline calibrate` (train's validation batch)
 ECE_BINS = 15  # equal-width bins of the score over [0, 1]
 
 
@@ -105,6 +106,37 @@ def record(run, data, val_rows, batch_size: int, log=print) -> dict:
     run.model.eval()
     scores = predict(run, data, val_rows, batch_size, progress=False)
     return write(run.path, val_rows.label, scores, epoch, log)
+
+
+def recalibrate(
+    run_path: str | Path, caches: list[str] | None = None, device: str = "cpu", verify: bool = True, log=print
+) -> dict:
+    """`pipeline calibrate`: the calibration of a finished run, recomputed from the validation rows its
+    sample.json records (a run trained before calibration existed; or to redo it). `caches`: where
+    the training caches are now (default: the URLs the run recorded)."""
+    from stages import cachedata
+    from stages.checkpoint import load_run, predict
+
+    run = load_run(run_path, device, "best")
+    sample = json.loads((run.path / "sample.json").read_text())
+    held = sample["validation"]
+    perturb = run.params["caches"][0].get("perturb")
+    wanted = (perturb["spec"], perturb.get("only")) if perturb else None
+    choice = cachedata.Choice(run=run.params, perturb=wanted)
+    urls = caches or [v["url"] for v in held]
+    data = cachedata.CacheData(urls, verify=verify, split="train", choice=choice, log=log)
+    if len(data.sources) != len(held):
+        raise UserError(f"{run.name} was trained on {len(held)} cache(s), not {len(data.sources)}")
+    for src, v in zip(data.sources, held, strict=True):
+        if any(src.identity()[k] != v[k] for k in src.identity()):
+            raise UserError(f"{src.url} does not hold the artifacts {run.name} was trained on")
+    rows = cachedata.Rows(
+        np.concatenate([np.full(len(v["rows"]), k) for k, v in enumerate(held)]),
+        np.concatenate([np.array(v["rows"], dtype=int) for v in held]),
+        np.concatenate([np.array(v["labels"], dtype=int) for v in held]),
+    )
+    scores = predict(run, data, rows, RESCORE_BATCH, progress=False)
+    return write(run.path, rows.label, scores, run.epoch, log)
 
 
 @dataclass(frozen=True)

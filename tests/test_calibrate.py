@@ -156,3 +156,18 @@ def test_runs_without_calibration_still_evaluate_at_0_5_and_say_so_when_asked(eg
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     ok = run_cli("eval", "--checkpoint", str(old), *common, env=ONE_THREAD)
     assert "threshold 0.5 (default)" in ok.stdout
+
+
+def test_calibrate_recomputes_a_runs_thresholds_from_its_recorded_slice(calibrated_run, tmp_path):
+    """`pipeline calibrate` on a run without calibration.json (as one trained before it existed)
+    writes the very record training wrote."""
+    import shutil
+
+    run, _ = calibrated_run
+    old = tmp_path / run.name
+    shutil.copytree(run, old)
+    (old / calibrate.FILE).unlink()
+    proc = run_cli("calibrate", "--checkpoint", str(old), "--device", "cpu", env=ONE_THREAD)
+    assert (old / calibrate.FILE).read_bytes() == (run / calibrate.FILE).read_bytes()
+    record = json.loads((run / calibrate.FILE).read_text())
+    assert f"fpr5: {record['thresholds']['fpr5']:.6g}" in proc.stdout and "fpr1" not in proc.stdout
