@@ -435,6 +435,14 @@ def train(
     typer.echo(str(run))
 
 
+_THRESHOLD = typer.Option(
+    None,
+    help="Score above which an image is called generated: 0.5 (the default), a number, or fpr1, fpr5, "
+    "balanced: calibrated on the run's validation slice (FPR 1%/5% on its real rows, best balanced "
+    "accuracy). The results say which was used.",
+)
+
+
 @app.command("eval")
 def eval_(
     extra_caches: list[str] = typer.Argument(None, help="More test caches (after --from-cache)."),
@@ -458,34 +466,68 @@ def eval_(
     no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
     lare: str = _LARE,
     pixels: str = _PIXELS,
+    threshold: str = _THRESHOLD,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Score every usable row of each test cache: ACC@0.5, real/generated ACC, AP (whole set)."""
+    """Score every usable row of each test cache: ACC, real/generated ACC and real FPR at the threshold;
+    AP, ROC AUC, TPR at FPR 1%/5%, ECE (whole set); a reliability diagram PNG beside each result."""
     from stages.evaluate import evaluate
 
     evaluate(
         checkpoint, _caches(from_cache, extra_caches), out, verify=not no_verify, progress=progress,
         log=typer.echo, device=device, lare=lare, pixels=pixels,
         perturb=perturb, perturb_only=perturb_only,
-        **_given(split=split, batch_size=batch_size, epoch=epoch),
+        **_given(split=split, batch_size=batch_size, epoch=epoch, threshold=threshold),
     )  # fmt: skip
+
+
+@app.command()
+def calibrate(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
+    from_cache: list[str] = typer.Option(
+        None, "--from-cache", help="Where its training caches are now (default: the paths it recorded)."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
+) -> None:
+    """Recompute a run's calibrated thresholds from its validation slice (runs trained before
+    `train` wrote calibration.json). Prints the thresholds."""
+    from pipeline.config import resolve_device
+    from stages.calibrate import FILE, recalibrate
+
+    record = recalibrate(
+        checkpoint,
+        from_cache or None,
+        resolve_device(device),
+        not no_verify,
+        log=lambda m: typer.echo(m, err=True),
+    )
+    for name, value in record["thresholds"].items():
+        typer.echo(f"{name}: {value:.6g}")
+    typer.echo(f"wrote {Path(checkpoint) / FILE}")
 
 
 @app.command()
 def report(
     results: Path = typer.Argument(..., help="Folder of `pipeline eval` results."),
     out: Path = typer.Option(None, help="Heatmap PNG to write (e.g. results/matrix.png)."),
-    metric: str = typer.Option("acc", help="acc, ap, real_acc or generated_acc."),
+    metric: str = typer.Option(
+        "acc", help="acc, ap, auc, tpr_at_fpr1, tpr_at_fpr5, ece, real_acc, generated_acc or real_fpr."
+    ),
+    csv_out: Path = typer.Option(None, "--csv", help="The table as CSV (fractions, rows per cell)."),
 ) -> None:
     """Print the train x test table (with a mean column) and draw it as a heatmap.
 
-    Results of `eval --epoch last5` show mean+-std in the table and the mean in the heatmap."""
-    from stages.report import collect, heatmap, table
+    Results of `eval --epoch last5` show mean+-std in the table and the mean in the heatmap; results
+    on test artifacts of identical parameters share a cell (averaged, weighted by rows)."""
+    from stages.report import collect, heatmap, table, write_csv
 
-    rows, cols, mat, std = collect(results, metric)
-    typer.echo(table(rows, cols, mat, metric, std))
+    matrix = collect(results, metric)
+    typer.echo(table(matrix))
+    if csv_out is not None:
+        typer.echo(f"wrote {write_csv(matrix, csv_out)}")
     if out is not None:
-        typer.echo(f"wrote {heatmap(rows, cols, mat, metric, out)}")
+        typer.echo(f"wrote {heatmap(matrix, out)}")
 
 
 @app.command()
@@ -542,8 +584,10 @@ def robustness(
 def detect(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
-    out: Path = typer.Option("scores.csv", help="CSV of path, score, decision, error."),
-    threshold: float = typer.Option(None, help="Score above which an image is called generated."),
+    out: Path = typer.Option(
+        "scores.csv", help="CSV of path, score, decision, error, and the run, epoch and threshold used."
+    ),
+    threshold: str = _THRESHOLD,
     epoch: str = typer.Option(
         None, help="Weights to use: best (by the run's validation slice; the default), last, or N."
     ),

@@ -4,6 +4,7 @@
     <run>/epoch-NNN.safetensors  weights; epoch-NNN.optim.safetensors the latest optimizer state
     <run>/epoch-NNN.json         written last: the epoch is finished
     <run>/done.json              last and best epoch
+    <run>/calibration.json       thresholds fit on the validation slice (stages.calibrate), written after
 
 Training writes these and evaluation and detection read them, all through this module (as
 nanoGPT's sample.py imports the model, not the trainer): save and load mirror each other, and the

@@ -14,11 +14,11 @@ from tqdm import tqdm
 
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
+from stages import calibrate, sd
 from stages import index as index_stage
 from stages import lare as lare_math
 from stages import method as method_registry
 from stages import pixels as pixels_stage
-from stages import sd
 from stages.batches import make_inputs
 from stages.checkpoint import Run, load_run
 from stages.recipe import RowRecipe
@@ -80,24 +80,41 @@ class LaREOnTheFly:
         return maps.to(getattr(torch, self.params["dtype"])).float()
 
 
+# Every row says what produced it, so a CSV (or rows pasted from several) can be traced to its run.
+PROVENANCE = ("run", "run_fingerprint", "epoch", "threshold", "threshold_choice", "threshold_origin",
+              "lare_model", "lare_weights")  # fmt: skip
+
+
+def provenance(run: Run, threshold: calibrate.Threshold) -> list[str]:
+    """The PROVENANCE columns: the run, the epoch of its weights, the threshold and where it came from,
+    and (EGRE) the LaRE model's spec and weights hash the maps are computed with."""
+    model = run.params["lare"]["model"] if method_registry.get(run.method).reads_lare else {}
+    return [run.name, run.params["fingerprint"], str(run.epoch), f"{threshold.value:.6g}", threshold.choice,
+            threshold.origin, model.get("spec", ""), model.get("weights", "")]  # fmt: skip
+
+
 def detect(
     folder: str | Path,
     run_path: str | Path,
     out: str | Path,
-    threshold: float = 0.5,
+    threshold: str | float = calibrate.DEFAULT,
     device: str = "cpu",
     progress: bool = True,
     log=print,
     batch_size: int = 16,
     epoch: str | int = "best",
 ) -> tuple[int, int]:
-    """Writes `path,score,decision,error` per file, in file order; returns (scored, failed).
+    """Writes `path,score,decision,error` and the PROVENANCE columns per file, in file order;
+    returns (scored, failed).
 
-    `epoch`: the weights used, best (by the run's validation slice), last or a number."""
+    `epoch`: the weights used, best (by the run's validation slice), last or a number. `threshold`:
+    0.5, a number, fpr1, fpr5 or balanced (calibrated on the run's validation slice)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     device = resolve_device(device)
     run = load_run(run_path, device, epoch)
+    thr = calibrate.resolve(run_path, threshold, [run.epoch])
+    stamp = provenance(run, thr)
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")
@@ -111,12 +128,13 @@ def detect(
         recipe = lare.recipe
     else:
         lare, recipe = None, RowRecipe.from_params(None, None, pixel_params)
+    log(f"threshold {thr.value:.6g} ({thr.choice}: {thr.origin})")  # once the run is known to be usable
     scored = failed = 0
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not progress)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "score", "decision", "error"])
+        w.writerow(["path", "score", "decision", "error", *PROVENANCE])
         for start in range(0, len(files), batch_size):
             rows: dict[Path, list[str]] = {}
             ok: list[tuple[Path, dict[str, torch.Tensor]]] = []
@@ -126,7 +144,7 @@ def detect(
                     ok.append((path, recipe.prepare(recipe.decode(data), xxhash.xxh3_128_hexdigest(data))))
                 except (pixels_stage.BadImage, OSError) as e:
                     why = f"broken symbolic link to {os.readlink(path)}" if _broken_link(path) else str(e)
-                    rows[path] = [str(path), "", "error", why]
+                    rows[path] = [str(path), "", "error", why, *stamp]
                     log(f"skipped {path}: {why}")
             if ok:
                 paths, prepared = (list(col) for col in zip(*ok, strict=True))
@@ -139,8 +157,8 @@ def detect(
                     )
                     scores = run.scores(x, m)
                 for path, score in zip(paths, scores.tolist(), strict=True):
-                    decision = "generated" if score > threshold else "real"
-                    rows[path] = [str(path), f"{score:.6f}", decision, ""]
+                    decision = "generated" if score > thr.value else "real"
+                    rows[path] = [str(path), f"{score:.6f}", decision, "", *stamp]
             for path in files[start : start + batch_size]:  # file order, failures in place
                 w.writerow(rows[path])
             failed += len(rows) - len(ok)

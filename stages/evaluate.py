@@ -1,6 +1,8 @@
-"""Evaluating a run on test caches the way GenImage users report it.
+"""Evaluating a run on test caches the way GenImage users report it, and at operating points.
 
-ACC is accuracy at threshold 0.5 (the papers' figure); real and generated accuracy; AP is
+ACC is accuracy at threshold 0.5 (the papers' figure; `--threshold` picks another, e.g. one
+calibrated on the run's validation slice, see stages.calibrate); real and generated accuracy, and
+the share of real images flagged (`real_fpr`); ROC AUC, TPR at FPR 1% and 5%, ECE; AP is
 sklearn's average_precision_score over the WHOLE test set. Every usable row of the split is scored
 once (no sampling, no dropped last batch). An oracle accuracy (threshold chosen on the test labels)
 is reported under a name that says so; it is not a fair figure.
@@ -8,7 +10,7 @@ is reported under a name that says so; it is not a fair figure.
 Results are named by (run fingerprint, test artifacts, split, the epochs scored, the scoring
 code's version): an evaluation already done is not redone, a fix to the scoring is.
 A perturbed test artifact (`--perturb SPEC`) is another test artifact, so its results are apart.
-ACC and AP are also given per source format of the files (`by_format`: png, jpeg, ...): a detector
+All metrics are also given per source format of the files (`by_format`: png, jpeg, ...): a detector
 that learned the format rather than the generator shows it there.
 """
 
@@ -20,45 +22,56 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, average_precision_score
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
 
 from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
-from stages import batches, cachedata, checkpoint, sd
+from stages import batches, cachedata, calibrate, checkpoint, sd
 from stages import method as method_registry
 from stages import perturb as perturb_stage
 from stages.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
 CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
 
-THRESHOLD = 0.5
+TARGET_FPRS = calibrate.TARGET_FPRS
 
 
-def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = THRESHOLD) -> dict:
+def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = calibrate.DEFAULT) -> dict:
+    """Decisions at `threshold` (score > threshold: generated): ACC, real and generated ACC, and
+    `real_fpr`, the share of real images flagged; threshold-free: AP, ROC AUC, the TPR at each
+    target FPR (the ROC curve's best TPR with FPR at most 1% / 5%), and the expected calibration error."""
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores, dtype=np.float64)
     pred = (scores > threshold).astype(int)
+    real, both = labels == 0, 0 < labels.sum() < len(labels)
     out = {
         "n": int(len(labels)),
-        "n_real": int((labels == 0).sum()),
+        "n_real": int(real.sum()),
         "n_generated": int((labels == 1).sum()),
         "threshold": threshold,
         "acc": float(accuracy_score(labels, pred)),
-        "real_acc": float((pred[labels == 0] == 0).mean()) if (labels == 0).any() else float("nan"),
+        "real_acc": float((pred[real] == 0).mean()) if real.any() else float("nan"),
         "generated_acc": float((pred[labels == 1] == 1).mean()) if (labels == 1).any() else float("nan"),
-        "ap": float(average_precision_score(labels, scores))
-        if 0 < labels.sum() < len(labels)
-        else float("nan"),
+        "real_fpr": float(pred[real].mean()) if real.any() else float("nan"),
+        "ap": float(average_precision_score(labels, scores)) if both else float("nan"),
+        "auc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+        "ece": calibrate.reliability(labels, scores)["ece"],
     }
+    if both:
+        fpr, tpr, _ = roc_curve(labels, scores)
+    for name, alpha in TARGET_FPRS.items():
+        out[f"tpr_at_{name}"] = float(tpr[fpr <= alpha].max()) if both else float("nan")
     out["oracle_acc_threshold_fit_on_test"] = oracle_acc(labels, scores)
     return out
 
 
-def metrics_by_format(labels: np.ndarray, scores: np.ndarray, formats: np.ndarray) -> dict[str, dict]:
+def metrics_by_format(
+    labels: np.ndarray, scores: np.ndarray, formats: np.ndarray, threshold: float = calibrate.DEFAULT
+) -> dict[str, dict]:
     """`metrics` of the rows of each source format (the file's, whatever perturbation was applied)."""
     formats = np.array([str(f) for f in formats], dtype=object)
-    return {f: metrics(labels[formats == f], scores[formats == f]) for f in sorted(set(formats))}
+    return {f: metrics(labels[formats == f], scores[formats == f], threshold) for f in sorted(set(formats))}
 
 
 def oracle_acc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -86,7 +99,7 @@ def check_compatible(run: Run, data: cachedata.CacheData) -> None:
 
 def scoring_code() -> str:
     """The version of the code that turns a run and a cache into these results: part of their key."""
-    return code_version(batches, checkpoint, sys.modules[__name__])
+    return code_version(batches, checkpoint, calibrate, sys.modules[__name__])
 
 
 def evaluate(
@@ -104,6 +117,7 @@ def evaluate(
     pixels: str | None = None,
     perturb: str | None = None,
     perturb_only: str | None = None,
+    threshold: str | float = calibrate.DEFAULT,
 ) -> list[dict]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache.
 
@@ -112,12 +126,15 @@ def evaluate(
     protocol; std is numpy's, ddof 0). In each cache, the artifacts the run was trained on are read
     by default (`lare`/`pixels` selectors choose others, see cachedata.Choice), from an index that
     covers `split`; `perturb`, `perturb_only`: the test artifacts extracted with that `--perturb`
-    (None: clean).
+    (None: clean). `threshold`: 0.5, a number, or a threshold calibrated on the run's validation
+    slice (fpr1, fpr5, balanced; see stages.calibrate); the result records which. A reliability
+    diagram `<stem>.reliability.png` is drawn beside each result.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     wanted = cachedata.wanted_perturbation(perturb, perturb_only)
     epochs = select_epochs(run_path, epoch, several=True)
+    thr = calibrate.resolve(run_path, threshold, epochs)
     run = load_run(run_path, resolve_device(device), epochs[0])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +151,7 @@ def evaluate(
                 "test": src.identity(),
                 "split": split,
                 "epochs": epochs,
+                "threshold": thr.value,
                 "code": scoring_code(),
             }
         )
@@ -152,9 +170,9 @@ def evaluate(
             if run.epoch != e:
                 run.use_epoch(e)
             scores[e] = predict(run, data, rows, batch_size, progress)
-        each = [metrics(rows.label, scores[e]) for e in epochs]
+        each = [metrics(rows.label, scores[e], thr.value) for e in epochs]
         formats = src.columns["format"][rows.row]
-        by_format = [metrics_by_format(rows.label, scores[e], formats) for e in epochs]
+        by_format = [metrics_by_format(rows.label, scores[e], formats, thr.value) for e in epochs]
         result = {
             "run": run.name,
             "run_fingerprint": run.params["fingerprint"],
@@ -168,6 +186,8 @@ def evaluate(
             "split": split,
             "epoch_choice": str(epoch),
             "epochs": epochs,
+            "threshold": thr.record(),
+            "test_params": {"lare": data.lare_params, "pixels": data.pixel_params},
             "metrics": each[0],
             "by_format": by_format[0],
         }
@@ -182,6 +202,10 @@ def evaluate(
             for e in epochs:
                 for r, lab, s in zip(rows.row, rows.label, scores[e], strict=True):
                     w.writerow([c["path"][r], c["id"][r], int(lab), c["format"][r], e, f"{s:.6f}"])
+        calibrate.reliability_diagram(
+            rows.label, scores[epochs[-1]], f"{run.name} on {src.subset} ({split}), epoch {epochs[-1]}",
+            f"{stem}.reliability.png",
+        )  # fmt: skip
         atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
         log(f"{run.name} on {src.subset} [{result['test_perturb']}]: {summary(result)} -> {stem}.json")
         results.append(result)
@@ -208,7 +232,11 @@ def summary(result: dict) -> str:
     per_format = "; ".join(
         f"{f} ACC {fm['acc']:.4f} AP {fm['ap']:.4f} n={int(fm['n'])}" for f, fm in result["by_format"].items()
     )
+    thr = result.get("threshold", {"value": m["threshold"], "choice": "", "origin": "given"})
+    origin = thr["choice"] if thr["choice"] in calibrate.CHOICES else thr["origin"]
     return (
-        f"ACC {v('acc')} (real {v('real_acc')}, generated {v('generated_acc')}) AP {v('ap')}, "
+        f"ACC {v('acc')} (real {v('real_acc')}, generated {v('generated_acc')}) AP {v('ap')} "
+        f"AUC {v('auc')} TPR@FPR1% {v('tpr_at_fpr1')} TPR@FPR5% {v('tpr_at_fpr5')} "
+        f"real FPR {v('real_fpr')} ECE {v('ece')}, threshold {thr['value']:.4g} ({origin}), "
         f"n={int(m['n'])} ({per_format}), {which} ({result['epoch_choice']})"
     )

@@ -43,7 +43,7 @@ from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.storage import now
-from stages import backbone, batches, cachedata, checkpoint, lol, sd
+from stages import backbone, batches, cachedata, calibrate, checkpoint, lol, sd
 from stages import method as method_registry
 from stages.batches import EpochBatches, default_loader_workers, make_inputs
 from stages.checkpoint import Run, atomic_json, build_model, finished_epochs, load_epoch, predict, save_epoch
@@ -422,4 +422,5 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         {"epochs": last, "best": best, "best_val": history[best], "stopped": stopped, "selection": selection,
          "final": f"epoch-{last:03d}.safetensors"},
     )  # fmt: skip
+    calibrate.record(Run(run, params, model, device), data, val_rows, VAL_BATCH, log)  # derived, not hashed
     return run

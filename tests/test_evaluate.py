@@ -100,9 +100,9 @@ def test_eval_last5_mean_and_std_per_subset_best_by_default_and_report(five_epoc
     assert (out / "matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from stages.report import collect
 
-    rows_, cols, mat, std = collect(out)
-    at = rows_.index("lol:sdv14 (last5)"), cols.index("sdv14")
-    assert mat[at] == r["metrics"]["acc"] and std[at] == r["metrics_std"]["acc"]  # the heatmap draws the mean
+    m = collect(out)
+    at = m.rows.index("lol:sdv14 (last5)"), m.cols.index("sdv14")
+    assert m.mat[at] == r["metrics"]["acc"] and m.std[at] == r["metrics_std"]["acc"]  # the heatmap: the mean
 
 
 def test_epoch_choices_that_cannot_be_served_are_one_line(egre_run, learn_set, tmp_path):

@@ -114,21 +114,24 @@ def test_eval_reads_the_maps_the_run_was_trained_on_and_selectors_choose(cache, 
         assert said in _error_line(run_cli(*args, "--lare", bad, check=False))
 
 
-# 3. report keyed by (run, test cache, split, artifact) ----------------------------------------
-def test_report_keeps_splits_and_artifacts_apart(cache, run16, tmp_path):
+# 3. report keyed by (run, test cache, split, artifact parameters) ------------------------------
+def test_report_keeps_splits_apart_and_merges_artifacts_of_identical_parameters(cache, run16, tmp_path):
+    """The val rows scored on the full artifact and on the val-only one (the same parameters, other
+    fingerprints: a second extraction) are one cell, the rows-weighted mean; the train split is another."""
     out = tmp_path / "results"
     base = ("eval", "--checkpoint", str(run16), "--from-cache", str(cache["path"]), "--out", str(out),
             "--no-progress")  # fmt: skip
     for extra in (("--split", "train"), ("--split", "val"), ("--lare", cache["val16"].split("/")[1])):
         run_cli(*base, *extra, env=ONE_THREAD)
     results = [json.loads(p.read_text()) for p in out.glob("*.json")]
+    assert len({r["test_cache"]["lare"] for r in results}) == 2 and len(results) == 3
     rep = run_cli("report", str(out), "--out", str(out / "matrix.png")).stdout
     header, row = rep.splitlines()[1:3]
-    cols = header.split()[3:]
-    assert len(cols) == 4 and cols[-1] == "mean"  # three cells, none merged
-    assert cols[0].startswith("sdv14:train") and all(c.startswith("sdv14:val@") for c in cols[1:3])
-    accs = sorted(f"{100 * r['metrics']['acc']:.1f}" for r in results)
-    assert sorted(row.split()[1:4]) == accs
+    assert header.split()[3:] == ["sdv14:train", "sdv14:val", "mean"]
+    (train,) = [r["metrics"] for r in results if r["split"] == "train"]
+    val = [r["metrics"] for r in results if r["split"] == "val"]
+    merged = sum(m["acc"] * m["n"] for m in val) / sum(m["n"] for m in val)
+    assert row.split()[1:3] == [f"{100 * train['acc']:.1f}", f"{100 * merged:.1f}"]
 
 
 # 2. zip caches, local and over http; detect with a run trained on one ------------------------

@@ -204,16 +204,19 @@ def _spoil_val_split(cache: Path, copy: Path) -> int:
 
 def test_val_split_is_never_read_and_validation_comes_from_the_train_split(two_caches, tmp_path):
     """Spoiling every val-split row of the cache changes no bit of training: no such row enters a
-    batch or a validation score (NaN maps would poison either). The validation slice is a seeded,
-    label-stratified part of the train split, disjoint from the training rows."""
+    batch, a validation score or the calibration of thresholds (NaN maps would poison any). The
+    validation slice is a seeded, label-stratified part of the train split, disjoint from the
+    training rows."""
     assert _spoil_val_split(two_caches[0], tmp_path / "spoiled.zarr") == 6
     clean = run_train(cfg_for(two_caches[:1], tmp_path / "a", epochs=2), log=lambda m: None)
     spoiled = run_train(
         cfg_for([tmp_path / "spoiled.zarr"], tmp_path / "b", epochs=2, verify=False), log=lambda m: None
     )
     assert clean.name == spoiled.name
-    for name in ("epoch-001.safetensors", "epoch-002.safetensors", "done.json"):
+    for name in ("epoch-001.safetensors", "epoch-002.safetensors", "done.json", "calibration.json"):
         assert (clean / name).read_bytes() == (spoiled / name).read_bytes(), name
+    calibration = json.loads((clean / "calibration.json").read_text())  # scored the slice, no val row
+    assert np.isfinite(calibration["validation_ece"]) and calibration["n_real"] == 1
     for e in (1, 2):
         a, b = (json.loads((r / f"epoch-{e:03d}.json").read_text()) for r in (clean, spoiled))
         assert a["val"] == b["val"] and np.isfinite(a["val"]["auc"]) and a["val"]["n"] == 2
@@ -255,7 +258,8 @@ def test_plateau_schedule_and_early_stop_follow_the_validation_scores(two_caches
             assert done["epochs"] - done["best"] == patience and "--patience" in done["stopped"]
         else:
             assert done["epochs"] == epochs and "--epochs" in done["stopped"]
-        assert f"best epoch {done['best']}" in said[-1]
+        (summary,) = [line for line in said if line.startswith("done after")]
+        assert f"best epoch {done['best']}" in summary
         replay = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             replay, mode="max", factor=0.5, patience=4, min_lr=1e-7
