@@ -35,6 +35,14 @@ def _given(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _usable_device(device: str | None, here: bool = True) -> None:
+    """A command's first step: a --device this machine cannot use ends in one line before anything
+    (cache, run directory, results) is created; pipeline.config.resolve_device decides."""
+    from pipeline.config import DEFAULT_DEVICE, resolve_device
+
+    resolve_device(device or DEFAULT_DEVICE, here)
+
+
 _PERTURB_EXTRACT = typer.Option(
     None,
     "--perturb",
@@ -117,6 +125,7 @@ def extract(
     """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr.
 
     Options not given take ExtractConfig's defaults (listed in the README's table)."""
+    _usable_device(device, here=not scheduler)  # a scheduler's workers, not this client, need the GPU
     compute = None
     if workers is not None or scheduler:
         from pipeline.distributed import cluster_compute
@@ -401,6 +410,7 @@ def train(
     """Train a detector from caches only; prints the run directory (named by its fingerprint).
 
     Options not given take TrainConfig's defaults or the method's (docs/training.md)."""
+    _usable_device(device)
     from stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(
@@ -445,6 +455,7 @@ def eval_(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score every usable row of each test cache: ACC@0.5, real/generated ACC, AP (whole set)."""
+    _usable_device(device)
     from stages.evaluate import evaluate
 
     evaluate(
@@ -502,6 +513,7 @@ def robustness(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """A robustness or format-bias study: extract what is missing, train, evaluate; CSV and figures."""
+    _usable_device(device)
     from stages.robustness import RobustnessConfig, run_robustness
 
     cfg = RobustnessConfig(
@@ -538,6 +550,7 @@ def detect(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
+    _usable_device(device)
     from stages.detect import detect as run_detect
 
     scored, failed = run_detect(

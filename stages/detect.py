@@ -12,7 +12,7 @@ import torch
 import xxhash
 from tqdm import tqdm
 
-from pipeline.config import resolve_device
+from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from stages import index as index_stage
 from stages import lare as lare_math
@@ -85,7 +85,7 @@ def detect(
     run_path: str | Path,
     out: str | Path,
     threshold: float = 0.5,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     progress: bool = True,
     log=print,
     batch_size: int = 16,

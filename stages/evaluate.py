@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score
 
-from pipeline.config import resolve_device
+from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from stages import batches, cachedata, checkpoint, sd
@@ -96,7 +96,7 @@ def evaluate(
     verify: bool = True,
     progress: bool = True,
     log=print,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     epoch: str | int = "best",
     lare: str | None = None,
     pixels: str | None = None,

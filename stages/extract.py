@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import resolve_device
+from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
@@ -73,7 +73,7 @@ class ExtractConfig:
     max_pixels: int = pixels_stage.DEFAULT_MAX_PIXELS
     batch_size: int = 16
     rows_per_shard: int = 512
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     loader_workers: int = -1  # -1: none on CPU; on a GPU, all cores but two (decoding must outrun the GPU)
     compile: bool = False  # torch.compile the VAE encoder and the UNet (last bits only, like batch size)
     progress: bool = True
@@ -282,7 +282,9 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
     subset = index_stage.canonical_subset(cfg.subset)
     store = CacheStore(cache_url, mode="a", subset=subset)
     idx, index = _load_or_scan_index(store, cfg, log)
-    device = resolve_device(cfg.device)
+    # usability was checked before anything was created (the CLI's first step); a dask scheduler's
+    # workers may hold GPUs this client lacks, so the plan only resolves `auto`
+    device = resolve_device(cfg.device, here=False)
     precision = cfg.resolved_precision(device)
     model_ref = sd.resolve_model(cfg.model)
     if note := sd.random_weights_note(model_ref.identity()):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import DEFAULT_DEVICE
 from pipeline.errors import UserError
 from stages import index as index_stage
 from stages.evaluate import evaluate
@@ -151,7 +152,7 @@ def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
             only = c.only if c.test else None
             (result,) = evaluate(
                 runs[c.training], [caches[(subset, c.test, only)]], out / "results", progress=cfg.progress,
-                log=log, device=cfg.train.get("device", "auto"), perturb=c.test, perturb_only=only,
+                log=log, device=cfg.train.get("device", DEFAULT_DEVICE), perturb=c.test, perturb_only=only,
             )  # fmt: skip
             records.append({"condition": c, "subset": subset, "result": result})
     csv_path = write_csv(out / f"robustness-{cfg.grid}-{cfg.method}.csv", cfg, records)

@@ -126,3 +126,30 @@ def test_readme_layout_names_every_module_and_only_those():
         named = {name.strip() for name in listed.split(",")}
         modules = {p.stem for p in (root / package).glob("*.py") if p.stem != "__init__"}
         assert named == modules, (package, named ^ modules)
+
+
+def test_an_unusable_device_is_refused_before_anything_is_created(tmp_path):
+    """No GPU here: `cuda`, `cuda:3` and the misspelt `gpu` end in one line, exit 2, and leave no cache,
+    run directory or results behind (an INCOMPLETE artifact from a refused start would mislead)."""
+    import torch
+
+    assert not torch.cuda.is_available(), "this test needs a machine without a usable GPU"
+    data = tmp_path / "data"
+    (data / "sdv14" / "train" / "ai").mkdir(parents=True)  # a data root that would be accepted
+    out = tmp_path / "out"
+    commands = {
+        "extract": ["--data-root", str(data), "--subset", "sdv14", "--cache-dir", str(out / "cache")],
+        "train": ["--from-cache", str(tmp_path / "sdv14.zarr"), "--out", str(out / "runs")],
+        "eval": ["--checkpoint", str(tmp_path / "run"), "--from-cache", str(tmp_path / "c.zarr"),
+                 "--out", str(out / "results")],
+        "detect": [str(data), "--checkpoint", str(tmp_path / "run"), "--out", str(out / "scores.csv")],
+        "robustness": ["--data-root", str(data), "--test-subsets", "sdv14", "--out", str(out / "rob"),
+                       "--cache-dir", str(out / "cache")],
+    }  # fmt: skip
+    for command, args in commands.items():
+        for device in ("cuda", "cuda:3", "gpu"):
+            proc = run_cli(command, *args, "--device", device, check=False)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1, (command, device, proc.stderr)
+            assert lines[0].startswith(f"Error: --device {device}:"), (command, device, lines)
+            assert not out.exists(), (command, device, list(out.rglob("*")))
