@@ -153,3 +153,72 @@ def test_an_unusable_device_is_refused_before_anything_is_created(tmp_path):
             assert proc.returncode == 2 and len(lines) == 1, (command, device, proc.stderr)
             assert lines[0].startswith(f"Error: --device {device}:"), (command, device, lines)
             assert not out.exists(), (command, device, list(out.rglob("*")))
+
+
+def _help_defaults(command: str) -> dict[str, str | None]:
+    """option -> the default its --help shows (None: none shown), read from the rendered help."""
+    import re
+
+    text = run_cli(command, "--help", env={"COLUMNS": "250"}).stdout
+    blocks = re.split(r"\n(?=│ +(?:\* +)?--)", text)  # one block per option (its help may wrap)
+    shown = {}
+    for block in blocks[1:]:
+        name = re.match(r"│ +(?:\* +)?(--[a-z-]+)", block).group(1)
+        joined = " ".join(line.strip("│ ") for line in block.splitlines())
+        m = re.search(r"\[default: \(?(.*?)\)?\]", joined)
+        if "[required]" not in joined:
+            shown[name] = m.group(1) if m else None
+    return shown
+
+
+def test_every_help_shows_each_default_from_the_stage_config():
+    """Each option of extract, train, eval, detect and robustness shows its default, and the value is the
+    one the stage's config dataclass or function signature holds (the CLI retypes none of them)."""
+    import dataclasses
+    import inspect
+
+    from stages.detect import detect
+    from stages.evaluate import evaluate
+    from stages.extract import ExtractConfig
+    from stages.robustness import RobustnessConfig
+    from stages.train import TrainConfig
+
+    def defaults(source) -> dict:
+        if dataclasses.is_dataclass(source):
+            return {
+                f.name: f.default for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING
+            }
+        return {
+            k: p.default for k, p in inspect.signature(source).parameters.items() if p.default is not p.empty
+        }
+
+    sources = {
+        "extract": [ExtractConfig], "train": [TrainConfig], "eval": [evaluate], "detect": [detect],
+        "robustness": [RobustnessConfig, TrainConfig, ExtractConfig],
+    }  # fmt: skip
+    renamed = {("extract", "--split"): "splits", ("robustness", "--extract-batch-size"): "batch_size"}
+    compared = 0
+    for command, srcs in sources.items():
+        for option, text in _help_defaults(command).items():
+            if option == "--help":
+                continue
+            assert text is not None, f"{command} {option} shows no default"
+            field = renamed.get((command, option), option[2:].replace("-", "_"))
+            pool = [ExtractConfig] if option == "--extract-batch-size" else srcs
+            found = [defaults(s)[field] for s in pool if field in defaults(s)]
+            if not found:
+                continue  # an option with no stage default (--workers, --from-cache): shown as it is
+            value = found[0]
+            if value is None:
+                assert text == "none" or text.startswith("the method's: "), (command, option, text)
+            elif isinstance(value, bool):
+                assert text in ({"on", option[2:]} if value else {"off", f"no-{option[2:]}"}), (
+                    command,
+                    option,
+                )
+            else:
+                expected = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+                assert text == expected, (command, option, text, expected)
+            compared += 1
+    assert compared > 80
+    assert _help_defaults("train")["--epochs"] == "the method's: egre 50, lol 20"
