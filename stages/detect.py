@@ -98,6 +98,8 @@ def detect(
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     device = resolve_device(device)
     run = load_run(run_path, device, epoch)
+    if note := sd.random_weights_note(run.params["backbone"]):
+        log(f"note: {note}")
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")

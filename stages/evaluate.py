@@ -117,6 +117,8 @@ def evaluate(
     wanted = cachedata.wanted_perturbation(perturb, perturb_only)
     epochs = select_epochs(run_path, epoch, several=True)
     run = load_run(run_path, resolve_device(device), epochs[0])
+    if note := sd.random_weights_note(run.params["backbone"]):
+        log(f"note: {note}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []

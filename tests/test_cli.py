@@ -3,8 +3,10 @@
 import json
 import os
 import subprocess
+import time
 
-from conftest import PIPELINE, extract_args, run_cli
+import pytest
+from conftest import ONE_THREAD, PIPELINE, extract_args, extract_cache, run_cli, tiny_run
 
 
 def test_help_lists_commands_and_options():
@@ -222,3 +224,43 @@ def test_every_help_shows_each_default_from_the_stage_config():
             compared += 1
     assert compared > 80
     assert _help_defaults("train")["--epochs"] == "the method's: egre 50, lol 20"
+
+
+@pytest.fixture(scope="module")
+def small_cache(genimage, tmp_path_factory):
+    """The session's synthetic sdv14 set extracted with the tiny model (64 px pixel crops)."""
+    return extract_cache(genimage, tmp_path_factory.mktemp("cli-cache"))
+
+
+def test_an_offline_pretrained_backbone_fails_at_once_naming_the_fix(small_cache, tmp_path):
+    """Offline with no cached CLIP weights: one line naming --backbone-weights, within seconds (no hub
+    retries), and no run directory left behind."""
+    args = ["train", "--from-cache", str(small_cache), "--out", str(tmp_path / "runs"), "--epochs", "1",
+            "--backbone", "RN50", "--backbone-weights", "openai", "--crop-size", "32"]  # fmt: skip
+    env = {
+        **ONE_THREAD,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "XDG_CACHE_HOME": str(tmp_path),
+    }
+    t0 = time.monotonic()
+    proc = run_cli(*args, check=False, env=env)
+    seconds = time.monotonic() - t0
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("note:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("Error: ") and "--backbone-weights" in errors[0], errors
+    assert seconds < 60, seconds
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_and_detect_of_a_random_backbone_run_say_so(small_cache, genimage, tmp_path):
+    """A run whose CLIP backbone started from random weights is flagged like random SD weights are."""
+    run = tiny_run(small_cache, tmp_path / "runs", "egre", epochs=1)
+    evaluated = run_cli("eval", "--checkpoint", str(run), "--from-cache", str(small_cache),
+                        "--out", str(tmp_path / "results"), "--no-progress", env=ONE_THREAD)  # fmt: skip
+    detected = run_cli("detect", str(genimage), "--checkpoint", str(run), "--out", str(tmp_path / "s.csv"),
+                       "--no-progress", env=ONE_THREAD)  # fmt: skip
+    for proc in (evaluated, detected):
+        said = proc.stdout + proc.stderr
+        assert "backbone 'tiny-RN' started from random weights" in said, said
+        assert "model 'tiny' has random weights" in said, said  # the same kind of note as for the SD model
