@@ -2,8 +2,10 @@
 
 A grid is a list of conditions, each a perturbation of the training data and one of the test data
 (`stages.perturb` SPECs). The command extracts every (subset, perturbation) cache artifact that is
-missing, trains one detector per distinct training condition, evaluates each condition on every test
-subset, and writes a CSV and figures. Every step is named by its fingerprint, so a rerun after a kill
+missing (a complete one of the same parameters from an index covering the split it needs, such as a
+`pipeline extract` of the whole subset, is reused: extract.covering_artifacts), trains one detector
+per distinct training condition, evaluates each condition on every test subset, and writes a CSV and
+figures. Every step is named by its fingerprint, so a rerun after a kill
 redoes nothing that finished.
 
 Grids (LoL Appendix A and REFERENCE_NOTES.md, "Robustness"; the GenImage and AIGCDetect degradations):
@@ -29,7 +31,7 @@ from pipeline.config import DEFAULT_DEVICE
 from pipeline.errors import UserError
 from stages import index as index_stage
 from stages.evaluate import evaluate
-from stages.extract import ExtractConfig, run_extract
+from stages.extract import ExtractConfig, run_extract_covering
 from stages.train import TrainConfig, run_train
 
 A4 = {"noise": "noise:5-20", "blur": "blur:3,5,7,9", "jpeg": "jpeg:10-75", "crop": "crop:5-20"}
@@ -114,7 +116,7 @@ def _extract(cfg: RobustnessConfig, subset: str, splits: tuple[str, ...], spec: 
         data_root=cfg.data_root, subset=subset, splits=splits, perturb=spec,
         perturb_only=only if spec else None, progress=cfg.progress, **cfg.extract,
     )  # fmt: skip
-    return run_extract(ecfg, log=log).cache
+    return run_extract_covering(ecfg, log=log).cache
 
 
 def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:

@@ -264,3 +264,44 @@ def test_eval_and_detect_of_a_random_backbone_run_say_so(small_cache, genimage, 
         said = proc.stdout + proc.stderr
         assert "backbone 'tiny-RN' started from random weights" in said, said
         assert "model 'tiny' has random weights" in said, said  # the same kind of note as for the SD model
+
+
+def test_robustness_reuses_what_pipeline_extract_made(tmp_path):
+    """Caches a user extracted with `pipeline extract` (both splits) are reused by a study with the same
+    parameters, though it needs only the val split of a test subset: no clean map is computed again."""
+    from stages.synthetic import make_genimage
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_genimage(data, "sdv14", {"train": 4, "val": 3}, seed=2)
+    make_genimage(data, "adm", {"train": 4, "val": 3}, seed=3)
+    same = [
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--size",
+        "32",
+        "--pixel-size",
+        "64",
+        "--rows-per-shard",
+        "8",
+    ]
+    for subset in ("sdv14", "adm"):
+        run_cli("extract", "--data-root", str(data), "--subset", subset, "--cache-dir", str(cache), *same,
+                "--no-progress", env=ONE_THREAD)  # fmt: skip
+
+    def clean_maps() -> dict[str, set[str]]:
+        out = {}
+        for subset in ("sdv14", "adm"):
+            manifest = json.loads((cache / f"{subset}.zarr" / "manifest.json").read_text())
+            out[subset] = {p for p, a in manifest["artifacts"].items() if not a["params"].get("perturb")}
+        return out
+
+    before = clean_maps()
+    study = run_cli("robustness", "--data-root", str(data), "--train-subset", "sdv14", "--test-subsets",
+                    "adm", "--grid", "aigcdetect", "--out", str(tmp_path / "out"), "--cache-dir", str(cache),
+                    *same, "--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-size", "32",
+                    "--epochs", "1", "--batch-size", "8", "--no-progress", env=ONE_THREAD)  # fmt: skip
+    assert clean_maps() == before
+    for subset in ("sdv14", "adm"):
+        assert f"{subset}: up to date, reusing lare/" in study.stderr, study.stderr
