@@ -8,7 +8,7 @@ per distinct training condition, evaluates each condition on every test subset, 
 figures. Every step is named by its fingerprint, so a rerun after a kill
 redoes nothing that finished.
 
-Grids (LoL Appendix A and REFERENCE_NOTES.md, "Robustness"; the GenImage and AIGCDetect degradations):
+Grids (LoL Appendix A and docs/REFERENCE_NOTES.md, "Robustness"; the GenImage and AIGCDetect degradations):
   lol-a4      each of LoL's four perturbations alone, on train and test (Table A4)
   lol-a7      the four in sequence, noise -> blur -> JPEG -> crop, on train and test (Figure A7)
   genimage    test only: downscale to 112 and 64 px, JPEG 65 and 30, blur sigma 3 and 5
