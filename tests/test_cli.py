@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ONE_THREAD, PIPELINE, extract_args, extract_cache, run_cli, tiny_run
@@ -305,3 +306,66 @@ def test_robustness_reuses_what_pipeline_extract_made(tmp_path):
     assert clean_maps() == before
     for subset in ("sdv14", "adm"):
         assert f"{subset}: up to date, reusing lare/" in study.stderr, study.stderr
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def _make(*args: str) -> str:
+    """What `make` prints (-n: the commands it would run, none run) in the repository."""
+    return subprocess.run(["make", "-s", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def test_make_help_lists_every_target_and_only_those():
+    import re
+
+    makefile = (ROOT / "Makefile").read_text()
+    (phony,) = re.findall(r"^\.PHONY:(.*)$", makefile, flags=re.M)
+    listed = {line.split()[1] for line in _make("help").splitlines() if line.startswith("make ")}
+    assert listed == set(phony.split())
+    for target in listed:
+        assert re.search(rf"^{re.escape(target)}:", makefile, flags=re.M), target
+
+
+def test_make_leaves_the_defaults_to_the_commands():
+    """METHOD, MODEL, DEVICE and GRID not given: no option, so each command's own default applies
+    (train: egre, robustness: lol), written once in its config; given: passed on."""
+    for target in ("extract", "train", "eval", "robustness"):
+        line = " ".join(_make("-n", target, "RUN=runs/r").replace("\\\n", " ").split())
+        command = line[line.index("bin/pipeline") :]
+        for option in ("--method", "--model", "--device", "--grid"):
+            assert option not in command, (target, option, command)
+    given = _make("-n", "train", "METHOD=lol", "DEVICE=cpu")
+    assert "--method lol" in given and "--device cpu" in given
+
+
+def test_readme_names_nothing_outside_the_repository():
+    """A newcomer has the repository only: no `../` path in the README, and every relative link of
+    the docs resolves to a file inside it."""
+    import re
+
+    assert "../" not in (ROOT / "README.md").read_text()
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
+            if "://" in link:
+                continue
+            target = (page.parent / link).resolve()
+            assert target.is_relative_to(ROOT.resolve()) and target.exists(), (page.name, link)
+
+
+def test_readme_demo_robustness_command_runs(tmp_path):
+    """The README's robustness command on the demo data, as typed (fewer epochs), on a tiny demo set."""
+    import re
+    import shlex
+
+    from stages.synthetic import make_genimage
+
+    readme = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "--data-root demo/" in b]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:2] == ["pipeline", "robustness"]
+    make_genimage(tmp_path / "demo" / "data", "sdv14", {"train": 4, "val": 3}, seed=1)
+    make_genimage(tmp_path / "demo" / "data", "adm", {"train": 4, "val": 3}, seed=2)
+    proc = run_cli(*words[1:], "--epochs", "1", cwd=tmp_path, env=ONE_THREAD)
+    out = tmp_path / "demo" / "results" / "robustness"
+    assert (out / "robustness-aigcdetect-lol.csv").is_file(), proc.stdout
