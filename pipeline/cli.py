@@ -89,10 +89,11 @@ def _shown_default(option: TyperOption, sources: tuple[str, ...], renamed: dict[
 
 def _help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
     """The command class of a command whose options default to None (`_given` leaves them to a stage's
-    config): its --help shows each option's real default, read from `sources` ('module:name', config
-    dataclasses or functions; the first holding the option's name wins) so that no default is written
-    twice. Read when --help is printed: the stages import torch, which every start would otherwise pay.
-    `renamed`: option -> 'module:name.field' where the names differ."""
+    config) or are flags: its --help shows each option's real default (a flag's: off), read from
+    `sources` ('module:name', config dataclasses or functions; the first holding the option's name
+    wins) so that no default is written twice. Read when --help is printed: the stages import torch,
+    which every start would otherwise pay. `renamed`: option -> 'module:name.field' where the names
+    differ."""
 
     class Command(TyperCommand):
         def format_help(self, ctx: typer.Context, formatter: Any) -> None:
@@ -285,7 +286,7 @@ def _describe_formats(store, path: str) -> list[str]:
     return lines
 
 
-@cache_app.command("info")
+@cache_app.command("info", cls=_help_defaults())
 def cache_info(
     cache: str = typer.Argument(..., help="Path or URL of a <subset>.zarr cache."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -350,7 +351,7 @@ _RECHECK = typer.Option(
 )
 
 
-@cache_app.command("push")
+@cache_app.command("push", cls=_help_defaults())
 def cache_push(
     local: str = typer.Argument(..., help="The <subset>.zarr cache to share (path or URL)."),
     url: str = typer.Argument(..., help="Where to put it: s3://bucket/prefix/<subset>.zarr, a folder, ..."),
@@ -361,7 +362,7 @@ def cache_push(
     _copy(local, url, jobs, recheck, "pushed")
 
 
-@cache_app.command("pull")
+@cache_app.command("pull", cls=_help_defaults())
 def cache_pull(
     url: str = typer.Argument(..., help="A shared cache: s3://..., https://..., a .zip, a folder."),
     local: str = typer.Argument(..., help="Local <subset>.zarr folder to copy it into."),
@@ -378,7 +379,7 @@ def synth(
     subset: str = typer.Option("sdv14", help="Which subset's folder names to use."),
     train: int = typer.Option(16, help="Images per class in train."),
     val: int = typer.Option(8, help="Images per class in val."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the images (the same seed writes the same files)."),
 ) -> None:
     """Write a small synthetic set (generated = upsampled from low resolution) for demos and tests."""
     from stages.index import canonical_subset
@@ -532,7 +533,7 @@ def eval_(
     )  # fmt: skip
 
 
-@app.command()
+@app.command(cls=_help_defaults())
 def report(
     results: Path = typer.Argument(..., help="Folder of `pipeline eval` results."),
     out: Path = typer.Option(None, help="Heatmap PNG to write (e.g. results/matrix.png)."),

@@ -160,11 +160,11 @@ def test_an_unusable_device_is_refused_before_anything_is_created(tmp_path):
             assert not out.exists(), (command, device, list(out.rglob("*")))
 
 
-def _help_defaults(command: str) -> dict[str, str | None]:
+def _help_defaults(*command: str) -> dict[str, str | None]:
     """option -> the default its --help shows (None: none shown), read from the rendered help."""
     import re
 
-    text = run_cli(command, "--help", env={"COLUMNS": "250"}).stdout
+    text = run_cli(*command, "--help", env={"COLUMNS": "250"}).stdout
     blocks = re.split(r"\n(?=│ +(?:\* +)?--)", text)  # one block per option (its help may wrap)
     shown = {}
     for block in blocks[1:]:
@@ -226,6 +226,9 @@ def test_every_help_shows_each_default_from_the_stage_config():
                 assert text == expected, (command, option, text, expected)
             compared += 1
     assert compared > 80
+    for command in (["report"], ["synth"], ["cache", "info"], ["cache", "verify"], ["cache", "push"]):
+        shown = _help_defaults(*command)
+        assert all(text is not None for option, text in shown.items() if option != "--help"), shown
     assert _help_defaults("train")["--epochs"] == "the method's: egre 50, lol 20"
 
 
