@@ -369,6 +369,12 @@ def test_readme_demo_robustness_command_runs(tmp_path):
     (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "--data-root demo/" in b]
     words = shlex.split(block.replace("\\\n", " "))
     assert words[:2] == ["pipeline", "robustness"]
+    makefile = (ROOT / "Makefile").read_text()  # the demo's extraction options: its clean caches are reused
+    demo_lare = shlex.split(re.search(r"^DEMO_LARE\s*\?=(.*)$", makefile, flags=re.M).group(1))
+    typed = " ".join(words)
+    for option, value in zip(demo_lare[::2], demo_lare[1::2], strict=True):
+        assert f"{option} {value}" in typed, option
+    assert "--model tiny" in typed and "--rows-per-shard 16" in typed and "--rows-per-shard 16" in makefile
     make_genimage(tmp_path / "demo" / "data", "sdv14", {"train": 4, "val": 3}, seed=1)
     make_genimage(tmp_path / "demo" / "data", "adm", {"train": 4, "val": 3}, seed=2)
     proc = run_cli(*words[1:], "--epochs", "1", cwd=tmp_path, env=ONE_THREAD)
