@@ -98,8 +98,6 @@ def detect(
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     device = resolve_device(device)
     run = load_run(run_path, device, epoch)
-    if note := sd.random_weights_note(run.params["backbone"]):
-        log(f"note: {note}")
     files = list_images(Path(folder))
     if not files:
         raise UserError(f"no image files under {folder}")
@@ -113,6 +111,8 @@ def detect(
         recipe = lare.recipe
     else:
         lare, recipe = None, RowRecipe.from_params(None, None, pixel_params)
+    if note := sd.random_weights_note(run.params["backbone"]):  # once the run is known to be usable
+        log(f"note: {note}")
     scored = failed = 0
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not progress)
