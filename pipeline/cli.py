@@ -4,7 +4,8 @@ Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError)
 
 Layering: `pipeline/` (orchestration) is used by `stages/`; the CLI is one of the two places where
 `pipeline/` calls into `stages/` (the other is the dask job in pipeline.distributed). It imports each
-stage inside its command, so that `--help` and the cache commands start without torch.
+stage inside its command, so that `pipeline --help` and the cache commands start without torch (a
+command's own --help imports its stage, to show the defaults its config holds).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _shown_default(option: TyperOption, sources: tuple[str, ...], renamed: dict[
         value = found[0][option.name] if found else None
     if isinstance(value, bool) and option.secondary_opts:  # --progress/--no-progress: the one in force
         return (option.opts if value else option.secondary_opts)[0].lstrip("-")
-    if value is None and any(option.name in _defaults_of(s) for s in sources if "TrainConfig" in s):
+    if value is None and sources:  # a training option left to the method (TrainConfig.hparams)
         from stages import method
 
         if all(option.name in method.get(n).defaults for n in method.names()):
