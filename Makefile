@@ -8,11 +8,13 @@ TORCH   ?= torch==2.14.1 torchvision==0.29.1
 SUBSET  ?= sdv14
 DATA    ?= /data/GenImage
 CACHE   ?= cache
-MODEL   ?= stable-diffusion-v1-5/stable-diffusion-v1-5
-DEVICE  ?= auto
+# empty: the command's own default (`pipeline <command> --help` shows it), written once in its config
+MODEL   ?=
+DEVICE  ?=
+METHOD  ?=
+GRID    ?=
 EXTRA   ?=
 DEMO    ?= demo
-METHOD  ?= egre
 RUNS    ?= runs
 RESULTS ?= results
 RUN     ?=
@@ -21,21 +23,27 @@ TEST_SUBSETS ?= $(SUBSET)
 DEMO_LARE  ?= --size 64 --pixel-size 64 --preprocess crop
 DEMO_TRAIN ?= --backbone tiny-RN --backbone-weights random --crop-size 32 --lr 1e-3 --epochs 30 --batch-size 16
 
-GRID    ?= lol-a4
+# `--option VALUE` when the variable is set, nothing (the command's default) when it is empty
+opt = $(if $(2),--$(1) $(2))
 
 .PHONY: help install extract train eval report robustness demo test lint bench bench-gpu clean-demo
 
 help:
+	@echo "make help                         this list"
 	@echo "make install                      create $(VENV) and install the pipeline with its dev tools"
-	@echo "make demo                         synthetic GenImage-layout set -> extract (tiny model) -> cache summary"
+	@echo "make demo                         synthetic sdv14 and adm sets -> extract (tiny model) -> train EGRE and LoL"
+	@echo "                                  -> eval -> ACC table and \$$(DEMO)/results/matrix.png (README: what it means)"
 	@echo "make test                         the test suite (CPU only, tiny models)"
+	@echo "make lint                         ruff check and format check"
 	@echo "make extract SUBSET=sdv14 DATA=/data/GenImage CACHE=cache MODEL=... DEVICE=cuda EXTRA='--ensemble 4'"
 	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class all'   train from \$$(CACHE)/\$$(SUBSET).zarr"
+	@echo "                                  MODEL, DEVICE, METHOD, GRID not given: the command's defaults (--help)"
 	@echo "make eval RUN=runs/<run> TEST_SUBSETS='adm biggan'   evaluate a run on caches -> \$$(RESULTS)/"
 	@echo "make report                       train x test table and \$$(RESULTS)/matrix.png"
 	@echo "make robustness GRID=lol-a4 METHOD=lol SUBSET=sdv14 TEST_SUBSETS='adm biggan'   -> \$$(RESULTS)/robustness/"
 	@echo "make bench                        extraction, training-I/O, loader, decode+perturb and small-set benchmarks (bench/results/)"
 	@echo "make bench-gpu                    every GPU figure in one run, ~8 min (bench/gpu.py; needs CUDA)"
+	@echo "make clean-demo                   remove \$$(DEMO)/"
 
 install: $(VENV)/.installed
 
@@ -48,23 +56,25 @@ $(VENV)/.installed: pyproject.toml
 
 extract: install
 	$(BIN)/pipeline extract --data-root $(DATA) --subset $(SUBSET) --cache-dir $(CACHE) \
-		--model $(MODEL) --device $(DEVICE) $(EXTRA)
+		$(call opt,model,$(MODEL)) $(call opt,device,$(DEVICE)) $(EXTRA)
 
 train: install
-	$(BIN)/pipeline train --from-cache $(CACHE)/$(SUBSET).zarr --method $(METHOD) --out $(RUNS) $(EXTRA)
+	$(BIN)/pipeline train --from-cache $(CACHE)/$(SUBSET).zarr $(call opt,method,$(METHOD)) \
+		$(call opt,device,$(DEVICE)) --out $(RUNS) $(EXTRA)
 
 eval: install
 	@test -n "$(RUN)" || { echo "make eval needs RUN=<run directory printed by make train>"; exit 2; }
 	$(BIN)/pipeline eval --checkpoint $(RUN) --from-cache $(foreach s,$(TEST_SUBSETS),$(CACHE)/$(s).zarr) \
-		--out $(RESULTS) $(EXTRA)
+		$(call opt,device,$(DEVICE)) --out $(RESULTS) $(EXTRA)
 
 report: install
 	$(BIN)/pipeline report $(RESULTS) --out $(RESULTS)/matrix.png
 
 robustness: install
 	$(BIN)/pipeline robustness --data-root $(DATA) --train-subset $(SUBSET) \
-		--test-subsets $(shell echo $(TEST_SUBSETS) | tr ' ' ',') --grid $(GRID) --method $(METHOD) \
-		--cache-dir $(CACHE) --model $(MODEL) --device $(DEVICE) --out $(RESULTS)/robustness $(EXTRA)
+		--test-subsets $(shell echo $(TEST_SUBSETS) | tr ' ' ',') $(call opt,grid,$(GRID)) \
+		$(call opt,method,$(METHOD)) --cache-dir $(CACHE) $(call opt,model,$(MODEL)) \
+		$(call opt,device,$(DEVICE)) --out $(RESULTS)/robustness $(EXTRA)
 
 demo: install
 	$(BIN)/pipeline synth $(DEMO)/data --subset sdv14 --train 16 --val 8

@@ -1,6 +1,6 @@
 """Extraction benchmark: our extractor vs a reference-style loop, on the same model, in the same run.
 
-The reference style is the LaRE authors' `extract_lare.py` as REFERENCE_NOTES describes it: fp32,
+The reference style is the LaRE authors' `extract_lare.py` as docs/REFERENCE_NOTES.md describes it: fp32,
 one image per call (its ensemble in one UNet call), an unseeded posterior sample, one `torch.save`
 file per image. Ours is `pipeline extract` (batched, decode workers, seeded per image, Zarr shards).
 

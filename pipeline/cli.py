@@ -4,11 +4,16 @@ Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError)
 
 Layering: `pipeline/` (orchestration) is used by `stages/`; the CLI is one of the two places where
 `pipeline/` calls into `stages/` (the other is the dask job in pipeline.distributed). It imports each
-stage inside its command, so that `--help` and the cache commands start without torch.
+stage inside its command, so that `pipeline --help` and the cache commands start without torch (a
+command's own --help imports its stage, to show the defaults its config holds).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
+import inspect
 import json
 import os
 import sys
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperCommand, TyperOption
 
 from pipeline.errors import UserError, first_line
 
@@ -35,6 +41,79 @@ def _given(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
+@functools.cache
+def _defaults_of(source: str) -> dict[str, Any]:
+    """The defaults of 'module:name', a config dataclass (its fields) or a function (its signature)."""
+    module, name = source.split(":")
+    obj = getattr(importlib.import_module(module), name)
+    if dataclasses.is_dataclass(obj):
+        return {
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(obj)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
+    return {k: p.default for k, p in inspect.signature(obj).parameters.items() if p.default is not p.empty}
+
+
+def _text(value: Any) -> str:
+    """A default as --help shows it: tuples as the option takes them (LOW,HIGH), None as none."""
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _shown_default(option: TyperOption, sources: tuple[str, ...], renamed: dict[str, str]) -> str | None:
+    """What `option`'s --help says its default is; None: typer's own rendering (a literal default)."""
+    if option.is_flag and not option.secondary_opts:  # --compile, --no-verify: off unless typed
+        return "on" if option.default else "off"
+    if option.default is not None or option.required:
+        return None
+    if option.name in renamed:
+        source, field = renamed[option.name].rsplit(".", 1)
+        value = _defaults_of(source)[field]
+    else:
+        found = [_defaults_of(s) for s in sources if option.name in _defaults_of(s)]
+        value = found[0][option.name] if found else None
+    if isinstance(value, bool) and option.secondary_opts:  # --progress/--no-progress: the one in force
+        return (option.opts if value else option.secondary_opts)[0].lstrip("-")
+    if value is None and sources:  # a training option left to the method (TrainConfig.hparams)
+        from stages import method
+
+        if all(option.name in method.get(n).defaults for n in method.names()):
+            return "the method's: " + method.per_method(
+                option.name, lambda v: "all" if v is None else _text(v)
+            )
+    return _text(value)
+
+
+def _help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
+    """The command class of a command whose options default to None (`_given` leaves them to a stage's
+    config) or are flags: its --help shows each option's real default (a flag's: off), read from
+    `sources` ('module:name', config dataclasses or functions; the first holding the option's name
+    wins) so that no default is written twice. Read when --help is printed: the stages import torch,
+    which every start would otherwise pay. `renamed`: option -> 'module:name.field' where the names
+    differ."""
+
+    class Command(TyperCommand):
+        def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+            for param in self.params:
+                if isinstance(param, TyperOption) and (text := _shown_default(param, sources, renamed)):
+                    param.show_default = text
+            super().format_help(ctx, formatter)
+
+    return Command
+
+
+def _usable_device(device: str | None, here: bool = True) -> None:
+    """A command's first step: a --device this machine cannot use ends in one line before anything
+    (cache, run directory, results) is created; pipeline.config.resolve_device decides."""
+    from pipeline.config import DEFAULT_DEVICE, resolve_device
+
+    resolve_device(device or DEFAULT_DEVICE, here)
+
+
 _PERTURB_EXTRACT = typer.Option(
     None,
     "--perturb",
@@ -44,11 +123,11 @@ _PERTURB_EXTRACT = typer.Option(
 )
 _PERTURB_ONLY = typer.Option(None, "--perturb-only", help="Apply --perturb to one class: generated or real.")
 _PERTURB_READ = typer.Option(
-    None, "--perturb", help="Use the artifacts extracted with this --perturb SPEC (default: the clean ones)."
+    None, "--perturb", help="Use the artifacts extracted with this --perturb SPEC (none: the clean ones)."
 )
 
 
-@app.command()
+@app.command(cls=_help_defaults("stages.extract:ExtractConfig", split="stages.extract:ExtractConfig.splits"))
 def extract(
     data_root: Path = typer.Option(
         ..., "--data-root", help="Folder holding the GenImage subsets (or one subset)."
@@ -117,6 +196,7 @@ def extract(
     """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr.
 
     Options not given take ExtractConfig's defaults (listed in the README's table)."""
+    _usable_device(device, here=not scheduler)  # a scheduler's workers, not this client, need the GPU
     compute = None
     if workers is not None or scheduler:
         from pipeline.distributed import cluster_compute
@@ -207,7 +287,7 @@ def _describe_formats(store, path: str) -> list[str]:
     return lines
 
 
-@cache_app.command("info")
+@cache_app.command("info", cls=_help_defaults())
 def cache_info(
     cache: str = typer.Argument(..., help="Path or URL of a <subset>.zarr cache."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
@@ -274,7 +354,7 @@ _RECHECK = typer.Option(
 )
 
 
-@cache_app.command("push")
+@cache_app.command("push", cls=_help_defaults())
 def cache_push(
     local: str = typer.Argument(..., help="The <subset>.zarr cache to share (path or URL)."),
     url: str = typer.Argument(..., help="Where to put it: s3://bucket/prefix/<subset>.zarr, a folder, ..."),
@@ -285,7 +365,7 @@ def cache_push(
     _copy(local, url, jobs, recheck, "pushed")
 
 
-@cache_app.command("pull")
+@cache_app.command("pull", cls=_help_defaults())
 def cache_pull(
     url: str = typer.Argument(..., help="A shared cache: s3://..., https://..., a .zip, a folder."),
     local: str = typer.Argument(..., help="Local <subset>.zarr folder to copy it into."),
@@ -302,7 +382,7 @@ def synth(
     subset: str = typer.Option("sdv14", help="Which subset's folder names to use."),
     train: int = typer.Option(16, help="Images per class in train."),
     val: int = typer.Option(8, help="Images per class in val."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the images (the same seed writes the same files)."),
     artifact: str = typer.Option(
         "upsample",
         help="What marks the generated images: upsample (from 1/4 resolution) or grid (8 px lines).",
@@ -336,7 +416,7 @@ _LARE = typer.Option(
     None,
     "--lare",
     help="Which LaRE artifact of each cache: a fingerprint prefix (see `pipeline cache info`) or "
-    "key=value filters, e.g. dtype=float32. Default: train the newest, eval the run's own.",
+    "key=value filters, e.g. dtype=float32. none: train the newest, eval the run's own.",
 )
 _PIXELS = typer.Option(
     None, "--pixels", help="Which pixel artifact: a fingerprint prefix or key=value filters, e.g. size=256."
@@ -356,22 +436,20 @@ def _range(text: str | None, name: str) -> tuple[float, float] | None:
     return lo, hi
 
 
-@app.command()
+@app.command(cls=_help_defaults("stages.train:TrainConfig"))
 def train(
     extra_caches: list[str] = typer.Argument(None, help="More caches (after --from-cache), concatenated."),
     from_cache: list[str] = typer.Option(None, "--from-cache", help="Cache(s) to train on (path or URL)."),
-    method: str = typer.Option(None, help="egre (LaRE^2, the default) or lol (Learning on Less)."),
+    method: str = typer.Option(None, help="egre (LaRE^2) or lol (Learning on Less)."),
     out: str = typer.Option(None, help="Folder of run directories."),
     max_per_class: str = typer.Option(
         None,
-        help="Train on N real + N generated rows of the train split, seeded, or 'all'. "
-        "Default: the method's (LoL: the paper's 1600).",
+        help="Train on N real + N generated rows of the train split, seeded, or 'all' (LoL's 1600: "
+        "the paper's).",
     ),
     seed: int = typer.Option(None, help="Seeds the sample, the validation slice and every epoch."),
-    epochs: int = typer.Option(None, help="At most this many epochs. Default: the method's."),
-    patience: int = typer.Option(
-        None, help="Stop after N epochs without a better validation AUC; 0: never. Default: the method's."
-    ),
+    epochs: int = typer.Option(None, help="At most this many epochs."),
+    patience: int = typer.Option(None, help="Stop after N epochs without a better validation AUC; 0: never."),
     val_fraction: float = typer.Option(
         None,
         help="Share of the training rows (per label, seeded) held out from the TRAIN split to pick "
@@ -382,18 +460,18 @@ def train(
         help="Validation rows per label the slice needs to choose the best epoch, stop early and step "
         "the plateau schedule; below it the last epoch is kept (an AUC of a few rows is noise).",
     ),
-    batch_size: int = typer.Option(None, help="Default: the method's."),
-    lr: float = typer.Option(None, help="Default: the method's (LoL: 5e-7 on a BigGAN training cache)."),
+    batch_size: int = typer.Option(None, help="Training images per step."),
+    lr: float = typer.Option(None, help="Learning rate (LoL: 5e-7 on a BigGAN training cache)."),
     crop_size: int = typer.Option(None, help="Side of the random (train) / centre (test) crop."),
     backbone: str = typer.Option(None, help="open_clip config: RN50, or tiny-RN for tests."),
     backbone_weights: str = typer.Option(
-        None, help="openai (download, the default), random, or a local open_clip checkpoint file."
+        None, help="openai (download), random, or a local open_clip checkpoint file."
     ),
     mask_range: str = typer.Option(None, help="LoL: r_mask drawn uniformly in LOW,HIGH."),
     aspect_range: str = typer.Option(None, help="LoL: r_aspect drawn uniformly in LOW,HIGH."),
     shuffle_labels: bool = typer.Option(None, help="Control: half of each class labelled generated."),
     stop_after: int = typer.Option(None, help="Stop after this epoch as if interrupted (rerun resumes)."),
-    device: str = typer.Option(None, help="auto (the default), cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
     memory_rows: int = typer.Option(
         None, help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
     ),
@@ -416,6 +494,7 @@ def train(
     """Train a detector from caches only; prints the run directory (named by its fingerprint).
 
     Options not given take TrainConfig's defaults or the method's (docs/training.md)."""
+    _usable_device(device)
     from stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(
@@ -437,13 +516,13 @@ def train(
 
 _THRESHOLD = typer.Option(
     None,
-    help="Score above which an image is called generated: 0.5 (the default), a number, or fpr1, fpr5, "
+    help="Score above which an image is called generated: 0.5, a number, or fpr1, fpr5, "
     "balanced: calibrated on the run's validation slice (FPR 1%/5% on its real rows, best balanced "
     "accuracy). The results say which was used.",
 )
 
 
-@app.command("eval")
+@app.command("eval", cls=_help_defaults("stages.evaluate:evaluate"))
 def eval_(
     extra_caches: list[str] = typer.Argument(None, help="More test caches (after --from-cache)."),
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
@@ -456,58 +535,56 @@ def eval_(
         None,
         "--epoch",
         "--epochs",
-        help="Weights to score: best (by the run's validation slice; the default), last, "
+        help="Weights to score: best (by the run's validation slice), last, "
         "an epoch number, or last5 (each of the final five; mean +- std, LoL's protocol).",
     ),
     batch_size: int = typer.Option(None, help="Rows per model call."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
     perturb: str = _PERTURB_READ,
     perturb_only: str = _PERTURB_ONLY,
     no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
     lare: str = _LARE,
     pixels: str = _PIXELS,
     threshold: str = _THRESHOLD,
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
     """Score every usable row of each test cache: ACC, real/generated ACC and real FPR at the threshold;
     AP, ROC AUC, TPR at FPR 1%/5%, ECE (whole set); a reliability diagram PNG beside each result."""
+    _usable_device(device)
     from stages.evaluate import evaluate
 
     evaluate(
-        checkpoint, _caches(from_cache, extra_caches), out, verify=not no_verify, progress=progress,
-        log=typer.echo, device=device, lare=lare, pixels=pixels,
-        perturb=perturb, perturb_only=perturb_only,
-        **_given(split=split, batch_size=batch_size, epoch=epoch, threshold=threshold),
+        checkpoint, _caches(from_cache, extra_caches), out, verify=not no_verify, log=typer.echo,
+        lare=lare, pixels=pixels, perturb=perturb, perturb_only=perturb_only,
+        **_given(split=split, batch_size=batch_size, epoch=epoch, device=device, progress=progress,
+                 threshold=threshold),
     )  # fmt: skip
 
 
-@app.command()
+@app.command(cls=_help_defaults("stages.calibrate:recalibrate"))
 def calibrate(
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
     from_cache: list[str] = typer.Option(
         None, "--from-cache", help="Where its training caches are now (default: the paths it recorded)."
     ),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
     no_verify: bool = typer.Option(False, "--no-verify", help=_NO_VERIFY),
 ) -> None:
     """Recompute a run's calibrated thresholds from its validation slice (runs trained before
     `train` wrote calibration.json). Prints the thresholds."""
-    from pipeline.config import resolve_device
+    _usable_device(device)
     from stages.calibrate import FILE, recalibrate
 
     record = recalibrate(
-        checkpoint,
-        from_cache or None,
-        resolve_device(device),
-        not no_verify,
-        log=lambda m: typer.echo(m, err=True),
-    )
+        checkpoint, from_cache or None, verify=not no_verify, log=lambda m: typer.echo(m, err=True),
+        **_given(device=device),
+    )  # fmt: skip
     for name, value in record["thresholds"].items():
         typer.echo(f"{name}: {value:.6g}")
     typer.echo(f"wrote {Path(checkpoint) / FILE}")
 
 
-@app.command()
+@app.command(cls=_help_defaults())
 def report(
     results: Path = typer.Argument(..., help="Folder of `pipeline eval` results."),
     out: Path = typer.Option(None, help="Heatmap PNG to write (e.g. results/matrix.png)."),
@@ -530,19 +607,26 @@ def report(
         typer.echo(f"wrote {heatmap(matrix, out)}")
 
 
-@app.command()
+@app.command(
+    cls=_help_defaults(
+        "stages.robustness:RobustnessConfig",
+        "stages.train:TrainConfig",
+        "stages.extract:ExtractConfig",
+        extract_batch_size="stages.extract:ExtractConfig.batch_size",
+    )
+)
 def robustness(
     data_root: Path = typer.Option(..., "--data-root", help="Folder holding the GenImage subsets."),
     train_subset: str = typer.Option("sdv14", help="The subset detectors are trained on."),
     test_subsets: list[str] = typer.Option(
         ..., "--test-subsets", help="Subsets to test on: 'adm,biggan' or the option repeated."
     ),
-    grid: str = typer.Option("lol-a4", help="lol-a4, lol-a7, genimage, aigcdetect or jpeg96."),
-    method: str = typer.Option("lol", help="lol or egre."),
-    out: str = typer.Option("results/robustness", help="Folder for runs/, results/, the CSV and figures."),
+    grid: str = typer.Option(None, help="lol-a4, lol-a7, genimage, aigcdetect or jpeg96."),
+    method: str = typer.Option(None, help="lol or egre."),
+    out: str = typer.Option(None, help="Folder for runs/, results/, the CSV and figures."),
     cache_dir: str = typer.Option(None, "--cache-dir", help="Where <subset>.zarr caches are (or go)."),
     model: str = typer.Option(None, help="As for extract."),
-    device: str = typer.Option(None, help="auto (the default), cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option(None, help="auto, cpu, cuda, cuda:1, ..."),
     size: int = typer.Option(None, help="As for extract."),
     pixel_size: int = typer.Option(None, help="As for extract."),
     preprocess: str = typer.Option(None, help="As for extract."),
@@ -557,15 +641,16 @@ def robustness(
     lr: float = typer.Option(None, help="As for train."),
     crop_size: int = typer.Option(None, help="As for train."),
     max_per_class: str = typer.Option(None, help="As for train."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
     """A robustness or format-bias study: extract what is missing, train, evaluate; CSV and figures."""
+    _usable_device(device)
     from stages.robustness import RobustnessConfig, run_robustness
 
     cfg = RobustnessConfig(
         data_root=str(data_root), train_subset=train_subset,
-        test_subsets=[s for item in test_subsets for s in item.split(",") if s.strip()], grid=grid,
-        method=method, out=out, progress=progress,
+        test_subsets=[s for item in test_subsets for s in item.split(",") if s.strip()],
+        **_given(grid=grid, method=method, out=out, progress=progress),
         extract=_given(cache_dir=cache_dir, model=model, device=device, size=size, pixel_size=pixel_size,
                        preprocess=preprocess, ensemble=ensemble, batch_size=extract_batch_size,
                        rows_per_shard=rows_per_shard, seed=seed),
@@ -580,7 +665,7 @@ def robustness(
         typer.echo(f"wrote {f}")
 
 
-@app.command()
+@app.command(cls=_help_defaults("stages.detect:detect"))
 def detect(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
@@ -591,18 +676,19 @@ def detect(
     epoch: str = typer.Option(
         None, help="Weights to use: best (by the run's validation slice; the default), last, or N."
     ),
-    device: str = typer.Option("auto", help="Where the LaRE model runs (EGRE): auto, cpu, cuda."),
+    device: str = typer.Option(None, help="Where the LaRE model runs (EGRE): auto, cpu, cuda."),
     batch_size: int = typer.Option(
         None, help="Images per model call. Changes the last bits of the maps only."
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
+    _usable_device(device)
     from stages.detect import detect as run_detect
 
     scored, failed = run_detect(
-        folder, checkpoint, out, device=device, progress=progress, log=lambda m: typer.echo(m, err=True),
-        **_given(threshold=threshold, batch_size=batch_size, epoch=epoch),
+        folder, checkpoint, out, log=lambda m: typer.echo(m, err=True),
+        **_given(threshold=threshold, batch_size=batch_size, epoch=epoch, device=device, progress=progress),
     )  # fmt: skip
     typer.echo(f"scored {scored} image(s), {failed} unreadable -> {out}")
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.errors import UserError
+
+DEFAULT_DEVICE = "auto"  # every command's --device default (stage configs and function signatures read it)
+
 
 def home() -> Path:
     """The tool's own cache (tiny models, weight-hash stat cache); `PIPELINE_HOME` overrides it."""
@@ -15,10 +19,31 @@ def home() -> Path:
     return Path(base) / "lare-pipeline"
 
 
-def resolve_device(device: str) -> str:
-    """`auto` means the GPU when there is one."""
-    if device != "auto":
-        return device
+def resolve_device(device: str, here: bool = True) -> str:
+    """`auto` means the GPU when there is one; any other device is checked, so that a command given one
+    this machine cannot use stops in one line before it creates anything, not in a CUDA error after a
+    cache, run or results file was begun. Only cpu, cuda and cuda:N are accepted (the code places
+    work by those names). `here=False`: the work runs elsewhere (a dask scheduler's workers, which may
+    hold GPUs this client lacks), so only the spelling is checked."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda") or device.strip() != device:
+        raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if here and kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(
+                f"--device {device}: no usable CUDA device on this machine; use --device cpu or auto"
+            )
+        index = torch.device(device).index
+        if index is not None and index >= count:
+            raise UserError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    return device

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 
 CODE_ID = "stages.calibrate"  # the name its code is hashed under, wherever the file lives
@@ -111,7 +112,11 @@ def record(run, data, val_rows, batch_size: int, log=print) -> dict:
 
 
 def recalibrate(
-    run_path: str | Path, caches: list[str] | None = None, device: str = "cpu", verify: bool = True, log=print
+    run_path: str | Path,
+    caches: list[str] | None = None,
+    device: str = DEFAULT_DEVICE,
+    verify: bool = True,
+    log=print,
 ) -> dict:
     """`pipeline calibrate`: the calibration of a finished run, recomputed from the validation rows its
     sample.json records (a run trained before calibration existed; or to redo it). `caches`: where
@@ -119,7 +124,7 @@ def recalibrate(
     from stages import cachedata
     from stages.checkpoint import load_run, predict
 
-    run = load_run(run_path, device, "best")
+    run = load_run(run_path, resolve_device(device), "best")
     sample = json.loads((run.path / "sample.json").read_text())
     held = sample["validation"]
     perturb = run.params["caches"][0].get("perturb")

@@ -1,6 +1,6 @@
 """ImageNet classes of GenImage files and the text prompts built from them, as the LaRE reference does.
 
-The reference (REFERENCE_NOTES.md, "Class parsing") reads the class from the file name's text before
+The reference (docs/REFERENCE_NOTES.md, "Class parsing") reads the class from the file name's text before
 the first `_`:
   (a) at most 3 characters: a class index (generated images, `123_sdv4_00001.png`);
   (b) `ILSVRC2012`: an ImageNet validation file (`ILSVRC2012_val_00042597.JPEG`), its class from the

@@ -12,7 +12,7 @@ import torch
 import xxhash
 from tqdm import tqdm
 
-from pipeline.config import resolve_device
+from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from stages import calibrate, sd
 from stages import index as index_stage
@@ -98,7 +98,7 @@ def detect(
     run_path: str | Path,
     out: str | Path,
     threshold: str | float = calibrate.DEFAULT,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     progress: bool = True,
     log=print,
     batch_size: int = 16,
@@ -128,7 +128,9 @@ def detect(
         recipe = lare.recipe
     else:
         lare, recipe = None, RowRecipe.from_params(None, None, pixel_params)
-    log(f"threshold {thr.value:.6g} ({thr.choice}: {thr.origin})")  # once the run is known to be usable
+    log(f"threshold {thr.value:.6g} ({thr.choice}: {thr.origin})")
+    if note := sd.random_weights_note(run.params["backbone"]):  # once the run is known to be usable
+        log(f"note: {note}")
     scored = failed = 0
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not progress)

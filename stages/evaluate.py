@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
 
-from pipeline.config import resolve_device
+from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from stages import batches, cachedata, calibrate, checkpoint, sd
@@ -111,7 +111,7 @@ def evaluate(
     verify: bool = True,
     progress: bool = True,
     log=print,
-    device: str = "cpu",
+    device: str = DEFAULT_DEVICE,
     epoch: str | int = "best",
     lare: str | None = None,
     pixels: str | None = None,
@@ -136,6 +136,8 @@ def evaluate(
     epochs = select_epochs(run_path, epoch, several=True)
     thr = calibrate.resolve(run_path, threshold, epochs)
     run = load_run(run_path, resolve_device(device), epochs[0])
+    if note := sd.random_weights_note(run.params["backbone"]):
+        log(f"note: {note}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import resolve_device
+from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWriter
-from pipeline.schema import SCHEMA_VERSION, index_path
+from pipeline.schema import MANIFEST, SCHEMA_VERSION, index_path
 from pipeline.storage import now
 from pipeline.store import ArraySpec, Artifact, CacheStore, latest
 from stages import index as index_stage
@@ -75,7 +75,7 @@ class ExtractConfig:
     max_pixels: int = pixels_stage.DEFAULT_MAX_PIXELS
     batch_size: int = 16
     rows_per_shard: int = 512
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     loader_workers: int = -1  # -1: none on CPU; on a GPU, all cores but two (decoding must outrun the GPU)
     compile: bool = False  # torch.compile the VAE encoder and the UNet (last bits only, like batch size)
     progress: bool = True
@@ -284,7 +284,9 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
     subset = index_stage.canonical_subset(cfg.subset)
     store = CacheStore(cache_url, mode="a", subset=subset)
     idx, index = _load_or_scan_index(store, cfg, log)
-    device = resolve_device(cfg.device)
+    # usability was checked before anything was created (the CLI's first step); a dask scheduler's
+    # workers may hold GPUs this client lacks, so the plan only resolves `auto`
+    device = resolve_device(cfg.device, here=False)
     precision = cfg.resolved_precision(device)
     model_ref = sd.resolve_model(cfg.model)
     if note := sd.random_weights_note(model_ref.identity()):
@@ -488,6 +490,54 @@ def run_extract(cfg: ExtractConfig, log=print, compute: Compute | None = None) -
     t0 = time.perf_counter()
     with extract_lock(cache_url_for(cfg), log):
         return _run_locked(cfg, log, compute, t0)
+
+
+def covering_artifacts(cfg: ExtractConfig) -> ExtractResult | None:
+    """The complete artifacts of the cache that `cfg` would compute, from any index whose splits cover
+    `cfg.splits` (the newest first), or None.
+
+    A run that needs only some splits (robustness extracts its test subsets' val split alone) would
+    otherwise index those splits anew, and a new index is a new fingerprint: it would recompute the
+    maps a `pipeline extract` of the whole subset already holds. The candidates are named by the very
+    fingerprints extraction gives them, so only what `cfg` would write is reused. The data folder is
+    not rescanned: files added since that extraction are not in it (`pipeline extract` picks them up).
+    """
+    cache_url = cache_url_for(cfg)
+    try:
+        manifest = CacheStore(cache_url, mode="r").read_json(MANIFEST)
+    except UserError:  # no cache there yet
+        return None
+    if manifest is None:  # never finished: extraction resumes it
+        return None
+    model_ref = sd.resolve_model(cfg.model)
+    precision = cfg.resolved_precision(resolve_device(cfg.device, here=False))
+    latent = sd.latent_geometry(model_ref, cfg.size)
+    indexes = sorted(manifest["indexes"].items(), key=lambda kv: kv[1]["created_at"], reverse=True)
+    for path, attrs in indexes:
+        if not set(cfg.splits) <= set(attrs["splits"]):
+            continue
+        wanted = {"lare": lare_artifact(cfg, attrs["fingerprint"], model_ref, precision, latent)}
+        if cfg.pixels:
+            wanted["pixels"] = pixel_artifact(cfg, attrs["fingerprint"])
+        found = [manifest["artifacts"].get(a.path) for a in wanted.values()]
+        if all(art is not None and art["complete"] for art in found):
+            kinds = {kind: a.path for kind, a in wanted.items()}
+            return ExtractResult(cache_url, path, kinds, True, 0, found[0]["n_failed"], 0.0)
+    return None
+
+
+def run_extract_covering(cfg: ExtractConfig, log=print) -> ExtractResult:
+    """`run_extract` for a caller that needs `cfg.splits` only: complete artifacts of the same
+    parameters from an index covering them are reused (covering_artifacts), else they are extracted."""
+    found = covering_artifacts(cfg)
+    if found is None:
+        return run_extract(cfg, log=log)
+    subset = index_stage.canonical_subset(cfg.subset)
+    log(
+        f"{subset}: up to date, reusing {', '.join(found.artifacts.values())} of {found.index} "
+        f"(its index covers {', '.join(cfg.splits)})"
+    )
+    return found
 
 
 def _storage_fault(store: CacheStore, job: ExtractJob, e: BaseException) -> UserError:

@@ -71,6 +71,6 @@ def get(name: str) -> Method:
     return REGISTRY[name]
 
 
-def per_method(key: str) -> str:
-    """'egre 50, lol 20': one default of every built-in method, for --help texts."""
-    return ", ".join(f"{n} {get(n).defaults[key]}" for n in names())
+def per_method(key: str, fmt: Callable[[Any], str] = str) -> str:
+    """'egre 50, lol 20': one default of every built-in method, for --help texts (`fmt` writes a value)."""
+    return ", ".join(f"{n} {fmt(get(n).defaults[key])}" for n in names())

@@ -11,7 +11,7 @@
 left to right (`noise:5-20+blur:3,5,7,9+jpeg:10-75+crop:5-20` is LoL's Figure A7 chain). Every draw of
 an image comes from one generator seeded by (seed, image content id, canonical SPEC), so an image is
 perturbed the same way on every worker, in every batch and after every resume. The LoL paper's
-Appendix A gives the families and ranges (REFERENCE_NOTES.md, "Robustness"); it is silent on the
+Appendix A gives the families and ranges (docs/REFERENCE_NOTES.md, "Robustness"); it is silent on the
 blur sigma, the crop's placement and the noise's rounding, which are chosen as said here.
 """
 

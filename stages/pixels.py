@@ -3,7 +3,7 @@
 The crop never resamples: a resampled image loses exactly the high-frequency traces detectors
 look for. An image smaller than the crop is enlarged without resampling either by tiling copies of
 itself (LoL's stitching) or by reflect-101 padding (the EGRE reference's albumentations
-`PadIfNeeded`, centred); REFERENCE_NOTES.md, EGRE "Images" and LoL.
+`PadIfNeeded`, centred); docs/REFERENCE_NOTES.md, EGRE "Images" and LoL.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def crop_tiled(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 # The LaRE reference calls `Image.resize((256, 256))` with no filter: Pillow's default for an RGB image,
-# bicubic (REFERENCE_NOTES.md, "Preprocess"). Named explicitly so a Pillow default change cannot move it.
+# bicubic (docs/REFERENCE_NOTES.md, "Preprocess"). Named explicitly so a Pillow default change cannot move it.
 RESAMPLE = "bicubic"
 _FILTERS = {"bicubic": Image.Resampling.BICUBIC}
 

@@ -2,11 +2,13 @@
 
 A grid is a list of conditions, each a perturbation of the training data and one of the test data
 (`stages.perturb` SPECs). The command extracts every (subset, perturbation) cache artifact that is
-missing, trains one detector per distinct training condition, evaluates each condition on every test
-subset, and writes a CSV and figures. Every step is named by its fingerprint, so a rerun after a kill
+missing (a complete one of the same parameters from an index covering the split it needs, such as a
+`pipeline extract` of the whole subset, is reused: extract.covering_artifacts), trains one detector
+per distinct training condition, evaluates each condition on every test subset, and writes a CSV and
+figures. Every step is named by its fingerprint, so a rerun after a kill
 redoes nothing that finished.
 
-Grids (LoL Appendix A and REFERENCE_NOTES.md, "Robustness"; the GenImage and AIGCDetect degradations):
+Grids (LoL Appendix A and docs/REFERENCE_NOTES.md, "Robustness"; the GenImage and AIGCDetect degradations):
   lol-a4      each of LoL's four perturbations alone, on train and test (Table A4)
   lol-a7      the four in sequence, noise -> blur -> JPEG -> crop, on train and test (Figure A7)
   genimage    test only: downscale to 112 and 64 px, JPEG 65 and 30, blur sigma 3 and 5
@@ -25,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import DEFAULT_DEVICE
 from pipeline.errors import UserError
 from stages import index as index_stage
 from stages.evaluate import evaluate
-from stages.extract import ExtractConfig, run_extract
+from stages.extract import ExtractConfig, run_extract_covering
 from stages.train import TrainConfig, run_train
 
 A4 = {"noise": "noise:5-20", "blur": "blur:3,5,7,9", "jpeg": "jpeg:10-75", "crop": "crop:5-20"}
@@ -113,7 +116,7 @@ def _extract(cfg: RobustnessConfig, subset: str, splits: tuple[str, ...], spec: 
         data_root=cfg.data_root, subset=subset, splits=splits, perturb=spec,
         perturb_only=only if spec else None, progress=cfg.progress, **cfg.extract,
     )  # fmt: skip
-    return run_extract(ecfg, log=log).cache
+    return run_extract_covering(ecfg, log=log).cache
 
 
 def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
@@ -151,7 +154,7 @@ def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
             only = c.only if c.test else None
             (result,) = evaluate(
                 runs[c.training], [caches[(subset, c.test, only)]], out / "results", progress=cfg.progress,
-                log=log, device=cfg.train.get("device", "auto"), perturb=c.test, perturb_only=only,
+                log=log, device=cfg.train.get("device", DEFAULT_DEVICE), perturb=c.test, perturb_only=only,
             )  # fmt: skip
             records.append({"condition": c, "subset": subset, "result": result})
     csv_path = write_csv(out / f"robustness-{cfg.grid}-{cfg.method}.csv", cfg, records)

@@ -56,11 +56,19 @@ class ModelRef:
 
 
 def random_weights_note(model: dict[str, Any]) -> str | None:
-    """The note every command that runs or scores maps of a random-weight model prints (a
-    `ModelRef.identity()`, as caches and runs record it); None for real weights."""
-    if model.get("source") != "random":
-        return None
-    return f"model '{model.get('spec')}' has random weights: its maps carry no forensic signal"
+    """The note every command prints that runs or scores a model of random weights, so that nobody
+    reads its numbers as a detector's: `model` is an identity as caches and runs record it, of the
+    LaRE model (`ModelRef.identity()`) or of a run's CLIP backbone (params["backbone"], from
+    `BackboneSpec.identity()`: trained from random initialisation, not pre-trained). None for real
+    weights."""
+    if model.get("source") == "random":
+        return f"model '{model.get('spec')}' has random weights: its maps carry no forensic signal"
+    if "arch" in model and model.get("weights") == "random":
+        return (
+            f"backbone '{model['arch']}' started from random weights, not pre-trained CLIP "
+            "(--backbone-weights random): its scores are no measure of the papers' detectors"
+        )
+    return None
 
 
 def _component_files(folder: Path) -> list[Path]:

@@ -39,7 +39,7 @@ import torch
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
-from pipeline.config import resolve_device
+from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.storage import now
@@ -80,7 +80,7 @@ class TrainConfig:
     shuffle_labels: bool = False  # a control: uninformative labels (see uninformative_labels)
     verify: bool = True
     progress: bool = True
-    device: str = "auto"  # where the model trains; not in the fingerprint (last bits only, like batch order)
+    device: str = DEFAULT_DEVICE  # where it trains; not in the fingerprint (last bits only, like batch order)
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
     loader_workers: int = -1  # cache-reading processes; -1: none on CPU, some on GPU. Changes no bit.

@@ -3,8 +3,11 @@
 import json
 import os
 import subprocess
+import time
+from pathlib import Path
 
-from conftest import PIPELINE, extract_args, run_cli
+import pytest
+from conftest import ONE_THREAD, PIPELINE, extract_args, extract_cache, run_cli, tiny_run
 
 
 def test_help_lists_commands_and_options():
@@ -126,3 +129,254 @@ def test_readme_layout_names_every_module_and_only_those():
         named = {name.strip() for name in listed.split(",")}
         modules = {p.stem for p in (root / package).glob("*.py") if p.stem != "__init__"}
         assert named == modules, (package, named ^ modules)
+
+
+def test_an_unusable_device_is_refused_before_anything_is_created(tmp_path):
+    """Without a GPU `cuda` and `cuda:3` (with one, a GPU it lacks), and anywhere the misspelt `gpu`, end
+    in one line, exit 2, and leave no cache, run directory or results behind (an INCOMPLETE artifact
+    from a refused start would mislead)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    unusable = ("cuda", "cuda:3", "gpu") if gpus == 0 else (f"cuda:{gpus}", "gpu")
+    data = tmp_path / "data"
+    (data / "sdv14" / "train" / "ai").mkdir(parents=True)  # a data root that would be accepted
+    out = tmp_path / "out"
+    commands = {
+        "extract": ["--data-root", str(data), "--subset", "sdv14", "--cache-dir", str(out / "cache")],
+        "train": ["--from-cache", str(tmp_path / "sdv14.zarr"), "--out", str(out / "runs")],
+        "eval": ["--checkpoint", str(tmp_path / "run"), "--from-cache", str(tmp_path / "c.zarr"),
+                 "--out", str(out / "results")],
+        "detect": [str(data), "--checkpoint", str(tmp_path / "run"), "--out", str(out / "scores.csv")],
+        "robustness": ["--data-root", str(data), "--test-subsets", "sdv14", "--out", str(out / "rob"),
+                       "--cache-dir", str(out / "cache")],
+    }  # fmt: skip
+    for command, args in commands.items():
+        for device in unusable:
+            proc = run_cli(command, *args, "--device", device, check=False)
+            lines = proc.stderr.strip().splitlines()
+            assert proc.returncode == 2 and len(lines) == 1, (command, device, proc.stderr)
+            assert lines[0].startswith(f"Error: --device {device}:"), (command, device, lines)
+            assert not out.exists(), (command, device, list(out.rglob("*")))
+
+
+def _help_defaults(*command: str) -> dict[str, str | None]:
+    """option -> the default its --help shows (None: none shown), read from the rendered help."""
+    import re
+
+    text = run_cli(*command, "--help", env={"COLUMNS": "250"}).stdout
+    blocks = re.split(r"\n(?=│ +(?:\* +)?--)", text)  # one block per option (its help may wrap)
+    shown = {}
+    for block in blocks[1:]:
+        name = re.match(r"│ +(?:\* +)?(--[a-z-]+)", block).group(1)
+        joined = " ".join(line.strip("│ ") for line in block.splitlines())
+        m = re.search(r"\[default: \(?(.*?)\)?\]", joined)
+        if "[required]" not in joined:
+            shown[name] = m.group(1) if m else None
+    return shown
+
+
+def test_every_help_shows_each_default_from_the_stage_config():
+    """Each option of extract, train, eval, detect and robustness shows its default, and the value is the
+    one the stage's config dataclass or function signature holds (the CLI retypes none of them)."""
+    import dataclasses
+    import inspect
+
+    from stages.detect import detect
+    from stages.evaluate import evaluate
+    from stages.extract import ExtractConfig
+    from stages.robustness import RobustnessConfig
+    from stages.train import TrainConfig
+
+    def defaults(source) -> dict:
+        if dataclasses.is_dataclass(source):
+            return {
+                f.name: f.default for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING
+            }
+        return {
+            k: p.default for k, p in inspect.signature(source).parameters.items() if p.default is not p.empty
+        }
+
+    sources = {
+        "extract": [ExtractConfig], "train": [TrainConfig], "eval": [evaluate], "detect": [detect],
+        "robustness": [RobustnessConfig, TrainConfig, ExtractConfig],
+    }  # fmt: skip
+    renamed = {("extract", "--split"): "splits", ("robustness", "--extract-batch-size"): "batch_size"}
+    compared = 0
+    for command, srcs in sources.items():
+        for option, text in _help_defaults(command).items():
+            if option == "--help":
+                continue
+            assert text is not None, f"{command} {option} shows no default"
+            field = renamed.get((command, option), option[2:].replace("-", "_"))
+            pool = [ExtractConfig] if option == "--extract-batch-size" else srcs
+            found = [defaults(s)[field] for s in pool if field in defaults(s)]
+            if not found:
+                continue  # an option with no stage default (--workers, --from-cache): shown as it is
+            value = found[0]
+            if value is None:
+                assert text == "none" or text.startswith("the method's: "), (command, option, text)
+            elif isinstance(value, bool):
+                assert text in ({"on", option[2:]} if value else {"off", f"no-{option[2:]}"}), (
+                    command,
+                    option,
+                )
+            else:
+                expected = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+                assert text == expected, (command, option, text, expected)
+            compared += 1
+    assert compared > 80
+    for command in (["report"], ["synth"], ["cache", "info"], ["cache", "verify"], ["cache", "push"]):
+        shown = _help_defaults(*command)
+        assert all(text is not None for option, text in shown.items() if option != "--help"), shown
+    assert _help_defaults("train")["--epochs"] == "the method's: egre 50, lol 20"
+
+
+@pytest.fixture(scope="module")
+def small_cache(genimage, tmp_path_factory):
+    """The session's synthetic sdv14 set extracted with the tiny model (64 px pixel crops)."""
+    return extract_cache(genimage, tmp_path_factory.mktemp("cli-cache"))
+
+
+def test_an_offline_pretrained_backbone_fails_at_once_naming_the_fix(small_cache, tmp_path):
+    """Offline with no cached CLIP weights: one line naming --backbone-weights, within seconds (no hub
+    retries), and no run directory left behind."""
+    args = ["train", "--from-cache", str(small_cache), "--out", str(tmp_path / "runs"), "--no-progress",
+            "--backbone", "RN50", "--backbone-weights", "openai", "--crop-size", "32"]  # fmt: skip
+    env = {
+        **ONE_THREAD,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "XDG_CACHE_HOME": str(tmp_path),
+    }
+    t0 = time.monotonic()
+    proc = run_cli(*args, check=False, env=env)
+    seconds = time.monotonic() - t0
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("note:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("Error: ") and "--backbone-weights" in errors[0], errors
+    assert seconds < 60, seconds
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_and_detect_of_a_random_backbone_run_say_so(small_cache, genimage, tmp_path):
+    """A run whose CLIP backbone started from random weights is flagged like random SD weights are."""
+    run = tiny_run(small_cache, tmp_path / "runs", "egre", epochs=1)
+    evaluated = run_cli("eval", "--checkpoint", str(run), "--from-cache", str(small_cache),
+                        "--out", str(tmp_path / "results"), "--no-progress", env=ONE_THREAD)  # fmt: skip
+    detected = run_cli("detect", str(genimage), "--checkpoint", str(run), "--out", str(tmp_path / "s.csv"),
+                       "--no-progress", env=ONE_THREAD)  # fmt: skip
+    for proc in (evaluated, detected):
+        said = proc.stdout + proc.stderr
+        assert "backbone 'tiny-RN' started from random weights" in said, said
+        assert "model 'tiny' has random weights" in said, said  # the same kind of note as for the SD model
+
+
+def test_robustness_reuses_what_pipeline_extract_made(tmp_path):
+    """Caches a user extracted with `pipeline extract` (both splits) are reused by a study with the same
+    parameters, though it needs only the val split of a test subset: no clean map is computed again."""
+    from stages.synthetic import make_genimage
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_genimage(data, "sdv14", {"train": 4, "val": 3}, seed=2)
+    make_genimage(data, "adm", {"train": 4, "val": 3}, seed=3)
+    same = [
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "--size",
+        "32",
+        "--pixel-size",
+        "64",
+        "--rows-per-shard",
+        "8",
+    ]
+    for subset in ("sdv14", "adm"):
+        run_cli("extract", "--data-root", str(data), "--subset", subset, "--cache-dir", str(cache), *same,
+                "--no-progress", env=ONE_THREAD)  # fmt: skip
+
+    def clean_maps() -> dict[str, set[str]]:
+        out = {}
+        for subset in ("sdv14", "adm"):
+            manifest = json.loads((cache / f"{subset}.zarr" / "manifest.json").read_text())
+            out[subset] = {p for p, a in manifest["artifacts"].items() if not a["params"].get("perturb")}
+        return out
+
+    before = clean_maps()
+    study = run_cli("robustness", "--data-root", str(data), "--train-subset", "sdv14", "--test-subsets",
+                    "adm", "--grid", "aigcdetect", "--out", str(tmp_path / "out"), "--cache-dir", str(cache),
+                    *same, "--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-size", "32",
+                    "--epochs", "1", "--batch-size", "8", "--no-progress", env=ONE_THREAD)  # fmt: skip
+    assert clean_maps() == before
+    for subset in ("sdv14", "adm"):
+        assert f"{subset}: up to date, reusing lare/" in study.stderr, study.stderr
+
+
+ROOT = Path(__file__).parent.parent
+
+
+def _make(*args: str) -> str:
+    """What `make` prints (-n: the commands it would run, none run) in the repository."""
+    return subprocess.run(["make", "-s", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def test_make_help_lists_every_target_and_only_those():
+    import re
+
+    makefile = (ROOT / "Makefile").read_text()
+    (phony,) = re.findall(r"^\.PHONY:(.*)$", makefile, flags=re.M)
+    listed = {line.split()[1] for line in _make("help").splitlines() if line.startswith("make ")}
+    assert listed == set(phony.split())
+    for target in listed:
+        assert re.search(rf"^{re.escape(target)}:", makefile, flags=re.M), target
+
+
+def test_make_leaves_the_defaults_to_the_commands():
+    """METHOD, MODEL, DEVICE and GRID not given: no option, so each command's own default applies
+    (train: egre, robustness: lol), written once in its config; given: passed on."""
+    for target in ("extract", "train", "eval", "robustness"):
+        line = " ".join(_make("-n", target, "RUN=runs/r").replace("\\\n", " ").split())
+        command = line[line.index("bin/pipeline") :]
+        for option in ("--method", "--model", "--device", "--grid"):
+            assert option not in command, (target, option, command)
+    given = _make("-n", "train", "METHOD=lol", "DEVICE=cpu")
+    assert "--method lol" in given and "--device cpu" in given
+
+
+def test_readme_names_nothing_outside_the_repository():
+    """A newcomer has the repository only: no `../` path in the README, and every relative link of
+    the docs resolves to a file inside it."""
+    import re
+
+    assert "../" not in (ROOT / "README.md").read_text()
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
+            if "://" in link:
+                continue
+            target = (page.parent / link).resolve()
+            assert target.is_relative_to(ROOT.resolve()) and target.exists(), (page.name, link)
+
+
+def test_readme_demo_robustness_command_runs(tmp_path):
+    """The README's robustness command on the demo data, as typed (fewer epochs), on a tiny demo set."""
+    import re
+    import shlex
+
+    from stages.synthetic import make_genimage
+
+    readme = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "--data-root demo/" in b]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:2] == ["pipeline", "robustness"]
+    makefile = (ROOT / "Makefile").read_text()  # the demo's extraction options: its clean caches are reused
+    demo_lare = shlex.split(re.search(r"^DEMO_LARE\s*\?=(.*)$", makefile, flags=re.M).group(1))
+    typed = " ".join(words)
+    for option, value in zip(demo_lare[::2], demo_lare[1::2], strict=True):
+        assert f"{option} {value}" in typed, option
+    assert "--model tiny" in typed and "--rows-per-shard 16" in typed and "--rows-per-shard 16" in makefile
+    make_genimage(tmp_path / "demo" / "data", "sdv14", {"train": 4, "val": 3}, seed=1)
+    make_genimage(tmp_path / "demo" / "data", "adm", {"train": 4, "val": 3}, seed=2)
+    proc = run_cli(*words[1:], "--epochs", "1", cwd=tmp_path, env=ONE_THREAD)
+    out = tmp_path / "demo" / "results" / "robustness"
+    assert (out / "robustness-aigcdetect-lol.csv").is_file(), proc.stdout

@@ -2,7 +2,7 @@
 and the same random draws.
 
 The reference computation below is written from plain Pillow / torchvision / diffusers / transformers
-/ torch calls as REFERENCE_NOTES.md describes it (one image per pass, fp32; `Image.open(p).convert('RGB')
+/ torch calls as docs/REFERENCE_NOTES.md describes it (one image per pass, fp32; `Image.open(p).convert('RGB')
 .resize((256, 256))` with no filter; `(PILToTensor(img) / 255 - 0.5) * 2`; `latent_dist.mean + std * n0`
 scaled; the latent repeated e times, `add_noise` at t, one UNet call; squared error averaged over the
 ensemble; the template `a photo of a [CLS]`). It imports none of our helpers: only the random draws
