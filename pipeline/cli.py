@@ -479,7 +479,7 @@ def robustness(
     test_subsets: list[str] = typer.Option(
         ..., "--test-subsets", help="Subsets to test on: 'adm,biggan' or the option repeated."
     ),
-    grid: str = typer.Option("lol-a4", help="lol-a4, lol-a7, genimage, aigcdetect or jpeg96."),
+    grid: str = typer.Option("lol-a4", help="lol-a4, lol-a4-frank, lol-a7, genimage, aigcdetect or jpeg96."),
     method: str = typer.Option("lol", help="lol or egre."),
     out: str = typer.Option("results/robustness", help="Folder for runs/, results/, the CSV and figures."),
     cache_dir: str = typer.Option(None, "--cache-dir", help="Where <subset>.zarr caches are (or go)."),
