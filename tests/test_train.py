@@ -331,3 +331,16 @@ def test_a_one_label_validation_slice_selects_by_loss():
         best_epoch({1: {"auc": 0.9, "loss": 0.5}, 2: {"auc": 0.9, "loss": 0.3}, 3: {"auc": 0.8, "loss": 0.1}})
         == 2
     )
+
+
+def test_the_batch_code_is_in_a_runs_fingerprint(two_caches, monkeypatch):
+    """How batches are cut (stages.batches: LoL's crop offsets, issue 21) names the run: a change there
+    gives new runs, never a finished run called up to date."""
+    from stages import batches, cachedata, train
+
+    cfg = cfg_for(two_caches[:1], "unused", method="lol")
+    data = cachedata.CacheData(cfg.caches, split="train", log=lambda m: None)
+    _, params = train.plan_run(cfg, data)
+    real = train.code_version
+    monkeypatch.setattr(train, "code_version", lambda *parts: real(*(p for p in parts if p is not batches)))
+    assert train.plan_run(cfg, data)[1]["fingerprint"] != params["fingerprint"]
