@@ -6,6 +6,7 @@ import csv
 import re
 from pathlib import Path
 
+import pytest
 from conftest import ONE_THREAD, run_cli
 
 from stages import perturb
@@ -52,11 +53,12 @@ def test_the_frank_grid_trains_and_tests_on_each_mode_and_combined_beside_lols_t
         (f"frank:{m}", f"frank:{m}") for m in ("noise", "blur", "jpeg", "crop", "combined")
     ]
     assert [c.train for c in GRIDS["lol-a4"][1:]] == ["noise:5-20", "blur:3,5,7,9", "jpeg:10-75", "crop:5-20"]
+    assert (perturb.sigma_for_kernel(3), perturb.sigma_for_kernel(9)) == pytest.approx((0.8, 1.7))
     for grid in GRIDS.values():  # every SPEC of every grid parses to itself
         assert all(perturb.canonical(s) == s for c in grid for s in (c.train, c.test) if s)
 
 
 def test_the_readme_lists_every_grid():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    listed = readme.split("\nGrids:", 1)[1].split("\n\n", 1)[0]
+    listed = readme.split("\nGrids,", 1)[1].split("\n## ", 1)[0]
     assert re.findall(r"^- `([a-z0-9-]+)`", listed, flags=re.M) == list(GRIDS)
