@@ -344,3 +344,11 @@ def test_the_batch_code_is_in_a_runs_fingerprint(two_caches, monkeypatch):
     real = train.code_version
     monkeypatch.setattr(train, "code_version", lambda *parts: real(*(p for p in parts if p is not batches)))
     assert train.plan_run(cfg, data)[1]["fingerprint"] != params["fingerprint"]
+
+
+def test_auto_precision_is_bf16_on_cuda_only_and_fp32_stays_on_offer():
+    """docs/training.md: the one default where EGRE training departs from the reference's fp32."""
+    from stages.train import resolve_precision
+
+    assert resolve_precision("auto", "cuda") == resolve_precision("auto", "cuda:1") == "bf16"
+    assert resolve_precision("auto", "cpu") == resolve_precision("fp32", "cuda") == "fp32"
