@@ -2,7 +2,8 @@
 
 Generic families (each value drawn per image):
     jpeg:Q  jpeg:LO-HI          re-encode with Pillow's JPEG encoder at quality Q (drawn per image)
-    blur:K  blur:3,5,7,9        Gaussian blur, kernel size K (odd), sigma by OpenCV's kernel-size rule
+    blur:K  blur:3,5,7,9        Gaussian blur, kernel size K (odd), sigma by OpenCV's kernel-size formula
+                                (OpenCV asked for sigma 0 uses fixed tables for K <= 7 instead)
     blur:sigma=S                Gaussian blur of that sigma, kernel by OpenCV's sigma rule
     noise:VAR  noise:5-20       additive Gaussian noise of that variance (pixel units), rounded, clipped
     crop:P  crop:5-20           random crop keeping (100 - P)% of width and height, bicubic back to size

@@ -216,6 +216,56 @@ IMAGES = [RGB, make_image(np.random.default_rng(1), 77, 61, generated=True),
 IDS = [f"img-{i}" for i in range(8)]
 
 
+def _lol_text_reference(spec: str, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The generic families as stages.perturb documents them, from Pillow, OpenCV and numpy calls, with
+    the draws from `rng` in its order: the value, then the family's own draws."""
+    h, w = rgb.shape[:2]
+    family, value = spec.split(":")
+    if family == "noise":
+        variance = rng.uniform(5, 20)
+        noisy = rgb.astype(np.float32) + rng.standard_normal(rgb.shape, dtype=np.float32) * np.sqrt(
+            np.float32(variance)
+        )
+        return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    if family == "blur" and value.startswith("sigma="):
+        return cv2.GaussianBlur(rgb, (0, 0), sigmaX=float(value[6:]))  # OpenCV's kernel for the sigma
+    if family == "blur":
+        k = (3, 5, 7, 9)[int(rng.integers(4))]
+        # OpenCV's formula for the sigma of a kernel size, passed explicitly: asked for sigma 0, OpenCV
+        # itself uses fixed tables for k <= 7 instead (measured: up to 2 grey levels from this)
+        return cv2.GaussianBlur(rgb, (k, k), sigmaX=0.3 * ((k - 1) * 0.5 - 1) + 0.8)
+    if family == "jpeg":
+        out = io.BytesIO()
+        Image.fromarray(rgb).save(out, format="JPEG", quality=int(rng.integers(10, 76)))
+        return np.array(Image.open(out).convert("RGB"))
+    if family == "crop":
+        keep = 1 - rng.uniform(5, 20) / 100
+        ch, cw = round(h * keep), round(w * keep)
+        top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+        window = Image.fromarray(rgb[top : top + ch, left : left + cw])
+        return np.asarray(window.resize((w, h), Image.Resampling.BICUBIC))
+    px = int(value[:-2])  # resize:PXpx
+    size = (round(w * px / min(h, w)), round(h * px / min(h, w)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize(
+    ("spec", "tolerance"),
+    [("noise:5-20", 0), ("jpeg:10-75", 0), ("crop:5-20", 0), ("resize:40px", 0), ("blur:3,5,7,9", 1),
+     ("blur:sigma=3", 1)],
+)  # fmt: skip
+def test_lol_text_families_match_plain_library_calls(spec, tolerance):
+    """Exact but for the blurs: within one grey level of OpenCV's fixed-point Gaussian (torchvision's
+    float kernel, reflect-101 border like OpenCV's default)."""
+    parsed = perturb.parse(spec)
+    for rgb in IMAGES:
+        for image_id in IDS[:4]:
+            ours = parsed(rgb, image_id, 1)
+            theirs = _lol_text_reference(spec, rgb, parsed.rng(image_id))
+            assert ours.shape == theirs.shape
+            assert np.abs(ours.astype(int) - theirs).max() <= tolerance, (spec, image_id)
+
+
 def _frank_reference(mode: str, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`create_perturbed_imagedata.py` of Frank et al. (2020) with its draws taken from `rng` in the
     order stages.perturb documents: (combined) which of the four, the 0.5 coin, the values."""
