@@ -16,10 +16,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_learns_the_artifact_and_not_shuffled_labels(learn_set, tmp_path, method):
     _, cache = learn_set
     acc = {}
+    # LoL's crops start at any pixel, so it meets the synthetic upsampling artifact at every phase; EGRE's
+    # aligned crops start on the 8 px map grid, one phase of it: LoL gets more epochs (issue 21)
+    epochs = {"egre": 30, "lol": 60}[method]
     for shuffled in (False, True):
         cfg = TrainConfig(
-            caches=[str(cache)], method=method, out=str(tmp_path / "runs"), epochs=30, batch_size=16, lr=1e-3,
-            crop_size=32, backbone="tiny-RN", backbone_weights="random", shuffle_labels=shuffled,
+            caches=[str(cache)], method=method, out=str(tmp_path / "runs"), epochs=epochs, batch_size=16,
+            lr=1e-3, crop_size=32, backbone="tiny-RN", backbone_weights="random", shuffle_labels=shuffled,
             progress=False,
         )  # fmt: skip
         run = run_train(cfg, log=lambda m: None)
