@@ -303,12 +303,20 @@ def synth(
     train: int = typer.Option(16, help="Images per class in train."),
     val: int = typer.Option(8, help="Images per class in val."),
     seed: int = typer.Option(0),
+    artifact: str = typer.Option(
+        "upsample",
+        help="What marks the generated images: upsample (from 1/4 resolution) or grid (8 px lines).",
+    ),
 ) -> None:
     """Write a small synthetic set (generated = upsampled from low resolution) for demos and tests."""
     from stages.index import canonical_subset
-    from stages.synthetic import make_genimage
+    from stages.synthetic import ARTIFACTS, make_genimage
 
-    folder = make_genimage(out, canonical_subset(subset), {"train": train, "val": val}, seed=seed)
+    if artifact not in ARTIFACTS:
+        raise UserError(f"--artifact must be one of {', '.join(ARTIFACTS)}, not '{artifact}'")
+    folder = make_genimage(
+        out, canonical_subset(subset), {"train": train, "val": val}, seed, artifact=artifact
+    )
     typer.echo(f"wrote {2 * (train + val)} images to {folder}")
 
 
@@ -369,6 +377,11 @@ def train(
         help="Share of the training rows (per label, seeded) held out from the TRAIN split to pick "
         "the best epoch (and step EGRE's plateau schedule); no test split is ever read.",
     ),
+    min_val_rows: int = typer.Option(
+        None,
+        help="Validation rows per label the slice needs to choose the best epoch, stop early and step "
+        "the plateau schedule; below it the last epoch is kept (an AUC of a few rows is noise).",
+    ),
     batch_size: int = typer.Option(None, help="Default: the method's."),
     lr: float = typer.Option(None, help="Default: the method's (LoL: 5e-7 on a BigGAN training cache)."),
     crop_size: int = typer.Option(None, help="Side of the random (train) / centre (test) crop."),
@@ -410,8 +423,9 @@ def train(
         epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, stop_after=stop_after, lare=lare,
         pixels=pixels, perturb=perturb, perturb_only=perturb_only, real_jpeg_quality=real_jpeg_quality,
         **_given(
-            method=method, out=out, seed=seed, val_fraction=val_fraction, crop_size=crop_size,
-            backbone=backbone, backbone_weights=backbone_weights, shuffle_labels=shuffle_labels,
+            method=method, out=out, seed=seed, val_fraction=val_fraction, min_val_rows=min_val_rows,
+            crop_size=crop_size, backbone=backbone, backbone_weights=backbone_weights,
+            shuffle_labels=shuffle_labels,
             mask_range=_range(mask_range, "--mask-range"), progress=progress, memory_rows=memory_rows,
             aspect_range=_range(aspect_range, "--aspect-range"), device=device,
             loader_workers=loader_workers, precision=precision,

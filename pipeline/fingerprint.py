@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -30,18 +31,58 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
-def _strip_docstrings(tree: ast.AST) -> ast.AST:
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
+# The first part of an import path that names this project's own modules: where a module lives in
+# the project is not what it does, so moving one (and the imports that follow it) changes no hash.
+PROJECT_PACKAGES = ("stages", "pipeline")
+
+
+class _Normalise(ast.NodeTransformer):
+    """The syntax tree of what code does: docstrings dropped, and imports from this project taken
+    out, the names they bind kept aside (`bound`): where the imported module lives, and how the
+    imports are grouped, is not what the code does (the imported code is hashed under its own
+    declared identity where it decides values). Imports from other libraries stay as written."""
+
+    def __init__(self) -> None:
+        self.bound: set[str] = set()
+
+    def _drop_docstring(self, node):
+        self.generic_visit(node)
+        first = node.body[0] if node.body else None
         if (
-            isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-            and body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)
+            isinstance(first, ast.Expr)
+            and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)
         ):
-            node.body = body[1:] or [ast.Pass()]
-    return tree
+            node.body = node.body[1:] or [ast.Pass()]
+        return node
+
+    visit_Module = visit_ClassDef = visit_FunctionDef = visit_AsyncFunctionDef = _drop_docstring
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.ImportFrom | None:
+        if node.level or (node.module or "").split(".")[0] in PROJECT_PACKAGES:
+            self.bound.update(a.asname or a.name for a in node.names)
+            return None
+        return node
+
+    def visit_Import(self, node: ast.Import) -> ast.Import | None:
+        project = [a for a in node.names if a.name.split(".")[0] in PROJECT_PACKAGES]
+        self.bound.update(a.asname or a.name.split(".")[-1] for a in project)
+        rest = [a for a in node.names if a not in project]
+        return ast.Import(names=rest) if rest else None
+
+
+def code_identity(part: ModuleType | type | Callable) -> str:
+    """The name a module (or a function or class, by its module) is hashed under: the module's
+    declared CODE_ID, so that moving it to another package keeps every fingerprint. This project's
+    modules must declare one; a module from outside (a method registered by a user) is named by its
+    import path."""
+    module = part if isinstance(part, ModuleType) else sys.modules[part.__module__]
+    name = getattr(module, "CODE_ID", None)
+    if name is None:
+        if module.__name__.split(".")[0] in PROJECT_PACKAGES:
+            raise ValueError(f"{module.__name__} decides values but declares no CODE_ID")
+        name = module.__name__  # a method registered from outside the project
+    return name if isinstance(part, ModuleType) else f"{name}.{part.__qualname__}"
 
 
 def code_version(*parts: ModuleType | type | Callable) -> str:
@@ -51,13 +92,16 @@ def code_version(*parts: ModuleType | type | Callable) -> str:
     Taken over the syntax tree without docstrings, so editing a comment or a docstring does not
     invalidate a week of GPU work, while any change to what the code does gives a new artifact.
     A function or class alone lets a module hold code that does not decide the values beside it.
+    Each part is named by its declared identity (code_identity) and the project's import paths are
+    erased, so moving a file never invalidates a cache.
     """
     h = hashlib.sha256()
     for part in parts:
-        tree = _strip_docstrings(ast.parse(inspect.getsource(part)))
-        name = part.__name__ if isinstance(part, ModuleType) else f"{part.__module__}.{part.__qualname__}"
-        h.update(name.encode())
+        normalise = _Normalise()
+        tree = normalise.visit(ast.parse(inspect.getsource(part)))
+        h.update(code_identity(part).encode())
         h.update(ast.dump(tree, annotate_fields=False, include_attributes=False).encode())
+        h.update(",".join(sorted(normalise.bound)).encode())
     return h.hexdigest()[:16]
 
 

@@ -21,6 +21,8 @@ from torch import nn
 from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import checksum_file
 
+CODE_ID = "stages.backbone"  # the name its code is hashed under, wherever the file lives
+
 TINY = "tiny-RN"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -19,6 +19,8 @@ from tqdm import tqdm
 from stages import method as method_registry
 from stages.cachedata import CacheData, Rows
 
+CODE_ID = "stages.batches"  # the name its code is hashed under, wherever the file lives
+
 LARE_GRID = 8  # pixels per LaRE cell (the VAE's downsampling)
 
 

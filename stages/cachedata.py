@@ -20,6 +20,8 @@ from pipeline.store import MANIFEST, STATUS_OK, CacheStore, check_layout, index_
 from stages import index as index_stage
 from stages import perturb as perturb_stage
 
+CODE_ID = "stages.cachedata"  # the name its code is hashed under, wherever the file lives
+
 
 @dataclass
 class Source:

@@ -30,6 +30,8 @@ from stages import backbone, cachedata
 from stages import method as method_registry
 from stages.batches import make_inputs
 
+CODE_ID = "stages.checkpoint"  # the name its code is hashed under, wherever the file lives
+
 
 def atomic_json(path: Path, obj: Any) -> None:
     """Write JSON whole (the store's fsynced atomic write)."""

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+CODE_ID = "stages.classes"  # the name its code is hashed under, wherever the file lives
+
 CLASS_TABLE = "data/imagenet_classes.tsv"
 VAL_TABLE = "data/imagenet_val_classes.txt.gz"
 N_VAL = 50_000

@@ -19,6 +19,8 @@ from stages import backbone
 from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
 from stages.method import Method, register
 
+CODE_ID = "stages.egre"  # the name its code is hashed under, wherever the file lives
+
 HEADS, HEAD_DIM = 8, 64  # the reference's MultiHeadMapAttention: h = 8, d_k = d_v = 64
 # `epochs` caps a run; `patience` epochs without a better validation score end it (the reference
 # trains until stopped). `plateau` is the reference's ReduceLROnPlateau, stepped on the validation

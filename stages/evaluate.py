@@ -30,6 +30,8 @@ from stages import method as method_registry
 from stages import perturb as perturb_stage
 from stages.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
+CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
+
 THRESHOLD = 0.5
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import xxhash
 
+CODE_ID = "stages.lare"  # the name its code is hashed under, wherever the file lives
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

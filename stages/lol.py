@@ -17,6 +17,8 @@ from stages import backbone
 from stages.backbone import CLIP_MEAN, CLIP_STD, dims, visual_features
 from stages.method import Method, register
 
+CODE_ID = "stages.lol"  # the name its code is hashed under, wherever the file lives
+
 # The paper's setting (Sec. 4.2): 1,600 real + 1,600 generated training images, 20 epochs (no early
 # stop: patience 0), Adam 5e-6, or 5e-7 when the training subset is BigGAN (`lr_by_subset`).
 DEFAULTS = {

@@ -19,6 +19,8 @@ from torch import nn
 
 from pipeline.errors import UserError
 
+CODE_ID = "stages.method"  # the name its code is hashed under, wherever the file lives
+
 BUILTIN = ("stages.egre", "stages.lol")  # modules that register a method when imported
 
 

@@ -57,6 +57,8 @@ from torchvision.transforms.v2 import functional as tvf
 
 from pipeline.errors import UserError
 
+CODE_ID = "stages.perturb"  # the name its code is hashed under, wherever the file lives
+
 FAMILIES = ("jpeg", "blur", "noise", "crop", "resize", "frank", "genimage", "aigcdetect")
 ONLY = ("generated", "real")  # --perturb-only: the class a perturbation is applied to
 ONLY_LABEL = {"generated": 1, "real": 0}

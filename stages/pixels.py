@@ -17,6 +17,8 @@ from PIL import Image
 
 from pipeline.errors import first_line
 
+CODE_ID = "stages.pixels"  # the name its code is hashed under, wherever the file lives
+
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 8192 x 8192; GenImage's largest images are far smaller
 
 

@@ -29,6 +29,8 @@ from pipeline.fingerprint import code_version
 from stages import classes, perturb, pixels
 from stages import lare as lare_math
 
+CODE_ID = "stages.recipe"  # the name its code is hashed under, wherever the file lives
+
 PREPROCESS = ("resize", "crop")
 
 

@@ -3,7 +3,8 @@
 The generated class carries a real, simple generator artifact: it is made at a quarter of its
 resolution and upsampled, as many generators' last stages do, so it lacks the per-pixel sensor
 noise of the "real" class. Formats (JPEG / PNG) and sizes are drawn independently of the label,
-so the only signal a detector can learn is the artifact itself.
+so the only signal a detector can learn is the artifact itself. `artifact="grid"` marks the
+generated class with faint lines every 8 px instead: an artifact nothing here was tuned on.
 
 With `format_only_quality=Q` it is the opposite: both classes are drawn alike and differ ONLY in file
 format (real: JPEG at quality Q, generated: PNG), GenImage's format bias in its purest form. A
@@ -22,6 +23,7 @@ from stages.classes import synsets
 from stages.index import SUBSETS
 
 SIZES = ((256, 256), (320, 240), (200, 180), (288, 352), (512, 384), (160, 224))
+ARTIFACTS = ("upsample", "grid")
 GENERATOR_TAG = {
     "adm": "adm",
     "biggan": "biggan",
@@ -44,7 +46,23 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return out + 128.0
 
 
-def make_image(rng: np.random.Generator, h: int, w: int, generated: bool) -> np.ndarray:
+GRID_STEP = 8  # px between the lines of the "grid" artifact
+GRID_LEVEL = 25.0  # grey levels the lines add
+
+
+def make_image(
+    rng: np.random.Generator, h: int, w: int, generated: bool, artifact: str = "upsample"
+) -> np.ndarray:
+    """One image; `artifact` is what marks a generated one: "upsample" (made at a quarter of the
+    resolution, then upsampled) or "grid" (a photo-like image with faint lines every GRID_STEP px,
+    an artifact the project's defaults were never tuned on)."""
+    if artifact not in ARTIFACTS:
+        raise ValueError(f"artifact must be one of {ARTIFACTS}, not {artifact!r}")
+    if generated and artifact == "grid":
+        img = _scene(rng, h, w) + rng.normal(0, 8, size=(h, w, 3))
+        yy, xx = np.mgrid[:h, :w]
+        img += GRID_LEVEL * (((yy % GRID_STEP) == 0) | ((xx % GRID_STEP) == 0))[..., None]
+        return np.clip(img, 0, 255).astype(np.uint8)
     if generated:
         small = _scene(rng, max(h // 4, 8), max(w // 4, 8)) + rng.normal(
             0, 6, size=(max(h // 4, 8), max(w // 4, 8), 3)
@@ -70,11 +88,12 @@ def make_genimage(
     seed: int = 0,
     layout: str = "genimage",
     format_only_quality: int | None = None,
+    artifact: str = "upsample",
 ) -> Path:
     """Write `per_class[split]` real and generated images per split; returns the subset folder.
 
     layout "genimage": `<root>/<top>/<archive>/{train,val}/{ai,nature}` (nested as GenImage ships);
-    layout "binary": `<root>/<alias>/{train,val}/{0_real,1_fake}`.
+    layout "binary": `<root>/<alias>/{train,val}/{0_real,1_fake}`. `artifact`: see make_image.
     """
     per_class = per_class or {"train": 16, "val": 8}
     archive, top = SUBSETS[subset]
@@ -94,7 +113,7 @@ def make_genimage(
                 h, w = SIZES[int(rng.integers(len(SIZES)))]
                 fmt = "JPEG" if rng.random() < 0.5 else "PNG"
                 cls = int(rng.integers(1000))
-                rgb = make_image(rng, h, w, generated=bool(label) and format_only_quality is None)
+                rgb = make_image(rng, h, w, bool(label) and format_only_quality is None, artifact)
                 if format_only_quality is not None:
                     fmt = "PNG" if label else "JPEG"
                 ext = ".JPEG" if fmt == "JPEG" else ".png"

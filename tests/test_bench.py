@@ -38,3 +38,11 @@ def test_loader_bench_quick_mode_writes_its_ratios(tmp_path):
     r = run_bench("train_loader.py", out=tmp_path)
     assert {"loader_epoch_2_vs_0_workers", "prep_egre_batch48_batched_vs_per_sample"} <= r["ratios"].keys()
     assert (tmp_path / "train_loader-cpu.md").is_file()
+
+
+def test_small_set_bench_quick_mode_writes_its_rows(tmp_path):
+    r = run_bench("small_set.py", out=tmp_path)
+    (row,) = [x for x in r["rows"] if x["labels"] == "true"]
+    assert row["artifact"] == "upsample" and row["method"] == "egre" and row["n"] == 32
+    assert row["selection"] == "last" and 0 <= row["ap"] <= 1
+    assert (tmp_path / "small_set-current-quick.md").is_file()

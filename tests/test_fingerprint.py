@@ -165,3 +165,45 @@ def test_code_version_of_single_functions_ignores_their_neighbours(tmp_path, mon
     (tmp_path / "cv_probe.py").write_text(src.replace("x + 1", "x + 2"))
     mod = importlib.reload(sys.modules["cv_probe"])
     assert code_version(mod.decides) != before[0]
+
+
+def _move_lare_and_pixels(stages):
+    """Move lare.py and pixels.py into a `stages/features/` subpackage, their imports following."""
+    (stages / "features").mkdir()
+    (stages / "features" / "__init__.py").write_text("")
+    for name in ("lare", "pixels"):
+        (stages / f"{name}.py").rename(stages / "features" / f"{name}.py")
+    for path in stages.glob("*.py"):
+        text = path.read_text()
+        text = text.replace("from stages import lare as", "from stages.features import lare as")
+        text = text.replace("from stages import pixels as", "from stages.features import pixels as")
+        text = text.replace(
+            "from stages import classes, perturb, pixels",
+            "from stages import classes, perturb\nfrom stages.features import pixels",
+        )
+        path.write_text(text)
+
+
+def test_moving_a_module_changes_no_fingerprint(tmp_path):
+    """Each module is hashed under its declared CODE_ID and the project's import paths are erased:
+    moving files into a subpackage (the copy still runs: the script imports the moved modules) keeps
+    the LaRE fingerprint, while an edit of the moved code still changes it."""
+    edited = lambda s: (_move_lare_and_pixels(s), EDITS["model input"](s / "features"))  # noqa: E731
+    trees = [_package_copy(tmp_path, n, e) for n, e in (("base", None), ("moved", _move_lare_and_pixels),
+                                                         ("moved-edited", edited))]  # fmt: skip
+    assert not (trees[1] / "stages" / "lare.py").exists()
+    base, moved, edited_fp = _lare_fingerprints(trees)
+    assert moved == base and edited_fp != base
+
+
+def test_a_project_module_without_code_id_is_refused_and_outside_modules_use_their_name():
+    import pytest
+
+    from pipeline.fingerprint import code_identity
+
+    with pytest.raises(ValueError, match="declares no CODE_ID"):
+        code_version(_module("stages.undeclared", "def f(x):\n    return x\n"))
+    outside = _module("my_methods", "def f(x):\n    return x\n")
+    assert code_identity(outside) == "my_methods" and code_identity(outside.f) == "my_methods.f"
+    declared = _module("stages.declared", 'CODE_ID = "stages.elsewhere"\n\ndef f(x):\n    return x\n')
+    assert code_identity(declared.f) == "stages.elsewhere.f"

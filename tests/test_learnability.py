@@ -1,8 +1,14 @@
 """The test that matters: on images whose generated class carries a real generator artifact
 (made at low resolution and upsampled), both detectors learn it from the cache alone, and
-nothing is learned when the labels are shuffled."""
+nothing is learned when the labels are shuffled.
+
+The set is small (24 train images per class, so a 1 + 1 row validation slice): the run must keep
+its last epoch rather than one chosen by the noise of two rows (train.MIN_VAL_ROWS), and still
+score on held-out files as it did before the validation slice existed."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -15,20 +21,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("method", ["egre", "lol"])
 def test_learns_the_artifact_and_not_shuffled_labels(learn_set, tmp_path, method):
     _, cache = learn_set
-    acc = {}
-    # LoL's crops start at any pixel, so it meets the synthetic upsampling artifact at every phase; EGRE's
-    # aligned crops start on the 8 px map grid, one phase of it: LoL gets more epochs (issue 21)
-    epochs = {"egre": 30, "lol": 60}[method]
+    got = {}
     for shuffled in (False, True):
         cfg = TrainConfig(
-            caches=[str(cache)], method=method, out=str(tmp_path / "runs"), epochs=epochs, batch_size=16,
-            lr=1e-3, crop_size=32, backbone="tiny-RN", backbone_weights="random", shuffle_labels=shuffled,
+            caches=[str(cache)], method=method, out=str(tmp_path / "runs"), epochs=30, batch_size=16, lr=1e-3,
+            crop_size=32, backbone="tiny-RN", backbone_weights="random", shuffle_labels=shuffled,
             progress=False,
         )  # fmt: skip
         run = run_train(cfg, log=lambda m: None)
+        done = json.loads((run / "done.json").read_text())
+        assert done["selection"]["by"] == "last" and done["best"] == done["epochs"] == 30
         (result,) = evaluate(run, [str(cache)], tmp_path / "results", progress=False, log=lambda m: None)
         assert result["metrics"]["n"] == 32  # every held-out (val) image, none sampled twice
-        acc[shuffled] = result["metrics"]["acc"]
-    print(f"{method}: held-out ACC {acc[False]:.3f}, uninformative labels {acc[True]:.3f}")
-    assert acc[False] >= 0.90, acc
-    assert acc[True] <= 0.65, acc
+        got[shuffled] = result["metrics"]
+    print(f"{method}: held-out AP {got[False]['ap']:.3f} ACC {got[False]['acc']:.3f}; "
+          f"uninformative labels AP {got[True]['ap']:.3f} ACC {got[True]['acc']:.3f}")  # fmt: skip
+    assert got[False]["ap"] >= 0.95 and got[False]["acc"] >= 0.90, got
+    assert got[True]["ap"] <= 0.65 and got[True]["acc"] <= 0.65, got

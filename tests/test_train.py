@@ -240,9 +240,8 @@ def test_plateau_schedule_and_early_stop_follow_the_validation_scores(two_caches
 
     for patience, epochs in ((0, 7), (1, 7)):
         said: list[str] = []
-        run = run_train(
-            cfg_for(two_caches, tmp_path / f"p{patience}", epochs=epochs, patience=patience), log=said.append
-        )
+        cfg = cfg_for(two_caches, tmp_path / f"p{patience}", epochs=epochs, patience=patience, min_val_rows=1)
+        run = run_train(cfg, log=said.append)
         params = json.loads((run / "params.json").read_text())
         assert params["hparams"]["plateau"] == {"mode": "max", "factor": 0.5, "patience": 4, "min_lr": 1e-7}
         done = json.loads((run / "done.json").read_text())
@@ -297,7 +296,7 @@ def test_resume_restores_the_plateau_schedule_and_the_validation_history(two_cac
     """Stopped at epoch 7 and resumed, a 10-epoch EGRE run is bitwise the uninterrupted one, the
     plateau schedule's reduction included: here the validation AUC peaks at epoch 5 and the rate
     halves at epoch 10; a schedule restarted at the resume would count its bad epochs from 8."""
-    kw = dict(epochs=10, patience=0)
+    kw = dict(epochs=10, patience=0, min_val_rows=1)
     whole = run_train(cfg_for(two_caches[:1], tmp_path / "a", **kw), log=lambda m: None)
     run_train(cfg_for(two_caches[:1], tmp_path / "b", stop_after=7, **kw), log=lambda m: None)
     resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b", **kw), log=lambda m: None)
@@ -313,24 +312,76 @@ def test_resume_restores_the_plateau_schedule_and_the_validation_history(two_cac
         assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
 
 
-def test_a_one_label_validation_slice_selects_by_loss():
-    """No AUC without both labels (a training set that lacks one): the lowest validation loss wins."""
+def test_best_epoch_never_chosen_by_a_nan_auc_and_ties_go_to_the_lower_loss_then_the_later():
+    """No AUC without both labels: such an epoch is never the best (None when none has one); among
+    equal AUCs the lower validation loss wins, then the later (more trained) epoch."""
     import math
 
     from stages.train import best_epoch, validation_metrics
 
     v = validation_metrics(np.array([1, 1]), np.array([0.9, 0.6]))
     assert math.isnan(v["auc"]) and math.isnan(v["ap"]) and v["acc"] == 1.0 and v["loss"] > 0
-    history = {
-        1: {"auc": math.nan, "loss": 0.5},
-        2: {"auc": math.nan, "loss": 0.4},
-        3: {"auc": math.nan, "loss": 0.6},
-    }
-    assert best_epoch(history) == 2
+    nan = {1: {"auc": math.nan, "loss": 0.5}, 2: {"auc": math.nan, "loss": 0.4}}
+    assert best_epoch(nan) is None
+    assert best_epoch({**nan, 3: {"auc": 0.6, "loss": 0.9}}) == 3
     assert (
         best_epoch({1: {"auc": 0.9, "loss": 0.5}, 2: {"auc": 0.9, "loss": 0.3}, 3: {"auc": 0.8, "loss": 0.1}})
         == 2
     )
+    assert (
+        best_epoch({1: {"auc": 1.0, "loss": 0.3}, 2: {"auc": 1.0, "loss": 0.3}, 3: {"auc": 0.9, "loss": 0.1}})
+        == 2
+    )
+
+
+def test_selection_rule_needs_min_val_rows_of_each_label():
+    from stages.train import MIN_VAL_ROWS, selection_rule
+
+    assert MIN_VAL_ROWS == 50
+    assert selection_rule(np.array([0] * 50 + [1] * 50), 50) is None
+    why = selection_rule(np.array([0] * 50 + [1] * 49), 50)
+    assert why.startswith("validation slice of 50 real + 49 generated rows, fewer than --min-val-rows 50")
+    assert "model selection is off" in selection_rule(np.array([1, 1]), 1)  # one label: no AUC at all
+
+
+@pytest.mark.parametrize(("per_label", "max_per_class", "selects"), [(980, None, False), (1000, None, True),
+                                                                     (5000, 1600, True)])  # fmt: skip
+def test_the_default_slice_selects_from_1000_training_rows_per_label(per_label, max_per_class, selects):
+    """docs/training.md: with --val-fraction 0.05 a slice chooses epochs from about 1,000 rows per label on,
+    and LoL's 1,600 + 1,600 hold out 80 + 80."""
+    from stages.cachedata import Rows
+    from stages.train import MIN_VAL_ROWS, hold_out, selection_rule
+
+    labels = np.repeat([0, 1], per_label)
+    rows = Rows(np.zeros(len(labels), dtype=int), np.arange(len(labels)), labels)
+    _, val = hold_out(rows, 0.05, max_per_class, seed=0)
+    assert (selection_rule(val.label, MIN_VAL_ROWS) is None) == selects
+    if max_per_class == 1600:
+        assert (val.label == 0).sum() == (val.label == 1).sum() == 80
+
+
+def test_a_small_validation_slice_keeps_the_last_epoch_without_early_stop_or_plateau(two_caches, tmp_path):
+    """Typed as a user would: on a 1 + 1 row validation slice, --patience 1 stops nothing, the learning
+    rate never moves, the best epoch is the last, and the log and done.json say why in one line."""
+    args = ["train", "--from-cache", str(two_caches[0]), "--method", "egre", "--epochs", "6",
+            "--patience", "1", "--batch-size", "4", "--out", str(tmp_path / "runs"), "--no-progress",
+            *TINY_TRAIN]  # fmt: skip
+    proc = run_cli(*args, env=ONE_THREAD)
+    run = Path(proc.stdout.strip())
+    done = json.loads((run / "done.json").read_text())
+    assert done["epochs"] == 6 and done["best"] == 6 and "--epochs 6 reached" in done["stopped"]
+    assert done["selection"]["by"] == "last"
+    assert done["selection"]["why"].startswith("validation slice of 1 real + 1 generated rows, fewer than")
+    notes = [line for line in proc.stderr.splitlines() if "model selection is off" in line]
+    assert len(notes) == 2 and notes[0] == f"note: {done['selection']['why']}"  # at the start and the end
+    lrs = {
+        json.loads((run / f"epoch-{e:03d}.json").read_text())["param_groups"][0]["lr"] for e in range(1, 7)
+    }
+    assert lrs == {1e-3}
+    assert json.loads((run / "params.json").read_text())["hparams"]["min_val_rows"] == 50
+    proc = run_cli(*args, "--min-val-rows", "1", env=ONE_THREAD)  # selection forced on: another run
+    done = json.loads((Path(proc.stdout.strip()) / "done.json").read_text())
+    assert done["selection"] == {"by": "validation AUC"} and "model selection is off" not in proc.stderr
 
 
 def test_the_batch_code_is_in_a_runs_fingerprint(two_caches, monkeypatch):
