@@ -9,7 +9,8 @@ redoes nothing that finished.
 Grids, and the source each follows (`stages.perturb` says how each family computes):
   lol-a4        each of LoL's four perturbations alone, on train and test (Table A4), as LoL's TEXT
                 states them (Appendix A; REFERENCE_NOTES.md, "Robustness"): noise variance U(5, 20),
-                blur kernel 3-9 with OpenCV's sigma for it, JPEG U(10, 75), random crop 5-20% per side
+                blur kernel 3-9 with OpenCV's formula for its sigma, JPEG U(10, 75), a random crop of
+                5-20% of each dimension (the text says "per side")
   lol-a4-frank  the same four, and Frank's `combined` (one of the four per image), as the code of
                 Frank et al. (2020) runs them, which LoL cites: each image perturbed with probability
                 0.5, noise std U(5, 20), blur sigma 4, JPEG always 95, a centred crop, OpenCV cubic
