@@ -32,6 +32,10 @@ SPECS = {
     "crop": "crop:5-20",
     "resize": "resize:0.5",
     "LoL A7 chain": "noise:5-20+blur:3,5,7,9+jpeg:10-75+crop:5-20",
+    "Frank combined": "frank:combined",
+    "GenImage 112 px": "genimage:lowres=112",
+    "AIGCDetect half": "aigcdetect:half",
+    "AIGCDetect blur": "aigcdetect:blur=1",
 }
 FILES = {"jpeg 500x375": ("JPEG", 375, 500), "png 512x512": ("PNG", 512, 512)}
 

@@ -118,7 +118,9 @@ _PERTURB_EXTRACT = typer.Option(
     None,
     "--perturb",
     help="Perturb each decoded image before the geometry, e.g. jpeg:96, jpeg:10-75, blur:3,5,7,9, "
-    "blur:sigma=3, noise:5-20, crop:5-20, resize:0.5, resize:112px; steps joined by '+'. "
+    "blur:sigma=3, noise:5-20, crop:5-20, resize:0.5, resize:112px, or as a source's code runs it: "
+    "frank:noise|blur|jpeg|crop|combined, genimage:lowres=112, aigcdetect:half, aigcdetect:blur=1; "
+    "steps joined by '+'. "
     "Seeded by (--seed, image content, SPEC); stored beside the clean artifacts.",
 )
 _PERTURB_ONLY = typer.Option(None, "--perturb-only", help="Apply --perturb to one class: generated or real.")
@@ -621,7 +623,7 @@ def robustness(
     test_subsets: list[str] = typer.Option(
         ..., "--test-subsets", help="Subsets to test on: 'adm,biggan' or the option repeated."
     ),
-    grid: str = typer.Option(None, help="lol-a4, lol-a7, genimage, aigcdetect or jpeg96."),
+    grid: str = typer.Option(None, help="lol-a4, lol-a4-frank, lol-a7, genimage, aigcdetect or jpeg96."),
     method: str = typer.Option(None, help="lol or egre."),
     out: str = typer.Option(None, help="Folder for runs/, results/, the CSV and figures."),
     cache_dir: str = typer.Option(None, "--cache-dir", help="Where <subset>.zarr caches are (or go)."),

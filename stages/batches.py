@@ -56,13 +56,16 @@ def make_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(network input, LaRE maps) for one batch of the method named `method`, on the device of `crops`:
     crop (the map with the same window when aligned and the method reads maps), then the method's
-    `prepare` (normalisation; for LoL in training flip, rotation and the rectangle mask)."""
+    `prepare` (normalisation; for LoL in training flip, rotation and the rectangle mask).
+
+    Offsets snap to the LaRE grid only where a map is cropped with the window (EGRE on aligned
+    caches); a method that reads no map (LoL) crops at any pixel, as its paper does."""
     c = hp["crop_size"]
-    grid = LARE_GRID if aligned else 1
-    off = crop_offsets(len(crops), crops.shape[-1], c, train, gen, grid)
-    images = crop_windows(crops, off, c)
     m = method_registry.get(method)
-    if aligned and m.reads_lare:
+    cropped_map = aligned and m.reads_lare
+    off = crop_offsets(len(crops), crops.shape[-1], c, train, gen, LARE_GRID if cropped_map else 1)
+    images = crop_windows(crops, off, c)
+    if cropped_map:
         maps = crop_windows(maps, off // LARE_GRID, c // LARE_GRID)
     return m.prepare(images, hp, train, gen), maps
 

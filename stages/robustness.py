@@ -8,13 +8,21 @@ per distinct training condition, evaluates each condition on every test subset, 
 figures. Every step is named by its fingerprint, so a rerun after a kill
 redoes nothing that finished.
 
-Grids (LoL Appendix A and docs/REFERENCE_NOTES.md, "Robustness"; the GenImage and AIGCDetect degradations):
-  lol-a4      each of LoL's four perturbations alone, on train and test (Table A4)
-  lol-a7      the four in sequence, noise -> blur -> JPEG -> crop, on train and test (Figure A7)
-  genimage    test only: downscale to 112 and 64 px, JPEG 65 and 30, blur sigma 3 and 5
-  aigcdetect  test only: JPEG 95, blur sigma 1, half size
-  jpeg96      the JPEG-96 control of "Fake or JPEG?": real training images of quality 96 only and
-              generated images JPEG'd at 96, in training and at test
+Grids, and the source each follows (`stages.perturb` says how each family computes):
+  lol-a4        each of LoL's four perturbations alone, on train and test (Table A4), as LoL's TEXT
+                states them (Appendix A; docs/REFERENCE_NOTES.md, "Robustness"): noise variance U(5, 20),
+                blur kernel 3-9 with OpenCV's formula for its sigma, JPEG U(10, 75), a random crop of
+                5-20% of each dimension (the text says "per side")
+  lol-a4-frank  the same four, and Frank's `combined` (one of the four per image), as the code of
+                Frank et al. (2020) runs them, which LoL cites: each image perturbed with probability
+                0.5, noise std U(5, 20), blur sigma 4, JPEG always 95, a centred crop, OpenCV cubic
+  lol-a7        the four in sequence, noise -> blur -> JPEG -> crop, on train and test (Figure A7)
+  genimage      test only: downscale to 112 and 64 px and back to size, JPEG 65 and 30, blur sigma 3
+                and 5 (GenImage's degradation code was not found: the filters are ours)
+  aigcdetect    test only, as AIGCDetectBenchmark's test code runs it: JPEG 95 (Pillow), scipy's
+                Gaussian blur sigma 1, half size then back to a shorter side of 256 (bilinear)
+  jpeg96        the JPEG-96 control of "Fake or JPEG?": real training images of quality 96 only and
+                generated images JPEG'd at 96, in training and at test
 Every grid has the clean condition as its first row, the baseline the others are read against.
 """
 
@@ -35,6 +43,7 @@ from stages.extract import ExtractConfig, run_extract_covering
 from stages.train import TrainConfig, run_train
 
 A4 = {"noise": "noise:5-20", "blur": "blur:3,5,7,9", "jpeg": "jpeg:10-75", "crop": "crop:5-20"}
+FRANK = {f: f"frank:{f}" for f in ("noise", "blur", "jpeg", "crop", "combined")}
 METRICS = ("acc", "ap", "real_acc", "generated_acc")
 
 
@@ -68,11 +77,12 @@ def _test(family: str, spec: str, level: str) -> Condition:
 
 GRIDS: dict[str, list[Condition]] = {
     "lol-a4": [CLEAN, *(_both(f, s, s.split(":")[1]) for f, s in A4.items())],
+    "lol-a4-frank": [CLEAN, *(_both(f, s, "Frank") for f, s in FRANK.items())],
     "lol-a7": [CLEAN, Condition("noise+blur+jpeg+crop", "chain", "A7", *(["+".join(A4.values())] * 2))],
     "genimage": [
         CLEAN,
-        _test("resize", "resize:112px", "112px"),
-        _test("resize", "resize:64px", "64px"),
+        _test("resize", "genimage:lowres=112", "112px"),
+        _test("resize", "genimage:lowres=64", "64px"),
         _test("jpeg", "jpeg:65", "q65"),
         _test("jpeg", "jpeg:30", "q30"),
         _test("blur", "blur:sigma=3", "sigma 3"),
@@ -81,8 +91,8 @@ GRIDS: dict[str, list[Condition]] = {
     "aigcdetect": [
         CLEAN,
         _test("jpeg", "jpeg:95", "q95"),
-        _test("blur", "blur:sigma=1", "sigma 1"),
-        _test("resize", "resize:0.5", "x0.5"),
+        _test("blur", "aigcdetect:blur=1", "sigma 1"),
+        _test("resize", "aigcdetect:half", "x0.5"),
     ],
     "jpeg96": [
         CLEAN,

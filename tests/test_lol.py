@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages import lol
+from stages import batches, lol
 from stages.batches import make_inputs
 
 HP = {"crop_size": 32, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}
@@ -96,3 +96,32 @@ def test_masks_are_the_drawn_rectangles():
         want = torch.zeros(24, 40, dtype=torch.bool)
         want[top : top + h, left : left + w] = True
         assert torch.equal(mask, want)
+
+
+def test_lol_crops_at_any_pixel_while_egre_keeps_the_map_grid(monkeypatch):
+    """LoL reads no map: on an aligned (--preprocess crop) cache its windows start at any pixel, its test
+    window is the exact centre; EGRE crops its map with the window, so its offsets stay on the 8 px grid."""
+    offsets: dict[str, list[torch.Tensor]] = {"lol": [], "egre": []}
+    real = batches.crop_windows
+
+    def record(method: str):
+        def crop_windows(x: torch.Tensor, off: torch.Tensor, crop: int) -> torch.Tensor:
+            if x.dtype == torch.uint8:  # the image window, not the map's
+                offsets[method].append(off)
+            return real(x, off, crop)
+
+        return crop_windows
+
+    crops = torch.randint(0, 256, (64, 3, 64, 64), dtype=torch.uint8)
+    for method in ("lol", "egre"):
+        monkeypatch.setattr(batches, "crop_windows", record(method))
+        gen = torch.Generator().manual_seed(4)
+        make_inputs(method, HP, crops, torch.zeros(64, 4, 8, 8), True, gen, aligned=True)
+    assert (offsets["lol"][0] % batches.LARE_GRID != 0).any()
+    assert torch.equal(
+        offsets["egre"][0], batches.crop_offsets(64, 64, 32, True, torch.Generator().manual_seed(4), 8)
+    )
+    monkeypatch.setattr(batches, "crop_windows", real)
+    odd = torch.randint(0, 256, (2, 3, 60, 60), dtype=torch.uint8)  # centre offset 14, off the grid
+    x, _ = make_inputs("lol", HP, odd, torch.zeros(2, 4, 1, 1), False, None, aligned=True)
+    assert torch.equal(x, lol.normalise(odd[..., 14:46, 14:46]))

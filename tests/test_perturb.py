@@ -1,19 +1,23 @@
 """Perturbations (`--perturb SPEC`): each family's effect, draws keyed by content, perturbed caches that
-are bitwise the same after a resume, with decode workers and on a two-worker cluster, bad SPECs."""
+are bitwise the same after a resume, with decode workers and on a two-worker cluster, bad SPECs; the
+source families against each source's computation rebuilt here from plain library calls."""
 
 from __future__ import annotations
 
 import io
 import json
 
+import cv2
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import artifact_arrays, assert_same_cache, run_cli
 from PIL import Image
+from scipy import ndimage
 
 from pipeline.errors import UserError
-from stages import perturb
+from stages import cachedata, extract, perturb
 from stages.extract import ExtractConfig, ShardComputer, run_extract
 from stages.index import jpeg_quality
 from stages.synthetic import make_genimage, make_image
@@ -46,7 +50,16 @@ def test_specs_parse_to_one_canonical_text():
              "resize:2", "resize:1.5px", "noise:a", "jpeg:96+"],
 )  # fmt: skip
 def test_a_malformed_spec_names_the_families(spec):
-    with pytest.raises(UserError, match="families jpeg, blur, noise, crop, resize"):
+    with pytest.raises(UserError, match="families jpeg, blur, noise, crop, resize, frank, genimage"):
+        perturb.parse(spec)
+
+
+@pytest.mark.parametrize(
+    "spec", ["frank:gauss", "frank:noise=3", "genimage:lowres", "genimage:lowres=1.5", "aigcdetect:blur=0",
+             "aigcdetect:half=2", "genimage:half"],
+)  # fmt: skip
+def test_a_malformed_source_step_names_the_modes(spec):
+    with pytest.raises(UserError, match="families jpeg"):
         perturb.parse(spec)
 
 
@@ -132,6 +145,24 @@ def test_a_perturbed_artifact_lives_beside_the_clean_one(small, reference, tmp_p
     assert f"perturbed: {SPEC}, seed 0" in info
 
 
+def test_artifacts_of_earlier_code_stay_readable_beside_a_changed_family(small, tmp_path, monkeypatch):
+    """A cache perturbed before this code (its code version faked) is neither overwritten nor hidden
+    when the changed family's source-faithful SPEC is extracted: new artifacts beside it."""
+    with monkeypatch.context() as patch:
+        patch.setattr(extract, "lare_code_version", lambda: "earlier perturbation code")
+        patch.setattr(extract, "pixel_code_version", lambda: "earlier perturbation code")
+        old = run_extract(_cfg(small, tmp_path, perturb="resize:16px"), log=lambda m: None)
+    cache = tmp_path / "sdv14.zarr"
+    before = {path: artifact_arrays(cache, path) for path in old.artifacts.values()}
+    new = run_extract(_cfg(small, tmp_path, perturb="genimage:lowres=16"), log=lambda m: None)
+    assert set(new.artifacts.values()).isdisjoint(old.artifacts.values())
+    assert {path: artifact_arrays(cache, path) for path in old.artifacts.values()} == before
+    run_cli("cache", "verify", str(cache))
+    choice = cachedata.Choice(perturb=cachedata.wanted_perturbation("resize:16px"))
+    source, _ = cachedata.open_source(str(cache), split="train", choice=choice, log=lambda m: None)
+    assert (source.lare, source.pixels) == (old.artifacts["lare"], old.artifacts["pixels"])
+
+
 def test_resumed_with_decode_workers_the_perturbed_cache_is_bitwise_the_same(small, reference, tmp_path):
     def two_shards_then_stop(job, shards, on_rows):
         ShardComputer(job).run(shards[:2], on_rows)
@@ -176,3 +207,154 @@ def test_bad_perturbation_options_are_one_line_and_write_nothing(small, tmp_path
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+# ---- source families against each source's code, rebuilt here from plain library calls ------------
+# Images of several shapes: a photo-like one, odd sizes, a square one (Frank's images are square).
+IMAGES = [RGB, make_image(np.random.default_rng(1), 77, 61, generated=True),
+          make_image(np.random.default_rng(2), 64, 64, generated=False)]  # fmt: skip
+IDS = [f"img-{i}" for i in range(8)]
+
+
+def _lol_text_reference(spec: str, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The generic families as stages.perturb documents them, from Pillow, OpenCV and numpy calls, with
+    the draws from `rng` in its order: the value, then the family's own draws."""
+    h, w = rgb.shape[:2]
+    family, value = spec.split(":")
+    if family == "noise":
+        variance = rng.uniform(5, 20)
+        noisy = rgb.astype(np.float32) + rng.standard_normal(rgb.shape, dtype=np.float32) * np.sqrt(
+            np.float32(variance)
+        )
+        return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    if family == "blur" and value.startswith("sigma="):
+        return cv2.GaussianBlur(rgb, (0, 0), sigmaX=float(value[6:]))  # OpenCV's kernel for the sigma
+    if family == "blur":
+        k = (3, 5, 7, 9)[int(rng.integers(4))]
+        # OpenCV's formula for the sigma of a kernel size, passed explicitly: asked for sigma 0, OpenCV
+        # itself uses fixed tables for k <= 7 instead (measured: up to 2 grey levels from this)
+        return cv2.GaussianBlur(rgb, (k, k), sigmaX=0.3 * ((k - 1) * 0.5 - 1) + 0.8)
+    if family == "jpeg":
+        out = io.BytesIO()
+        Image.fromarray(rgb).save(out, format="JPEG", quality=int(rng.integers(10, 76)))
+        return np.array(Image.open(out).convert("RGB"))
+    if family == "crop":
+        keep = 1 - rng.uniform(5, 20) / 100
+        ch, cw = round(h * keep), round(w * keep)
+        top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+        window = Image.fromarray(rgb[top : top + ch, left : left + cw])
+        return np.asarray(window.resize((w, h), Image.Resampling.BICUBIC))
+    px = int(value[:-2])  # resize:PXpx
+    size = (round(w * px / min(h, w)), round(h * px / min(h, w)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BICUBIC))
+
+
+@pytest.mark.parametrize(
+    ("spec", "tolerance"),
+    [("noise:5-20", 0), ("jpeg:10-75", 0), ("crop:5-20", 0), ("resize:40px", 0), ("blur:3,5,7,9", 1),
+     ("blur:sigma=3", 1)],
+)  # fmt: skip
+def test_lol_text_families_match_plain_library_calls(spec, tolerance):
+    """Exact but for the blurs: within one grey level of OpenCV's fixed-point Gaussian (torchvision's
+    float kernel, reflect-101 border like OpenCV's default)."""
+    parsed = perturb.parse(spec)
+    for rgb in IMAGES:
+        for image_id in IDS[:4]:
+            ours = parsed(rgb, image_id, 1)
+            theirs = _lol_text_reference(spec, rgb, parsed.rng(image_id))
+            assert ours.shape == theirs.shape
+            assert np.abs(ours.astype(int) - theirs).max() <= tolerance, (spec, image_id)
+
+
+def _frank_reference(mode: str, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`create_perturbed_imagedata.py` of Frank et al. (2020) with its draws taken from `rng` in the
+    order stages.perturb documents: (combined) which of the four, the 0.5 coin, the values."""
+    if mode == "combined":
+        mode = ("noise", "blur", "jpeg", "crop")[int(rng.integers(4))]
+    if not rng.random() > 0.5:
+        return rgb
+    if mode == "noise":
+        variance = rng.uniform(5.0, 20.0)
+        image = np.copy(rgb).astype(np.float64)
+        image += variance * rng.standard_normal(image.shape)
+        return np.clip(image, 0.0, 255.0).astype(np.uint8)
+    if mode == "blur":
+        k = (3, 5, 7, 9)[int(rng.integers(4))]
+        return cv2.GaussianBlur(rgb, (k, k), sigmaX=cv2.BORDER_DEFAULT)
+    if mode == "jpeg":
+        _, data = cv2.imencode(".jpg", rgb, [42, 90])  # Frank passes [quality, 90]: an unknown flag
+        return cv2.imdecode(data, 1)
+    percentage = rng.uniform(0.05, 0.2)
+    x, y = rgb.shape[:2]
+    x_crop, y_crop = int(x * percentage * 0.5), int(y * percentage * 0.5)
+    cropped = rgb[x_crop : x - x_crop, y_crop : y - y_crop]
+    # Frank asks for dsize=(x, y) (a transpose unless square); (y, x) keeps every shape
+    return cv2.resize(cropped, dsize=(y, x), interpolation=cv2.INTER_CUBIC)
+
+
+@pytest.mark.parametrize(
+    ("mode", "tolerance"), [("noise", 0), ("jpeg", 0), ("blur", 1), ("crop", 1), ("combined", 1)]
+)
+def test_frank_modes_match_frank_code_on_opencv(mode, tolerance):
+    """Exact for noise and JPEG; blur and crop within one grey level (OpenCV's fixed-point kernels
+    against torch's float ones). The coin leaves about half of the images untouched, the same ones."""
+    spec = perturb.parse(f"frank:{mode}")
+    untouched = 0
+    for rgb in IMAGES:
+        for image_id in IDS:
+            ours = spec(rgb, image_id, 1)
+            theirs = _frank_reference(mode, rgb, spec.rng(image_id))
+            assert ours.shape == theirs.shape
+            assert np.abs(ours.astype(int) - theirs).max() <= tolerance, (mode, image_id)
+            untouched += np.array_equal(ours, rgb)
+    assert 0 < untouched < len(IMAGES) * len(IDS)
+
+
+def test_frank_noise_has_the_standard_deviation_drawn_and_truncates():
+    flat = np.full((200, 200, 3), 128, dtype=np.uint8)
+    for image_id in IDS:
+        rng = perturb.parse("frank:noise").rng(image_id)
+        if rng.random() > 0.5:
+            std = rng.uniform(5.0, 20.0)
+            diff = _apply("frank:noise", flat, image_id).astype(np.float64) - 128
+            assert abs(diff.std() - std) < 0.05 * std and -1.0 < diff.mean() < 0.0  # truncation: -0.5
+            return
+    raise AssertionError("no image perturbed")
+
+
+def test_frank_combined_gives_each_image_one_of_the_four():
+    spec = perturb.parse("frank:combined")
+    modes = [("noise", "blur", "jpeg", "crop")[int(spec.rng(f"id-{i}").integers(4))] for i in range(200)]
+    assert set(modes) == {"noise", "blur", "jpeg", "crop"}
+    assert all(25 <= modes.count(m) <= 75 for m in set(modes))
+
+
+def test_genimage_lowres_goes_down_and_back_up_with_pillow_bicubic():
+    """Our choice of filters (GenImage's code was not found): exact against Pillow."""
+    for rgb in IMAGES:
+        h, w = rgb.shape[:2]
+        for px in (112, 32):
+            small = Image.fromarray(rgb).resize(
+                (round(w * px / min(h, w)), round(h * px / min(h, w))), Image.Resampling.BICUBIC
+            )
+            expected = np.asarray(small.resize((w, h), Image.Resampling.BICUBIC))
+            assert np.array_equal(_apply(f"genimage:lowres={px}", rgb), expected)
+
+
+def test_aigcdetect_steps_match_the_benchmark_code():
+    """Exact: half size as its `custom_augment` + `custom_resize` (torchvision on PIL, bilinear),
+    blur as its `gaussian_blur` (scipy per channel, in place), JPEG 95 as its `pil_jpg`."""
+    for rgb in IMAGES:
+        h, w = rgb.shape[:2]
+        img = torchvision.transforms.Resize((int(h / 2), int(w / 2)))(Image.fromarray(rgb))
+        img = torchvision.transforms.functional.resize(img, 256, interpolation=Image.BILINEAR)
+        assert np.array_equal(_apply("aigcdetect:half", rgb), np.asarray(img))
+
+        blurred = np.array(rgb)
+        for c in range(3):
+            ndimage.gaussian_filter(blurred[:, :, c], output=blurred[:, :, c], sigma=1.0)
+        assert np.array_equal(_apply("aigcdetect:blur=1", rgb), blurred)
+
+        out = io.BytesIO()
+        Image.fromarray(rgb).save(out, format="jpeg", quality=95)
+        assert np.array_equal(_apply("jpeg:95", rgb), np.array(Image.open(out)))

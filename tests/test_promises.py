@@ -357,3 +357,11 @@ def test_an_absurd_array_shape_is_refused_in_one_line(cache, tmp_path):
     for args in (("cache", "verify", str(copy)), ("train", "--from-cache", str(copy), *TINY_TRAIN)):
         line = _error_line(run_cli(*args, check=False))
         assert re.search(rf"{cache['full32']}/(maps|status): shape \[1000000000000", line), line
+
+
+def test_the_egre_recipe_trains_on_sd_v1_5_like_the_reference_script():
+    """README, "Reproduce the papers": the EGRE run trains on the subset the reference's script uses."""
+    readme = (ROOT / "README.md").read_text()
+    recipe = readme.split("**LaRE², EGRE**", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert "pipeline train --from-cache cache/sdv15.zarr --method egre" in recipe
+    assert "--checkpoint runs/egre-sdv15-<fp>" in recipe

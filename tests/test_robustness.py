@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import re
+from pathlib import Path
 
+import pytest
 from conftest import ONE_THREAD, run_cli
 
+from stages import perturb
 from stages.robustness import GRIDS
 from stages.synthetic import make_genimage
 
@@ -24,7 +28,7 @@ def test_a_study_writes_its_csv_and_figures_and_a_rerun_redoes_nothing(tmp_path)
         rows = list(csv.DictReader(f))
     conditions = [c.name for c in GRIDS["aigcdetect"]]
     assert [r["condition"] for r in rows if r["test_subset"] == "mean"] == conditions
-    assert {r["test_perturb"] for r in rows} == {"", "jpeg:95", "blur:sigma=1", "resize:0.5"}
+    assert {r["test_perturb"] for r in rows} == {"", "jpeg:95", "aigcdetect:blur=1", "aigcdetect:half"}
     assert all(r["n"] == "6" and 0 <= float(r["acc_%"]) <= 100 for r in rows if r["test_subset"] == "sdv14")
     for name in ("table", "jpeg", "blur", "resize"):
         assert (out / f"robustness-aigcdetect-lol-{name}.png").stat().st_size > 5000
@@ -40,3 +44,21 @@ def test_a_bad_grid_or_subset_is_one_line(tmp_path):
         args = ["robustness", "--data-root", str(tmp_path), "--test-subsets", "sdv14", *extra]
         proc = run_cli(*args, check=False)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_frank_grid_trains_and_tests_on_each_mode_and_combined_beside_lols_text():
+    frank = GRIDS["lol-a4-frank"]
+    assert frank[0].train is None and frank[0].test is None
+    assert [(c.train, c.test) for c in frank[1:]] == [
+        (f"frank:{m}", f"frank:{m}") for m in ("noise", "blur", "jpeg", "crop", "combined")
+    ]
+    assert [c.train for c in GRIDS["lol-a4"][1:]] == ["noise:5-20", "blur:3,5,7,9", "jpeg:10-75", "crop:5-20"]
+    assert (perturb.sigma_for_kernel(3), perturb.sigma_for_kernel(9)) == pytest.approx((0.8, 1.7))
+    for grid in GRIDS.values():  # every SPEC of every grid parses to itself
+        assert all(perturb.canonical(s) == s for c in grid for s in (c.train, c.test) if s)
+
+
+def test_the_readme_lists_every_grid():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    listed = readme.split("\nGrids,", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^- `([a-z0-9-]+)`", listed, flags=re.M) == list(GRIDS)

@@ -386,3 +386,24 @@ def test_a_small_validation_slice_keeps_the_last_epoch_without_early_stop_or_pla
     proc = run_cli(*args, "--min-val-rows", "1", env=ONE_THREAD)  # selection forced on: another run
     done = json.loads((Path(proc.stdout.strip()) / "done.json").read_text())
     assert done["selection"] == {"by": "validation AUC"} and "model selection is off" not in proc.stderr
+
+
+def test_the_batch_code_is_in_a_runs_fingerprint(two_caches, monkeypatch):
+    """How batches are cut (stages.batches: LoL's crop offsets, issue 21) names the run: a change there
+    gives new runs, never a finished run called up to date."""
+    from stages import batches, cachedata, train
+
+    cfg = cfg_for(two_caches[:1], "unused", method="lol")
+    data = cachedata.CacheData(cfg.caches, split="train", log=lambda m: None)
+    _, params = train.plan_run(cfg, data)
+    real = train.code_version
+    monkeypatch.setattr(train, "code_version", lambda *parts: real(*(p for p in parts if p is not batches)))
+    assert train.plan_run(cfg, data)[1]["fingerprint"] != params["fingerprint"]
+
+
+def test_auto_precision_is_bf16_on_cuda_only_and_fp32_stays_on_offer():
+    """docs/training.md: the one default where EGRE training departs from the reference's fp32."""
+    from stages.train import resolve_precision
+
+    assert resolve_precision("auto", "cuda") == resolve_precision("auto", "cuda:1") == "bf16"
+    assert resolve_precision("auto", "cpu") == resolve_precision("fp32", "cuda") == "fp32"
