@@ -10,6 +10,7 @@ fork, so tests run the very code real runs use.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -52,6 +53,53 @@ class BackboneSpec:
         return {"arch": self.arch, "weights": "file", "xxh3": checksum_file(path)}
 
 
+HUB_PROBE_SECONDS = 3.0  # one connection attempt; huggingface_hub itself retries for about a minute
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all: one quick connection, no retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_SECONDS).close()
+    except OSError:
+        return False
+    return True
+
+
+def offline_weights(arch: str, tag: str) -> str | None:
+    """Where open_clip's pre-trained `tag` weights of `arch` are, when the hub cannot be reached.
+
+    None: the hub answers, and open_clip downloads (or revalidates) them as usual. Offline, the
+    file open_clip would download, from the local hub cache (the files open_clip tries, in its
+    order); none there: a UserError at once, instead of a minute of retries before the same end.
+    """
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = open_clip.get_pretrained_cfg(arch, tag).get("hf_hub", "")
+    if not hub or _hub_reachable():
+        return None
+    repo, filename = os.path.split(hub)
+    filename = filename or open_clip.pretrained.HF_WEIGHTS_NAME
+    safe_first = getattr(open_clip.pretrained, "_get_safe_alternatives", lambda name: ())  # open_clip's order
+    for name in (*safe_first(filename), filename):
+        path = try_to_load_from_cache(repo, name)
+        if isinstance(path, str):
+            return path
+    raise UserError(
+        f"the {arch} '{tag}' backbone weights are not in the local Hugging Face cache and the hub cannot "
+        f"be reached (offline): pass --backbone-weights PATH to a local open_clip checkpoint, or download "
+        f"{repo} once where there is a network"
+    )
+
+
 def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module:
     """The ModifiedResNet image tower of `spec` (attention pool sized for `image_size`)."""
     import open_clip
@@ -60,6 +108,10 @@ def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module
     if spec.arch not in open_clip.list_models():
         raise UserError(f"unknown backbone '{spec.arch}' (try RN50, or {TINY} for tests)")
     pretrained = None if spec.weights == "random" else spec.weights
+    if pretrained is not None and not Path(pretrained).is_file():
+        # offline: the cached file itself (open_clip's tag settings, e.g. quick_gelu, concern the text
+        # tower only, which neither method uses)
+        pretrained = offline_weights(spec.arch, pretrained) or pretrained
     torch.manual_seed(seed)  # random weights (tiny, tests) are a function of the seed
     try:
         model = open_clip.create_model(

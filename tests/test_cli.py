@@ -259,6 +259,48 @@ def test_an_offline_pretrained_backbone_fails_at_once_naming_the_fix(small_cache
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_missing_backbone_fails_at_once_when_the_hub_cannot_be_reached(small_cache, tmp_path):
+    """No HF_HUB_OFFLINE, just no network (the loopback guard refuses the hub): one quick connection
+    attempt, then one line naming the fix, instead of huggingface_hub's minute of retries."""
+    from servers import guarded_env
+
+    args = ["train", "--from-cache", str(small_cache), "--out", str(tmp_path / "runs"), "--no-progress",
+            "--backbone", "RN50", "--backbone-weights", "openai", "--crop-size", "32"]  # fmt: skip
+    env = {**ONE_THREAD, **guarded_env(), "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+           "XDG_CACHE_HOME": str(tmp_path)}  # fmt: skip
+    t0 = time.monotonic()
+    proc = run_cli(*args, check=False, env=env)
+    seconds = time.monotonic() - t0
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("note:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "not in the local Hugging Face cache and the hub cannot be reached" in errors[0], errors
+    assert "--backbone-weights PATH" in errors[0] and "Retrying" not in proc.stderr
+    assert seconds < 30, seconds  # the retries alone took 46 s here
+    assert not (tmp_path / "runs").exists()
+
+
+def test_offline_a_cached_backbone_loads_from_the_hub_cache(tmp_path, monkeypatch):
+    """Offline, the weights open_clip would download come from the local hub cache, in the hub's own
+    layout (refs/main -> snapshots/<rev>/<file>), without a connection."""
+    import huggingface_hub
+    import torch
+    from safetensors.torch import load_file
+
+    from stages import backbone
+
+    snapshot = tmp_path / "hub" / "models--timm--resnet50_clip.openai" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--timm--resnet50_clip.openai" / "refs").mkdir()
+    (tmp_path / "hub" / "models--timm--resnet50_clip.openai" / "refs" / "main").write_text("abc123")
+    weights = backbone.save_random_clip("RN50", snapshot / "open_clip_model.safetensors", seed=7)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(backbone, "_hub_reachable", lambda: False)
+    assert backbone.offline_weights("RN50", "openai") == str(weights)
+    visual = backbone.load_visual(backbone.BackboneSpec("RN50", "openai"), 224)
+    saved = load_file(str(weights))
+    assert all(torch.equal(v, saved[f"visual.{k}"]) for k, v in visual.state_dict().items())
+
+
 def test_eval_and_detect_of_a_random_backbone_run_say_so(small_cache, genimage, tmp_path):
     """A run whose CLIP backbone started from random weights is flagged like random SD weights are."""
     run = tiny_run(small_cache, tmp_path / "runs", "egre", epochs=1)
