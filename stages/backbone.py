@@ -94,9 +94,9 @@ def offline_weights(arch: str, tag: str) -> str | None:
         if isinstance(path, str):
             return path
     raise UserError(
-        f"the {arch} '{tag}' backbone weights are not in the local Hugging Face cache and the hub cannot "
-        f"be reached (offline): pass --backbone-weights PATH to a local open_clip checkpoint, or download "
-        f"{repo} once where there is a network"
+        f"could not load the {arch} backbone weights '{tag}': not in the local Hugging Face cache, and "
+        f"the hub cannot be reached (offline); pass --backbone-weights PATH to a local open_clip "
+        f"checkpoint, or download {repo} once where there is a network"
     )
 
 

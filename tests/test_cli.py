@@ -273,7 +273,7 @@ def test_a_missing_backbone_fails_at_once_when_the_hub_cannot_be_reached(small_c
     seconds = time.monotonic() - t0
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("note:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr
-    assert "not in the local Hugging Face cache and the hub cannot be reached" in errors[0], errors
+    assert "not in the local Hugging Face cache, and the hub cannot be reached" in errors[0], errors
     assert "--backbone-weights PATH" in errors[0] and "Retrying" not in proc.stderr
     assert seconds < 30, seconds  # the retries alone took 46 s here
     assert not (tmp_path / "runs").exists()
