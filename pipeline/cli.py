@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import inspect
 import json
 import os
 import sys
@@ -43,16 +42,13 @@ def _given(**options: Any) -> dict[str, Any]:
 
 @functools.cache
 def _defaults_of(source: str) -> dict[str, Any]:
-    """The defaults of 'module:name', a config dataclass (its fields) or a function (its signature)."""
+    """The defaults of 'module:Name', a config dataclass."""
     module, name = source.split(":")
-    obj = getattr(importlib.import_module(module), name)
-    if dataclasses.is_dataclass(obj):
-        return {
-            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(obj)
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        }
-    return {k: p.default for k, p in inspect.signature(obj).parameters.items() if p.default is not p.empty}
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(getattr(importlib.import_module(module), name))
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
 
 
 def _text(value: Any) -> str:
@@ -91,7 +87,7 @@ def _shown_default(option: TyperOption, sources: tuple[str, ...], renamed: dict[
 def _help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
     """The command class of a command whose options default to None (`_given` leaves them to a stage's
     config) or are flags: its --help shows each option's real default (a flag's: off), read from
-    `sources` ('module:name', config dataclasses or functions; the first holding the option's name
+    `sources` ('module:Name' of config dataclasses; the first holding the option's name
     wins) so that no default is written twice. Read when --help is printed: the stages import torch,
     which every start would otherwise pay. `renamed`: option -> 'module:name.field' where the names
     differ."""
@@ -524,14 +520,14 @@ _THRESHOLD = typer.Option(
 )
 
 
-@app.command("eval", cls=_help_defaults("stages.evaluate:evaluate"))
+@app.command("eval", cls=_help_defaults("stages.evaluate:EvalConfig"))
 def eval_(
     extra_caches: list[str] = typer.Argument(None, help="More test caches (after --from-cache)."),
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
     from_cache: list[str] = typer.Option(
         None, "--from-cache", help="Test cache(s); each is evaluated apart."
     ),
-    out: str = typer.Option("results", help="Folder for <run>__<subset>-<key>.csv/.json."),
+    out: str = typer.Option(None, help="Folder for <run>__<subset>-<key>.csv/.json."),
     split: str = typer.Option(None, help="Which split of the test caches to score."),
     epoch: str = typer.Option(
         None,
@@ -553,17 +549,18 @@ def eval_(
     """Score every usable row of each test cache: ACC, real/generated ACC and real FPR at the threshold;
     AP, ROC AUC, TPR at FPR 1%/5%, ECE (whole set); a reliability diagram PNG beside each result."""
     _usable_device(device)
-    from stages.evaluate import evaluate
+    from stages.evaluate import EvalConfig, run_eval
 
-    evaluate(
-        checkpoint, _caches(from_cache, extra_caches), out, verify=not no_verify, log=typer.echo,
-        lare=lare, pixels=pixels, perturb=perturb, perturb_only=perturb_only,
-        **_given(split=split, batch_size=batch_size, epoch=epoch, device=device, progress=progress,
+    cfg = EvalConfig(
+        checkpoint, _caches(from_cache, extra_caches), verify=not no_verify, lare=lare, pixels=pixels,
+        perturb=perturb, perturb_only=perturb_only,
+        **_given(out=out, split=split, batch_size=batch_size, epoch=epoch, device=device, progress=progress,
                  threshold=threshold),
     )  # fmt: skip
+    run_eval(cfg, log=typer.echo)
 
 
-@app.command(cls=_help_defaults("stages.calibrate:recalibrate"))
+@app.command(cls=_help_defaults("stages.calibrate:CalibrateConfig"))
 def calibrate(
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
     from_cache: list[str] = typer.Option(
@@ -575,12 +572,10 @@ def calibrate(
     """Recompute a run's calibrated thresholds from its validation slice (runs trained before
     `train` wrote calibration.json). Prints the thresholds."""
     _usable_device(device)
-    from stages.calibrate import FILE, recalibrate
+    from stages.calibrate import FILE, CalibrateConfig, run_calibrate
 
-    record = recalibrate(
-        checkpoint, from_cache or None, verify=not no_verify, log=lambda m: typer.echo(m, err=True),
-        **_given(device=device),
-    )  # fmt: skip
+    cfg = CalibrateConfig(checkpoint, from_cache or None, verify=not no_verify, **_given(device=device))
+    record = run_calibrate(cfg, log=lambda m: typer.echo(m, err=True))
     for name, value in record["thresholds"].items():
         typer.echo(f"{name}: {value:.6g}")
     typer.echo(f"wrote {Path(checkpoint) / FILE}")
@@ -667,12 +662,12 @@ def robustness(
         typer.echo(f"wrote {f}")
 
 
-@app.command(cls=_help_defaults("stages.detect:detect"))
+@app.command(cls=_help_defaults("stages.detect:DetectConfig"))
 def detect(
     folder: Path = typer.Argument(..., help="Folder of images (searched recursively) or one image."),
     checkpoint: str = typer.Option(..., "--checkpoint", help="A finished run directory."),
     out: Path = typer.Option(
-        "scores.csv", help="CSV of path, score, decision, error, and the run, epoch and threshold used."
+        None, help="CSV of path, score, decision, error, and the run, epoch and threshold used."
     ),
     threshold: str = _THRESHOLD,
     epoch: str = typer.Option(
@@ -686,13 +681,15 @@ def detect(
 ) -> None:
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
     _usable_device(device)
-    from stages.detect import detect as run_detect
+    from stages.detect import DetectConfig, run_detect
 
-    scored, failed = run_detect(
-        folder, checkpoint, out, log=lambda m: typer.echo(m, err=True),
-        **_given(threshold=threshold, batch_size=batch_size, epoch=epoch, device=device, progress=progress),
+    cfg = DetectConfig(
+        folder, checkpoint,
+        **_given(out=out, threshold=threshold, batch_size=batch_size, epoch=epoch, device=device,
+                 progress=progress),
     )  # fmt: skip
-    typer.echo(f"scored {scored} image(s), {failed} unreadable -> {out}")
+    scored, failed = run_detect(cfg, log=lambda m: typer.echo(m, err=True))
+    typer.echo(f"scored {scored} image(s), {failed} unreadable -> {cfg.out}")
 
 
 def main() -> None:

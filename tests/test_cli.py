@@ -177,28 +177,23 @@ def _help_defaults(*command: str) -> dict[str, str | None]:
 
 
 def test_every_help_shows_each_default_from_the_stage_config():
-    """Each option of extract, train, eval, detect and robustness shows its default, and the value is the
-    one the stage's config dataclass or function signature holds (the CLI retypes none of them)."""
+    """Each option of extract, train, eval, calibrate, detect and robustness shows its default, and the
+    value is the one the stage's config dataclass holds (the CLI retypes none of them)."""
     import dataclasses
-    import inspect
 
-    from stages.detect import detect
-    from stages.evaluate import evaluate
+    from stages.calibrate import CalibrateConfig
+    from stages.detect import DetectConfig
+    from stages.evaluate import EvalConfig
     from stages.extract import ExtractConfig
     from stages.robustness import RobustnessConfig
     from stages.train import TrainConfig
 
     def defaults(source) -> dict:
-        if dataclasses.is_dataclass(source):
-            return {
-                f.name: f.default for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING
-            }
-        return {
-            k: p.default for k, p in inspect.signature(source).parameters.items() if p.default is not p.empty
-        }
+        return {f.name: f.default for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING}
 
     sources = {
-        "extract": [ExtractConfig], "train": [TrainConfig], "eval": [evaluate], "detect": [detect],
+        "extract": [ExtractConfig], "train": [TrainConfig], "eval": [EvalConfig], "detect": [DetectConfig],
+        "calibrate": [CalibrateConfig],
         "robustness": [RobustnessConfig, TrainConfig, ExtractConfig],
     }  # fmt: skip
     renamed = {("extract", "--split"): "splits", ("robustness", "--extract-batch-size"): "batch_size"}
