@@ -116,6 +116,24 @@ def test_readme_recipes_use_only_options_the_commands_have():
             assert re.search(rf"(?<![\w-]){option}(?![\w-])", help_text), (command, option)
 
 
+def test_help_and_the_cache_commands_start_without_torch(tmp_path):
+    """`pipeline --help`, `pipeline cache --help` and a cache command import no torch (seconds at each
+    start): the stages are imported inside the commands that need them."""
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        "sys.argv = ['pipeline', *sys.argv[1:]]\n"
+        "try:\n    main()\n"
+        "except SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    for args in (["--help"], ["cache", "--help"], ["cache", "info", str(tmp_path / "none.zarr")]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert proc.returncode == 0, (args, proc.stderr)
+
+
 def test_readme_layout_names_every_module_and_only_those():
     import re
     from pathlib import Path
@@ -125,10 +143,17 @@ def test_readme_layout_names_every_module_and_only_those():
     entries = re.split(r"\n(?=\S)", layout.strip())  # one entry per top-level folder
     for package in ("pipeline", "stages"):
         (entry,) = [e for e in entries if e.startswith(f"{package}/")]
-        listed = re.sub(r"\([^)]*\)", "", " ".join(entry.split()).split(":", 1)[1].split(";")[0])
-        named = {name.strip() for name in listed.split(",")}
+        text = " ".join(entry.split()).split(":", 1)[1].split(";")[0]
+        named = {name.strip() for name in re.sub(r"\([^)]*\)", "", text).split(",")}
         modules = {p.stem for p in (root / package).glob("*.py") if p.stem != "__init__"}
-        assert named == modules, (package, named ^ modules)
+        packages = {p.parent.name for p in (root / package).glob("*/__init__.py")}
+        assert named == modules | packages, (package, named ^ (modules | packages))
+        for sub in packages:  # a subpackage's modules are named in the parentheses after it
+            inside = set(re.findall(r"\w+", re.search(rf"\b{sub} \(([^)]*)\)", text).group(1)))
+            subs = {
+                p.stem for p in (root / package / sub).glob("*.py") if p.stem not in ("__init__", "__main__")
+            }
+            assert subs <= inside, (package, sub, subs - inside)
 
 
 def test_an_unusable_device_is_refused_before_anything_is_created(tmp_path):
