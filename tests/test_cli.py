@@ -252,6 +252,46 @@ def test_every_help_shows_each_default_from_the_stage_config():
     assert _help_defaults("train")["--epochs"] == "the method's: egre 50, lol 20"
 
 
+def test_an_option_shared_by_commands_is_one_declaration():
+    """An option of the same name in two commands has the same flags and help (robustness takes
+    extract's and train's as they are), but for the few whose meaning is the command's own."""
+    import typer.main
+
+    from pipeline.cli import app
+
+    commands = typer.main.get_command(app).commands
+    own = {
+        "help",
+        "out",
+        "from_cache",
+        "split",
+        "batch_size",
+        "precision",
+        "loader_workers",
+        "pixels",
+        "perturb",
+    }
+    seen: dict[str, tuple] = {}
+    shared = 0
+    for name in ("extract", "train", "eval", "calibrate", "detect", "robustness"):
+        for p in commands[name].params:
+            if p.name in own:
+                continue
+            declared = (p.opts, p.secondary_opts, getattr(p, "help", None))
+            if p.name in seen:
+                assert declared == seen[p.name], (name, p.name, declared, seen[p.name])
+                shared += 1
+            seen.setdefault(p.name, declared)
+    assert shared >= 30, shared
+
+    def helps(command: str) -> dict[str, str]:
+        return {p.name: getattr(p, "help", None) for p in commands[command].params}
+
+    extract, train = helps("extract"), helps("train")
+    assert helps("robustness")["batch_size"] == train["batch_size"]
+    assert helps("robustness")["extract_batch_size"] == extract["batch_size"] == helps("detect")["batch_size"]
+
+
 @pytest.fixture(scope="module")
 def small_cache(genimage, tmp_path_factory):
     """The session's synthetic sdv14 set extracted with the tiny model (64 px pixel crops)."""
