@@ -314,20 +314,24 @@ def training(bench: Bench, work: Path) -> None:
     egre_run = t["egre_batch48"]["run"]
 
     def evaluation() -> None:
-        from stages.evaluate import evaluate
+        from stages.evaluate import EvalConfig, run_eval
 
         t0 = time.perf_counter()
-        res = evaluate(egre_run, [cache], work / "eval", batch_size=256, progress=False, log=lambda m: None,
-                       device=args.device)  # fmt: skip
+        ecfg = EvalConfig(
+            egre_run, [cache], work / "eval", batch_size=256, device=args.device, progress=False
+        )
+        res = run_eval(ecfg, log=lambda m: None)
         t["eval_images_per_s"] = res[0]["metrics"]["n"] / (time.perf_counter() - t0)
 
     def detection() -> None:
-        from stages.detect import detect
+        from stages.detect import DetectConfig, run_detect
 
         folder = next((work / "train" / "data").rglob("val"))
         t0 = time.perf_counter()
-        scored, _ = detect(folder, egre_run, work / "detect.csv", device=args.device, progress=False,
-                           log=lambda m: None, batch_size=64)  # fmt: skip
+        dcfg = DetectConfig(
+            folder, egre_run, work / "detect.csv", batch_size=64, device=args.device, progress=False
+        )
+        scored, _ = run_detect(dcfg, log=lambda m: None)
         t["detect_images_per_s"] = scored / (time.perf_counter() - t0)
         t["detect_note"] = (
             "wall time of `pipeline detect` on the val folder, loading the run and the LaRE model included"

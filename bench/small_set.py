@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from stages.evaluate import evaluate
+from stages.evaluate import EvalConfig, run_eval
 from stages.train import TrainConfig, run_train
 
 SETS = {"upsample": ({"train": 24, "val": 16}, 3), "grid": ({"train": 50, "val": 25}, 7)}
@@ -79,7 +79,9 @@ def main() -> None:
                     shuffle_labels=shuffled, progress=False,
                 )  # fmt: skip
                 run = run_train(cfg, log=said.append)
-                (result,) = evaluate(run, [cache], out / "results", progress=False, log=lambda m: None)
+                (result,) = run_eval(
+                    EvalConfig(run, [cache], out / "results", progress=False), log=lambda m: None
+                )
                 done = json.loads((run / "done.json").read_text())
                 m = result["metrics"]
                 rows.append({

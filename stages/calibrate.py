@@ -111,27 +111,30 @@ def record(run, data, val_rows, batch_size: int, log=print) -> dict:
     return write(run.path, val_rows.label, scores, epoch, log)
 
 
-def recalibrate(
-    run_path: str | Path,
-    caches: list[str] | None = None,
-    device: str = DEFAULT_DEVICE,
-    verify: bool = True,
-    log=print,
-) -> dict:
+@dataclass
+class CalibrateConfig:
+    """Everything `pipeline calibrate` takes; the defaults here are the command's."""
+
+    checkpoint: str | Path  # a finished run directory
+    caches: list[str] | None = None  # where its training caches are now (None: the URLs it recorded)
+    device: str = DEFAULT_DEVICE
+    verify: bool = True
+
+
+def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
     """`pipeline calibrate`: the calibration of a finished run, recomputed from the validation rows its
-    sample.json records (a run trained before calibration existed; or to redo it). `caches`: where
-    the training caches are now (default: the URLs the run recorded)."""
+    sample.json records (a run trained before calibration existed; or to redo it)."""
     from stages import cachedata
     from stages.checkpoint import load_run, predict
 
-    run = load_run(run_path, resolve_device(device), "best")
+    run = load_run(cfg.checkpoint, resolve_device(cfg.device), "best")
     sample = json.loads((run.path / "sample.json").read_text())
     held = sample["validation"]
     perturb = run.params["caches"][0].get("perturb")
     wanted = (perturb["spec"], perturb.get("only")) if perturb else None
     choice = cachedata.Choice(run=run.params, perturb=wanted)
-    urls = caches or [v["url"] for v in held]
-    data = cachedata.CacheData(urls, verify=verify, split="train", choice=choice, log=log)
+    urls = cfg.caches or [v["url"] for v in held]
+    data = cachedata.CacheData(urls, verify=cfg.verify, split="train", choice=choice, log=log)
     if len(data.sources) != len(held):
         raise UserError(f"{run.name} was trained on {len(held)} cache(s), not {len(data.sources)}")
     for src, v in zip(data.sources, held, strict=True):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -93,31 +94,35 @@ def provenance(run: Run, threshold: calibrate.Threshold) -> list[str]:
             threshold.origin, model.get("spec", ""), model.get("weights", "")]  # fmt: skip
 
 
-def detect(
-    folder: str | Path,
-    run_path: str | Path,
-    out: str | Path,
-    threshold: str | float = calibrate.DEFAULT,
-    device: str = DEFAULT_DEVICE,
-    progress: bool = True,
-    log=print,
-    batch_size: int = 16,
-    epoch: str | int = "best",
-) -> tuple[int, int]:
-    """Writes `path,score,decision,error` and the PROVENANCE columns per file, in file order;
-    returns (scored, failed).
+@dataclass
+class DetectConfig:
+    """Everything `pipeline detect` takes; the defaults here are the command's.
 
     `epoch`: the weights used, best (by the run's validation slice), last or a number. `threshold`:
     0.5, a number, fpr1, fpr5 or balanced (calibrated on the run's validation slice)."""
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    device = resolve_device(device)
-    run = load_run(run_path, device, epoch)
-    thr = calibrate.resolve(run_path, threshold, [run.epoch])
+
+    folder: str | Path  # images, searched recursively, or one image
+    checkpoint: str | Path  # a finished run directory
+    out: str | Path = "scores.csv"
+    threshold: str | float = calibrate.DEFAULT
+    epoch: str | int = "best"
+    batch_size: int = 16
+    device: str = DEFAULT_DEVICE  # where the backbone and (EGRE) the LaRE model run
+    progress: bool = True
+
+
+def run_detect(cfg: DetectConfig, log=print) -> tuple[int, int]:
+    """Writes `path,score,decision,error` and the PROVENANCE columns per file to `cfg.out`, in file
+    order; returns (scored, failed)."""
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    device = resolve_device(cfg.device)
+    run = load_run(cfg.checkpoint, device, cfg.epoch)
+    thr = calibrate.resolve(cfg.checkpoint, cfg.threshold, [run.epoch])
     stamp = provenance(run, thr)
-    files = list_images(Path(folder))
+    files = list_images(Path(cfg.folder))
     if not files:
-        raise UserError(f"no image files under {folder}")
+        raise UserError(f"no image files under {cfg.folder}")
     max_pixels = run.params["lare"]["params"].get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS)
     pixel_params = run.params.get("pixels") or {  # runs recorded before the pixel params: tiled
         "size": run.params["lare"]["pixel_size"],
@@ -132,15 +137,15 @@ def detect(
     if note := sd.random_weights_note(run.params["backbone"]):  # once the run is known to be usable
         log(f"note: {note}")
     scored = failed = 0
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not progress)
-    with open(out, "w", newline="") as f:
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not cfg.progress)
+    with open(cfg.out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "score", "decision", "error", *PROVENANCE])
-        for start in range(0, len(files), batch_size):
+        for start in range(0, len(files), cfg.batch_size):
             rows: dict[Path, list[str]] = {}
             ok: list[tuple[Path, dict[str, torch.Tensor]]] = []
-            for path in files[start : start + batch_size]:
+            for path in files[start : start + cfg.batch_size]:
                 try:
                     data = path.read_bytes()
                     ok.append((path, recipe.prepare(recipe.decode(data), xxhash.xxh3_128_hexdigest(data))))
@@ -161,7 +166,7 @@ def detect(
                 for path, score in zip(paths, scores.tolist(), strict=True):
                     decision = "generated" if score > thr.value else "real"
                     rows[path] = [str(path), f"{score:.6f}", decision, "", *stamp]
-            for path in files[start : start + batch_size]:  # file order, failures in place
+            for path in files[start : start + cfg.batch_size]:  # file order, failures in place
                 w.writerow(rows[path])
             failed += len(rows) - len(ok)
             scored += len(ok)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,24 +103,9 @@ def scoring_code() -> str:
     return code_version(batches, checkpoint, calibrate, sys.modules[__name__])
 
 
-def evaluate(
-    run_path: str | Path,
-    caches: list[str],
-    out: str | Path,
-    split: str = "val",
-    batch_size: int = 64,
-    verify: bool = True,
-    progress: bool = True,
-    log=print,
-    device: str = DEFAULT_DEVICE,
-    epoch: str | int = "best",
-    lare: str | None = None,
-    pixels: str | None = None,
-    perturb: str | None = None,
-    perturb_only: str | None = None,
-    threshold: str | float = calibrate.DEFAULT,
-) -> list[dict]:
-    """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache.
+@dataclass
+class EvalConfig:
+    """Everything `pipeline eval` takes; the defaults here are the command's.
 
     `epoch` picks the weights: best (by the run's validation slice), last, a number, or last5: each
     of the final five epochs scored apart, the metrics reported as mean and std over them (LoL's
@@ -127,23 +113,42 @@ def evaluate(
     by default (`lare`/`pixels` selectors choose others, see cachedata.Choice), from an index that
     covers `split`; `perturb`, `perturb_only`: the test artifacts extracted with that `--perturb`
     (None: clean). `threshold`: 0.5, a number, or a threshold calibrated on the run's validation
-    slice (fpr1, fpr5, balanced; see stages.calibrate); the result records which. A reliability
-    diagram `<stem>.reliability.png` is drawn beside each result.
+    slice (fpr1, fpr5, balanced; see stages.calibrate); the result records which.
     """
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    wanted = cachedata.wanted_perturbation(perturb, perturb_only)
-    epochs = select_epochs(run_path, epoch, several=True)
-    thr = calibrate.resolve(run_path, threshold, epochs)
-    run = load_run(run_path, resolve_device(device), epochs[0])
+
+    checkpoint: str | Path  # a finished run directory
+    caches: list[str]  # test caches, each evaluated apart
+    out: str | Path = "results"
+    split: str = "val"
+    epoch: str | int = "best"
+    threshold: str | float = calibrate.DEFAULT
+    batch_size: int = 64
+    device: str = DEFAULT_DEVICE
+    lare: str | None = None
+    pixels: str | None = None
+    perturb: str | None = None
+    perturb_only: str | None = None
+    verify: bool = True
+    progress: bool = True
+
+
+def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
+    """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache, and a
+    reliability diagram `<stem>.reliability.png` beside each result."""
+    if cfg.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    wanted = cachedata.wanted_perturbation(cfg.perturb, cfg.perturb_only)
+    epochs = select_epochs(cfg.checkpoint, cfg.epoch, several=True)
+    thr = calibrate.resolve(cfg.checkpoint, cfg.threshold, epochs)
+    run = load_run(cfg.checkpoint, resolve_device(cfg.device), epochs[0])
     if note := sd.random_weights_note(run.params["backbone"]):
         log(f"note: {note}")
-    out = Path(out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    choice = cachedata.Choice(lare, pixels, run=run.params, perturb=wanted)
-    for url in caches:
-        data = cachedata.CacheData([url], verify=verify, split=split, choice=choice, log=log)
+    choice = cachedata.Choice(cfg.lare, cfg.pixels, run=run.params, perturb=wanted)
+    for url in cfg.caches:
+        data = cachedata.CacheData([url], verify=cfg.verify, split=cfg.split, choice=choice, log=log)
         src = data.sources[0]
         if method_registry.get(run.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
             log(f"note: {note}")
@@ -151,7 +156,7 @@ def evaluate(
             {
                 "run": run.params["fingerprint"],
                 "test": src.identity(),
-                "split": split,
+                "split": cfg.split,
                 "epochs": epochs,
                 "threshold": thr.value,
                 "code": scoring_code(),
@@ -164,14 +169,14 @@ def evaluate(
             results.append(result)
             continue
         check_compatible(run, data)
-        rows = data.rows(split)
+        rows = data.rows(cfg.split)
         if len(rows) == 0:
-            raise UserError(f"{url} has no usable rows in split '{split}'")
+            raise UserError(f"{url} has no usable rows in split '{cfg.split}'")
         scores = {}
         for e in epochs:
             if run.epoch != e:
                 run.use_epoch(e)
-            scores[e] = predict(run, data, rows, batch_size, progress)
+            scores[e] = predict(run, data, rows, cfg.batch_size, cfg.progress)
         each = [metrics(rows.label, scores[e], thr.value) for e in epochs]
         formats = src.columns["format"][rows.row]
         by_format = [metrics_by_format(rows.label, scores[e], formats, thr.value) for e in epochs]
@@ -185,8 +190,8 @@ def evaluate(
             "test_perturb": perturb_stage.describe(src.identity()["perturb"]),
             "test_cache": src.identity(),
             "test_url": url,
-            "split": split,
-            "epoch_choice": str(epoch),
+            "split": cfg.split,
+            "epoch_choice": str(cfg.epoch),
             "epochs": epochs,
             "threshold": thr.record(),
             "test_params": {"lare": data.lare_params, "pixels": data.pixel_params},
@@ -205,7 +210,7 @@ def evaluate(
                 for r, lab, s in zip(rows.row, rows.label, scores[e], strict=True):
                     w.writerow([c["path"][r], c["id"][r], int(lab), c["format"][r], e, f"{s:.6f}"])
         calibrate.reliability_diagram(
-            rows.label, scores[epochs[-1]], f"{run.name} on {src.subset} ({split}), epoch {epochs[-1]}",
+            rows.label, scores[epochs[-1]], f"{run.name} on {src.subset} ({cfg.split}), epoch {epochs[-1]}",
             f"{stem}.reliability.png",
         )  # fmt: skip
         atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done

@@ -38,7 +38,7 @@ import numpy as np
 from pipeline.config import DEFAULT_DEVICE
 from pipeline.errors import UserError
 from stages import index as index_stage
-from stages.evaluate import evaluate
+from stages.evaluate import EvalConfig, run_eval
 from stages.extract import ExtractConfig, run_extract_covering
 from stages.train import TrainConfig, run_train
 
@@ -162,10 +162,11 @@ def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
             runs[c.training] = run_train(tcfg, log=log)
         for subset in tests:
             only = c.only if c.test else None
-            (result,) = evaluate(
+            ecfg = EvalConfig(
                 runs[c.training], [caches[(subset, c.test, only)]], out / "results", progress=cfg.progress,
-                log=log, device=cfg.train.get("device", DEFAULT_DEVICE), perturb=c.test, perturb_only=only,
+                device=cfg.train.get("device", DEFAULT_DEVICE), perturb=c.test, perturb_only=only,
             )  # fmt: skip
+            (result,) = run_eval(ecfg, log=log)
             records.append({"condition": c, "subset": subset, "result": result})
     csv_path = write_csv(out / f"robustness-{cfg.grid}-{cfg.method}.csv", cfg, records)
     figures = [table_figure(out / f"robustness-{cfg.grid}-{cfg.method}-table.png", cfg, conditions, records)]

@@ -116,6 +116,24 @@ def test_readme_recipes_use_only_options_the_commands_have():
             assert re.search(rf"(?<![\w-]){option}(?![\w-])", help_text), (command, option)
 
 
+def test_help_and_the_cache_commands_start_without_torch(tmp_path):
+    """`pipeline --help`, `pipeline cache --help` and a cache command import no torch (seconds at each
+    start): the stages are imported inside the commands that need them."""
+    import sys
+
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        "sys.argv = ['pipeline', *sys.argv[1:]]\n"
+        "try:\n    main()\n"
+        "except SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    for args in (["--help"], ["cache", "--help"], ["cache", "info", str(tmp_path / "none.zarr")]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert proc.returncode == 0, (args, proc.stderr)
+
+
 def test_readme_layout_names_every_module_and_only_those():
     import re
     from pathlib import Path
@@ -125,10 +143,17 @@ def test_readme_layout_names_every_module_and_only_those():
     entries = re.split(r"\n(?=\S)", layout.strip())  # one entry per top-level folder
     for package in ("pipeline", "stages"):
         (entry,) = [e for e in entries if e.startswith(f"{package}/")]
-        listed = re.sub(r"\([^)]*\)", "", " ".join(entry.split()).split(":", 1)[1].split(";")[0])
-        named = {name.strip() for name in listed.split(",")}
+        text = " ".join(entry.split()).split(":", 1)[1].split(";")[0]
+        named = {name.strip() for name in re.sub(r"\([^)]*\)", "", text).split(",")}
         modules = {p.stem for p in (root / package).glob("*.py") if p.stem != "__init__"}
-        assert named == modules, (package, named ^ modules)
+        packages = {p.parent.name for p in (root / package).glob("*/__init__.py")}
+        assert named == modules | packages, (package, named ^ (modules | packages))
+        for sub in packages:  # a subpackage's modules are named in the parentheses after it
+            inside = set(re.findall(r"\w+", re.search(rf"\b{sub} \(([^)]*)\)", text).group(1)))
+            subs = {
+                p.stem for p in (root / package / sub).glob("*.py") if p.stem not in ("__init__", "__main__")
+            }
+            assert subs <= inside, (package, sub, subs - inside)
 
 
 def test_an_unusable_device_is_refused_before_anything_is_created(tmp_path):
@@ -177,28 +202,23 @@ def _help_defaults(*command: str) -> dict[str, str | None]:
 
 
 def test_every_help_shows_each_default_from_the_stage_config():
-    """Each option of extract, train, eval, detect and robustness shows its default, and the value is the
-    one the stage's config dataclass or function signature holds (the CLI retypes none of them)."""
+    """Each option of extract, train, eval, calibrate, detect and robustness shows its default, and the
+    value is the one the stage's config dataclass holds (the CLI retypes none of them)."""
     import dataclasses
-    import inspect
 
-    from stages.detect import detect
-    from stages.evaluate import evaluate
+    from stages.calibrate import CalibrateConfig
+    from stages.detect import DetectConfig
+    from stages.evaluate import EvalConfig
     from stages.extract import ExtractConfig
     from stages.robustness import RobustnessConfig
     from stages.train import TrainConfig
 
     def defaults(source) -> dict:
-        if dataclasses.is_dataclass(source):
-            return {
-                f.name: f.default for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING
-            }
-        return {
-            k: p.default for k, p in inspect.signature(source).parameters.items() if p.default is not p.empty
-        }
+        return {f.name: f.default for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING}
 
     sources = {
-        "extract": [ExtractConfig], "train": [TrainConfig], "eval": [evaluate], "detect": [detect],
+        "extract": [ExtractConfig], "train": [TrainConfig], "eval": [EvalConfig], "detect": [DetectConfig],
+        "calibrate": [CalibrateConfig],
         "robustness": [RobustnessConfig, TrainConfig, ExtractConfig],
     }  # fmt: skip
     renamed = {("extract", "--split"): "splits", ("robustness", "--extract-batch-size"): "batch_size"}
@@ -230,6 +250,46 @@ def test_every_help_shows_each_default_from_the_stage_config():
         shown = _help_defaults(*command)
         assert all(text is not None for option, text in shown.items() if option != "--help"), shown
     assert _help_defaults("train")["--epochs"] == "the method's: egre 50, lol 20"
+
+
+def test_an_option_shared_by_commands_is_one_declaration():
+    """An option of the same name in two commands has the same flags and help (robustness takes
+    extract's and train's as they are), but for the few whose meaning is the command's own."""
+    import typer.main
+
+    from pipeline.cli import app
+
+    commands = typer.main.get_command(app).commands
+    own = {
+        "help",
+        "out",
+        "from_cache",
+        "split",
+        "batch_size",
+        "precision",
+        "loader_workers",
+        "pixels",
+        "perturb",
+    }
+    seen: dict[str, tuple] = {}
+    shared = 0
+    for name in ("extract", "train", "eval", "calibrate", "detect", "robustness"):
+        for p in commands[name].params:
+            if p.name in own:
+                continue
+            declared = (p.opts, p.secondary_opts, getattr(p, "help", None))
+            if p.name in seen:
+                assert declared == seen[p.name], (name, p.name, declared, seen[p.name])
+                shared += 1
+            seen.setdefault(p.name, declared)
+    assert shared >= 30, shared
+
+    def helps(command: str) -> dict[str, str]:
+        return {p.name: getattr(p, "help", None) for p in commands[command].params}
+
+    extract, train = helps("extract"), helps("train")
+    assert helps("robustness")["batch_size"] == train["batch_size"]
+    assert helps("robustness")["extract_batch_size"] == extract["batch_size"] == helps("detect")["batch_size"]
 
 
 @pytest.fixture(scope="module")

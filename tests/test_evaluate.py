@@ -11,7 +11,7 @@ import pytest
 from conftest import ONE_THREAD, run_cli, tiny_run
 from sklearn.metrics import average_precision_score
 
-from stages.evaluate import evaluate, metrics
+from stages.evaluate import EvalConfig, metrics, run_eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +44,7 @@ def test_eval_cli_writes_every_row_once_and_is_cached_then_report(egre_run, lear
     assert r["train_subsets"] == ["sdv14"] and r["test_subset"] == "sdv14"
     mtime = result.stat().st_mtime_ns
     said = []
-    (again,) = evaluate(egre_run, [str(cache)], out, progress=False, log=said.append)
+    (again,) = run_eval(EvalConfig(egre_run, [str(cache)], out, progress=False), log=said.append)
     assert said[-1].startswith("up to date") and result.stat().st_mtime_ns == mtime and again == r
 
     # a second, fake test subset, so the matrix has two columns
@@ -120,13 +120,13 @@ def test_epoch_choices_that_cannot_be_served_are_one_line(egre_run, learn_set, t
         proc = run_cli("eval", *args, "--from-cache", str(cache), "--out", str(tmp_path / "r"), check=False)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     from pipeline.errors import UserError
-    from stages.detect import detect
+    from stages.detect import DetectConfig, run_detect
 
     for choice, message in (("9", "has no finished epoch 9"), ("first", "--epoch takes best, last")):
         with pytest.raises(UserError, match=message):
-            evaluate(egre_run, [str(cache)], tmp_path / "r", epoch=choice, progress=False)
+            run_eval(EvalConfig(egre_run, [str(cache)], tmp_path / "r", epoch=choice, progress=False))
     with pytest.raises(UserError, match="--epoch takes best, last or an epoch number, not 'last5'"):
-        detect(tmp_path, egre_run, tmp_path / "s.csv", epoch="last5", progress=False)
+        run_detect(DetectConfig(tmp_path, egre_run, tmp_path / "s.csv", epoch="last5", progress=False))
     ok = run_cli("eval", "--checkpoint", str(old), "--epoch", "last", "--from-cache", str(cache),
                  "--out", str(tmp_path / "r"), "--no-progress", env=ONE_THREAD)  # fmt: skip
     assert f"epoch {done['epochs']} (last)" in ok.stdout

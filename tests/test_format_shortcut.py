@@ -16,7 +16,7 @@ import pytest
 from conftest import extract_cache
 
 from pipeline.store import CacheStore
-from stages.evaluate import evaluate
+from stages.evaluate import EvalConfig, run_eval
 from stages.synthetic import make_genimage
 from stages.train import TrainConfig, run_train
 
@@ -34,10 +34,10 @@ def _control(cache, tmp_path, quality: int, epochs: int = 30) -> dict[str, dict]
     out = {}
     for name, spec in (("clean", None), ("jpeg", f"jpeg:{quality}")):
         only = "generated" if spec else None
-        (result,) = evaluate(
-            run, [str(cache)], tmp_path / "results", progress=False, log=lambda m: None, perturb=spec,
-            perturb_only=only,
-        )  # fmt: skip
+        ecfg = EvalConfig(
+            run, [str(cache)], tmp_path / "results", progress=False, perturb=spec, perturb_only=only
+        )
+        (result,) = run_eval(ecfg, log=lambda m: None)
         out[name] = result
     return out
 

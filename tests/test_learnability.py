@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from stages.evaluate import evaluate
+from stages.evaluate import EvalConfig, run_eval
 from stages.train import TrainConfig, run_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,7 +31,9 @@ def test_learns_the_artifact_and_not_shuffled_labels(learn_set, tmp_path, method
         run = run_train(cfg, log=lambda m: None)
         done = json.loads((run / "done.json").read_text())
         assert done["selection"]["by"] == "last" and done["best"] == done["epochs"] == 30
-        (result,) = evaluate(run, [str(cache)], tmp_path / "results", progress=False, log=lambda m: None)
+        (result,) = run_eval(
+            EvalConfig(run, [str(cache)], tmp_path / "results", progress=False), log=lambda m: None
+        )
         assert result["metrics"]["n"] == 32  # every held-out (val) image, none sampled twice
         got[shuffled] = result["metrics"]
     print(f"{method}: held-out AP {got[False]['ap']:.3f} ACC {got[False]['acc']:.3f}; "

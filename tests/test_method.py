@@ -11,8 +11,8 @@ from torch import nn
 
 from pipeline.errors import UserError
 from stages import method as method_registry
-from stages.detect import detect
-from stages.evaluate import evaluate
+from stages.detect import DetectConfig, run_detect
+from stages.evaluate import EvalConfig, run_eval
 from stages.lol import LoL
 from stages.train import TrainConfig, run_train
 
@@ -67,14 +67,18 @@ def test_a_registered_third_method_trains_evaluates_and_detects(probe, learn_set
     )  # fmt: skip
     run = run_train(cfg, log=lambda m: None)
     assert run.name.startswith("probe-sdv14-") and (run / "epoch-002.safetensors").is_file()
-    (result,) = evaluate(run, [str(cache)], tmp_path / "results", progress=False, log=lambda m: None)
+    (result,) = run_eval(
+        EvalConfig(run, [str(cache)], tmp_path / "results", progress=False), log=lambda m: None
+    )
     assert result["method"] == "probe" and result["metrics"]["n"] == 32
     with open(next((tmp_path / "results").glob("*.csv"))) as f:
         expected = {r["path"].split("/")[-1]: float(r["score"]) for r in csv.DictReader(f)}
 
     (subset_dir,) = [p for p in data.rglob("imagenet_ai_0419_sdv4") if p.is_dir()]
     shutil.copytree(subset_dir / "val", tmp_path / "images")
-    assert detect(tmp_path / "images", run, tmp_path / "scores.csv", progress=False, log=lambda m: None) == (
+    assert run_detect(
+        DetectConfig(tmp_path / "images", run, tmp_path / "scores.csv", progress=False), log=lambda m: None
+    ) == (
         32,
         0,
     )

@@ -1,0 +1,55 @@
+"""The `pipeline` command: extract caches; inspect, verify and share them; train, evaluate, report, detect.
+
+One module per group of commands: extract (extract, synth), cache (the `cache` group), runs (train,
+eval, calibrate, report, detect), study (robustness); options holds every option they share,
+declared once, and the --help defaults read from the stages' config dataclasses.
+
+Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError), never a traceback.
+
+Layering: `pipeline/` (orchestration) is used by `stages/`; the CLI is one of the two places where
+`pipeline/` calls into `stages/` (the other is the dask job in pipeline.distributed). It imports each
+stage inside its command, so that `pipeline --help` and the cache commands start without torch (a
+command's own --help imports its stage, to show the defaults its config holds).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from pipeline.cli import cache, extract, runs, study
+from pipeline.errors import UserError, first_line
+
+app = typer.Typer(
+    help="Feature-cache pipeline for detecting diffusion-generated images (LaRE^2, Learning on Less).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(extract.app)
+app.add_typer(runs.app)
+app.add_typer(study.app)
+app.add_typer(cache.app, name="cache")
+
+# botocore's credential errors are not OSErrors; named, so that botocore need not be imported.
+_STORAGE_ACCESS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except UserError as e:
+        typer.echo(f"Error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished shards are kept; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except Exception as e:
+        # Storage the user pointed at refused us (permissions, no credentials, a full disk): one line.
+        if isinstance(e, OSError) or type(e).__name__ in _STORAGE_ACCESS_ERRORS:
+            typer.echo(f"Error: {type(e).__name__}: {first_line(e)}", err=True)
+            sys.exit(2)
+        raise

@@ -1,0 +1,225 @@
+"""Every option the commands share, declared once, and how --help shows the defaults.
+
+An option is an `Annotated` type: its name, flags and help. A command takes it as `device: Device =
+None`; None means "not given", and `given` leaves it out, so that the stage's config dataclass (the
+one place a default is written) decides. `help_defaults` reads those defaults into --help. Nothing
+here imports torch: the stages are imported when a --help is printed or a command runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperCommand, TyperOption
+
+
+def given(**options: Any) -> dict[str, Any]:
+    """The options the user gave: the others (None) keep the defaults of the stage's config dataclass,
+    the one place they are written."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@functools.cache
+def _defaults_of(source: str) -> dict[str, Any]:
+    """The defaults of 'module:Name', a config dataclass."""
+    module, name = source.split(":")
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(getattr(importlib.import_module(module), name))
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+
+
+def _text(value: Any) -> str:
+    """A default as --help shows it: tuples as the option takes them (LOW,HIGH), None as none."""
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _shown_default(option: TyperOption, sources: tuple[str, ...], renamed: dict[str, str]) -> str | None:
+    """What `option`'s --help says its default is; None: typer's own rendering (a literal default)."""
+    if option.is_flag and not option.secondary_opts:  # --compile, --no-verify: off unless typed
+        return "on" if option.default else "off"
+    if option.default is not None or option.required:
+        return None
+    if option.name in renamed:
+        source, field = renamed[option.name].rsplit(".", 1)
+        value = _defaults_of(source)[field]
+    else:
+        found = [_defaults_of(s) for s in sources if option.name in _defaults_of(s)]
+        value = found[0][option.name] if found else None
+    if isinstance(value, bool) and option.secondary_opts:  # --progress/--no-progress: the one in force
+        return (option.opts if value else option.secondary_opts)[0].lstrip("-")
+    if value is None and sources:  # a training option left to the method (TrainConfig.hparams)
+        from stages import method
+
+        if all(option.name in method.get(n).defaults for n in method.names()):
+            return "the method's: " + method.per_method(
+                option.name, lambda v: "all" if v is None else _text(v)
+            )
+    return _text(value)
+
+
+def help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
+    """The command class of a command whose options default to None (`given` leaves them to a stage's
+    config) or are flags: its --help shows each option's real default (a flag's: off), read from
+    `sources` ('module:Name' of config dataclasses; the first holding the option's name wins) so
+    that no default is written twice. Read when --help is printed: the stages import torch, which
+    every start would otherwise pay. `renamed`: option -> 'module:Name.field' where the names
+    differ."""
+
+    class Command(TyperCommand):
+        def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+            for param in self.params:
+                if isinstance(param, TyperOption) and (text := _shown_default(param, sources, renamed)):
+                    param.show_default = text
+            super().format_help(ctx, formatter)
+
+    return Command
+
+
+def usable_device(device: str | None, here: bool = True) -> None:
+    """A command's first step: a --device this machine cannot use ends in one line before anything
+    (cache, run directory, results) is created; pipeline.config.resolve_device decides."""
+    from pipeline.config import DEFAULT_DEVICE, resolve_device
+
+    resolve_device(device or DEFAULT_DEVICE, here)
+
+
+def log(msg: str) -> None:
+    """Progress and notes go to stderr; stdout carries a command's result."""
+    typer.echo(msg, err=True)
+
+
+# --- every command ------------------------------------------------------------------------------
+Device = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
+Progress = Annotated[bool | None, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+Seed = Annotated[
+    int | None,
+    typer.Option(
+        help="Seed of every random draw: extraction's per-image noises and perturbations (keyed by image "
+        "content), training's sample, validation slice and epochs."
+    ),
+]
+
+# --- extraction (extract, robustness) -----------------------------------------------------------
+DataRoot = Annotated[
+    Path, typer.Option("--data-root", help="Folder holding the GenImage subsets (or one subset).")
+]
+CacheDir = Annotated[
+    str | None, typer.Option("--cache-dir", help="Where <subset>.zarr caches are written (path or URL).")
+]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        help="Hub id (id@revision), local diffusers folder, or random weights: 'tiny', 'random-sd15'."
+    ),
+]
+Size = Annotated[int | None, typer.Option(help="Side of the square image the VAE encodes.")]
+PixelSize = Annotated[
+    int | None,
+    typer.Option(help="Side of the stored pixel crop, the window training crops come from (no resampling)."),
+]
+Preprocess = Annotated[
+    str | None,
+    typer.Option(
+        help="resize: straight resize to --size (reference); "
+        "crop: resample-free centre crop, aligned with the pixel cache."
+    ),
+]
+Ensemble = Annotated[int | None, typer.Option(help="Noises per image, averaged (e in the paper).")]
+RowsPerShard = Annotated[
+    int | None, typer.Option(help="Rows per shard (layout only; not part of the fingerprint).")
+]
+_LARE_BATCH = "Images per LaRE model call. Changes the last bits of the maps only."
+LareBatchSize = Annotated[int | None, typer.Option(help=_LARE_BATCH)]  # extract, detect
+ExtractBatchSize = Annotated[int | None, typer.Option("--extract-batch-size", help=_LARE_BATCH)]  # robustness
+PerturbSpec = Annotated[
+    str | None,
+    typer.Option(
+        "--perturb",
+        help="Perturb each decoded image before the geometry, e.g. jpeg:96, jpeg:10-75, blur:3,5,7,9, "
+        "blur:sigma=3, noise:5-20, crop:5-20, resize:0.5, resize:112px, or as a source's code runs it: "
+        "frank:noise|blur|jpeg|crop|combined, genimage:lowres=112, aigcdetect:half, aigcdetect:blur=1; "
+        "steps joined by '+'. "
+        "Seeded by (--seed, image content, SPEC); stored beside the clean artifacts.",
+    ),
+]
+PerturbOnly = Annotated[
+    str | None, typer.Option("--perturb-only", help="Apply --perturb to one class: generated or real.")
+]
+
+# --- training (train, robustness) ---------------------------------------------------------------
+Method = Annotated[str | None, typer.Option(help="egre (LaRE^2) or lol (Learning on Less).")]
+Backbone = Annotated[str | None, typer.Option(help="open_clip config: RN50, or tiny-RN for tests.")]
+BackboneWeights = Annotated[
+    str | None, typer.Option(help="openai (download), random, or a local open_clip checkpoint file.")
+]
+Epochs = Annotated[int | None, typer.Option(help="At most this many epochs.")]
+TrainBatchSize = Annotated[int | None, typer.Option(help="Training images per step.")]
+Lr = Annotated[float | None, typer.Option(help="Learning rate (LoL: 5e-7 on a BigGAN training cache).")]
+CropSize = Annotated[int | None, typer.Option(help="Side of the random (train) / centre (test) crop.")]
+MaxPerClass = Annotated[
+    str | None,
+    typer.Option(
+        help="Train on N real + N generated rows of the train split, seeded, or 'all' (LoL's 1600: "
+        "the paper's)."
+    ),
+]
+
+# --- reading caches and runs (train, eval, calibrate, detect) -------------------------------------
+ExtraCaches = Annotated[list[str] | None, typer.Argument(help="More caches, as if given after --from-cache.")]
+Checkpoint = Annotated[str, typer.Option("--checkpoint", help="A finished run directory.")]
+NoVerify = Annotated[
+    bool,
+    typer.Option(
+        "--no-verify",
+        help="Skip the cache checksum verification; a cache still being extracted (no manifest yet) is "
+        "read from its finished shards.",
+    ),
+]
+Lare = Annotated[
+    str | None,
+    typer.Option(
+        "--lare",
+        help="Which LaRE artifact of each cache: a fingerprint prefix (see `pipeline cache info`) or "
+        "key=value filters, e.g. dtype=float32. none: train the newest, eval the run's own.",
+    ),
+]
+Pixels = Annotated[
+    str | None,
+    typer.Option(
+        "--pixels", help="Which pixel artifact: a fingerprint prefix or key=value filters, e.g. size=256."
+    ),
+]
+PerturbRead = Annotated[
+    str | None,
+    typer.Option(
+        "--perturb", help="Use the artifacts extracted with this --perturb SPEC (none: the clean ones)."
+    ),
+]
+Epoch = Annotated[
+    str | None,
+    typer.Option(
+        "--epoch",
+        "--epochs",
+        help="Weights to use: best (by the run's validation slice), last, an epoch number, or (eval) "
+        "last5: each of the final five scored, mean +- std (LoL's protocol).",
+    ),
+]
+Threshold = Annotated[
+    str | None,
+    typer.Option(
+        help="Score above which an image is called generated: 0.5, a number, or fpr1, fpr5, "
+        "balanced: calibrated on the run's validation slice (FPR 1%/5% on its real rows, best balanced "
+        "accuracy). The results say which was used."
+    ),
+]

@@ -1,0 +1,272 @@
+"""Making and using runs: `pipeline train`, `eval`, `calibrate`, `report` and `detect`.
+
+Each command builds its stage's config (TrainConfig, EvalConfig, CalibrateConfig, DetectConfig) from
+the options given and calls its `run_*`; the options not given keep the config's defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.cli.options import (
+    Backbone,
+    BackboneWeights,
+    Checkpoint,
+    CropSize,
+    Device,
+    Epoch,
+    Epochs,
+    ExtraCaches,
+    Lare,
+    LareBatchSize,
+    Lr,
+    MaxPerClass,
+    Method,
+    NoVerify,
+    PerturbOnly,
+    PerturbRead,
+    Pixels,
+    Progress,
+    Seed,
+    Threshold,
+    TrainBatchSize,
+    given,
+    help_defaults,
+    log,
+    usable_device,
+)
+from pipeline.errors import UserError
+
+app = typer.Typer()
+
+
+def _caches(option: list[str] | None, extra: list[str] | None) -> list[str]:
+    """`--from-cache a b c` and `--from-cache a --from-cache b` both give [a, b, c]."""
+    caches = [*(option or []), *(extra or [])]
+    if not caches:
+        raise UserError("give at least one cache: --from-cache cache/<subset>.zarr")
+    return caches
+
+
+def _range(text: str | None, name: str) -> tuple[float, float] | None:
+    """'LOW,HIGH' -> (low, high); None (not given) stays None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{name} takes two numbers 'LOW,HIGH', not '{text}'") from None
+    if not 0 < lo <= hi:
+        raise UserError(f"{name} needs 0 < LOW <= HIGH, not '{text}'")
+    return lo, hi
+
+
+@app.command(cls=help_defaults("stages.train:TrainConfig"))
+def train(
+    extra_caches: ExtraCaches = None,
+    from_cache: Annotated[
+        list[str] | None, typer.Option("--from-cache", help="Cache(s) to train on (path or URL).")
+    ] = None,
+    method: Method = None,
+    out: Annotated[str | None, typer.Option(help="Folder of run directories.")] = None,
+    max_per_class: MaxPerClass = None,
+    seed: Seed = None,
+    epochs: Epochs = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Stop after N epochs without a better validation AUC; 0: never.")
+    ] = None,
+    val_fraction: Annotated[
+        float | None,
+        typer.Option(
+            help="Share of the training rows (per label, seeded) held out from the TRAIN split to pick "
+            "the best epoch (and step EGRE's plateau schedule); no test split is ever read."
+        ),
+    ] = None,
+    min_val_rows: Annotated[
+        int | None,
+        typer.Option(
+            help="Validation rows per label the slice needs to choose the best epoch, stop early and step "
+            "the plateau schedule; below it the last epoch is kept (an AUC of a few rows is noise)."
+        ),
+    ] = None,
+    batch_size: TrainBatchSize = None,
+    lr: Lr = None,
+    crop_size: CropSize = None,
+    backbone: Backbone = None,
+    backbone_weights: BackboneWeights = None,
+    mask_range: Annotated[str | None, typer.Option(help="LoL: r_mask drawn uniformly in LOW,HIGH.")] = None,
+    aspect_range: Annotated[
+        str | None, typer.Option(help="LoL: r_aspect drawn uniformly in LOW,HIGH.")
+    ] = None,
+    shuffle_labels: Annotated[
+        bool | None, typer.Option(help="Control: half of each class labelled generated.")
+    ] = None,
+    stop_after: Annotated[
+        int | None, typer.Option(help="Stop after this epoch as if interrupted (rerun resumes).")
+    ] = None,
+    device: Device = None,
+    memory_rows: Annotated[
+        int | None,
+        typer.Option(
+            help="Training rows held in memory (about 200 KB each); more are streamed shard by shard."
+        ),
+    ] = None,
+    loader_workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes reading cache shards; -1: none on CPU, some on GPU. Changes no bit of the run."
+        ),
+    ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(
+            help="fp32, or bf16 (autocast); auto: bf16 on CUDA, fp32 on CPU. Part of the fingerprint."
+        ),
+    ] = None,
+    perturb: PerturbRead = None,
+    perturb_only: PerturbOnly = None,
+    real_jpeg_quality: Annotated[
+        int | None,
+        typer.Option(help="Train on real images of this JPEG quality only (e.g. 96: the JPEG-96 control)."),
+    ] = None,
+    no_verify: NoVerify = False,
+    lare: Lare = None,
+    pixels: Pixels = None,
+    progress: Progress = None,
+) -> None:
+    """Train a detector from caches only; prints the run directory (named by its fingerprint).
+
+    Options not given take TrainConfig's defaults or the method's (docs/training.md)."""
+    usable_device(device)
+    from stages.train import TrainConfig, run_train
+
+    cfg = TrainConfig(
+        caches=_caches(from_cache, extra_caches), verify=not no_verify, max_per_class=max_per_class,
+        epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, stop_after=stop_after, lare=lare,
+        pixels=pixels, perturb=perturb, perturb_only=perturb_only, real_jpeg_quality=real_jpeg_quality,
+        **given(
+            method=method, out=out, seed=seed, val_fraction=val_fraction, min_val_rows=min_val_rows,
+            crop_size=crop_size, backbone=backbone, backbone_weights=backbone_weights,
+            shuffle_labels=shuffle_labels,
+            mask_range=_range(mask_range, "--mask-range"), progress=progress, memory_rows=memory_rows,
+            aspect_range=_range(aspect_range, "--aspect-range"), device=device,
+            loader_workers=loader_workers, precision=precision,
+        ),
+    )  # fmt: skip
+    run = run_train(cfg, log=log)
+    typer.echo(str(run))
+
+
+@app.command("eval", cls=help_defaults("stages.evaluate:EvalConfig"))
+def eval_(
+    checkpoint: Checkpoint,
+    extra_caches: ExtraCaches = None,
+    from_cache: Annotated[
+        list[str] | None, typer.Option("--from-cache", help="Test cache(s); each is evaluated apart.")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Folder for <run>__<subset>-<key>.csv/.json.")] = None,
+    split: Annotated[str | None, typer.Option(help="Which split of the test caches to score.")] = None,
+    epoch: Epoch = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per model call.")] = None,
+    device: Device = None,
+    perturb: PerturbRead = None,
+    perturb_only: PerturbOnly = None,
+    no_verify: NoVerify = False,
+    lare: Lare = None,
+    pixels: Pixels = None,
+    threshold: Threshold = None,
+    progress: Progress = None,
+) -> None:
+    """Score every usable row of each test cache: ACC, real/generated ACC and real FPR at the threshold;
+    AP, ROC AUC, TPR at FPR 1%/5%, ECE (whole set); a reliability diagram PNG beside each result."""
+    usable_device(device)
+    from stages.evaluate import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        checkpoint, _caches(from_cache, extra_caches), verify=not no_verify, lare=lare, pixels=pixels,
+        perturb=perturb, perturb_only=perturb_only,
+        **given(out=out, split=split, batch_size=batch_size, epoch=epoch, device=device, progress=progress,
+                threshold=threshold),
+    )  # fmt: skip
+    run_eval(cfg, log=typer.echo)
+
+
+@app.command(cls=help_defaults("stages.calibrate:CalibrateConfig"))
+def calibrate(
+    checkpoint: Checkpoint,
+    from_cache: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--from-cache", help="Where its training caches are now (default: the paths it recorded)."
+        ),
+    ] = None,
+    device: Device = None,
+    no_verify: NoVerify = False,
+) -> None:
+    """Recompute a run's calibrated thresholds from its validation slice (runs trained before
+    `train` wrote calibration.json). Prints the thresholds."""
+    usable_device(device)
+    from stages.calibrate import FILE, CalibrateConfig, run_calibrate
+
+    cfg = CalibrateConfig(checkpoint, from_cache or None, verify=not no_verify, **given(device=device))
+    record = run_calibrate(cfg, log=log)
+    for name, value in record["thresholds"].items():
+        typer.echo(f"{name}: {value:.6g}")
+    typer.echo(f"wrote {Path(checkpoint) / FILE}")
+
+
+@app.command(cls=help_defaults())
+def report(
+    results: Annotated[Path, typer.Argument(help="Folder of `pipeline eval` results.")],
+    out: Annotated[Path | None, typer.Option(help="Heatmap PNG to write (e.g. results/matrix.png).")] = None,
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="acc, ap, auc, tpr_at_fpr1, tpr_at_fpr5, ece, real_acc, generated_acc or real_fpr."
+        ),
+    ] = "acc",
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="The table as CSV (fractions, rows per cell).")
+    ] = None,
+) -> None:
+    """Print the train x test table (with a mean column) and draw it as a heatmap.
+
+    Results of `eval --epoch last5` show mean+-std in the table and the mean in the heatmap; results
+    on test artifacts of identical parameters share a cell (averaged, weighted by rows)."""
+    from stages.report import collect, heatmap, table, write_csv
+
+    matrix = collect(results, metric)
+    typer.echo(table(matrix))
+    if csv_out is not None:
+        typer.echo(f"wrote {write_csv(matrix, csv_out)}")
+    if out is not None:
+        typer.echo(f"wrote {heatmap(matrix, out)}")
+
+
+@app.command(cls=help_defaults("stages.detect:DetectConfig"))
+def detect(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively) or one image.")],
+    checkpoint: Checkpoint,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="CSV of path, score, decision, error, and the run, epoch and threshold used."),
+    ] = None,
+    threshold: Threshold = None,
+    epoch: Epoch = None,
+    device: Device = None,
+    batch_size: LareBatchSize = None,
+    progress: Progress = None,
+) -> None:
+    """Score any folder of images with a trained run; unreadable files are listed with a reason."""
+    usable_device(device)
+    from stages.detect import DetectConfig, run_detect
+
+    cfg = DetectConfig(
+        folder, checkpoint,
+        **given(out=out, threshold=threshold, batch_size=batch_size, epoch=epoch, device=device,
+                progress=progress),
+    )  # fmt: skip
+    scored, failed = run_detect(cfg, log=log)
+    typer.echo(f"scored {scored} image(s), {failed} unreadable -> {cfg.out}")
