@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -116,15 +117,25 @@ def learn_set(tmp_path_factory) -> tuple[Path, Path]:
     return root / "data", extract_cache(root / "data", root / "cache")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is several times faster than two."""
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Tiny models on a shared 2-core machine: one torch thread is several times faster than two (and
+    one is what each dask worker has). The count before is restored on the way out."""
     import torch
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    before = torch.get_num_threads()
     torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """`torch_threads(1)` around a test (the modules that train tiny models use it throughout)."""
+    with torch_threads(1):
+        yield
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesses
@@ -132,20 +143,14 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesse
 
 def tiny_run(cache: Path, out: Path, method: str, epochs: int) -> Path:
     """A short run (tiny backbone, batch 16, lr 1e-3, 32 px crops) on one thread."""
-    import torch
-
     from stages.train import TrainConfig, run_train
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = TrainConfig(
-            caches=[str(cache)], method=method, out=str(out), epochs=epochs, batch_size=16, lr=1e-3,
-            crop_size=32, backbone="tiny-RN", backbone_weights="random", progress=False,
-        )  # fmt: skip
+    cfg = TrainConfig(
+        caches=[str(cache)], method=method, out=str(out), epochs=epochs, batch_size=16, lr=1e-3,
+        crop_size=32, backbone="tiny-RN", backbone_weights="random", progress=False,
+    )  # fmt: skip
+    with torch_threads(1):
         return run_train(cfg, log=lambda m: None)
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
