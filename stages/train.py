@@ -39,13 +39,14 @@ import torch
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
-from pipeline.config import DEFAULT_DEVICE, resolve_device
+from pipeline import config
+from pipeline.config import DEFAULT_DEVICE, loader_workers, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.storage import now
 from stages import backbone, batches, cachedata, calibrate, checkpoint, lol, sd
 from stages import method as method_registry
-from stages.batches import EpochBatches, default_loader_workers, make_inputs
+from stages.batches import READ_WORKERS, EpochBatches, make_inputs
 from stages.checkpoint import Run, atomic_json, build_model, finished_epochs, load_epoch, predict, save_epoch
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
@@ -238,17 +239,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & ((1 << 63) - 1)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+TRAIN_PRECISIONS = ("fp32", "bf16")  # bf16: autocast, the master weights stay fp32
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """bf16 autocast on CUDA by default (tensor cores; the fp32 master weights stay fp32), fp32 elsewhere.
+    """bf16 autocast on CUDA by default (tensor cores), fp32 elsewhere (pipeline.config's rule).
     Part of the fingerprint: a bf16 run's weights differ from an fp32 run's by more than the last bits."""
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
-    if precision == "auto":
-        return "bf16" if device.startswith("cuda") else "fp32"
-    return precision
+    return config.resolve_precision(precision, device, TRAIN_PRECISIONS, on_cuda="bf16")
 
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
@@ -310,7 +307,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
     device = resolve_device(cfg.device)
-    workers = default_loader_workers(device) if cfg.loader_workers < 0 else cfg.loader_workers
+    workers = loader_workers(cfg.loader_workers, device, READ_WORKERS)
     feed = EpochBatches(
         data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress, workers=workers, device=device
     )
