@@ -27,11 +27,10 @@ from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWri
 from pipeline.schema import MANIFEST, SCHEMA_VERSION, index_path
 from pipeline.storage import now
 from pipeline.store import ArraySpec, Artifact, CacheStore, latest
+from stages import cachedata, sd
 from stages import index as index_stage
 from stages import lare as lare_math
-from stages import perturb as perturb_stage
 from stages import pixels as pixels_stage
-from stages import sd
 from stages.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
 
 STORE_DTYPES = ("float16", "float32")
@@ -77,11 +76,7 @@ class ExtractConfig:
 
     def perturbation(self) -> dict | None:
         """The `perturb` param of both artifacts: SPEC (canonical), class, seed; None when clean."""
-        if self.perturb is None:
-            if self.perturb_only is not None:
-                raise UserError("--perturb-only needs --perturb SPEC")
-            return None
-        return perturb_stage.parse(self.perturb, self.seed, self.perturb_only).record()
+        return cachedata.perturbation_record(self.perturb, self.perturb_only, self.seed)
 
     def check(self) -> None:
         if self.preprocess not in PREPROCESS:
