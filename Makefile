@@ -26,7 +26,7 @@ DEMO_TRAIN ?= --backbone tiny-RN --backbone-weights random --crop-size 32 --lr 1
 # `--option VALUE` when the variable is set, nothing (the command's default) when it is empty
 opt = $(if $(2),--$(1) $(2))
 
-.PHONY: help install extract train eval report robustness demo test lint bench bench-gpu clean-demo
+.PHONY: help install extract train eval report robustness demo test test-fast lint bench bench-gpu clean-demo
 
 help:
 	@echo "make help                         this list"
@@ -34,6 +34,7 @@ help:
 	@echo "make demo                         synthetic sdv14 and adm sets -> extract (tiny model) -> train EGRE and LoL"
 	@echo "                                  -> eval -> ACC table and \$$(DEMO)/results/matrix.png (README: what it means)"
 	@echo "make test                         the test suite (CPU only, tiny models)"
+	@echo "make test-fast                    the suite without the tests marked slow (no pipeline subprocess, no long training)"
 	@echo "make lint                         ruff check and format check"
 	@echo "make extract SUBSET=sdv14 DATA=/data/GenImage CACHE=cache MODEL=... DEVICE=cuda EXTRA='--ensemble 4'"
 	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class all'   train from \$$(CACHE)/\$$(SUBSET).zarr"
@@ -95,6 +96,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -n 2
+
+test-fast: install
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

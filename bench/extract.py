@@ -34,9 +34,10 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.config import loader_workers
 from stages import lare as lare_math
 from stages import sd
-from stages.extract import ExtractConfig, RowDataset, default_workers, run_extract
+from stages.extract import DECODE_WORKERS, ExtractConfig, RowDataset, run_extract
 from stages.index import SUBSETS
 from stages.synthetic import encode_image, make_image
 
@@ -246,7 +247,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-extract-"))
-    workers = args.workers if args.workers >= 0 else default_workers(args.device)
+    workers = loader_workers(args.workers, args.device, DECODE_WORKERS)
     t0 = time.perf_counter()
     data = make_dataset(work / "data", args.images)
     files = sorted(str(p) for p in (data).rglob("*") if p.is_file())

@@ -41,7 +41,8 @@ import torch
 from extract import decode_per_core, flops_per_image, make_dataset, sync
 from train_io import training_cache
 
-from stages.batches import default_loader_workers
+from pipeline.config import loader_workers
+from stages.batches import READ_WORKERS
 from stages.extract import ExtractConfig, ShardComputer, plan_extract, run_extract
 
 RESULTS = Path(__file__).parent / "results"
@@ -302,7 +303,7 @@ def training(bench: Bench, work: Path) -> None:
     run("egre_batch48", "egre", 48, args.epochs)
     run("lol_batch4", "lol", 4, 2, max_per_class=args.lol_rows)
     run(f"lol_batch{args.large_batch}", "lol", args.large_batch, args.epochs)
-    for w in sorted({0, args.workers if args.workers >= 0 else default_loader_workers(args.device)}):
+    for w in sorted({0, loader_workers(args.workers, args.device, READ_WORKERS)}):
         run(f"egre_batch48_streamed_workers{w}", "egre", 48, 2, memory_rows=max(48, n // 4), loader_workers=w)
     for key, name in (("egre_samples_per_s", "egre_batch48"), ("lol_samples_per_s", "lol_batch4")):
         if name in t:

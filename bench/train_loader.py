@@ -29,7 +29,7 @@ import torch
 from extract import decode_per_core, make_dataset
 from train_io import training_cache
 
-from stages import egre, lol
+from stages import backbone, egre, lol
 from stages.batches import EpochBatches, make_inputs
 from stages.cachedata import CacheData
 
@@ -78,8 +78,8 @@ def per_sample_inputs(method, hp, crops, maps, gen, aligned=True):
                 for m, (t, s) in zip(maps, off.tolist(), strict=True)
             ]
         )
-        return egre.normalise(images), maps
-    x = lol.normalise(_old_augment(images, gen))
+        return backbone.normalise(images, egre.IMAGENET_MEAN, egre.IMAGENET_STD), maps
+    x = backbone.normalise(_old_augment(images, gen), lol.CLIP_MEAN, lol.CLIP_STD)
     masks = _old_draw_masks(len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]))
     return x.masked_fill(masks[:, None], 0.0), maps
 

@@ -19,6 +19,28 @@ def home() -> Path:
     return Path(base) / "lare-pipeline"
 
 
+def loader_workers(chosen: int, device: str, most: int, gpus: int = 1) -> int:
+    """DataLoader processes for `--loader-workers chosen` (-1: automatic): none on CPU, where they would
+    compete with the model for the cores; on a GPU all cores but two (reading or decoding must outrun
+    it), shared evenly by `gpus` processes (one per GPU) on this host, from 2 up to the stage's `most`."""
+    if chosen >= 0:
+        return chosen
+    if not device.startswith("cuda"):
+        return 0
+    return max(2, min(most, ((os.cpu_count() or 4) - 2) // gpus))
+
+
+def resolve_precision(precision: str, device: str, offered: tuple[str, ...], on_cuda: str) -> str:
+    """`--precision`: `auto` is the stage's `on_cuda` on a CUDA device (tensor cores) and fp32 elsewhere
+    (half precision only costs time on a CPU); another name must be one the stage `offers`, a subset of
+    the names stages.lare.PRECISIONS gives dtypes."""
+    if precision != "auto" and precision not in offered:
+        raise UserError(f"--precision must be one of auto, {', '.join(offered)}, not '{precision}'")
+    if precision == "auto":
+        return on_cuda if device.startswith("cuda") else "fp32"
+    return precision
+
+
 def resolve_device(device: str, here: bool = True) -> str:
     """`auto` means the GPU when there is one; any other device is checked, so that a command given one
     this machine cannot use stops in one line before it creates anything, not in a CUDA error after a

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from distributed import Client, Nanny, Scheduler, SpecCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from pipeline.config import loader_workers
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from pipeline.runner import ShardWriteError
@@ -227,9 +228,10 @@ def cluster_compute(workers: int | None, scheduler: str | None, log=print):
 
     def compute(job: ExtractJob, shards: list[int], on_rows: Callable[[int], None]) -> int:
         if workers and job.cfg.loader_workers < 0:  # the local GPUs share this host's decode cores
-            from stages.extract import default_workers
+            from stages.extract import DECODE_WORKERS
 
-            cfg = dataclasses.replace(job.cfg, loader_workers=default_workers(job.device, workers))
+            auto = loader_workers(-1, job.device, DECODE_WORKERS, gpus=workers)
+            cfg = dataclasses.replace(job.cfg, loader_workers=auto)
             job = dataclasses.replace(job, cfg=cfg)
         with connect(job.device, workers, scheduler, log) as client:
             return sum(r["failed"] for r in run_on_cluster(client, job, shards, on_rows))

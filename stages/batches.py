@@ -10,7 +10,6 @@ run was stopped and resumed changes a bit. Training, evaluation and detection sh
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -22,6 +21,9 @@ from stages.cachedata import CacheData, Rows
 CODE_ID = "stages.batches"  # the name its code is hashed under, wherever the file lives
 
 LARE_GRID = 8  # pixels per LaRE cell (the VAE's downsampling)
+# The most cache-reading processes on a GPU (see pipeline.config.loader_workers): a process reads
+# roughly 1,000-2,000 rows/s of 256 px crops (bench/train_io.py), enough to outrun it.
+READ_WORKERS = 8
 
 
 def crop_offsets(
@@ -183,11 +185,3 @@ class EpochBatches:
                 yield sel, crops[on], maps[on], self.labels[torch.from_numpy(sel).to(dev)]
             rest = perm[full:]
             carry = (pos[rest.numpy()], crops[rest.to(dev)], maps[rest.to(dev)])
-
-
-def default_loader_workers(device: str) -> int:
-    """Cache-reading processes: none on CPU (they would compete with the model for the cores); on a GPU
-    enough to outrun it (a process reads roughly 1,000-2,000 rows/s of 256 px crops, bench/train_io.py)."""
-    if not device.startswith("cuda"):
-        return 0
-    return max(2, min(8, (os.cpu_count() or 4) - 2))

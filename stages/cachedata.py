@@ -54,14 +54,19 @@ class Source:
 Perturb = tuple[str, str | None] | None  # (canonical SPEC, class it applies to) or None: clean
 
 
-def wanted_perturbation(spec: str | None, only: str | None = None) -> Perturb:
-    """The user's `--perturb SPEC [--perturb-only CLASS]` as artifacts record it; None: clean."""
+def perturbation_record(spec: str | None, only: str | None = None, seed: int = 0) -> dict | None:
+    """`--perturb SPEC [--perturb-only CLASS]`, checked, as an artifact's `perturb` param records it
+    (SPEC canonical, class, seed); None: clean. Extraction writes it, readers look it up."""
     if spec is None:
         if only is not None:
             raise UserError("--perturb-only needs --perturb SPEC")
         return None
-    record = perturb_stage.parse(spec, only=only).record()
-    return record["spec"], record["only"]
+    return perturb_stage.parse(spec, seed, only).record()
+
+
+def wanted_perturbation(spec: str | None, only: str | None = None) -> Perturb:
+    """The user's `--perturb SPEC [--perturb-only CLASS]` as artifacts are looked up by; None: clean."""
+    return perturbation_of({"params": {"perturb": perturbation_record(spec, only)}})
 
 
 def perturbation_of(art: dict) -> Perturb:

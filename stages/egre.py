@@ -85,14 +85,10 @@ class EGRE(nn.Module):
         return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, ImageNet mean/std (the reference's choice for EGRE)."""
-    return backbone.normalise(images, IMAGENET_MEAN, IMAGENET_STD)
-
-
 def prepare(images: torch.Tensor, hp: dict, train: bool, gen: torch.Generator | None) -> torch.Tensor:
-    """EGRE's input: the crop, normalised (the reference uses no other augmentation)."""
-    return normalise(images)
+    """EGRE's input: the crop, normalised with ImageNet's mean and std (the reference's choice; it uses
+    no other augmentation)."""
+    return backbone.normalise(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def model_args(hp: dict, lare_channels: int) -> dict:

@@ -8,7 +8,6 @@ returns before any model is loaded.
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import time
 from collections import deque
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import DEFAULT_DEVICE, resolve_device
+from pipeline.config import DEFAULT_DEVICE, loader_workers, resolve_device, resolve_precision
 from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
@@ -28,27 +27,20 @@ from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWri
 from pipeline.schema import MANIFEST, SCHEMA_VERSION, index_path
 from pipeline.storage import now
 from pipeline.store import ArraySpec, Artifact, CacheStore, latest
+from stages import cachedata, sd
 from stages import index as index_stage
 from stages import lare as lare_math
-from stages import perturb as perturb_stage
 from stages import pixels as pixels_stage
-from stages import sd
 from stages.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
 
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_PROMPT = "a photo"
 
 
-def default_workers(device: str, gpus: int = 1) -> int:
-    """Decode workers: none on CPU (they would compete with the model); on a GPU, all cores but two,
-    shared evenly when `gpus` processes (one per GPU, --workers) run on this host.
-
-    Measured on an H100 host: 8 workers decode about 700 JPEG (500x375) or 290 PNG (512x512) images/s,
-    below what the GPU computes at 256 px, so the GPU path takes nearly every core.
-    """
-    if device == "cpu":
-        return 0
-    return max(2, min(16, ((os.cpu_count() or 4) - 2) // gpus))
+# The most decode workers per GPU (see pipeline.config.loader_workers). Measured on an H100 host: 8
+# workers decode about 700 JPEG (500x375) or 290 PNG (512x512) images/s, below what the GPU computes
+# at 256 px, so the GPU path takes nearly every core.
+DECODE_WORKERS = 16
 
 
 @dataclass
@@ -84,11 +76,7 @@ class ExtractConfig:
 
     def perturbation(self) -> dict | None:
         """The `perturb` param of both artifacts: SPEC (canonical), class, seed; None when clean."""
-        if self.perturb is None:
-            if self.perturb_only is not None:
-                raise UserError("--perturb-only needs --perturb SPEC")
-            return None
-        return perturb_stage.parse(self.perturb, self.seed, self.perturb_only).record()
+        return cachedata.perturbation_record(self.perturb, self.perturb_only, self.seed)
 
     def check(self) -> None:
         if self.preprocess not in PREPROCESS:
@@ -98,8 +86,7 @@ class ExtractConfig:
             raise UserError(f"--small-images must be one of {choices}, not '{self.small_images}'")
         if self.dtype not in STORE_DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, not '{self.dtype}'")
-        if self.precision != "auto" and self.precision not in lare_math.PRECISIONS:
-            raise UserError(f"--precision must be auto or one of {', '.join(lare_math.PRECISIONS)}")
+        self.resolved_precision("cpu")  # checks the name
         if not 0 <= self.timestep < 1000:
             raise UserError(f"--timestep must be in [0, 1000), not {self.timestep}")
         for name in ("ensemble", "size", "pixel_size", "batch_size", "rows_per_shard", "max_pixels"):
@@ -110,9 +97,9 @@ class ExtractConfig:
         self.perturbation()
 
     def resolved_precision(self, device: str) -> str:
-        if self.precision != "auto":
-            return self.precision
-        return "fp16" if device.startswith("cuda") else "fp32"
+        """fp16 on CUDA by default (within 5e-3 of fp32, tests/test_lare.py), fp32 elsewhere; any of
+        stages.lare.PRECISIONS on request (pipeline.config's rule)."""
+        return resolve_precision(self.precision, device, tuple(lare_math.PRECISIONS), on_cuda="fp16")
 
 
 def lare_artifact(
@@ -376,7 +363,7 @@ class ShardComputer:
             arts["pixels"].attrs["params"] if "pixels" in arts else None,
         )
         dataset = RowDataset(job.files, job.ids, job.prompt_idx, recipe, job.labels)
-        workers = cfg.loader_workers if cfg.loader_workers >= 0 else default_workers(job.device)
+        workers = loader_workers(cfg.loader_workers, job.device, DECODE_WORKERS)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sub.batches(cfg.batch_size), num_workers=workers, pin_memory=self.cuda,
             prefetch_factor=4 if workers else None,

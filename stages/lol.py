@@ -86,11 +86,6 @@ def draw_masks(
     return (i >= top) & (i < top + h) & (j >= left) & (j < left + w)
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, CLIP mean/std."""
-    return backbone.normalise(images, CLIP_MEAN, CLIP_STD)
-
-
 def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Per-sample horizontal flip and rotation by a multiple of 90 degrees (uint8 in, uint8 out).
 
@@ -114,11 +109,11 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def prepare(images: torch.Tensor, hp: dict, train: bool, gen: torch.Generator | None) -> torch.Tensor:
-    """LoL's input: in training flip and rotation, normalisation, then the rectangle mask per sample
-    (masked pixels 0 in normalised space); at test the crop, normalised."""
+    """LoL's input: in training flip and rotation, normalisation (CLIP's mean and std), then the
+    rectangle mask per sample (masked pixels 0 in normalised space); at test the crop, normalised."""
     if not train:
-        return normalise(images)
-    x = normalise(augment(images, gen))
+        return backbone.normalise(images, CLIP_MEAN, CLIP_STD)
+    x = backbone.normalise(augment(images, gen), CLIP_MEAN, CLIP_STD)
     c = x.shape[-1]
     masks = draw_masks(len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]), device=x.device)
     return x.masked_fill(masks[:, None], 0.0)

@@ -39,13 +39,14 @@ import torch
 from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
-from pipeline.config import DEFAULT_DEVICE, resolve_device
+from pipeline import config
+from pipeline.config import DEFAULT_DEVICE, loader_workers, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.storage import now
 from stages import backbone, batches, cachedata, calibrate, checkpoint, lol, sd
 from stages import method as method_registry
-from stages.batches import EpochBatches, default_loader_workers, make_inputs
+from stages.batches import READ_WORKERS, EpochBatches, make_inputs
 from stages.checkpoint import Run, atomic_json, build_model, finished_epochs, load_epoch, predict, save_epoch
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
@@ -238,17 +239,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & ((1 << 63) - 1)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+TRAIN_PRECISIONS = ("fp32", "bf16")  # bf16: autocast, the master weights stay fp32
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """bf16 autocast on CUDA by default (tensor cores; the fp32 master weights stay fp32), fp32 elsewhere.
+    """bf16 autocast on CUDA by default (tensor cores), fp32 elsewhere (pipeline.config's rule).
     Part of the fingerprint: a bf16 run's weights differ from an fp32 run's by more than the last bits."""
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
-    if precision == "auto":
-        return "bf16" if device.startswith("cuda") else "fp32"
-    return precision
+    return config.resolve_precision(precision, device, TRAIN_PRECISIONS, on_cuda="bf16")
 
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
@@ -286,43 +283,92 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
 
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
-    """`pipeline train`: returns the run directory; a finished run is not retrained."""
+    """`pipeline train`: returns the run directory; a finished run is not retrained.
+
+    Reads top to bottom: the rows, the run directory, then per epoch `train_epoch`, `validate` and
+    the epoch's record; `finish_run` writes done.json and the calibration."""
     wanted = cachedata.wanted_perturbation(cfg.perturb, cfg.perturb_only)
     choice = cachedata.Choice(cfg.lare, cfg.pixels, perturb=wanted)
     data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split="train", choice=choice, log=log)
     run, params = plan_run(cfg, data)
-    if method_registry.get(cfg.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
+    method = method_registry.get(cfg.method)
+    if method.reads_lare and (note := sd.random_weights_note(data.lare_model)):
         log(f"note: {note}")
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
     hp = params["hparams"]
-    method = method_registry.get(cfg.method)
     if cfg.lr is None and hp["lr"] != method.defaults["lr"]:
         log(f"lr {hp['lr']:g}: the {cfg.method} paper's rate for this training subset (--lr to override)")
-    # the only split training reads: test (val) splits stay unseen
-    pool = data.rows("train", hp["real_jpeg_quality"])
-    if len(pool) == 0 or (hp["real_jpeg_quality"] is not None and not (pool.label == 0).any()):
-        which = f"real rows of JPEG quality {hp['real_jpeg_quality']}" if len(pool) else "rows"
-        raise UserError(f"no usable training {which} (split 'train') in the given cache(s)")
-    rest, val_rows = hold_out(pool, hp["val_fraction"], hp["max_per_class"], cfg.seed)
-    rows = data.sample(rest, hp["max_per_class"], cfg.seed, log)
+    rows, val_rows = training_rows(data, hp, cfg.seed, log)
     if no_selection := selection_rule(val_rows.label, hp["min_val_rows"]):
         log(f"note: {no_selection}")
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
     device = resolve_device(cfg.device)
-    cuda = device.startswith("cuda")
-    workers = default_loader_workers(device) if cfg.loader_workers < 0 else cfg.loader_workers
+    workers = loader_workers(cfg.loader_workers, device, READ_WORKERS)
     feed = EpochBatches(
         data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress, workers=workers, device=device
     )
     params["model"] = method.model_args(hp, feed.lare_channels)  # what load_run builds from
     # Built before the run directory is written: a backbone that cannot be loaded leaves nothing behind.
     model = build_model(params).to(device)
-    if cuda:
+    if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
+    open_run_dir(
+        run, params,
+        {
+            "seed": cfg.seed, "n": len(rows), "caches": data.describe(rows),
+            "val_fraction": hp["val_fraction"], "n_validation": len(val_rows),
+            "validation": data.describe(val_rows),
+        },
+    )  # fmt: skip
+    opt, sched = optimiser(model, hp, plateau=not no_selection)
+    start, history = resume(run, model, opt, sched, log)
+    trained = Run(run, params, model, device)
+    stopped = f"--epochs {hp['epochs']} reached"
+    for epoch in range(start + 1, hp["epochs"] + 1):
+        best = None if no_selection else best_epoch(history)
+        if hp["patience"] and best is not None and max(history) - best >= hp["patience"]:
+            stopped = f"no better validation score for {hp['patience']} epochs (--patience)"
+            break
+        t0 = time.perf_counter()
+        desc = f"{cfg.method} epoch {epoch}/{hp['epochs']}"
+        loss, n = train_epoch(trained, opt, feed, epoch_seed(cfg.seed, epoch), desc, cfg.progress)
+        history[epoch] = v = validate(trained, data, val_rows)
+        if sched is not None and not math.isnan(v["auc"]):
+            sched.step(v["auc"])
+        info = {"loss": loss, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
+        info.update(val=v, scheduler=sched.state_dict() if sched is not None else None)
+        save_epoch(run, epoch, model, opt, info)
+        best = epoch if no_selection else best_epoch(history)
+        log(
+            f"epoch {epoch}: loss {loss:.4f}, validation AUC {v['auc']:.4f} AP {v['ap']:.4f} "
+            f"ACC {v['acc']:.4f} ({'last epoch kept' if no_selection else f'best epoch {best}'})"
+        )
+        if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
+            log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
+            return run
+    finish_run(trained, data, val_rows, history, stopped, no_selection, log)
+    return run
+
+
+def training_rows(
+    data: cachedata.CacheData, hp: dict, seed: int, log
+) -> tuple[cachedata.Rows, cachedata.Rows]:
+    """(training sample, validation slice), both from the train split: test (val) splits stay unseen."""
+    pool = data.rows("train", hp["real_jpeg_quality"])
+    if len(pool) == 0 or (hp["real_jpeg_quality"] is not None and not (pool.label == 0).any()):
+        which = f"real rows of JPEG quality {hp['real_jpeg_quality']}" if len(pool) else "rows"
+        raise UserError(f"no usable training {which} (split 'train') in the given cache(s)")
+    rest, val_rows = hold_out(pool, hp["val_fraction"], hp["max_per_class"], seed)
+    return data.sample(rest, hp["max_per_class"], seed, log), val_rows
+
+
+def open_run_dir(run: Path, params: dict, sample: dict) -> None:
+    """Create the run directory, or check that the one there holds this run; params.json and
+    sample.json are written once (a resumed run keeps its own)."""
     run.mkdir(parents=True, exist_ok=True)
     if (run / "params.json").is_file():
         old = json.loads((run / "params.json").read_text())
@@ -331,22 +377,25 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     else:
         atomic_json(run / "params.json", {**params, "created_at": now()})
     if not (run / "sample.json").is_file():
-        atomic_json(
-            run / "sample.json",
-            {
-                "seed": cfg.seed, "n": len(rows), "caches": data.describe(rows),
-                "val_fraction": hp["val_fraction"], "n_validation": len(val_rows),
-                "validation": data.describe(val_rows),
-            },
-        )  # fmt: skip
+        atomic_json(run / "sample.json", sample)
+
+
+def optimiser(model: torch.nn.Module, hp: dict, plateau: bool):
+    """(Adam, the method's plateau schedule on validation AUC or None). `plateau` False: the slice
+    cannot choose epochs (selection_rule), so no schedule steps on its scores."""
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
-    plateau = hp["plateau"]
-    sched = None
-    if plateau and not no_selection:
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode=plateau["mode"], factor=plateau["factor"], patience=plateau["patience"],
-            min_lr=plateau["min_lr"],
-        )  # fmt: skip
+    p = hp["plateau"]
+    if not (p and plateau):
+        return opt, None
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode=p["mode"], factor=p["factor"], patience=p["patience"], min_lr=p["min_lr"]
+    )
+    return opt, sched
+
+
+def resume(run: Path, model: torch.nn.Module, opt, sched, log) -> tuple[int, dict[int, dict]]:
+    """(last finished epoch, validation history): the model, optimizer and schedule are restored to
+    the end of that epoch (0 and an empty history for a new run)."""
     done = finished_epochs(run)
     start = done[-1] if done else 0
     history = {e: json.loads((run / f"epoch-{e:03d}.json").read_text())["val"] for e in done}
@@ -355,60 +404,57 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         if sched is not None:
             sched.load_state_dict(json.loads((run / f"epoch-{start:03d}.json").read_text())["scheduler"])
         log(f"resuming {run.name} after epoch {start}")
-    n = len(rows)
-    stopped = f"--epochs {hp['epochs']} reached"
-    for epoch in range(start + 1, hp["epochs"] + 1):
-        best = None if no_selection else best_epoch(history)
-        if hp["patience"] and best is not None and max(history) - best >= hp["patience"]:
-            stopped = f"no better validation score for {hp['patience']} epochs (--patience)"
-            break
-        seed = epoch_seed(cfg.seed, epoch)
-        gen = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)  # dropout
-        model.train()
-        # Summed on the device in float64 (the same bits as Python floats): reading the loss back
-        # every step would make the host wait for the GPU instead of preparing the next batch.
-        total, t0 = torch.zeros((), dtype=torch.float64, device=device), time.perf_counter()
-        bar = tqdm(total=n, desc=f"{cfg.method} epoch {epoch}/{hp['epochs']}", disable=not cfg.progress)
-        trained = 0
-        for _, crops, maps, y in feed.epoch(gen):  # on the device already
-            if len(y) < 2:  # BatchNorm cannot train on one sample: an epoch's last lone row waits
-                continue  # for the next epoch's order
-            x, m = make_inputs(cfg.method, hp, crops, maps, True, gen, params["aligned"])
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=params["precision"] == "bf16"):
-                loss = model.loss(model(x, m), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if hp["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
-            opt.step()
-            total += loss.detach().double() * len(y)
-            trained += len(y)
-            bar.update(len(y))
-        bar.close()
-        model.eval()
-        scores = predict(Run(run, params, model, device), data, val_rows, VAL_BATCH, progress=False)
-        history[epoch] = validation_metrics(val_rows.label, scores)
-        if sched is not None and not math.isnan(history[epoch]["auc"]):
-            sched.step(history[epoch]["auc"])
-        info = {
-            "loss": float(total) / trained,
-            "seconds": round(time.perf_counter() - t0, 3),
-            "rows": trained,
-        }
-        info.update(val=history[epoch], scheduler=sched.state_dict() if sched is not None else None)
-        save_epoch(run, epoch, model, opt, info)
-        v = history[epoch]
-        best = epoch if no_selection else best_epoch(history)
-        log(
-            f"epoch {epoch}: loss {info['loss']:.4f}, validation AUC {v['auc']:.4f} AP {v['ap']:.4f} "
-            f"ACC {v['acc']:.4f} ({'last epoch kept' if no_selection else f'best epoch {best}'})"
-        )
-        if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
-            log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
-            return run
+    return start, history
+
+
+def train_epoch(
+    trained: Run, opt, feed: EpochBatches, seed: int, desc: str, progress: bool
+) -> tuple[float, int]:
+    """One pass over the training rows, every random number (order, crops, flips, masks, dropout)
+    drawn from generators seeded by `seed`: (mean loss, rows trained)."""
+    model, params, device = trained.model, trained.params, trained.device
+    hp = params["hparams"]
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout
+    model.train()
+    # Summed on the device in float64 (the same bits as Python floats): reading the loss back
+    # every step would make the host wait for the GPU instead of preparing the next batch.
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    bar = tqdm(total=len(feed.rows), desc=desc, disable=not progress)
+    n = 0
+    for _, crops, maps, y in feed.epoch(gen):  # on the device already
+        if len(y) < 2:  # BatchNorm cannot train on one sample: an epoch's last lone row waits
+            continue  # for the next epoch's order
+        x, m = make_inputs(params["method"], hp, crops, maps, True, gen, params["aligned"])
+        if device.startswith("cuda"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=params["precision"] == "bf16"):
+            loss = model.loss(model(x, m), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if hp["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
+        opt.step()
+        total += loss.detach().double() * len(y)
+        n += len(y)
+        bar.update(len(y))
+    bar.close()
+    return float(total) / n, n
+
+
+def validate(trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows) -> dict[str, float]:
+    """The validation slice scored by the model as it stands (left in eval mode): see validation_metrics."""
+    trained.model.eval()
+    scores = predict(trained, data, val_rows, VAL_BATCH, progress=False)
+    return validation_metrics(val_rows.label, scores)
+
+
+def finish_run(
+    trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows, history: dict[int, dict],
+    stopped: str, no_selection: str | None, log,
+) -> None:  # fmt: skip
+    """done.json (last and best epoch, why it stopped, how the best was chosen), then the calibration
+    of the best epoch on the validation slice (derived from the weights, not part of the fingerprint)."""
     last = max(history)
     if no_selection:  # else both labels are in the slice: every epoch has an AUC
         best, selection = last, {"by": "last", "why": no_selection}
@@ -418,9 +464,8 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         auc = history[best]["auc"]
         log(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {auc:.4f})")
     atomic_json(
-        run / "done.json",
+        trained.path / "done.json",
         {"epochs": last, "best": best, "best_val": history[best], "stopped": stopped, "selection": selection,
          "final": f"epoch-{last:03d}.safetensors"},
     )  # fmt: skip
-    calibrate.record(Run(run, params, model, device), data, val_rows, VAL_BATCH, log)  # derived, not hashed
-    return run
+    calibrate.record(trained, data, val_rows, VAL_BATCH, log)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +17,63 @@ import pytest
 from stages.synthetic import make_genimage
 
 PIPELINE = shutil.which("pipeline", path=os.path.dirname(sys.executable)) or "pipeline"
+
+
+# ---- `make test-fast`: the suite without the tests marked slow --------------------------------------
+# A test that starts a process (the `pipeline` command through run_cli, any subprocess, or a local
+# dask cluster's workers) is marked `cli` and `slow` here, whether it does so itself, through a
+# fixture, or through a helper of its module or of this file; a test that trains for long is marked
+# `slow` where it is written.
+STARTS_A_PROCESS = re.compile(r"\b(subprocess\.(run|Popen|call|check_\w+)|distributed\.connect)\(")
+
+
+def _callers(functions: dict[str, str], known: set[str]) -> set[str]:
+    """The names among `functions` (name -> source) that start a process, directly or by calling one
+    of `known` or of each other (to a fixed point)."""
+    found = set(known)
+    while True:
+        calls = re.compile(rf"\b({'|'.join(map(re.escape, sorted(found)))})\(") if found else None
+        more = {
+            name
+            for name, src in functions.items()
+            if name not in found and (STARTS_A_PROCESS.search(src) or (calls and calls.search(src)))
+        }
+        if not more:
+            return found
+        found |= more
+
+
+def _module_functions(module) -> dict[str, str]:
+    return {
+        name: inspect.getsource(f)
+        for name, f in vars(module).items()
+        if inspect.isfunction(f) and f.__module__ == module.__name__
+    }
+
+
+def pytest_collection_modifyitems(config, items):
+    here = _callers(_module_functions(sys.modules[__name__]), set())
+    per_module: dict[str, set[str]] = {}
+    for item in items:
+        module = item.module
+        if module.__name__ not in per_module:
+            per_module[module.__name__] = _callers(_module_functions(module), here)
+        names = per_module[module.__name__]
+        calls = re.compile(rf"\b({'|'.join(map(re.escape, sorted(names)))})\(")
+        defs = getattr(item, "_fixtureinfo", None)
+        fixtures = [d.func for ds in (defs.name2fixturedefs.values() if defs else ()) for d in ds]
+        sources = [inspect.getsource(f) for f in [item.function, *fixtures] if _has_source(f)]
+        if any(STARTS_A_PROCESS.search(src) or calls.search(src) for src in sources):
+            item.add_marker(pytest.mark.cli)
+            item.add_marker(pytest.mark.slow)
+
+
+def _has_source(f) -> bool:
+    try:
+        inspect.getsource(f)
+    except (OSError, TypeError):
+        return False
+    return True
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -116,15 +176,25 @@ def learn_set(tmp_path_factory) -> tuple[Path, Path]:
     return root / "data", extract_cache(root / "data", root / "cache")
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is several times faster than two."""
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Tiny models on a shared 2-core machine: one torch thread is several times faster than two (and
+    one is what each dask worker has). The count before is restored on the way out."""
     import torch
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    before = torch.get_num_threads()
     torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """`torch_threads(1)` around a test (the modules that train tiny models use it throughout)."""
+    with torch_threads(1):
+        yield
 
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesses
@@ -132,20 +202,14 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesse
 
 def tiny_run(cache: Path, out: Path, method: str, epochs: int) -> Path:
     """A short run (tiny backbone, batch 16, lr 1e-3, 32 px crops) on one thread."""
-    import torch
-
     from stages.train import TrainConfig, run_train
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = TrainConfig(
-            caches=[str(cache)], method=method, out=str(out), epochs=epochs, batch_size=16, lr=1e-3,
-            crop_size=32, backbone="tiny-RN", backbone_weights="random", progress=False,
-        )  # fmt: skip
+    cfg = TrainConfig(
+        caches=[str(cache)], method=method, out=str(out), epochs=epochs, batch_size=16, lr=1e-3,
+        crop_size=32, backbone="tiny-RN", backbone_weights="random", progress=False,
+    )  # fmt: skip
+    with torch_threads(1):
         return run_train(cfg, log=lambda m: None)
-    finally:
-        torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -482,3 +482,27 @@ def test_readme_demo_robustness_command_runs(tmp_path):
     proc = run_cli(*words[1:], "--epochs", "1", cwd=tmp_path, env=ONE_THREAD)
     out = tmp_path / "demo" / "results" / "robustness"
     assert (out / "robustness-aigcdetect-lol.csv").is_file(), proc.stdout
+
+
+def test_make_test_fast_leaves_out_processes_and_long_trainings():
+    """README, Tests: `make test-fast` is `-m "not slow"`; a test that starts a process (here through
+    run_cli, or a helper of its module) is marked slow by conftest, the long trainings where written."""
+    import re
+    import sys
+
+    assert re.search(
+        r'^test-fast:.*\n\t.*pytest -q -n 2 -m "not slow"$', (ROOT / "Makefile").read_text(), re.M
+    )
+    files = [
+        str(ROOT / "tests" / f) for f in ("test_cli.py", "test_learnability.py", "test_format_shortcut.py")
+    ]
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    fast = subprocess.run(
+        [*collect, "-m", "not slow", *files], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    assert "test_offline_a_cached_backbone_loads_from_the_hub_cache" in fast  # in-process
+    for name in ("test_help_lists_commands_and_options",  # run_cli in the test
+                 "test_every_help_shows_each_default_from_the_stage_config",  # through a helper
+                 "test_make_help_lists_every_target_and_only_those",  # make, through _make
+                 "test_learnability.py", "test_format_shortcut.py"):  # fmt: skip
+        assert name not in fast, name

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import PIPELINE, assert_same_cache, run_cli
+from conftest import PIPELINE, assert_same_cache, run_cli, torch_threads
 
 from pipeline import distributed
 from pipeline.errors import UserError
@@ -62,12 +61,8 @@ def _assert_same_cache(cache: Path, reference: Path) -> None:
 def reference(genimage, tmp_path_factory):
     """A single-process, one-thread run."""
     cache_dir = tmp_path_factory.mktemp("single")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         run_extract(_cfg(genimage, cache_dir), log=lambda m: None)
-    finally:
-        torch.set_num_threads(threads)
     return cache_dir
 
 

@@ -98,5 +98,6 @@ def test_batched_crops_are_the_per_sample_windows():
     off = torch.randint(0, 5, (16, 2), generator=torch.Generator().manual_seed(2)) * 8  # the same draw
     assert len({tuple(o) for o in off.tolist()}) > 4
     for k, (t, s) in enumerate(off.tolist()):
-        assert torch.equal(x[k], egre.normalise(crops[k : k + 1, :, t : t + 32, s : s + 32])[0])
+        window = crops[k : k + 1, :, t : t + 32, s : s + 32]
+        assert torch.equal(x[k], backbone.normalise(window, egre.IMAGENET_MEAN, egre.IMAGENET_STD)[0])
         assert torch.equal(m[k], maps[k, :, t // 8 : t // 8 + 4, s // 8 : s // 8 + 4])

@@ -20,7 +20,7 @@ from stages.evaluate import EvalConfig, run_eval
 from stages.synthetic import make_genimage
 from stages.train import TrainConfig, run_train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # 30- and 60-epoch trainings
 Q = 50
 
 

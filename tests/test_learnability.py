@@ -15,7 +15,7 @@ import pytest
 from stages.evaluate import EvalConfig, run_eval
 from stages.train import TrainConfig, run_train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # 30-epoch trainings
 
 
 @pytest.mark.parametrize("method", ["egre", "lol"])

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages import batches, lol
+from stages import backbone, batches, lol
 from stages.batches import make_inputs
 
 HP = {"crop_size": 32, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}
@@ -62,7 +62,8 @@ def test_mask_applied_after_normalisation_in_training_only():
     zero_frac = (x == 0).all(dim=1).float().mean(dim=(1, 2))
     assert (zero_frac >= 0.5).all()  # masked pixels are exactly 0 in normalised space, all channels
     x_eval, _ = make_inputs("lol", HP, crops, torch.zeros(8, 1, 1, 1), False, None, aligned=False)
-    assert torch.equal(x_eval, lol.normalise(crops))  # at test: centre crop (here the whole crop), no mask
+    # at test: centre crop (here the whole crop), no mask
+    assert torch.equal(x_eval, backbone.normalise(crops, lol.CLIP_MEAN, lol.CLIP_STD))
     assert not (x_eval == 0).all(dim=1).any()
 
 
@@ -124,4 +125,4 @@ def test_lol_crops_at_any_pixel_while_egre_keeps_the_map_grid(monkeypatch):
     monkeypatch.setattr(batches, "crop_windows", real)
     odd = torch.randint(0, 256, (2, 3, 60, 60), dtype=torch.uint8)  # centre offset 14, off the grid
     x, _ = make_inputs("lol", HP, odd, torch.zeros(2, 4, 1, 1), False, None, aligned=True)
-    assert torch.equal(x, lol.normalise(odd[..., 14:46, 14:46]))
+    assert torch.equal(x, backbone.normalise(odd[..., 14:46, 14:46], lol.CLIP_MEAN, lol.CLIP_STD))

@@ -10,9 +10,8 @@ import json
 import cv2
 import numpy as np
 import pytest
-import torch
 import torchvision
-from conftest import artifact_arrays, assert_same_cache, run_cli
+from conftest import artifact_arrays, assert_same_cache, run_cli, torch_threads
 from PIL import Image
 from scipy import ndimage
 
@@ -122,12 +121,8 @@ def _cfg(data, cache, **kw) -> ExtractConfig:
 def reference(small, tmp_path_factory):
     """A perturbed single-process run with one torch thread (as each dask worker has)."""
     cache = tmp_path_factory.mktemp("perturb-ref")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         run_extract(_cfg(small, cache), log=lambda m: None)
-    finally:
-        torch.set_num_threads(n)
     return cache
 
 
@@ -168,14 +163,10 @@ def test_resumed_with_decode_workers_the_perturbed_cache_is_bitwise_the_same(sma
         ShardComputer(job).run(shards[:2], on_rows)
         raise KeyboardInterrupt
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         with pytest.raises(KeyboardInterrupt):
             run_extract(_cfg(small, tmp_path), log=lambda m: None, compute=two_shards_then_stop)
         resumed = run_extract(_cfg(small, tmp_path, loader_workers=2), log=lambda m: None)
-    finally:
-        torch.set_num_threads(n)
     assert resumed.rows_done == 2  # 6 rows in shards of 2: only the third shard was left
     assert_same_cache(tmp_path / "sdv14.zarr", reference / "sdv14.zarr")
 

@@ -62,3 +62,9 @@ def test_the_readme_lists_every_grid():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     listed = readme.split("\nGrids,", 1)[1].split("\n## ", 1)[0]
     assert re.findall(r"^- `([a-z0-9-]+)`", listed, flags=re.M) == list(GRIDS)
+
+
+def test_the_csv_columns_are_metrics_a_result_holds():
+    from stages import report, robustness
+
+    assert set(robustness.COLUMNS) <= set(report.METRICS)
