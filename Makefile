@@ -34,7 +34,7 @@ help:
 	@echo "make demo                         synthetic sdv14 and adm sets -> extract (tiny model) -> train EGRE and LoL"
 	@echo "                                  -> eval -> ACC table and \$$(DEMO)/results/matrix.png (README: what it means)"
 	@echo "make test                         the test suite (CPU only, tiny models)"
-	@echo "make lint                         ruff check and format check"
+	@echo "make lint                         ruff check and format check, mypy (type check of pipeline, stages)"
 	@echo "make extract SUBSET=sdv14 DATA=/data/GenImage CACHE=cache MODEL=... DEVICE=cuda EXTRA='--ensemble 4'"
 	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class all'   train from \$$(CACHE)/\$$(SUBSET).zarr"
 	@echo "                                  MODEL, DEVICE, METHOD, GRID not given: the command's defaults (--help)"
@@ -97,7 +97,7 @@ test: install
 	$(BIN)/python -m pytest -q -n 2
 
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/extract.py
