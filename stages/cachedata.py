@@ -91,7 +91,8 @@ class Choice:
 
     lare: str | None = None
     pixels: str | None = None
-    run: dict | None = None  # a run's params: its "lare" record and the "caches" it was trained on
+    # a run's params: its "lare" record and the "caches" it was trained on
+    run: Mapping[str, Any] | None = None
     perturb: Perturb = None  # the perturbation the artifacts must carry (None: clean)
 
     def rank(self, kind: str):

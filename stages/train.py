@@ -30,9 +30,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -47,6 +48,7 @@ from stages import backbone, batches, cachedata, calibrate, checkpoint, lol, sd
 from stages import method as method_registry
 from stages.batches import EpochBatches, default_loader_workers, make_inputs
 from stages.checkpoint import Run, atomic_json, build_model, finished_epochs, load_epoch, predict, save_epoch
+from stages.records import RunParams
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
 
@@ -251,7 +253,7 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
+def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunParams]:
     hp = cfg.hparams({s.subset for s in data.sources})
     data.check_crop(hp["crop_size"])
     identity = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights).identity()  # hashes a weight file
@@ -282,7 +284,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
     fp = fingerprint(ident)
     subsets = "+".join(sorted({s.subset for s in data.sources}))
     run = Path(cfg.out) / f"{cfg.method}-{subsets}-{fp[:12]}"
-    return run, {**params, "fingerprint": fp, "aligned": aligned}
+    return run, cast(RunParams, {**params, "fingerprint": fp, "aligned": aligned})
 
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
@@ -296,7 +298,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
-    hp = params["hparams"]
+    hp: Mapping[str, Any] = params["hparams"]  # read as JSON: betas a list, plateau mode a str
     method = method_registry.get(cfg.method)
     if cfg.lr is None and hp["lr"] != method.defaults["lr"]:
         log(f"lr {hp['lr']:g}: the {cfg.method} paper's rate for this training subset (--lr to override)")
@@ -393,7 +395,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         history[epoch] = validation_metrics(val_rows.label, scores)
         if sched is not None and not math.isnan(history[epoch]["auc"]):
             sched.step(history[epoch]["auc"])
-        info = {
+        info: dict[str, Any] = {
             "loss": float(total) / trained,
             "seconds": round(time.perf_counter() - t0, 3),
             "rows": trained,
@@ -415,6 +417,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         log(f"done after epoch {last}: {stopped}; best epoch = last epoch {last} ({no_selection})")
     else:
         best, selection = best_epoch(history), {"by": "validation AUC"}
+        assert best is not None  # both labels in the slice: every epoch has an AUC
         auc = history[best]["auc"]
         log(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {auc:.4f})")
     atomic_json(
