@@ -35,7 +35,7 @@ help:
 	@echo "                                  -> eval -> ACC table and \$$(DEMO)/results/matrix.png (README: what it means)"
 	@echo "make test                         the test suite (CPU only, tiny models)"
 	@echo "make test-fast                    the suite without the tests marked slow (no pipeline subprocess, no long training)"
-	@echo "make lint                         ruff check and format check"
+	@echo "make lint                         ruff check and format check, mypy (type check of pipeline, stages)"
 	@echo "make extract SUBSET=sdv14 DATA=/data/GenImage CACHE=cache MODEL=... DEVICE=cuda EXTRA='--ensemble 4'"
 	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class all'   train from \$$(CACHE)/\$$(SUBSET).zarr"
 	@echo "                                  MODEL, DEVICE, METHOD, GRID not given: the command's defaults (--help)"
@@ -101,7 +101,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 lint: install
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/extract.py

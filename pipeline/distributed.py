@@ -28,7 +28,7 @@ import platform
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from distributed import Client, Nanny, Scheduler, SpecCluster, as_completed, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -100,6 +100,7 @@ class ExtractPlugin(WorkerPlugin):
     def computer(self) -> ShardComputer:
         from stages.extract import ShardComputer
 
+        assert self._lock is not None  # made in setup, before any task
         with self._lock:
             if self._computer is None:
                 check_worker(self.job)
@@ -111,7 +112,7 @@ class ExtractPlugin(WorkerPlugin):
 def compute_shard(plugin_name: str, shard: int) -> dict[str, Any]:
     """The task: compute and write one whole shard on this worker; returns what the client reports."""
     worker = get_worker()
-    plugin: ExtractPlugin = worker.plugins[plugin_name]
+    plugin = cast(ExtractPlugin, worker.plugins[plugin_name])  # registered under this name (run_on_cluster)
     try:
         failed = plugin.computer().run([shard])
     except ShardWriteError as e:  # the storage's fault: reported, not raised (no worker traceback in logs)
@@ -164,7 +165,7 @@ def connect(device: str, workers: int | None, scheduler: str | None, log=print) 
     with dask.config.set({"distributed.worker.daemon": False}):
         if device == "cuda":
             gpus = visible_gpus()
-            if workers > len(gpus):
+            if workers is not None and workers > len(gpus):
                 raise UserError(f"--workers {workers} with --device cuda, but {len(gpus)} GPU(s) visible")
             cluster = SpecCluster(
                 workers=gpu_cluster_spec(gpus[:workers]),
@@ -191,7 +192,8 @@ def run_on_cluster(
     info = client.scheduler_info(n_workers=-1)["workers"]
     if resources and info and not any(w.get("resources", {}).get("GPU") for w in info.values()):
         raise UserError(
-            f"no worker of the cluster at {client.scheduler.address} offers the GPU resource: "
+            # a connected client has its scheduler (distributed types it as optional)
+            f"no worker of the cluster at {client.scheduler.address} offers the GPU resource: "  # type: ignore[union-attr]
             "start one worker per GPU with `--resources GPU=1`"
         )
     plugin = ExtractPlugin(job)

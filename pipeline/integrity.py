@@ -6,6 +6,7 @@ require_intact: a copied, downloaded or damaged cache is trusted only once its c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,7 +17,7 @@ from pipeline.storage import safe_key
 from pipeline.store import CacheStore
 
 
-def manifest_files(manifest: dict[str, Any]) -> dict[str, tuple[str, str]]:
+def manifest_files(manifest: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     """Every object a manifest vouches for: key -> (checksum, what it is, for messages)."""
     files: dict[str, tuple[str, str]] = {}
     for key, digest in manifest.get("metadata_files", {}).items():

@@ -13,11 +13,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from pipeline.schema import STATUS_FAILED, STATUS_OK
+from pipeline.schema import STATUS_FAILED, STATUS_OK, FailedRow, ShardRecord, WriterInfo
 from pipeline.store import CacheStore, ShardWrite
 
 
@@ -72,7 +71,9 @@ class ShardWriteError(RuntimeError):
 class ShardWriter:
     """Writes shards in a background thread; errors surface in the caller at the next put or close."""
 
-    def __init__(self, store: CacheStore, maxsize: int = 2, on_written: Callable[[dict], None] | None = None):
+    def __init__(
+        self, store: CacheStore, maxsize: int = 2, on_written: Callable[[ShardRecord], None] | None = None
+    ):
         self.store = store
         self.on_written = on_written
         self.queue: queue.Queue[ShardWrite | None] = queue.Queue(maxsize=maxsize)
@@ -116,7 +117,7 @@ class ShardWriter:
 class _Partial:
     data: dict[str, np.ndarray]
     status: np.ndarray
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[FailedRow] = field(default_factory=list)
     filled: int = 0
 
 
@@ -128,7 +129,7 @@ class ShardAssembler:
         plan: ShardPlan,
         specs: dict[str, dict[str, tuple[tuple[int, ...], str]]],
         writer: ShardWriter,
-        info: dict[str, Any],
+        info: WriterInfo,
     ):
         self.plan = plan
         self.specs = specs  # artifact path -> array name -> (row shape, dtype)

@@ -7,7 +7,8 @@ codec could run code, and a zarr.json claiming 10^12 rows would make a reader al
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 from pipeline.errors import UserError
 
@@ -21,6 +22,121 @@ LEGACY_SCHEMAS = {
 MANIFEST = "manifest.json"
 PROGRESS = "_progress"
 STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+
+
+# ---- the records of cache_schema.md, as Python types -------------------------------------------------
+# Types only: what is on disk is the plain JSON (and Zarr attributes) these describe, written as before.
+# A manifest from elsewhere is checked (check_codecs, check_layout) before its fields are trusted.
+
+
+class IndexAttrs(TypedDict):
+    """Group attributes of `index/<fp16>/` (cache_schema.md, "Index")."""
+
+    fingerprint: str
+    subset: str
+    root: str  # the subset folder on the machine that scanned it
+    splits: list[str]
+    n_rows: int
+    created_at: str
+    files: dict[str, str]  # store key -> xxh3-128 of every chunk object of the table
+    complete: bool
+
+
+class Upstream(TypedDict):
+    index: str  # the fingerprint of the index the artifact's rows refer to
+
+
+class FailedRow(TypedDict):
+    row: int
+    path: str
+    reason: str
+
+
+class PromptFallback(TypedDict):
+    rows: int
+    examples: list[str]
+
+
+class _Origin(TypedDict):
+    params: dict[str, Any]
+    upstream: Upstream
+    code_version: str
+
+
+class ArtifactOrigin(_Origin, total=False):
+    """What made an artifact, as its stage states it (pipeline.store.Artifact.attrs)."""
+
+    model: dict[str, Any]  # lare: the diffusion model's identity
+    prompt_fallback: PromptFallback  # lare with a prompt template: rows without a class
+
+
+class ArtifactAttrs(ArtifactOrigin):
+    """Group attributes of `<kind>/<fp16>/` (cache_schema.md, "Artifacts")."""
+
+    kind: str
+    fingerprint: str
+    n_rows: int
+    rows_per_shard: int
+    n_shards: int
+    arrays: list[str]
+    created_at: str
+    packages: dict[str, str]
+
+
+class ShardEntry(TypedDict):
+    """A shard as the manifest lists it."""
+
+    rows: list[int]  # [start, stop)
+    files: dict[str, str]  # store key -> xxh3-128
+    n_ok: int
+
+
+class _ShardRecord(ShardEntry):
+    shard: int
+    failed: list[FailedRow]
+    written_at: str
+
+
+class WriterInfo(TypedDict, total=False):
+    """How a shard was computed, recorded with it (stages.extract)."""
+
+    batch_size: int
+    device: str
+    host: str
+    compiled: bool
+    threads: int
+
+
+class ShardRecord(_ShardRecord, WriterInfo):
+    """`_progress/<kind>/<fp16>/<shard:06d>.json`, written after the shard's data: the shard is done."""
+
+
+class ManifestArtifact(ArtifactAttrs):
+    """An artifact's entry in the manifest: its attributes and its shards' records."""
+
+    shards_done: int
+    complete: bool
+    n_failed: int
+    failed: list[FailedRow]
+    shards: dict[str, ShardEntry]  # shard number (a string: JSON keys) -> its entry
+
+
+class _Manifest(TypedDict):
+    schema_version: int
+    subset: str | None
+    updated_at: str
+    packages: dict[str, str]
+    latest_index: str | None  # the path of the index created last
+    indexes: dict[str, IndexAttrs]  # by path, index/<fp16>
+    artifacts: dict[str, ManifestArtifact]  # by path, <kind>/<fp16>
+    metadata_files: dict[str, str]  # every zarr.json: store key -> xxh3-128
+
+
+class Manifest(_Manifest, total=False):
+    """`manifest.json`, written atomically, last: what a reader trusts."""
+
+    copied_from: str  # `pipeline cache push/pull`: the source's URL and when
+    copied_at: str
 
 
 # Codecs a cache may use: plain numeric/string encodings and compressors. Anything else (e.g.
@@ -105,7 +221,7 @@ def _n(value: Any, where: str, what: str) -> int:
     return value
 
 
-def check_layout(manifest: dict[str, Any], metadata: dict[str, Any], url: str) -> None:
+def check_layout(manifest: Mapping[str, Any], metadata: dict[str, Any], url: str) -> None:
     """Every array the manifest names, checked against the schema and its index's row count.
 
     Run before anything is read: a stranger's zarr.json claiming 10^12 rows would otherwise make a

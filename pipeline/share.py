@@ -20,6 +20,7 @@ import os
 import posixpath
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -99,10 +100,10 @@ def _progress_keys(src: CacheStore) -> list[str]:
         return []
 
 
-def merge_manifests(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+def merge_manifests(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
     """The source manifest, plus what only the target's old manifest listed (other artifacts, indexes)."""
     if not old:
-        return new
+        return dict(new)
     merged = dict(new)
     for part in ("indexes", "artifacts", "metadata_files"):
         merged[part] = {**old.get(part, {}), **new.get(part, {})}
@@ -197,7 +198,10 @@ def copy_cache(
         bar.close()
 
     merged = merge_manifests(journal.get("base"), {**manifest, "copied_from": src_url, "copied_at": now()})
-    if any(merged[part].keys() != manifest.get(part, {}).keys() for part in ("indexes", "artifacts")):
+    if (
+        merged["indexes"].keys() != manifest.get("indexes", {}).keys()
+        or merged["artifacts"].keys() != manifest.get("artifacts", {}).keys()
+    ):
         # The source's root zarr.json consolidates the source's tree only: describe the merged one.
         target = CacheStore(dst_url, mode="a")
         target.consolidate()

@@ -20,14 +20,15 @@ import contextlib
 import json
 import posixpath
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.array_spec import ArrayConfigParams
 
 from pipeline.errors import UserError
 from pipeline.fingerprint import checksum_bytes
@@ -38,12 +39,25 @@ from pipeline.schema import (
     SCHEMA_VERSION,
     STATUS_OK,
     STATUS_PENDING,
+    ArtifactAttrs,
+    ArtifactOrigin,
+    FailedRow,
+    IndexAttrs,
+    Manifest,
+    ManifestArtifact,
+    ShardRecord,
+    WriterInfo,
     check_codecs,
     check_layout,
 )
 from pipeline.storage import is_local, list_objects, now, open_fs, parse_json, safe_key, write_object
 
 PACKAGES = ("lare-pipeline", "torch", "diffusers", "transformers", "zarr", "numpy", "pillow")
+
+
+# every chunk object exists once written (cache_schema.md), so the manifest can list it
+# (zarr's TypedDict marks its keys NotRequired only for Python >= 3.11: a gap in its stubs under 3.10)
+WRITE_EMPTY_CHUNKS: ArrayConfigParams = {"write_empty_chunks": True}  # type: ignore[typeddict-item]
 
 
 def package_versions() -> dict[str, str]:
@@ -56,7 +70,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def latest(entries: dict[str, dict]) -> str | None:
+def latest(entries: Mapping[str, Mapping[str, Any]]) -> str | None:
     """The key of the entry created last (by its `created_at` stamp); None when there is none."""
     return max(entries, key=lambda k: entries[k].get("created_at", ""), default=None)
 
@@ -98,7 +112,8 @@ class Artifact:
     kind: str
     fingerprint: str
     arrays: dict[str, ArraySpec]
-    attrs: dict[str, Any] = field(default_factory=dict)  # params, model, upstream, code version...
+    # params, model, upstream, code version (empty only for the bare artifacts of tests)
+    attrs: ArtifactOrigin = field(default_factory=lambda: cast(ArtifactOrigin, {}))
 
     @property
     def path(self) -> str:
@@ -115,8 +130,8 @@ class ShardWrite:
     stop: int
     data: dict[str, np.ndarray]
     status: np.ndarray
-    failed: list[dict[str, Any]]
-    info: dict[str, Any]
+    failed: list[FailedRow]
+    info: WriterInfo
 
 
 class CacheStore:
@@ -130,6 +145,7 @@ class CacheStore:
         self.fs, self.root = open_fs(self.url, writable=not self.read_only)
         self.local = is_local(self.fs)
         self._check_safe(missing_ok=not self.read_only)
+        self.zstore: zarr.storage.StoreLike
         if self.local:
             self.zstore = zarr.storage.LocalStore(self.root, read_only=self.read_only)
         else:
@@ -188,7 +204,7 @@ class CacheStore:
             )
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{self.url} is not a readable Zarr cache ({e})") from None
-        found = self.group.attrs.get("schema_version")
+        found: Any = self.group.attrs.get("schema_version")  # anything: a stranger's cache
         if found is None:
             with _plain_objects_expected():  # our plain `_locks/` folder may precede the group
                 members = list(self.group.keys())
@@ -211,11 +227,25 @@ class CacheStore:
 
     @property
     def subset(self) -> str | None:
-        return self.group.attrs.get("subset")
+        subset = self.group.attrs.get("subset")
+        return subset if isinstance(subset, str) else None
 
     @property
     def schema_version(self) -> int:
-        return int(self.group.attrs["schema_version"])
+        return int(cast(int, self.group.attrs["schema_version"]))  # checked on opening (_open_root)
+
+    def _group(self, path: str) -> zarr.Group:
+        node = self.group[path]
+        if not isinstance(node, zarr.Group):
+            raise UserError(f"{self.url}/{path} is not a group (see cache_schema.md)")
+        return node
+
+    def array(self, path: str) -> zarr.Array:
+        """The array at `path` (e.g. `lare/<fp16>/maps`)."""
+        node = self.group[path]
+        if not isinstance(node, zarr.Array):
+            raise UserError(f"{self.url}/{path} is not an array (see cache_schema.md)")
+        return node
 
     # ---- plain objects (records, manifest) -----------------------------------------------------
     def _full(self, key: str) -> str:
@@ -224,7 +254,7 @@ class CacheStore:
     def read_bytes(self, key: str) -> bytes:
         return self.fs.cat_file(self._full(safe_key(key)))
 
-    def read_json(self, key: str) -> dict | None:
+    def read_json(self, key: str) -> dict[str, Any] | None:
         try:
             data = self.read_bytes(key)
         except FileNotFoundError:
@@ -242,7 +272,7 @@ class CacheStore:
         return checksum_bytes(self.read_bytes(key))
 
     # ---- tables (the index) ------------------------------------------------------------------
-    def write_table(self, path: str, columns: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    def write_table(self, path: str, columns: dict[str, np.ndarray], attrs: Mapping[str, Any]) -> None:
         """Write a table of per-row columns once; its checksums go in its attrs, written last."""
         group = self.group.require_group(path)
         files = {}
@@ -255,40 +285,40 @@ class CacheStore:
                 dtype=str if is_str else values.dtype,
                 chunks=(min(max(n, 1), 1 << 16),),
                 overwrite=True,
-                config={"write_empty_chunks": True},
+                config=WRITE_EMPTY_CHUNKS,
             )
             arr[:] = values
             for key in self._array_keys(f"{path}/{name}", arr):
                 files[key] = self.checksum(key)
         group.attrs.update({**attrs, "files": files, "complete": True})
 
-    def read_table(self, path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def read_table(self, path: str) -> tuple[dict[str, np.ndarray], IndexAttrs]:
         """The table's columns and attrs; the columns are named by its `files` attr where it has one.
 
         A store that cannot list (a zip served by fsspec lists nothing inside a group) still reads a
         table whose attrs name its objects; listing is the fallback for tables written without them.
         """
-        group = self.group[path]
-        attrs = dict(group.attrs)
+        group = self._group(path)
+        attrs = cast(IndexAttrs, dict(group.attrs))
         names = sorted({key[len(path) + 1 :].split("/")[0] for key in attrs.get("files", {})})
         if not names:
             names = [name for name, _ in group.arrays()]
-        return {name: group[name][:] for name in names}, attrs
+        return {name: np.asarray(self.array(f"{path}/{name}")[:]) for name in names}, attrs
 
-    def _subgroups(self, path: str | None = None):
+    def _subgroups(self, path: str | None = None) -> list[tuple[str, zarr.Group]]:
         """Child groups (our plain objects beside them are skipped quietly)."""
-        group = self.group if path is None else self.group[path]
+        group = self.group if path is None else self._group(path)
         with _plain_objects_expected():
             return list(group.groups())
 
-    def tables(self, prefix: str) -> dict[str, dict[str, Any]]:
+    def tables(self, prefix: str) -> dict[str, IndexAttrs]:
         """attrs of each complete table under `prefix` (e.g. every index), by path."""
         if prefix not in self.group:
             return {}
         out = {}
         for name, sub in self._subgroups(prefix):
             if sub.attrs.get("complete"):
-                out[f"{prefix}/{name}"] = dict(sub.attrs)
+                out[f"{prefix}/{name}"] = cast(IndexAttrs, dict(sub.attrs))
         return out
 
     # ---- artifacts ---------------------------------------------------------------------------
@@ -302,7 +332,7 @@ class CacheStore:
             attrs = self.group[path].attrs
             if attrs.get("n_rows") != n_rows:
                 raise UserError(f"{self.url}/{path} has {attrs.get('n_rows')} rows, expected {n_rows}")
-            return int(attrs["rows_per_shard"])
+            return int(cast(int, attrs["rows_per_shard"]))
         group = self.group.require_group(path)
         for name, spec in artifact.arrays.items():
             group.create_array(
@@ -313,7 +343,7 @@ class CacheStore:
                 chunks=(spec.chunk_rows(rows_per_shard), *spec.row_shape),
                 fill_value=spec.fill_value,
                 compressors=spec.codec(),
-                config={"write_empty_chunks": True},
+                config=WRITE_EMPTY_CHUNKS,
             )
         group.create_array(
             "status",
@@ -321,24 +351,23 @@ class CacheStore:
             dtype="uint8",
             chunks=(rows_per_shard,),
             fill_value=STATUS_PENDING,
-            config={"write_empty_chunks": True},
+            config=WRITE_EMPTY_CHUNKS,
         )
-        group.attrs.update(
-            {
-                "kind": artifact.kind,
-                "fingerprint": artifact.fingerprint,
-                "n_rows": n_rows,
-                "rows_per_shard": rows_per_shard,
-                "n_shards": -(-n_rows // rows_per_shard),
-                "arrays": sorted([*artifact.arrays, "status"]),
-                "created_at": now(),
-                "packages": package_versions(),
-                **artifact.attrs,
-            }
-        )
+        record: ArtifactAttrs = {
+            "kind": artifact.kind,
+            "fingerprint": artifact.fingerprint,
+            "n_rows": n_rows,
+            "rows_per_shard": rows_per_shard,
+            "n_shards": -(-n_rows // rows_per_shard),
+            "arrays": sorted([*artifact.arrays, "status"]),
+            "created_at": now(),
+            "packages": package_versions(),
+            **artifact.attrs,
+        }
+        group.attrs.update(cast(dict[str, Any], record))
         return rows_per_shard
 
-    def artifacts(self) -> dict[str, dict[str, Any]]:
+    def artifacts(self) -> dict[str, ArtifactAttrs]:
         """attrs of every artifact in the cache, by path (`<kind>/<fp16>`)."""
         out = {}
         for kind, _ in self._subgroups():
@@ -346,7 +375,7 @@ class CacheStore:
                 continue
             for name, art in self._subgroups(kind):
                 if "fingerprint" in art.attrs:
-                    out[f"{kind}/{name}"] = dict(art.attrs)
+                    out[f"{kind}/{name}"] = cast(ArtifactAttrs, dict(art.attrs))
         return out
 
     def _array_keys(self, array_path: str, arr: zarr.Array) -> Iterator[str]:
@@ -360,26 +389,25 @@ class CacheStore:
 
     def shard_keys(self, artifact_path: str, shard: int) -> list[str]:
         """The store objects that hold one shard: one per array (a sharded array's shard, or a chunk)."""
-        group = self.group[artifact_path]
+        group = self._group(artifact_path)
         keys = []
-        for name in group.attrs["arrays"]:
-            arr = group[name]
+        for name in cast(ArtifactAttrs, group.attrs)["arrays"]:
+            arr = self.array(f"{artifact_path}/{name}")
             coords = (shard,) + (0,) * (arr.ndim - 1)
             keys.append(f"{artifact_path}/{name}/{arr.metadata.encode_chunk_key(coords)}")
         return keys
 
-    def write_shard(self, w: ShardWrite) -> dict[str, Any]:
+    def write_shard(self, w: ShardWrite) -> ShardRecord:
         """Write one whole shard of every array, then its progress record: the record means 'done'."""
-        group = self.group[w.artifact]
         keys = self.shard_keys(w.artifact, w.shard)
         # zarr reads a shard object back before rewriting it: a torn one from a killed writer would fail
         for key in keys:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(self._full(key))
         for name, values in w.data.items():
-            group[name][w.start : w.stop] = values
-        group["status"][w.start : w.stop] = w.status
-        record = {
+            self.array(f"{w.artifact}/{name}")[w.start : w.stop] = values
+        self.array(f"{w.artifact}/status")[w.start : w.stop] = w.status
+        record: ShardRecord = {
             "shard": w.shard,
             "rows": [w.start, w.stop],
             "files": {key: self.checksum(key) for key in keys},
@@ -391,20 +419,20 @@ class CacheStore:
         self.write_json(f"{PROGRESS}/{w.artifact}/{w.shard:06d}.json", record)
         return record
 
-    def done_shards(self, artifact_path: str) -> dict[int, dict[str, Any]]:
+    def done_shards(self, artifact_path: str) -> dict[int, ShardRecord]:
         """Progress records of the shards finished so far, by shard number."""
         out = {}
         for key in self.list_keys(f"{PROGRESS}/{artifact_path}"):
             if key.endswith(".json"):
-                record = self.read_json(key)
+                record = cast(ShardRecord, self.read_json(key))  # listed: it exists
                 out[int(record["shard"])] = record
         return out
 
     # ---- manifest ----------------------------------------------------------------------------
-    def build_manifest(self) -> dict[str, Any]:
+    def build_manifest(self) -> Manifest:
         """What the cache holds, with a checksum of every object, assembled from the store itself."""
         indexes = self.tables("index")
-        artifacts = {}
+        artifacts: dict[str, ManifestArtifact] = {}
         for path, attrs in self.artifacts().items():
             shards = self.done_shards(path)
             failed = [f for s in sorted(shards) for f in shards[s]["failed"]]
@@ -443,14 +471,14 @@ class CacheStore:
             warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
             zarr.consolidate_metadata(self.zstore)
 
-    def write_manifest(self) -> dict[str, Any]:
+    def write_manifest(self) -> Manifest:
         self.consolidate()  # before the checksums: the root zarr.json changes
         manifest = self.build_manifest()
         self.write_json(MANIFEST, manifest)
         return manifest
 
-    def manifest(self) -> dict[str, Any]:
-        manifest = self.read_json(MANIFEST)
+    def manifest(self) -> Manifest:
+        manifest = cast("Manifest | None", self.read_json(MANIFEST))  # checked on opening (check_layout)
         if manifest is None:
             raise UserError(
                 f"{self.url} has no {MANIFEST}: the run that wrote it did not finish (rerun it); "

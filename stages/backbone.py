@@ -14,13 +14,16 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import checksum_file
+
+if TYPE_CHECKING:  # open_clip has no type information: this names what load_visual returns
+    from open_clip.modified_resnet import ModifiedResNet
 
 CODE_ID = "stages.backbone"  # the name its code is hashed under, wherever the file lives
 
@@ -142,7 +145,7 @@ def save_random_clip(arch: str, path: str | Path, seed: int = 0, image_size: int
     return Path(path)
 
 
-def visual_features(visual: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def visual_features(visual: ModifiedResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer3 map (B, C3, H/16, W/16), attention-pooled embedding (B, D)) of a ModifiedResNet."""
     x = visual.stem(x)
     x = visual.layer1(x)
@@ -158,7 +161,7 @@ def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     return (images.float() / 255 - mean_) / std_
 
 
-def dims(visual: nn.Module) -> tuple[int, int]:
+def dims(visual: ModifiedResNet) -> tuple[int, int]:
     """(layer3 channels, embedding width)."""
     c3 = visual.layer3[-1].conv3.out_channels
     return c3, visual.attnpool.c_proj.out_features

@@ -10,6 +10,8 @@ run was stopped and resumed changes a bit. Training, evaluation and detection sh
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ def crop_windows(x: torch.Tensor, off: torch.Tensor, crop: int) -> torch.Tensor:
 
 def make_inputs(
     method: str,
-    hp: dict,
+    hp: Mapping[str, Any],
     crops: torch.Tensor,
     maps: torch.Tensor,
     train: bool,
@@ -127,17 +129,19 @@ class EpochBatches:
         self.blocks = shard_blocks(data, rows)
         self.stream = len(rows) > memory_rows
         if self.stream:
-            self.lare_channels = int(data.stores[0].group[f"{data.sources[0].lare}/maps"].shape[1])
+            self.lare_channels = int(data.stores[0].array(f"{data.sources[0].lare}/maps").shape[1])
             return
         bar = tqdm(total=len(rows), desc="read cache", unit="row", disable=not progress)
-        crops = maps = None
+        crops: torch.Tensor | None = None
+        maps: torch.Tensor | None = None
         for pos, c, m in self._reads(list(range(len(self.blocks)))):
-            if crops is None:
+            if crops is None or maps is None:
                 crops = torch.empty((len(rows), *c.shape[1:]), dtype=c.dtype)
                 maps = torch.empty((len(rows), *m.shape[1:]), dtype=m.dtype)
             crops[pos], maps[pos] = c, m
             bar.update(len(pos))
         bar.close()
+        assert crops is not None and maps is not None, "no rows to read"
         self.crops, self.maps = crops.to(self.device), maps.to(self.device)
         self.lare_channels = self.maps.shape[1]
 
@@ -163,8 +167,8 @@ class EpochBatches:
                 yield idx.numpy(), self.crops[on], self.maps[on], self.labels[on]
             return
         dev = self.device
-        carry = (np.zeros(0, dtype=np.int64), None, None)
-        pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        carry: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None  # rows left for the next part
+        pending: list[tuple[np.ndarray | torch.Tensor, torch.Tensor, torch.Tensor]] = []
         block_order = torch.randperm(len(self.blocks), generator=gen).tolist()
         reads = iter(self._reads(block_order))
         for i in range(len(block_order)):
@@ -172,7 +176,7 @@ class EpochBatches:
             pending.append((pos, c.to(dev, non_blocking=True), m.to(dev, non_blocking=True)))
             if sum(len(p[0]) for p in pending) < self.memory_rows and i < len(block_order) - 1:
                 continue
-            parts = ([carry] if len(carry[0]) else []) + pending
+            parts = ([carry] if carry is not None and len(carry[0]) else []) + pending
             pos = np.concatenate([np.asarray(p[0]) for p in parts])
             crops, maps = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
             pending = []

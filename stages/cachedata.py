@@ -10,7 +10,9 @@ cost a request per row and were 8x slower.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 from tqdm import tqdm
@@ -94,7 +96,8 @@ class Choice:
 
     lare: str | None = None
     pixels: str | None = None
-    run: dict | None = None  # a run's params: its "lare" record and the "caches" it was trained on
+    # a run's params: its "lare" record and the "caches" it was trained on
+    run: Mapping[str, Any] | None = None
     perturb: Perturb = None  # the perturbation the artifacts must carry (None: clean)
 
     def rank(self, kind: str):
@@ -168,7 +171,7 @@ def _listing(found: list[tuple[str, dict]]) -> str:
 
 
 def choose(
-    manifest: dict,
+    manifest: Mapping[str, Any],
     url: str,
     kind: str,
     split: str | None,
@@ -243,7 +246,7 @@ def open_source(
     if manifest is None:
         if verify:
             store.manifest()  # the one-line "no manifest" error
-        manifest = store.build_manifest()
+        manifest = cast(dict[str, Any], store.build_manifest())  # as the stored one is read: JSON
         check_layout(manifest, store.metadata, url)
     lare = choose(
         manifest, url, "lare", split, choice.lare, choice.rank("lare"), allow_incomplete=not verify,
@@ -266,7 +269,7 @@ def open_source(
     n = len(cols["path"])
     usable = np.ones(n, dtype=bool)
     for path, art in (lare, pixels):
-        usable &= store.group[f"{path}/status"][:] == STATUS_OK
+        usable &= store.array(f"{path}/status")[:] == STATUS_OK
         if not art["complete"]:
             usable &= _finished_rows(art, n)
             log(
@@ -432,13 +435,14 @@ class CacheData:
                 continue
             want = rows.row[pos]
             for name, path, dtype in (("crops", s.pixels, np.uint8), ("maps", s.lare, np.float32)):
-                arr = store.group[f"{path}/{name}"]
+                arr = store.array(f"{path}/{name}")
                 if name not in out:
                     out[name] = np.empty((len(rows), *arr.shape[1:]), dtype=dtype)
                 for start, stop in read_spans(want, arr.chunks[0], (arr.shards or arr.chunks)[0]):
                     inside = (want >= start) & (want < stop)
-                    out[name][pos[inside]] = arr[start : min(stop, arr.shape[0])][want[inside] - start]
+                    block = np.asarray(arr[start : min(stop, arr.shape[0])])
+                    out[name][pos[inside]] = block[want[inside] - start]
                     if name == "maps":
                         bar.update(int(inside.sum()))
         bar.close()
-        return out.get("crops"), out.get("maps")
+        return cast(np.ndarray, out.get("crops")), cast(np.ndarray, out.get("maps"))  # None: no rows asked

@@ -30,6 +30,8 @@ from pipeline.storage import atomic_write
 from stages import backbone, cachedata
 from stages import method as method_registry
 from stages.batches import make_inputs
+from stages.method import Detector
+from stages.records import DoneRecord, EpochRecord, RunParams
 
 CODE_ID = "stages.checkpoint"  # the name its code is hashed under, wherever the file lives
 
@@ -44,7 +46,7 @@ def atomic_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     atomic_write(str(path), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
 
 
-def build_model(params: dict, pretrained: bool = True) -> torch.nn.Module:
+def build_model(params: RunParams, pretrained: bool = True) -> Detector:
     """The network of a run from its record: the method's constructor with the saved arguments,
     initialised from the run's seed and (pretrained) the backbone weights of its spec.
 
@@ -90,7 +92,7 @@ def load_epoch(run: Path, epoch: int, model, opt=None) -> None:
     model.load_state_dict(load_file(str(run / f"epoch-{epoch:03d}.safetensors")))
     if opt is None:
         return
-    info = json.loads((run / f"epoch-{epoch:03d}.json").read_text())
+    info: EpochRecord = json.loads((run / f"epoch-{epoch:03d}.json").read_text())
     flat = load_file(str(run / f"epoch-{epoch:03d}.optim.safetensors"))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in flat.items():
@@ -104,8 +106,8 @@ class Run:
     """A finished run, loaded for evaluation or detection."""
 
     path: Path
-    params: dict
-    model: torch.nn.Module
+    params: RunParams
+    model: Detector
     device: str = "cpu"
     epoch: int = 0  # whose weights the model holds
 
@@ -169,7 +171,7 @@ def select_epochs(path: str | Path, choice: str | int = "best", several: bool = 
         raise UserError(
             f"{run} has not finished training (no done.json): rerun `pipeline train` to resume it"
         )
-    record = json.loads(done.read_text())
+    record: DoneRecord = json.loads(done.read_text())
     last = int(record["epochs"])
     kept = [e for e in finished_epochs(run) if e <= last]
     choice = str(choice)
@@ -198,7 +200,7 @@ def load_run(path: str | Path, device: str = "cpu", epoch: str | int = "best") -
     """A finished run with the weights of `epoch` (see select_epochs), in evaluation mode on `device`."""
     run = Path(path)
     (chosen,) = select_epochs(run, epoch)
-    params = json.loads((run / "params.json").read_text())
+    params: RunParams = json.loads((run / "params.json").read_text())
     if "model" not in params:
         raise UserError(f"{run.name} was trained by an older version (no model arguments saved): retrain it")
     model = build_model(params, pretrained=False)

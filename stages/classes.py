@@ -101,7 +101,7 @@ def class_name(path: str | os.PathLike) -> str | None:
 
 
 def prompts_for(
-    prompt: str, template: str | None, paths: Sequence[str] | Sequence[Path] | np.ndarray
+    prompt: str, template: str | None, paths: Sequence[str | Path] | np.ndarray
 ) -> tuple[list[str], np.ndarray, list[int]]:
     """Distinct prompts, each row's prompt index, and the rows whose name holds no class.
 

@@ -69,6 +69,7 @@ class LaREOnTheFly:
         model = sd.load_model(ref, device, dtype)
         self.latent = sd.latent_geometry(ref, int(p["size"]))
         self.recipe = RowRecipe.from_params(p, self.latent, pixel_params)
+        assert self.recipe.lare is not None  # LaRE params given
         distinct, idx, _ = self.recipe.lare.prompts(paths)  # each distinct prompt encoded once
         self.prompt_of = dict(zip(paths, idx.tolist(), strict=True))
         self.lare = lare_math.LaRE(model, model.encode_prompts(distinct), int(p["timestep"]), dtype)

@@ -24,7 +24,7 @@ from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWriter
-from pipeline.schema import MANIFEST, SCHEMA_VERSION, index_path
+from pipeline.schema import MANIFEST, SCHEMA_VERSION, ArtifactOrigin, WriterInfo, index_path
 from pipeline.storage import now
 from pipeline.store import ArraySpec, Artifact, CacheStore, latest
 from stages import cachedata, sd
@@ -133,7 +133,7 @@ def lare_artifact(
     )
     channels, side = latent
     spec = ArraySpec((channels, side, side), cfg.dtype, fill_value=float("nan"), compressor="blosc-shuffle")
-    attrs = {
+    attrs: ArtifactOrigin = {
         "params": params,
         "model": model.identity(),
         "upstream": {"index": index_fp},
@@ -157,7 +157,7 @@ def pixel_artifact(cfg: ExtractConfig, index_fp: str) -> Artifact:
         {"stage": "pixels", "schema": SCHEMA_VERSION, "params": params, "index": index_fp, "code": code}
     )
     spec = ArraySpec((3, cfg.pixel_size, cfg.pixel_size), "uint8")
-    attrs = {"params": params, "upstream": {"index": index_fp}, "code_version": code}
+    attrs: ArtifactOrigin = {"params": params, "upstream": {"index": index_fp}, "code_version": code}
     return Artifact("pixels", fp, {"crops": spec}, attrs)
 
 
@@ -243,8 +243,8 @@ class ExtractJob:
 def _load_or_scan_index(store: CacheStore, cfg: ExtractConfig, log=print) -> tuple[index_stage.Index, str]:
     previous = None
     tables = store.tables("index")
-    if tables:
-        cols, attrs = store.read_table(latest(tables))
+    if (newest := latest(tables)) is not None:
+        cols, attrs = store.read_table(newest)
         previous = index_stage.Index(attrs["subset"], attrs["root"], cols)
     idx = index_stage.scan(
         cfg.data_root, cfg.subset, cfg.splits, previous=previous, progress=cfg.progress, log=log
@@ -252,8 +252,8 @@ def _load_or_scan_index(store: CacheStore, cfg: ExtractConfig, log=print) -> tup
     fp = idx.fingerprint
     path = index_path(fp)
     if path not in tables:
-        attrs = {"fingerprint": fp, "subset": idx.subset, "root": idx.root, "splits": list(cfg.splits)}
-        store.write_table(path, idx.columns, {**attrs, "n_rows": len(idx), "created_at": now()})
+        new = {"fingerprint": fp, "subset": idx.subset, "root": idx.root, "splits": list(cfg.splits)}
+        store.write_table(path, idx.columns, {**new, "n_rows": len(idx), "created_at": now()})
     return idx, path
 
 
@@ -283,6 +283,7 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
     lare = lare_artifact(cfg, idx.fingerprint, model_ref, precision, latent)
     paths = idx.columns["path"]
     recipe = RowRecipe.from_params(lare.attrs["params"], latent, None)
+    assert recipe.lare is not None  # LaRE params given
     prompts, prompt_idx, missing = recipe.lare.prompts(paths)
     if cfg.prompt_template is not None:  # recorded (cache info shows it), not hashed: the index decides it
         examples = [str(paths[r]) for r in missing[:5]]
@@ -302,9 +303,9 @@ def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
         log(f"note: continuing with the cache's own layout, {rows_per_shard} rows per shard")
     plan = ShardPlan.for_store(store, [a.path for a in artifacts.values()], n, rows_per_shard)
     if missing and plan.shards():
-        examples = ", ".join(str(paths[r]) for r in missing[:3])
+        shown = ", ".join(str(paths[r]) for r in missing[:3])
         log(
-            f"note: {len(missing)} file name(s) name no ImageNet class (e.g. {examples}); "
+            f"note: {len(missing)} file name(s) name no ImageNet class (e.g. {shown}); "
             f"they use the prompt '{cfg.prompt}'"
         )
     return ExtractJob(
@@ -371,6 +372,7 @@ class ShardComputer:
 
     def _maps(self, batch: dict[str, Any]):
         """Launch the LaRE computation of a batch; returns (maps on host, event to wait on)."""
+        assert self.lare is not None  # called for a job that computes maps
         images, noise, prompt = batch["image"], batch["noise"], batch["prompt"]
         n = len(images)
         if self.cfg.compile and n < self.cfg.batch_size:  # a shard's short last batch: pad, no recompile
@@ -432,7 +434,7 @@ class ShardComputer:
         specs = {
             a.path: {n: (s.row_shape, s.dtype) for n, s in a.arrays.items()} for a in job.artifacts.values()
         }
-        info = {"batch_size": self.cfg.batch_size, "device": job.device, "host": platform.node(),
+        info: WriterInfo = {"batch_size": self.cfg.batch_size, "device": job.device, "host": platform.node(),
                 "compiled": self.cfg.compile, "threads": torch.get_num_threads()}  # fmt: skip
         writer = ShardWriter(store)
         assembler = ShardAssembler(plan, specs, writer, info)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import xxhash
@@ -251,15 +252,16 @@ def scan(
             for k, desc in zip(todo, bar, strict=True):
                 described[k] = desc
 
+    done = cast(list[tuple[str, str, int, int, int]], described)  # every row, known or described
     columns = {
-        "id": np.array([d[0] for d in described], dtype=object),
+        "id": np.array([d[0] for d in done], dtype=object),
         "path": np.array([f[0] for f in files], dtype=object),
         "label": np.array([f[1] for f in files], dtype=np.uint8),
         "split": np.array([f[2] for f in files], dtype=object),
-        "format": np.array([d[1] for d in described], dtype=object),
-        "width": np.array([d[2] for d in described], dtype=np.int32),
-        "height": np.array([d[3] for d in described], dtype=np.int32),
-        "jpeg_quality": np.array([d[4] for d in described], dtype=np.int16),
+        "format": np.array([d[1] for d in done], dtype=object),
+        "width": np.array([d[2] for d in done], dtype=np.int32),
+        "height": np.array([d[3] for d in done], dtype=np.int32),
+        "jpeg_quality": np.array([d[4] for d in done], dtype=np.int16),
         "size": np.array([st.st_size for st in stats], dtype=np.int64),
         "mtime_ns": np.array([st.st_mtime_ns for st in stats], dtype=np.int64),
     }

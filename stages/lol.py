@@ -9,13 +9,16 @@ evident intent: h = round(min(H, sqrt(S r_aspect))), w = round(min(W, S / h)), S
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stages import backbone
 from stages.backbone import CLIP_MEAN, CLIP_STD, dims, visual_features
-from stages.method import Method, register
+from stages.method import Detector, Method, register
 
 CODE_ID = "stages.lol"  # the name its code is hashed under, wherever the file lives
 
@@ -29,7 +32,7 @@ MASK_RANGE = (0.6, 0.8)
 ASPECT_RANGE = (0.33, 3.0)
 
 
-class LoL(nn.Module):
+class LoL(Detector):
     """CLIP image tower + a linear head on its attention-pooled embedding; one logit."""
 
     def __init__(self, visual: nn.Module):
@@ -108,11 +111,15 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return images.flatten(2).gather(2, index).view(images.shape)
 
 
-def prepare(images: torch.Tensor, hp: dict, train: bool, gen: torch.Generator | None) -> torch.Tensor:
+def prepare(
+    images: torch.Tensor, hp: Mapping[str, Any], train: bool, gen: torch.Generator | None
+) -> torch.Tensor:
     """LoL's input: in training flip and rotation, normalisation (CLIP's mean and std), then the
     rectangle mask per sample (masked pixels 0 in normalised space); at test the crop, normalised."""
     if not train:
         return backbone.normalise(images, CLIP_MEAN, CLIP_STD)
+    if gen is None:
+        raise ValueError("LoL's training augmentation draws from a generator")
     x = backbone.normalise(augment(images, gen), CLIP_MEAN, CLIP_STD)
     c = x.shape[-1]
     masks = draw_masks(len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]), device=x.device)

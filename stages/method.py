@@ -10,7 +10,7 @@ this object, not `if method == ...` branches elsewhere.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,19 @@ from pipeline.errors import UserError
 CODE_ID = "stages.method"  # the name its code is hashed under, wherever the file lives
 
 BUILTIN = ("stages.egre", "stages.lol")  # modules that register a method when imported
+
+
+class Detector(nn.Module):
+    """A method's network: forward(images, lare_maps) -> logits, and what training and scoring
+    need of those logits (each method defines both)."""
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def score(logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -41,11 +54,13 @@ class Method:
     """
 
     name: str
-    model: Callable[..., nn.Module]
-    prepare: Callable[[torch.Tensor, dict, bool, torch.Generator | None], torch.Tensor]
+    model: Callable[..., Detector]
+    prepare: Callable[[torch.Tensor, Mapping[str, Any], bool, torch.Generator | None], torch.Tensor]
     reads_lare: bool
     defaults: dict[str, Any]
-    model_args: Callable[[dict, int], dict[str, Any]] = field(default=lambda hp, lare_channels: {})
+    model_args: Callable[[Mapping[str, Any], int], dict[str, Any]] = field(
+        default=lambda hp, lare_channels: {}
+    )
     extra_hparams: Callable[[Any], dict[str, Any]] = field(default=lambda cfg: {})
 
 

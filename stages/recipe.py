@@ -102,10 +102,12 @@ class RowRecipe:
         """
         lare = None
         if lare_params is not None:
+            if latent is None:
+                raise ValueError("a LaRE recipe needs the model's latent geometry")
             p = lare_params
             lare = LareRow(
                 size=int(p["size"]), preprocess=p["preprocess"], seed=int(p["seed"]),
-                ensemble=int(p["ensemble"]), latent=tuple(latent), prompt=p["prompt"] or "a photo",
+                ensemble=int(p["ensemble"]), latent=(latent[0], latent[1]), prompt=p["prompt"] or "a photo",
                 prompt_template=p["prompt_template"], small_images=p.get("small_images") or "tile",
             )  # fmt: skip
         recorded = lare_params or pixel_params or {}

@@ -206,7 +206,7 @@ def figure(m: Matrix):
     labels = [*m.cols, "mean"]
     title = f"{m.metric.upper()} (%)\n{m.subtitle}"
     fig = plt.figure(layout="constrained")  # margins fit the labels, the colorbar included
-    renderer = fig.canvas.get_renderer()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]  # Agg's canvas; the base stub lacks it
 
     def size(text: str, **kw) -> tuple[float, float]:  # inches of a text as matplotlib draws it
         t = fig.text(0, 0, text, **kw)

@@ -80,7 +80,10 @@ def _test(family: str, spec: str, level: str) -> Condition:
 GRIDS: dict[str, list[Condition]] = {
     "lol-a4": [CLEAN, *(_both(f, s, s.split(":")[1]) for f, s in A4.items())],
     "lol-a4-frank": [CLEAN, *(_both(f, s, "Frank") for f, s in FRANK.items())],
-    "lol-a7": [CLEAN, Condition("noise+blur+jpeg+crop", "chain", "A7", *(["+".join(A4.values())] * 2))],
+    "lol-a7": [
+        CLEAN,
+        Condition("noise+blur+jpeg+crop", "chain", "A7", "+".join(A4.values()), "+".join(A4.values())),
+    ],
     "genimage": [
         CLEAN,
         _test("resize", "genimage:lowres=112", "112px"),

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ class ModelRef:
         return {"spec": self.spec, "source": self.source, "revision": self.revision, "weights": self.weights}
 
 
-def random_weights_note(model: dict[str, Any]) -> str | None:
+def random_weights_note(model: Mapping[str, Any]) -> str | None:
     """The note every command prints that runs or scores a model of random weights, so that nobody
     reads its numbers as a detector's: `model` is an identity as caches and runs record it, of the
     LaRE model (`ModelRef.identity()`) or of a run's CLIP backbone (params["backbone"], from
@@ -220,7 +221,7 @@ def build_random(folder: Path, arch: str) -> None:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder)
+    pipe.save_pretrained(folder)  # type: ignore[attr-defined]  # diffusers' lazy pipeline class hides it
 
 
 def ensure_random(arch: str) -> Path:
@@ -271,7 +272,8 @@ def load_model(ref: ModelRef, device: str, dtype: torch.dtype) -> SDModel:
     tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     for m in (vae, unet, text_encoder):
-        m.to(device).eval().requires_grad_(False)
+        # transformers' decorator types PreTrainedModel.to as a plain function (a gap in its typing)
+        m.to(device).eval().requires_grad_(False)  # type: ignore[arg-type]
     if device.startswith("cuda"):
         # Kernel choice by cuDNN's fixed heuristics, not by per-process timing (benchmark mode): a resumed
         # run or another worker on the same GPU model then computes the same bits at a fixed batch size.

@@ -41,7 +41,7 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     out = np.zeros((h, w, 3), dtype=np.float32)
     for cells, amp in ((3, 90.0), (8, 45.0), (24, 20.0)):
         grid = rng.uniform(-1, 1, size=(cells, cells, 3)).astype(np.float32)
-        img = Image.fromarray(((grid + 1) * 127.5).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        img = Image.fromarray(((grid + 1) * 127.5).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
         out += (np.asarray(img, dtype=np.float32) / 127.5 - 1) * amp
     return out + 128.0
 
@@ -68,7 +68,7 @@ def make_image(
             0, 6, size=(max(h // 4, 8), max(w // 4, 8), 3)
         )
         small = np.clip(small, 0, 255).astype(np.uint8)
-        return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+        return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC))
     return np.clip(_scene(rng, h, w) + rng.normal(0, 12, size=(h, w, 3)), 0, 255).astype(np.uint8)
 
 

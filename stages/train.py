@@ -30,9 +30,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ from stages import backbone, batches, cachedata, calibrate, checkpoint, lol, sd
 from stages import method as method_registry
 from stages.batches import READ_WORKERS, EpochBatches, make_inputs
 from stages.checkpoint import Run, atomic_json, build_model, finished_epochs, load_epoch, predict, save_epoch
+from stages.records import RunParams
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
 
@@ -248,7 +250,7 @@ def resolve_precision(precision: str, device: str) -> str:
     return config.resolve_precision(precision, device, TRAIN_PRECISIONS, on_cuda="bf16")
 
 
-def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
+def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunParams]:
     hp = cfg.hparams({s.subset for s in data.sources})
     data.check_crop(hp["crop_size"])
     identity = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights).identity()  # hashes a weight file
@@ -279,7 +281,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, dict]:
     fp = fingerprint(ident)
     subsets = "+".join(sorted({s.subset for s in data.sources}))
     run = Path(cfg.out) / f"{cfg.method}-{subsets}-{fp[:12]}"
-    return run, {**params, "fingerprint": fp, "aligned": aligned}
+    return run, cast(RunParams, {**params, "fingerprint": fp, "aligned": aligned})
 
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
@@ -297,7 +299,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
-    hp = params["hparams"]
+    hp: Mapping[str, Any] = params["hparams"]  # read as JSON: betas a list, plateau mode a str
     if cfg.lr is None and hp["lr"] != method.defaults["lr"]:
         log(f"lr {hp['lr']:g}: the {cfg.method} paper's rate for this training subset (--lr to override)")
     rows, val_rows = training_rows(data, hp, cfg.seed, log)
@@ -339,7 +341,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
         history[epoch] = v = validate(trained, data, val_rows)
         if sched is not None and not math.isnan(v["auc"]):
             sched.step(v["auc"])
-        info = {"loss": loss, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
+        info: dict[str, Any] = {"loss": loss, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
         info.update(val=v, scheduler=sched.state_dict() if sched is not None else None)
         save_epoch(run, epoch, model, opt, info)
         best = epoch if no_selection else best_epoch(history)
@@ -355,7 +357,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
 
 
 def training_rows(
-    data: cachedata.CacheData, hp: dict, seed: int, log
+    data: cachedata.CacheData, hp: Mapping[str, Any], seed: int, log
 ) -> tuple[cachedata.Rows, cachedata.Rows]:
     """(training sample, validation slice), both from the train split: test (val) splits stay unseen."""
     pool = data.rows("train", hp["real_jpeg_quality"])
@@ -366,7 +368,7 @@ def training_rows(
     return data.sample(rest, hp["max_per_class"], seed, log), val_rows
 
 
-def open_run_dir(run: Path, params: dict, sample: dict) -> None:
+def open_run_dir(run: Path, params: Mapping[str, Any], sample: dict) -> None:
     """Create the run directory, or check that the one there holds this run; params.json and
     sample.json are written once (a resumed run keeps its own)."""
     run.mkdir(parents=True, exist_ok=True)
@@ -380,7 +382,7 @@ def open_run_dir(run: Path, params: dict, sample: dict) -> None:
         atomic_json(run / "sample.json", sample)
 
 
-def optimiser(model: torch.nn.Module, hp: dict, plateau: bool):
+def optimiser(model: torch.nn.Module, hp: Mapping[str, Any], plateau: bool):
     """(Adam, the method's plateau schedule on validation AUC or None). `plateau` False: the slice
     cannot choose epochs (selection_rule), so no schedule steps on its scores."""
     opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
@@ -456,11 +458,12 @@ def finish_run(
     """done.json (last and best epoch, why it stopped, how the best was chosen), then the calibration
     of the best epoch on the validation slice (derived from the weights, not part of the fingerprint)."""
     last = max(history)
-    if no_selection:  # else both labels are in the slice: every epoch has an AUC
-        best, selection = last, {"by": "last", "why": no_selection}
+    chosen = None if no_selection else best_epoch(history)
+    if chosen is None:  # no selection; else both labels are in the slice: every epoch has an AUC
+        best, selection = last, {"by": "last", "why": str(no_selection)}
         log(f"done after epoch {last}: {stopped}; best epoch = last epoch {last} ({no_selection})")
     else:
-        best, selection = best_epoch(history), {"by": "validation AUC"}
+        best, selection = chosen, {"by": "validation AUC"}
         auc = history[best]["auc"]
         log(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {auc:.4f})")
     atomic_json(

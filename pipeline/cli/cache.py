@@ -93,7 +93,7 @@ def cache_info(
         typer.echo(f"{path:<28} {attrs['n_rows']} rows, splits {','.join(attrs['splits'])}{latest}")
         for line in _describe_formats(store, path):
             typer.echo(line)
-    failed = {}
+    failed: dict[str, str] = {}
     for path, art in sorted(manifest["artifacts"].items()):
         for line in _describe_artifact(path, art, manifest["indexes"]):
             typer.echo(line)

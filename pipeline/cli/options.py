@@ -28,11 +28,13 @@ def given(**options: Any) -> dict[str, Any]:
 def _defaults_of(source: str) -> dict[str, Any]:
     """The defaults of 'module:Name', a config dataclass."""
     module, name = source.split(":")
-    return {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        for f in dataclasses.fields(getattr(importlib.import_module(module), name))
-        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-    }
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(getattr(importlib.import_module(module), name)):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def _text(value: Any) -> str:
@@ -77,7 +79,7 @@ def help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
     differ."""
 
     class Command(TyperCommand):
-        def format_help(self, ctx: typer.Context, formatter: Any) -> None:
+        def format_help(self, ctx: Any, formatter: Any) -> None:  # typer vendors click's Context
             for param in self.params:
                 if isinstance(param, TyperOption) and (text := _shown_default(param, sources, renamed)):
                     param.show_default = text

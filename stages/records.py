@@ -1,0 +1,128 @@
+"""The JSON records of a run directory (stages.checkpoint lists the layout), as Python types.
+
+Types only: training writes plain dicts of these shapes with `atomic_json` and evaluation and
+detection read them back with `json.loads`; nothing here changes a byte on disk. A field added to a
+record goes here first, so a reader finds what a record holds in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class Plateau(TypedDict):
+    """EGRE's ReduceLROnPlateau arguments (stages.egre.DEFAULTS)."""
+
+    mode: str
+    factor: float
+    patience: int
+    min_lr: float
+
+
+class _Hparams(TypedDict):
+    epochs: int
+    patience: int
+    batch_size: int
+    lr: float
+    betas: list[float]
+    grad_clip: float | None
+    plateau: Plateau | None
+    val_fraction: float
+    min_val_rows: int
+    crop_size: int
+    max_per_class: int | None
+    shuffle_labels: bool
+    memory_rows: int
+    real_jpeg_quality: int | None
+
+
+class Hparams(_Hparams, total=False):
+    """A run's hyper-parameters (TrainConfig.hparams): the options, else the method's defaults, plus
+    the method's own (Method.extra_hparams)."""
+
+    mask_range: list[float]  # LoL
+    aspect_range: list[float]  # LoL
+
+
+class BackboneRecord(TypedDict, total=False):
+    """The CLIP tower: its identity (BackboneSpec.identity) and the spec as given."""
+
+    arch: str
+    weights: str  # 'openai', 'random' or 'file'
+    xxh3: str  # 'file': the weight file's checksum
+    spec_weights: str  # 'openai', 'random' or the local file's path
+
+
+class LareRecord(TypedDict):
+    """The LaRE maps the run trained on: how detection computes them for new images."""
+
+    params: dict[str, Any]  # the LaRE artifact's params (cache_schema.md)
+    model: dict[str, Any]  # the diffusion model's identity
+    pixel_size: int
+
+
+class _RunParams(TypedDict):
+    stage: str  # "train"
+    method: str
+    hparams: Hparams
+    backbone: BackboneRecord
+    caches: list[dict[str, Any]]  # each training cache's identity (cachedata.Source.identity)
+    lare: LareRecord
+    pixels: dict[str, Any]  # the pixel artifact's params: how detection crops new images
+    lare_alignment: str
+    seed: int
+    precision: str
+    code: str  # the trainer's code version
+    fingerprint: str
+    aligned: bool
+
+
+class RunParams(_RunParams, total=False):
+    """`params.json`: everything that decides the weights, and the model's constructor arguments."""
+
+    model: dict[str, Any]  # the method's constructor arguments besides the tower (Method.model_args)
+    created_at: str
+
+
+class ValScores(TypedDict):
+    """An epoch's validation scores (stages.train.validation_metrics); NaN where undefined."""
+
+    auc: float
+    ap: float
+    acc: float
+    loss: float
+    n: int  # validation rows
+
+
+class EpochRecord(TypedDict):
+    """`epoch-NNN.json`, written last: the epoch is finished."""
+
+    epoch: int
+    loss: float  # mean training loss
+    seconds: float
+    rows: int
+    val: ValScores
+    scheduler: dict[str, Any] | None  # the plateau schedule's state
+    param_groups: list[dict[str, Any]]  # the optimizer's
+
+
+class _Selection(TypedDict):
+    by: str  # "validation AUC" or "last"
+
+
+class Selection(_Selection, total=False):
+    why: str  # why the validation slice could not choose an epoch
+
+
+class _DoneRecord(TypedDict):
+    epochs: int  # the last epoch
+    stopped: str  # why training stopped
+    final: str  # the last epoch's weights file
+
+
+class DoneRecord(_DoneRecord, total=False):
+    """`done.json`: the run is complete. Runs trained before --val-fraction have no best epoch."""
+
+    best: int
+    best_val: ValScores
+    selection: Selection
