@@ -102,6 +102,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+	$(BIN)/python -m pytest -q tests/test_layers.py  # the import layers of stages/ and pipeline/
 
 bench: install
 	$(BIN)/python bench/extract.py

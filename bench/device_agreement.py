@@ -17,7 +17,7 @@ import numpy as np
 import zarr
 
 from stages.extract import ExtractConfig, run_extract
-from stages.synthetic import make_genimage
+from stages.genimage.synthetic import make_genimage
 
 RESULTS = Path(__file__).parent / "results"
 

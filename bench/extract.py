@@ -35,11 +35,11 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import loader_workers
-from stages import lare as lare_math
-from stages import sd
 from stages.extract import DECODE_WORKERS, ExtractConfig, RowDataset, run_extract
-from stages.index import SUBSETS
-from stages.synthetic import encode_image, make_image
+from stages.features import lare as lare_math
+from stages.features import sd
+from stages.genimage.index import SUBSETS
+from stages.genimage.synthetic import encode_image, make_image
 
 RESULTS = Path(__file__).parent / "results"
 # GenImage-like inputs: ImageNet real images are JPEGs around 500x375, SD v1 outputs 512x512 PNGs

@@ -42,8 +42,8 @@ from extract import decode_per_core, flops_per_image, make_dataset, sync
 from train_io import training_cache
 
 from pipeline.config import loader_workers
-from stages.batches import READ_WORKERS
 from stages.extract import ExtractConfig, ShardComputer, plan_extract, run_extract
+from stages.runs.batches import READ_WORKERS
 
 RESULTS = Path(__file__).parent / "results"
 RUN_NUMBER = itertools.count()
@@ -244,9 +244,9 @@ def train_rate(args, cache: str, work: Path, method: str, batch: int, epochs: in
 
 def compute_only(args, method: str, batch: int, steps: int) -> float:
     """samples/s of forward + backward + Adam on one batch resident on the device: the model's own rate."""
-    from stages import method as method_registry
-    from stages.batches import make_inputs
-    from stages.checkpoint import build_model
+    from stages.detectors import method as method_registry
+    from stages.runs.batches import make_inputs
+    from stages.runs.checkpoint import build_model
 
     params = {"backbone": {"arch": args.backbone, "spec_weights": "random"}, "seed": 0, "method": method,
               "hparams": {"crop_size": args.crop, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}}  # fmt: skip
@@ -384,7 +384,7 @@ def main() -> None:
 
     bench = Bench(args)
     r = bench.result
-    from stages import sd
+    from stages.features import sd
 
     bench.step("model", lambda: sd.resolve_model(args.model))  # random weights built once, outside timings
     jpeg = bench.step("data: jpeg", lambda: make_dataset(work / "jpeg_500x375", args.images, ("nature",)))

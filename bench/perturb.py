@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.perturb import parse
-from stages.recipe import RowRecipe
-from stages.synthetic import encode_image, make_image
+from stages.features.perturb import parse
+from stages.features.recipe import RowRecipe
+from stages.genimage.synthetic import encode_image, make_image
 
 SPECS = {
     "clean": None,

@@ -33,7 +33,7 @@ SETS = {"upsample": ({"train": 24, "val": 16}, 3), "grid": ({"train": 50, "val":
 def build(root: Path) -> None:
     """Extract each set into root/<artifact>/cache/sdv14.zarr (64 px, tiny SD model), then delete the images."""
     from stages.extract import ExtractConfig, run_extract
-    from stages.synthetic import make_genimage
+    from stages.genimage.synthetic import make_genimage
 
     for artifact, (per_class, seed) in SETS.items():
         data = root / artifact / "data"

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.cachedata import CacheData
 from stages.extract import ExtractConfig, run_extract
-from stages.pixels import crop_tiled, decode_rgb
-from stages.synthetic import make_genimage
+from stages.features.pixels import crop_tiled, decode_rgb
+from stages.genimage.synthetic import make_genimage
+from stages.runs.cachedata import CacheData
 
 
 def rate(fn, n: int) -> float:

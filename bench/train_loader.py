@@ -29,9 +29,9 @@ import torch
 from extract import decode_per_core, make_dataset
 from train_io import training_cache
 
-from stages import backbone, egre, lol
-from stages.batches import EpochBatches, make_inputs
-from stages.cachedata import CacheData
+from stages.detectors import backbone, egre, lol
+from stages.runs.batches import EpochBatches, make_inputs
+from stages.runs.cachedata import CacheData
 
 HP = {"crop_size": 224, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}
 

@@ -33,7 +33,7 @@ def loader_workers(chosen: int, device: str, most: int, gpus: int = 1) -> int:
 def resolve_precision(precision: str, device: str, offered: tuple[str, ...], on_cuda: str) -> str:
     """`--precision`: `auto` is the stage's `on_cuda` on a CUDA device (tensor cores) and fp32 elsewhere
     (half precision only costs time on a CPU); another name must be one the stage `offers`, a subset of
-    the names stages.lare.PRECISIONS gives dtypes."""
+    the names stages.features.lare.PRECISIONS gives dtypes."""
     if precision != "auto" and precision not in offered:
         raise UserError(f"--precision must be one of auto, {', '.join(offered)}, not '{precision}'")
     if precision == "auto":

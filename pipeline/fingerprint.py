@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,7 @@ def fingerprint(obj: Any) -> str:
 # The first part of an import path that names this project's own modules: where a module lives in
 # the project is not what it does, so moving one (and the imports that follow it) changes no hash.
 PROJECT_PACKAGES = ("stages", "pipeline")
+_PROJECT_PATH = re.compile(rf"(?:{'|'.join(PROJECT_PACKAGES)})(?:\.[A-Za-z_]\w*)+")
 
 
 class _Normalise(ast.NodeTransformer):
@@ -64,6 +66,14 @@ class _Normalise(ast.NodeTransformer):
         if node.level or (node.module or "").split(".")[0] in PROJECT_PACKAGES:
             self.bound.update(a.asname or a.name for a in node.names)
             return None
+        return node
+
+    def visit_Constant(self, node: ast.Constant) -> ast.Constant:
+        """A string that names a project module (a registry's list of modules to import) is an import
+        path too: kept as package and module name, the subpackages between erased."""
+        if isinstance(node.value, str) and _PROJECT_PATH.fullmatch(node.value):
+            parts = node.value.split(".")
+            return ast.Constant(value=f"{parts[0]}.{parts[-1]}")
         return node
 
     def visit_Import(self, node: ast.Import) -> ast.Import | None:

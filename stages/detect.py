@@ -15,14 +15,15 @@ from tqdm import tqdm
 
 from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
-from stages import calibrate, sd
-from stages import index as index_stage
-from stages import lare as lare_math
-from stages import method as method_registry
-from stages import pixels as pixels_stage
-from stages.batches import make_inputs
-from stages.checkpoint import Run, load_run
-from stages.recipe import RowRecipe
+from stages.detectors import method as method_registry
+from stages.features import lare as lare_math
+from stages.features import pixels as pixels_stage
+from stages.features import sd
+from stages.features.recipe import RowRecipe
+from stages.genimage import index as index_stage
+from stages.runs import calibrate
+from stages.runs.batches import make_inputs
+from stages.runs.checkpoint import Run, load_run
 
 
 def _broken_link(p: Path) -> bool:

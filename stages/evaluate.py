@@ -1,7 +1,7 @@
 """Evaluating a run on test caches the way GenImage users report it, and at operating points.
 
 ACC is accuracy at threshold 0.5 (the papers' figure; `--threshold` picks another, e.g. one
-calibrated on the run's validation slice, see stages.calibrate); real and generated accuracy, and
+calibrated on the run's validation slice, see stages.runs.calibrate); real and generated accuracy, and
 the share of real images flagged (`real_fpr`); ROC AUC, TPR at FPR 1% and 5%, ECE; AP is
 sklearn's average_precision_score over the WHOLE test set. Every usable row of the split is scored
 once (no sampling, no dropped last batch). An oracle accuracy (threshold chosen on the test labels)
@@ -28,10 +28,11 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
-from stages import batches, cachedata, calibrate, checkpoint, sd
-from stages import method as method_registry
-from stages import perturb as perturb_stage
-from stages.checkpoint import Run, atomic_json, load_run, predict, select_epochs
+from stages.detectors import method as method_registry
+from stages.features import perturb as perturb_stage
+from stages.features import sd
+from stages.runs import batches, cachedata, calibrate, checkpoint
+from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
 CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
 
@@ -113,7 +114,7 @@ class EvalConfig:
     by default (`lare`/`pixels` selectors choose others, see cachedata.Choice), from an index that
     covers `split`; `perturb`, `perturb_only`: the test artifacts extracted with that `--perturb`
     (None: clean). `threshold`: 0.5, a number, or a threshold calibrated on the run's validation
-    slice (fpr1, fpr5, balanced; see stages.calibrate); the result records which.
+    slice (fpr1, fpr5, balanced; see stages.runs.calibrate); the result records which.
     """
 
     checkpoint: str | Path  # a finished run directory

@@ -27,11 +27,12 @@ from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWri
 from pipeline.schema import MANIFEST, SCHEMA_VERSION, ArtifactOrigin, WriterInfo, index_path
 from pipeline.storage import now
 from pipeline.store import ArraySpec, Artifact, CacheStore, latest
-from stages import cachedata, sd
-from stages import index as index_stage
-from stages import lare as lare_math
-from stages import pixels as pixels_stage
-from stages.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
+from stages.features import lare as lare_math
+from stages.features import pixels as pixels_stage
+from stages.features import sd
+from stages.features.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
+from stages.genimage import index as index_stage
+from stages.runs import cachedata
 
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_PROMPT = "a photo"
@@ -71,7 +72,9 @@ class ExtractConfig:
     loader_workers: int = -1  # -1: none on CPU; on a GPU, all cores but two (decoding must outrun the GPU)
     compile: bool = False  # torch.compile the VAE encoder and the UNet (last bits only, like batch size)
     progress: bool = True
-    perturb: str | None = None  # a stages.perturb SPEC applied to the decoded image before the geometry
+    perturb: str | None = (
+        None  # a stages.features.perturb SPEC applied to the decoded image before the geometry
+    )
     perturb_only: str | None = None  # "generated" or "real": perturb that class only
 
     def perturbation(self) -> dict | None:
@@ -98,7 +101,7 @@ class ExtractConfig:
 
     def resolved_precision(self, device: str) -> str:
         """fp16 on CUDA by default (within 5e-3 of fp32, tests/test_lare.py), fp32 elsewhere; any of
-        stages.lare.PRECISIONS on request (pipeline.config's rule)."""
+        stages.features.lare.PRECISIONS on request (pipeline.config's rule)."""
         return resolve_precision(self.precision, device, tuple(lare_math.PRECISIONS), on_cuda="fp16")
 
 
@@ -473,7 +476,7 @@ def run_extract(cfg: ExtractConfig, log=print, compute: Compute | None = None) -
     """`pipeline extract`: plan, return at once when nothing is left, else compute every pending shard.
 
     `compute(job, shards, on_rows)` computes and writes the shards and returns the failed-row count;
-    by default this process does it (ShardComputer), pipeline.distributed hands it to a dask cluster.
+    by default this process does it (ShardComputer), stages.extract_dask hands it to a dask cluster.
     The whole run holds the cache's extraction lock: a second run on the same cache refuses at once.
     """
     t0 = time.perf_counter()

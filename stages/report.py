@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
-from stages import calibrate
+from stages.runs import calibrate
 
 # threshold-free metrics first; the last four depend on the threshold a result was computed with
 METRICS = ("acc", "ap", "auc", "tpr_at_fpr1", "tpr_at_fpr5", "ece", "real_acc", "generated_acc", "real_fpr")

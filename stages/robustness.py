@@ -1,14 +1,14 @@
 """`pipeline robustness`: one command for a robustness or format-bias study over perturbed caches.
 
 A grid is a list of conditions, each a perturbation of the training data and one of the test data
-(`stages.perturb` SPECs). The command extracts every (subset, perturbation) cache artifact that is
+(`stages.features.perturb` SPECs). The command extracts every (subset, perturbation) cache artifact that is
 missing (a complete one of the same parameters from an index covering the split it needs, such as a
 `pipeline extract` of the whole subset, is reused: extract.covering_artifacts), trains one detector
 per distinct training condition, evaluates each condition on every test subset, and writes a CSV and
 figures. Every step is named by its fingerprint, so a rerun after a kill
 redoes nothing that finished.
 
-Grids, and the source each follows (`stages.perturb` says how each family computes):
+Grids, and the source each follows (`stages.features.perturb` says how each family computes):
   lol-a4        each of LoL's four perturbations alone, on train and test (Table A4), as LoL's TEXT
                 states them (Appendix A; docs/REFERENCE_NOTES.md, "Robustness"): noise variance U(5, 20),
                 blur kernel 3-9 with OpenCV's formula for its sigma, JPEG U(10, 75), a random crop of
@@ -37,9 +37,9 @@ import numpy as np
 
 from pipeline.config import DEFAULT_DEVICE
 from pipeline.errors import UserError
-from stages import index as index_stage
 from stages.evaluate import EvalConfig, run_eval
 from stages.extract import ExtractConfig, run_extract_covering
+from stages.genimage import index as index_stage
 from stages.train import TrainConfig, run_train
 
 A4 = {"noise": "noise:5-20", "blur": "blur:3,5,7,9", "jpeg": "jpeg:10-75", "crop": "crop:5-20"}

@@ -45,11 +45,21 @@ from pipeline.config import DEFAULT_DEVICE, loader_workers, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import code_version, fingerprint
 from pipeline.storage import now
-from stages import backbone, batches, cachedata, calibrate, checkpoint, lol, sd
-from stages import method as method_registry
-from stages.batches import READ_WORKERS, EpochBatches, make_inputs
-from stages.checkpoint import Run, atomic_json, build_model, finished_epochs, load_epoch, predict, save_epoch
-from stages.records import RunParams
+from stages.detectors import backbone, lol
+from stages.detectors import method as method_registry
+from stages.features import sd
+from stages.runs import batches, cachedata, calibrate, checkpoint
+from stages.runs.batches import READ_WORKERS, EpochBatches, make_inputs
+from stages.runs.checkpoint import (
+    Run,
+    atomic_json,
+    build_model,
+    finished_epochs,
+    load_epoch,
+    predict,
+    save_epoch,
+)
+from stages.runs.records import RunParams
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
 

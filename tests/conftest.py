@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.synthetic import make_genimage
+from stages.genimage.synthetic import make_genimage
 
 PIPELINE = shutil.which("pipeline", path=os.path.dirname(sys.executable)) or "pipeline"
 
@@ -24,7 +24,7 @@ PIPELINE = shutil.which("pipeline", path=os.path.dirname(sys.executable)) or "pi
 # dask cluster's workers) is marked `cli` and `slow` here, whether it does so itself, through a
 # fixture, or through a helper of its module or of this file; a test that trains for long is marked
 # `slow` where it is written.
-STARTS_A_PROCESS = re.compile(r"\b(subprocess\.(run|Popen|call|check_\w+)|distributed\.connect)\(")
+STARTS_A_PROCESS = re.compile(r"\b(subprocess\.(run|Popen|call|check_\w+)|extract_dask\.connect)\(")
 
 
 def _callers(functions: dict[str, str], known: set[str]) -> set[str]:

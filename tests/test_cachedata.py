@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from stages.cachedata import CacheData
+from stages.runs.cachedata import CacheData
 
 
 def test_chunked_read_equals_row_reads_in_the_asked_order(learn_set):
@@ -35,7 +35,7 @@ def test_sampling_is_class_balanced_seeded_and_from_the_train_split(learn_set):
 
 
 def test_read_spans_cover_whole_chunks_and_merge_dense_ones():
-    from stages.cachedata import read_spans
+    from stages.runs.cachedata import read_spans
 
     assert read_spans(np.array([0, 1, 5, 9]), chunk=4, shard=16) == [(0, 12)]  # 3 of 3 chunks: one read
     assert read_spans(np.array([0, 61]), chunk=4, shard=64) == [(0, 4), (60, 64)]  # sparse: chunk by chunk
@@ -47,8 +47,8 @@ def test_perturbation_options_are_checked_and_recorded_in_one_place():
     import pytest
 
     from pipeline.errors import UserError
-    from stages.cachedata import perturbation_of, wanted_perturbation
     from stages.extract import ExtractConfig
+    from stages.runs.cachedata import perturbation_of, wanted_perturbation
 
     cfg = ExtractConfig(".", "sdv14", perturb="JPEG: 10-75", perturb_only="generated", seed=3)
     assert cfg.perturbation() == {"spec": "jpeg:10-75", "only": "generated", "seed": 3}

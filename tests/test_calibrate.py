@@ -14,8 +14,8 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
 from pipeline.errors import UserError
-from stages import calibrate
 from stages.evaluate import metrics
+from stages.runs import calibrate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stages import classes
+from stages.genimage import classes
 
 ANNS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lare_anns"
 

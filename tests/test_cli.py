@@ -206,11 +206,11 @@ def test_every_help_shows_each_default_from_the_stage_config():
     value is the one the stage's config dataclass holds (the CLI retypes none of them)."""
     import dataclasses
 
-    from stages.calibrate import CalibrateConfig
     from stages.detect import DetectConfig
     from stages.evaluate import EvalConfig
     from stages.extract import ExtractConfig
     from stages.robustness import RobustnessConfig
+    from stages.runs.calibrate import CalibrateConfig
     from stages.train import TrainConfig
 
     def defaults(source) -> dict:
@@ -346,7 +346,7 @@ def test_offline_a_cached_backbone_loads_from_the_hub_cache(tmp_path, monkeypatc
     import torch
     from safetensors.torch import load_file
 
-    from stages import backbone
+    from stages.detectors import backbone
 
     snapshot = tmp_path / "hub" / "models--timm--resnet50_clip.openai" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
@@ -377,7 +377,7 @@ def test_eval_and_detect_of_a_random_backbone_run_say_so(small_cache, genimage, 
 def test_robustness_reuses_what_pipeline_extract_made(tmp_path):
     """Caches a user extracted with `pipeline extract` (both splits) are reused by a study with the same
     parameters, though it needs only the val split of a test subset: no clean map is computed again."""
-    from stages.synthetic import make_genimage
+    from stages.genimage.synthetic import make_genimage
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_genimage(data, "sdv14", {"train": 4, "val": 3}, seed=2)
@@ -465,7 +465,7 @@ def test_readme_demo_robustness_command_runs(tmp_path):
     import re
     import shlex
 
-    from stages.synthetic import make_genimage
+    from stages.genimage.synthetic import make_genimage
 
     readme = (ROOT / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "--data-root demo/" in b]

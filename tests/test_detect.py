@@ -10,7 +10,7 @@ from conftest import ONE_THREAD, run_cli
 
 from stages.detect import DetectConfig, run_detect
 from stages.evaluate import EvalConfig, run_eval
-from stages.synthetic import add_bad_files
+from stages.genimage.synthetic import add_bad_files
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,7 +56,7 @@ def test_detect_scores_like_eval_and_lists_bad_files(egre_run, learn_set, tmp_pa
 def test_detection_crops_with_the_runs_recorded_window(egre_run, learn_set, tmp_path):
     import json
 
-    from stages.cachedata import CacheData
+    from stages.runs.cachedata import CacheData
 
     params = json.loads((egre_run / "params.json").read_text())
     assert params["pixels"] == CacheData([str(learn_set[1])], verify=False).pixel_params

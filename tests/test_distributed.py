@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from conftest import PIPELINE, assert_same_cache, run_cli, torch_threads
 
-from pipeline import distributed
 from pipeline.errors import UserError
 from pipeline.lock import EXTRACT_LOCK, extract_lock
 from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
+from stages import extract_dask
 from stages.extract import ExtractConfig, plan_extract, run_extract
-from stages.synthetic import make_genimage
+from stages.genimage.synthetic import make_genimage
 
 SHARDS = 8  # one row each: small, so that the tests stay fast, and many, so that a kill lands mid-run
 
@@ -50,7 +50,7 @@ def _cli_args(genimage, cache_dir) -> list[str]:
 
 def _on(client):
     """What `--scheduler ADDRESS` runs: a client of the module's cluster, made for the run."""
-    return distributed.cluster_compute(None, client.scheduler.address, log=lambda m: None)
+    return extract_dask.cluster_compute(None, client.scheduler.address, log=lambda m: None)
 
 
 def _assert_same_cache(cache: Path, reference: Path) -> None:
@@ -69,7 +69,7 @@ def reference(genimage, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client():
     """Two CPU worker processes, started by the code behind `--workers 2`."""
-    with distributed.connect("cpu", 2, None, log=lambda m: None) as c:
+    with extract_dask.connect("cpu", 2, None, log=lambda m: None) as c:
         c.wait_for_workers(2)
         yield c
 
@@ -107,7 +107,7 @@ def test_killed_worker_is_rescheduled_and_the_cache_is_identical(reference, clie
             killed["pid"] = pids[busy[0]]
             os.kill(killed["pid"], signal.SIGKILL)
 
-    reports = distributed.run_on_cluster(client, job, job.plan.shards(), kill_a_busy_worker)
+    reports = extract_dask.run_on_cluster(client, job, job.plan.shards(), kill_a_busy_worker)
     CacheStore(job.cache_url, mode="a").write_manifest()
     assert killed, "no worker was busy after the first shard"
     assert _gone(killed["pid"])
@@ -156,29 +156,29 @@ def test_a_worker_with_other_code_refuses_the_job(client, genimage, tmp_path):
     forged = dataclasses.replace(lare, fingerprint="0" * 64, attrs={**lare.attrs, "code_version": "f" * 16})
     job.artifacts["lare"] = forged
     with pytest.raises(UserError, match="other code than the client"):
-        distributed.run_on_cluster(client, job, job.plan.shards()[:1])
+        extract_dask.run_on_cluster(client, job, job.plan.shards()[:1])
 
 
 def test_bad_scheduler_address_is_one_line_after_a_short_timeout(genimage, tmp_path, monkeypatch):
-    monkeypatch.setattr(distributed, "CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr(extract_dask, "CONNECT_TIMEOUT_S", 1)
     t0 = time.perf_counter()
     with pytest.raises(UserError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9"):
         run_extract(_cfg(genimage, tmp_path), log=lambda m: None,
-                    compute=distributed.cluster_compute(None, "tcp://127.0.0.1:9"))  # fmt: skip
+                    compute=extract_dask.cluster_compute(None, "tcp://127.0.0.1:9"))  # fmt: skip
     assert time.perf_counter() - t0 < 20
 
 
 def test_a_malformed_scheduler_address_is_one_line(genimage, tmp_path):
     with pytest.raises(UserError, match="--scheduler host-without-port: missing port number"):
         run_extract(_cfg(genimage, tmp_path), log=lambda m: None,
-                    compute=distributed.cluster_compute(None, "host-without-port"))  # fmt: skip
+                    compute=extract_dask.cluster_compute(None, "host-without-port"))  # fmt: skip
 
 
 def test_a_numbered_gpu_is_refused_on_a_cluster():
     for workers, scheduler in ((2, None), (None, "tcp://127.0.0.1:9")):
         with (
             pytest.raises(UserError, match="pass --device cuda, not cuda:1"),
-            distributed.connect("cuda:1", workers, scheduler, log=lambda m: None),
+            extract_dask.connect("cuda:1", workers, scheduler, log=lambda m: None),
         ):
             pass
 
@@ -190,7 +190,7 @@ def test_workers_and_scheduler_exclude_each_other(genimage, tmp_path):
 
 
 def test_gpu_workers_get_one_device_each_and_the_gpu_resource():
-    spec = distributed.gpu_cluster_spec(["2", "5"])
+    spec = extract_dask.gpu_cluster_spec(["2", "5"])
     assert [w["options"]["env"]["CUDA_VISIBLE_DEVICES"] for w in spec.values()] == ["2", "5"]
     assert all(w["options"]["resources"] == {"GPU": 1} for w in spec.values())
     assert all(w["options"]["nthreads"] == 1 for w in spec.values())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages import backbone, egre
-from stages.batches import make_inputs
-from stages.egre import EGRE
+from stages.detectors import backbone, egre
+from stages.detectors.egre import EGRE
+from stages.runs.batches import make_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

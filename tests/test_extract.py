@@ -10,10 +10,10 @@ from conftest import artifact_arrays, extract_args, run_cli
 from pipeline.integrity import verify
 from pipeline.schema import STATUS_FAILED, STATUS_OK
 from pipeline.store import CacheStore
-from stages import pixels, sd
 from stages.extract import ExtractConfig, RowDataset, run_extract
-from stages.recipe import RowRecipe
-from stages.synthetic import add_bad_files
+from stages.features import pixels, sd
+from stages.features.recipe import RowRecipe
+from stages.genimage.synthetic import add_bad_files
 
 FP16_ULP = 2.0**-10  # relative spacing of float16 numbers
 
@@ -217,7 +217,7 @@ def test_prompt_template_encodes_each_class_once(genimage, tmp_path, monkeypatch
 
 
 def test_crop_preprocess_feeds_the_pixel_crop_to_the_vae(genimage):
-    from stages.index import scan
+    from stages.genimage.index import scan
 
     idx = scan(genimage, "sdv14", progress=False)
     params = {"size": 256, "preprocess": "crop", "seed": 0, "ensemble": 4, "prompt": "a photo",
@@ -234,8 +234,8 @@ def test_template_fallback_prompt_is_part_of_the_values():
     """With a template, files without a class in their name get --prompt: it is recorded and fingerprinted."""
     from types import SimpleNamespace
 
-    from stages.classes import prompts_for
     from stages.extract import lare_artifact
+    from stages.genimage.classes import prompts_for
 
     names = ["n01440764_1.JPEG", "116_sdv4_00047.png", "no_class_here.png"]
     prompts, idx, missing = prompts_for("a painting", "a photo of a {cls}", names)

@@ -73,16 +73,22 @@ EDITS = {
     "class table": lambda s: _edit_text(s / "data" / "imagenet_classes.tsv", "\ttench\n", "\ttinca\n"),
     "val ground truth": lambda s: _edit_val_table(s / "data" / "imagenet_val_classes.txt.gz"),
     "resize filter": lambda s: _edit_text(
-        s / "pixels.py", "Image.Resampling.BICUBIC}", "Image.Resampling.BILINEAR}"
+        s / "features" / "pixels.py", "Image.Resampling.BICUBIC}", "Image.Resampling.BILINEAR}"
     ),
-    "name parsing": lambda s: _edit_text(s / "classes.py", "if len(prefix) <= 3:", "if len(prefix) <= 4:"),
-    "prompt building": lambda s: _edit_text(s / "lare.py", 'padding="max_length"', 'padding="longest"'),
-    "model input": lambda s: _edit_text(s / "lare.py", "/ 255.0 - 0.5) * 2)", "/ 127.5 - 1.0))"),
+    "name parsing": lambda s: _edit_text(
+        s / "genimage" / "classes.py", "if len(prefix) <= 3:", "if len(prefix) <= 4:"
+    ),
+    "prompt building": lambda s: _edit_text(
+        s / "features" / "lare.py", 'padding="max_length"', 'padding="longest"'
+    ),
+    "model input": lambda s: _edit_text(s / "features" / "lare.py", "/ 255.0 - 0.5) * 2)", "/ 127.5 - 1.0))"),
     "recipe": lambda s: _edit_text(
-        s / "recipe.py", "return pixels.centre_crop(rgb, self.size, self.small_images)", "return rgb"
+        s / "features" / "recipe.py",
+        "return pixels.centre_crop(rgb, self.size, self.small_images)",
+        "return rgb",
     ),
     "perturbation": lambda s: _edit_text(
-        s / "perturb.py", 'format="JPEG", quality=', 'format="JPEG", optimize=True, quality='
+        s / "features" / "perturb.py", 'format="JPEG", quality=', 'format="JPEG", optimize=True, quality='
     ),
 }
 
@@ -122,13 +128,15 @@ def test_lare_fingerprint_covers_tables_filter_parsing_and_recipe(tmp_path):
     while docstrings and comments do not."""
 
     def cosmetic(stages):
-        _edit_text(stages / "classes.py", '"""ImageNet classes', '"""The ImageNet classes')
+        _edit_text(stages / "genimage" / "classes.py", '"""ImageNet classes', '"""The ImageNet classes')
         _edit_text(
-            stages / "recipe.py",
+            stages / "features" / "recipe.py",
             "    return torch.from_numpy(",
             "    # a comment\n    return torch.from_numpy(",
         )
-        _edit_text(stages / "pixels.py", "# The LaRE reference calls", "# The LaRE^2 reference calls")
+        _edit_text(
+            stages / "features" / "pixels.py", "# The LaRE reference calls", "# The LaRE^2 reference calls"
+        )
 
     names = ["base", "cosmetic", *EDITS]
     edits = [None, cosmetic, *EDITS.values()]
@@ -147,7 +155,7 @@ def test_code_version_of_single_functions_ignores_their_neighbours(tmp_path, mon
     import sys
 
     from pipeline.fingerprint import code_version
-    from stages import checkpoint
+    from stages.runs import checkpoint
 
     assert (
         checkpoint.load_run not in checkpoint.TRAINING and checkpoint.select_epochs not in checkpoint.TRAINING
@@ -168,18 +176,19 @@ def test_code_version_of_single_functions_ignores_their_neighbours(tmp_path, mon
 
 
 def _move_lare_and_pixels(stages):
-    """Move lare.py and pixels.py into a `stages/features/` subpackage, their imports following."""
-    (stages / "features").mkdir()
-    (stages / "features" / "__init__.py").write_text("")
+    """Move lare.py and pixels.py from `stages/features/` into another subpackage, `stages/maths/`,
+    their imports following."""
+    (stages / "maths").mkdir()
+    (stages / "maths" / "__init__.py").write_text("")
     for name in ("lare", "pixels"):
-        (stages / f"{name}.py").rename(stages / "features" / f"{name}.py")
-    for path in stages.glob("*.py"):
+        (stages / "features" / f"{name}.py").rename(stages / "maths" / f"{name}.py")
+    for path in stages.rglob("*.py"):
         text = path.read_text()
-        text = text.replace("from stages import lare as", "from stages.features import lare as")
-        text = text.replace("from stages import pixels as", "from stages.features import pixels as")
+        text = text.replace("from stages.features import lare as", "from stages.maths import lare as")
+        text = text.replace("from stages.features import pixels as", "from stages.maths import pixels as")
         text = text.replace(
-            "from stages import classes, perturb, pixels",
-            "from stages import classes, perturb\nfrom stages.features import pixels",
+            "from stages.features import perturb, pixels",
+            "from stages.features import perturb\nfrom stages.maths import pixels",
         )
         path.write_text(text)
 
@@ -188,12 +197,25 @@ def test_moving_a_module_changes_no_fingerprint(tmp_path):
     """Each module is hashed under its declared CODE_ID and the project's import paths are erased:
     moving files into a subpackage (the copy still runs: the script imports the moved modules) keeps
     the LaRE fingerprint, while an edit of the moved code still changes it."""
-    edited = lambda s: (_move_lare_and_pixels(s), EDITS["model input"](s / "features"))  # noqa: E731
+
+    def edited(stages):
+        _move_lare_and_pixels(stages)
+        _edit_text(stages / "maths" / "lare.py", "/ 255.0 - 0.5) * 2)", "/ 127.5 - 1.0))")  # "model input"
+
     trees = [_package_copy(tmp_path, n, e) for n, e in (("base", None), ("moved", _move_lare_and_pixels),
                                                          ("moved-edited", edited))]  # fmt: skip
-    assert not (trees[1] / "stages" / "lare.py").exists()
+    assert not (trees[1] / "stages" / "features" / "lare.py").exists()
+    assert (trees[1] / "stages" / "maths" / "lare.py").exists()
     base, moved, edited_fp = _lare_fingerprints(trees)
     assert moved == base and edited_fp != base
+
+
+def test_a_string_naming_a_project_module_is_hashed_without_its_subpackages():
+    """A registry's list of modules to import (stages.detectors.method's BUILTIN) is an import path
+    too: moving stages/egre.py to stages/detectors/ kept every run's name."""
+    at = lambda path: _module("stages.m", f'CODE_ID = "stages.m"\nBUILTIN = ("{path}",)\n')  # noqa: E731
+    assert code_version(at("stages.detectors.egre")) == code_version(at("stages.egre"))
+    assert code_version(at("stages.lol")) != code_version(at("stages.egre"))
 
 
 def test_a_project_module_without_code_id_is_refused_and_outside_modules_use_their_name():

@@ -17,7 +17,7 @@ from conftest import extract_cache
 
 from pipeline.store import CacheStore
 from stages.evaluate import EvalConfig, run_eval
-from stages.synthetic import make_genimage
+from stages.genimage.synthetic import make_genimage
 from stages.train import TrainConfig, run_train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # 30- and 60-epoch trainings

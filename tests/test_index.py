@@ -5,8 +5,8 @@ import xxhash
 from conftest import run_cli
 
 from pipeline.errors import UserError
-from stages import index
-from stages.synthetic import make_genimage
+from stages.genimage import index
+from stages.genimage.synthetic import make_genimage
 
 
 def test_every_alias_maps_to_its_genimage_folder(tmp_path):

@@ -7,8 +7,8 @@ import json
 
 from conftest import ONE_THREAD, TINY_TRAIN, run_cli
 
-from stages import index
-from stages.synthetic import make_genimage
+from stages.genimage import index
+from stages.genimage.synthetic import make_genimage
 
 
 def test_the_index_records_each_jpeg_quality_and_info_shows_the_mix(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages import lare, sd
+from stages.features import lare, sd
 
 # fp32 on CPU: the same image in a batch of another size may move the last bits (kernels block by
 # batch size); measured up to about 6e-7 of the map's scale. We allow 1e-5 of it.

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages import backbone, batches, lol
-from stages.batches import make_inputs
+from stages.detectors import backbone, lol
+from stages.runs import batches
+from stages.runs.batches import make_inputs
 
 HP = {"crop_size": 32, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}
 

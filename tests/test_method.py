@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from stages import method as method_registry
 from stages.detect import DetectConfig, run_detect
+from stages.detectors import method as method_registry
+from stages.detectors.lol import LoL
 from stages.evaluate import EvalConfig, run_eval
-from stages.lol import LoL
 from stages.train import TrainConfig, run_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,7 +94,7 @@ def test_a_run_is_built_from_the_constructor_arguments_it_saved(egre_run):
     """params.json holds the model's constructor arguments; loading builds from them, not from shapes."""
     import json
 
-    from stages.checkpoint import load_run
+    from stages.runs.checkpoint import load_run
 
     params = json.loads((egre_run / "params.json").read_text())
     assert params["model"] == {"lare_channels": 4, "grid": 2, "heads": 8, "head_dim": 64}

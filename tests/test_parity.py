@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.transforms import PILToTensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from stages import sd
+from stages.features import sd
 
 TOL = 1e-5  # of each map's maximum: batching moves the last bits (cache_schema.md's stated tolerance)
 T, E, SEED = 200, 4, 0

@@ -16,10 +16,12 @@ from PIL import Image
 from scipy import ndimage
 
 from pipeline.errors import UserError
-from stages import cachedata, extract, perturb
+from stages import extract
 from stages.extract import ExtractConfig, ShardComputer, run_extract
-from stages.index import jpeg_quality
-from stages.synthetic import make_genimage, make_image
+from stages.features import perturb
+from stages.genimage.index import jpeg_quality
+from stages.genimage.synthetic import make_genimage, make_image
+from stages.runs import cachedata
 
 RGB = make_image(np.random.default_rng(0), 96, 128, generated=False)  # noisy, like a photo
 
@@ -208,8 +210,8 @@ IDS = [f"img-{i}" for i in range(8)]
 
 
 def _lol_text_reference(spec: str, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The generic families as stages.perturb documents them, from Pillow, OpenCV and numpy calls, with
-    the draws from `rng` in its order: the value, then the family's own draws."""
+    """The generic families as stages.features.perturb documents them, from Pillow, OpenCV and numpy calls,
+    with the draws from `rng` in its order: the value, then the family's own draws."""
     h, w = rgb.shape[:2]
     family, value = spec.split(":")
     if family == "noise":
@@ -259,7 +261,7 @@ def test_lol_text_families_match_plain_library_calls(spec, tolerance):
 
 def _frank_reference(mode: str, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`create_perturbed_imagedata.py` of Frank et al. (2020) with its draws taken from `rng` in the
-    order stages.perturb documents: (combined) which of the four, the 0.5 coin, the values."""
+    order stages.features.perturb documents: (combined) which of the four, the 0.5 coin, the values."""
     if mode == "combined":
         mode = ("noise", "blur", "jpeg", "crop")[int(rng.integers(4))]
     if not rng.random() > 0.5:

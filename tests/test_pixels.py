@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import pixels
-from stages.synthetic import add_bad_files
+from stages.features import pixels
+from stages.genimage.synthetic import add_bad_files
 
 
 def _png(rgb: np.ndarray) -> bytes:

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import PIPELINE, assert_same_cache, extract_args, run_cli
 
-from stages.synthetic import make_genimage
+from stages.genimage.synthetic import make_genimage
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import ONE_THREAD, run_cli
 
-from stages import perturb
+from stages.features import perturb
+from stages.genimage.synthetic import make_genimage
 from stages.robustness import GRIDS
-from stages.synthetic import make_genimage
 
 
 def test_a_study_writes_its_csv_and_figures_and_a_rerun_redoes_nothing(tmp_path):

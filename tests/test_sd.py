@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.errors import UserError
-from stages import sd
+from stages.features import sd
 
 
 def test_tiny_is_saved_in_the_diffusers_layout_and_loaded_from_it():

@@ -12,7 +12,7 @@ import pytest
 from conftest import ONE_THREAD, TINY_TRAIN, extract_cache, run_cli
 
 from pipeline.errors import UserError
-from stages.synthetic import make_genimage
+from stages.genimage.synthetic import make_genimage
 from stages.train import TrainConfig, run_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,8 +130,8 @@ def test_tampered_cache_is_refused_unless_no_verify(two_caches, tmp_path):
 def test_streamed_epoch_visits_every_row_once_in_full_batches(two_caches):
     import torch
 
-    from stages.batches import EpochBatches
-    from stages.cachedata import CacheData
+    from stages.runs.batches import EpochBatches
+    from stages.runs.cachedata import CacheData
 
     data = CacheData([str(c) for c in two_caches])
     rows = data.rows("train")
@@ -189,7 +189,7 @@ def _spoil_val_split(cache: Path, copy: Path) -> int:
     reads the copy. Returns how many rows were spoiled."""
     import zarr
 
-    from stages.cachedata import CacheData
+    from stages.runs.cachedata import CacheData
 
     shutil.copytree(cache, copy)
     src = CacheData([str(copy)]).sources[0]
@@ -353,7 +353,7 @@ def test_selection_rule_needs_min_val_rows_of_each_label():
 def test_the_default_slice_selects_from_1000_training_rows_per_label(per_label, max_per_class, selects):
     """docs/training.md: with --val-fraction 0.05 a slice chooses epochs from about 1,000 rows per label on,
     and LoL's 1,600 + 1,600 hold out 80 + 80."""
-    from stages.cachedata import Rows
+    from stages.runs.cachedata import Rows
     from stages.train import MIN_VAL_ROWS, hold_out, selection_rule
 
     labels = np.repeat([0, 1], per_label)
@@ -389,9 +389,10 @@ def test_a_small_validation_slice_keeps_the_last_epoch_without_early_stop_or_pla
 
 
 def test_the_batch_code_is_in_a_runs_fingerprint(two_caches, monkeypatch):
-    """How batches are cut (stages.batches: LoL's crop offsets, issue 21) names the run: a change there
+    """How batches are cut (stages.runs.batches: LoL's crop offsets, issue 21) names the run: a change there
     gives new runs, never a finished run called up to date."""
-    from stages import batches, cachedata, train
+    from stages import train
+    from stages.runs import batches, cachedata
 
     cfg = cfg_for(two_caches[:1], "unused", method="lol")
     data = cachedata.CacheData(cfg.caches, split="train", log=lambda m: None)

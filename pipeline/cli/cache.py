@@ -1,6 +1,6 @@
 """`pipeline cache`: what a cache holds, whether it is intact, and copying it to and from shared storage.
 
-None of these imports torch: they read the manifest and the stored objects (stages.cachedata is
+None of these imports torch: they read the manifest and the stored objects (stages.runs.cachedata is
 imported only to describe an artifact's selectable fields)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) 
     """The artifact's lines in `cache info`: its path names it (`--lare`/`--pixels` take the fingerprint
     prefix after the slash), its index and splits, then its parameters as those options filter them."""
     from pipeline.schema import index_path
-    from stages.cachedata import selectable_fields
+    from stages.runs.cachedata import selectable_fields
 
     state = "complete" if art["complete"] else "INCOMPLETE"
     done = f"{art['shards_done']}/{art['n_shards']} shards"
@@ -44,7 +44,7 @@ def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) 
             )
     lines.append(f"  {selectable_fields(art)}")
     if p.get("perturb"):
-        from stages.perturb import describe
+        from stages.features.perturb import describe
 
         lines.append(f"  perturbed: {describe(p['perturb'])}, seed {p['perturb']['seed']}")
     return lines
@@ -52,7 +52,7 @@ def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) 
 
 def _describe_formats(store, path: str) -> list[str]:
     """Source formats and JPEG qualities per class of an index (the format bias of a data set)."""
-    from stages.index import format_mix
+    from stages.genimage.index import format_mix
 
     group = store.group[path]
     names = [n for n in ("label", "format", "jpeg_quality") if n in group]

@@ -107,7 +107,7 @@ def extract(
     usable_device(device, here=not scheduler)  # a scheduler's workers, not this client, need the GPU
     compute = None
     if workers is not None or scheduler:
-        from pipeline.distributed import cluster_compute
+        from stages.extract_dask import cluster_compute
 
         compute = cluster_compute(workers, scheduler, log=log)
     from stages.extract import ExtractConfig, run_extract
@@ -160,8 +160,8 @@ def synth(
     ] = "upsample",
 ) -> None:
     """Write a small synthetic set (generated = upsampled from low resolution) for demos and tests."""
-    from stages.index import canonical_subset
-    from stages.synthetic import ARTIFACTS, make_genimage
+    from stages.genimage.index import canonical_subset
+    from stages.genimage.synthetic import ARTIFACTS, make_genimage
 
     if artifact not in ARTIFACTS:
         raise UserError(f"--artifact must be one of {', '.join(ARTIFACTS)}, not '{artifact}'")

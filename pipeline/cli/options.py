@@ -61,7 +61,7 @@ def _shown_default(option: TyperOption, sources: tuple[str, ...], renamed: dict[
     if isinstance(value, bool) and option.secondary_opts:  # --progress/--no-progress: the one in force
         return (option.opts if value else option.secondary_opts)[0].lstrip("-")
     if value is None and sources:  # a training option left to the method (TrainConfig.hparams)
-        from stages import method
+        from stages.detectors import method
 
         if all(option.name in method.get(n).defaults for n in method.names()):
             return "the method's: " + method.per_method(

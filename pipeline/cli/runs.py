@@ -193,7 +193,7 @@ def eval_(
     run_eval(cfg, log=typer.echo)
 
 
-@app.command(cls=help_defaults("stages.calibrate:CalibrateConfig"))
+@app.command(cls=help_defaults("stages.runs.calibrate:CalibrateConfig"))
 def calibrate(
     checkpoint: Checkpoint,
     from_cache: Annotated[
@@ -208,7 +208,7 @@ def calibrate(
     """Recompute a run's calibrated thresholds from its validation slice (runs trained before
     `train` wrote calibration.json). Prints the thresholds."""
     usable_device(device)
-    from stages.calibrate import FILE, CalibrateConfig, run_calibrate
+    from stages.runs.calibrate import FILE, CalibrateConfig, run_calibrate
 
     cfg = CalibrateConfig(checkpoint, from_cache or None, verify=not no_verify, **given(device=device))
     record = run_calibrate(cfg, log=log)

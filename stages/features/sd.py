@@ -22,7 +22,7 @@ import torch
 from pipeline.config import home
 from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import checksum_files
-from stages import lare as lare_math
+from stages.features import lare as lare_math
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

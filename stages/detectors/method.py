@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 
 CODE_ID = "stages.method"  # the name its code is hashed under, wherever the file lives
 
-BUILTIN = ("stages.egre", "stages.lol")  # modules that register a method when imported
+BUILTIN = ("stages.detectors.egre", "stages.detectors.lol")  # modules that register a method when imported
 
 
 class Detector(nn.Module):

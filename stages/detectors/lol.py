@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages import backbone
-from stages.backbone import CLIP_MEAN, CLIP_STD, dims, visual_features
-from stages.method import Detector, Method, register
+from stages.detectors import backbone
+from stages.detectors.backbone import CLIP_MEAN, CLIP_STD, dims, visual_features
+from stages.detectors.method import Detector, Method, register
 
 CODE_ID = "stages.lol"  # the name its code is hashed under, wherever the file lives
 

@@ -4,7 +4,7 @@
     <run>/epoch-NNN.safetensors  weights; epoch-NNN.optim.safetensors the latest optimizer state
     <run>/epoch-NNN.json         written last: the epoch is finished
     <run>/done.json              last and best epoch
-    <run>/calibration.json       thresholds fit on the validation slice (stages.calibrate), written after
+    <run>/calibration.json       thresholds fit on the validation slice (stages.runs.calibrate), written after
 
 Training writes these and evaluation and detection read them, all through this module (as
 nanoGPT's sample.py imports the model, not the trainer): save and load mirror each other, and the
@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.storage import atomic_write
-from stages import backbone, cachedata
-from stages import method as method_registry
-from stages.batches import make_inputs
-from stages.method import Detector
-from stages.records import DoneRecord, EpochRecord, RunParams
+from stages.detectors import backbone
+from stages.detectors import method as method_registry
+from stages.detectors.method import Detector
+from stages.runs import cachedata
+from stages.runs.batches import make_inputs
+from stages.runs.records import DoneRecord, EpochRecord, RunParams
 
 CODE_ID = "stages.checkpoint"  # the name its code is hashed under, wherever the file lives
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages import method as method_registry
-from stages.cachedata import CacheData, Rows
+from stages.detectors import method as method_registry
+from stages.runs.cachedata import CacheData, Rows
 
 CODE_ID = "stages.batches"  # the name its code is hashed under, wherever the file lives
 

@@ -84,7 +84,7 @@ def calibrate(labels: np.ndarray, scores: np.ndarray) -> dict:
 def write(run: Path, labels: np.ndarray, scores: np.ndarray, epoch: int, log=print) -> dict:
     """Calibrate on the validation scores of `epoch` and write <run>/calibration.json; one log line
     when the slice is too small for some threshold."""
-    from stages.checkpoint import atomic_json
+    from stages.runs.checkpoint import atomic_json
 
     record = {**calibrate(labels, scores), "epoch": int(epoch), "source": "validation slice (train split)",
               "validation_ece": reliability(labels, scores)["ece"]}  # fmt: skip
@@ -102,7 +102,7 @@ def write(run: Path, labels: np.ndarray, scores: np.ndarray, epoch: int, log=pri
 def record(run, data, val_rows, batch_size: int, log=print) -> dict:
     """At the end of training: score the validation slice with the weights `--epoch best` serves and
     write the run's calibration (`run`: a checkpoint.Run whose model may be changed)."""
-    from stages.checkpoint import predict, select_epochs
+    from stages.runs.checkpoint import predict, select_epochs
 
     (epoch,) = select_epochs(run.path, "best")
     run.use_epoch(epoch)
@@ -124,8 +124,8 @@ class CalibrateConfig:
 def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
     """`pipeline calibrate`: the calibration of a finished run, recomputed from the validation rows its
     sample.json records (a run trained before calibration existed; or to redo it)."""
-    from stages import cachedata
-    from stages.checkpoint import load_run, predict
+    from stages.runs import cachedata
+    from stages.runs.checkpoint import load_run, predict
 
     run = load_run(cfg.checkpoint, resolve_device(cfg.device), "best")
     sample = json.loads((run.path / "sample.json").read_text())

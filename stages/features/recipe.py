@@ -3,10 +3,10 @@
 file bytes -> decode (RGB) -> [perturbation, extraction only] -> pixel crop (uint8, never resampled)
                            -> LaRE geometry (`resize`: Pillow bicubic to size x size, or `crop`)
                               + the row's noises (seeded by the content id) + its prompt index
-The LaRE model call itself is `stages.lare`. This module, `stages.pixels`, `stages.perturb`,
-`stages.classes` (and the class tables' bytes) and `stages.lare` are exactly what `lare_code_version`
-hashes: a change to any of them names new artifacts, so a cache can never be called up to date with
-values computed otherwise.
+The LaRE model call itself is `stages.features.lare`. This module, `stages.features.pixels`,
+`stages.features.perturb`, `stages.genimage.classes` (and the class tables' bytes) and
+`stages.features.lare` are exactly what `lare_code_version` hashes: a change to any of them names new
+artifacts, so a cache can never be called up to date with values computed otherwise.
 
 Built from the parameters an artifact records (`from_params`), so detection with a trained run
 computes its rows from the run's record with this very code, never from a copy of it. A perturbation
@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from pipeline.fingerprint import code_version
-from stages import classes, perturb, pixels
-from stages import lare as lare_math
+from stages.features import lare as lare_math
+from stages.features import perturb, pixels
+from stages.genimage import classes
 
 CODE_ID = "stages.recipe"  # the name its code is hashed under, wherever the file lives
 

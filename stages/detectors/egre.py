@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages import backbone
-from stages.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
-from stages.method import Detector, Method, register
+from stages.detectors import backbone
+from stages.detectors.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
+from stages.detectors.method import Detector, Method, register
 
 CODE_ID = "stages.egre"  # the name its code is hashed under, wherever the file lives
 

@@ -1,4 +1,4 @@
-"""The JSON records of a run directory (stages.checkpoint lists the layout), as Python types.
+"""The JSON records of a run directory (stages.runs.checkpoint lists the layout), as Python types.
 
 Types only: training writes plain dicts of these shapes with `atomic_json` and evaluation and
 detection read them back with `json.loads`; nothing here changes a byte on disk. A field added to a
@@ -11,7 +11,7 @@ from typing import Any, TypedDict
 
 
 class Plateau(TypedDict):
-    """EGRE's ReduceLROnPlateau arguments (stages.egre.DEFAULTS)."""
+    """EGRE's ReduceLROnPlateau arguments (stages.detectors.egre.DEFAULTS)."""
 
     mode: str
     factor: float

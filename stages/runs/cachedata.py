@@ -21,8 +21,8 @@ from pipeline.errors import UserError
 from pipeline.integrity import require_intact
 from pipeline.schema import MANIFEST, STATUS_OK, check_layout, index_path
 from pipeline.store import CacheStore
-from stages import index as index_stage
-from stages import perturb as perturb_stage
+from stages.features import perturb as perturb_stage
+from stages.genimage import index as index_stage
 
 CODE_ID = "stages.cachedata"  # the name its code is hashed under, wherever the file lives
 

@@ -14,8 +14,8 @@ a time. When a worker dies, dask reruns its tasks elsewhere; since a shard's rec
 its data and values depend only on the row (never on which worker or in which order), the cache ends
 bitwise the same as a single-process run with the same thread count.
 
-Layering: one of the two places where `pipeline/` calls into `stages/` (the other is the CLI): the
-job and the per-shard computation are stage code (stages.extract), imported inside the functions.
+Layering: extract's dask backend, beside extract (a command module): the job and the per-shard
+computation are stages.extract, imported inside the functions, as the CLI imports this module.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def check_worker(job: ExtractJob) -> None:
     A cluster whose workers run another version of the package would otherwise write values that
     do not match the fingerprint they are stored under.
     """
-    from stages import extract, sd
+    from stages import extract
+    from stages.features import sd
 
     here = platform.node()
     ours = extract.lare_artifact(job.cfg, job.artifacts["lare"].attrs["upstream"]["index"], job.model,

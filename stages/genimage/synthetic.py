@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.classes import synsets
-from stages.index import SUBSETS
+from stages.genimage.classes import synsets
+from stages.genimage.index import SUBSETS
 
 SIZES = ((256, 256), (320, 240), (200, 180), (288, 352), (512, 384), (160, 224))
 ARTIFACTS = ("upsample", "grid")
