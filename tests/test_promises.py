@@ -198,6 +198,9 @@ def test_the_wheel_carries_every_data_file_and_works_installed(cache, tmp_path):
     data = ROOT / "stages" / "data"
     wanted = {f"stages/data/{p.relative_to(data).as_posix()}" for p in data.rglob("*") if p.is_file()}
     assert "stages/data/open_clip/tiny-RN.json" in wanted
+    modules = [p for pkg in ("pipeline", "stages") for p in (ROOT / pkg).rglob("*.py")]
+    wanted |= {p.relative_to(ROOT).as_posix() for p in modules}
+    assert "stages/features/lare.py" in wanted  # and every other module of the subpackages
     assert wanted <= set(zipfile.ZipFile(wheel).namelist())
     # installed from the wheel (not editable), on top of the shared dependencies, run from elsewhere
     site = tmp_path / "site"
