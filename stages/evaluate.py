@@ -36,8 +36,6 @@ from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_e
 
 CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
 
-TARGET_FPRS = calibrate.TARGET_FPRS
-
 
 def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = calibrate.DEFAULT) -> dict:
     """Decisions at `threshold` (score > threshold: generated): ACC, real and generated ACC, and
@@ -62,7 +60,7 @@ def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = calibrate
     }
     if both:
         fpr, tpr, _ = roc_curve(labels, scores)
-    for name, alpha in TARGET_FPRS.items():
+    for name, alpha in calibrate.TARGET_FPRS.items():
         out[f"tpr_at_{name}"] = float(tpr[fpr <= alpha].max()) if both else float("nan")
     out["oracle_acc_threshold_fit_on_test"] = oracle_acc(labels, scores)
     return out
