@@ -31,7 +31,7 @@ from pipeline.fingerprint import code_version, fingerprint
 from stages.detectors import method as method_registry
 from stages.features import perturb as perturb_stage
 from stages.features import sd
-from stages.runs import batches, cachedata, calibrate, checkpoint
+from stages.runs import batches, cachedata, calibrate, checkpoint, choice
 from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
 CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
@@ -109,7 +109,7 @@ class EvalConfig:
     `epoch` picks the weights: best (by the run's validation slice), last, a number, or last5: each
     of the final five epochs scored apart, the metrics reported as mean and std over them (LoL's
     protocol; std is numpy's, ddof 0). In each cache, the artifacts the run was trained on are read
-    by default (`lare`/`pixels` selectors choose others, see cachedata.Choice), from an index that
+    by default (`lare`/`pixels` selectors choose others, see choice.Choice), from an index that
     covers `split`; `perturb`, `perturb_only`: the test artifacts extracted with that `--perturb`
     (None: clean). `threshold`: 0.5, a number, or a threshold calibrated on the run's validation
     slice (fpr1, fpr5, balanced; see stages.runs.calibrate); the result records which.
@@ -136,7 +136,7 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
     reliability diagram `<stem>.reliability.png` beside each result."""
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
-    wanted = cachedata.wanted_perturbation(cfg.perturb, cfg.perturb_only)
+    wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
     epochs = select_epochs(cfg.checkpoint, cfg.epoch, several=True)
     thr = calibrate.resolve(cfg.checkpoint, cfg.threshold, epochs)
     run = load_run(cfg.checkpoint, resolve_device(cfg.device), epochs[0])
@@ -145,9 +145,9 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    choice = cachedata.Choice(cfg.lare, cfg.pixels, run=run.params, perturb=wanted)
+    picked = choice.Choice(cfg.lare, cfg.pixels, run=run.params, perturb=wanted)
     for url in cfg.caches:
-        data = cachedata.CacheData([url], verify=cfg.verify, split=cfg.split, choice=choice, log=log)
+        data = cachedata.CacheData([url], verify=cfg.verify, split=cfg.split, choice=picked, log=log)
         src = data.sources[0]
         if method_registry.get(run.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
             log(f"note: {note}")

@@ -32,7 +32,7 @@ from stages.features import pixels as pixels_stage
 from stages.features import sd
 from stages.features.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
 from stages.genimage import index as index_stage
-from stages.runs import cachedata
+from stages.runs import choice
 
 STORE_DTYPES = ("float16", "float32")
 DEFAULT_PROMPT = "a photo"
@@ -79,7 +79,7 @@ class ExtractConfig:
 
     def perturbation(self) -> dict | None:
         """The `perturb` param of both artifacts: SPEC (canonical), class, seed; None when clean."""
-        return cachedata.perturbation_record(self.perturb, self.perturb_only, self.seed)
+        return choice.perturbation_record(self.perturb, self.perturb_only, self.seed)
 
     def check(self) -> None:
         if self.preprocess not in PREPROCESS:

@@ -48,7 +48,7 @@ from pipeline.storage import now
 from stages.detectors import backbone, lol
 from stages.detectors import method as method_registry
 from stages.features import sd
-from stages.runs import batches, cachedata, calibrate, checkpoint
+from stages.runs import batches, cachedata, calibrate, checkpoint, choice
 from stages.runs.batches import READ_WORKERS, EpochBatches, make_inputs
 from stages.runs.checkpoint import (
     Run,
@@ -98,7 +98,7 @@ class TrainConfig:
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
     loader_workers: int = -1  # cache-reading processes; -1: none on CPU, some on GPU. Changes no bit.
     precision: str = "auto"  # fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, fp32 elsewhere
-    lare: str | None = None  # --lare / --pixels: which artifact of each cache (see cachedata.Choice)
+    lare: str | None = None  # --lare / --pixels: which artifact of each cache (see choice.Choice)
     pixels: str | None = None
     perturb: str | None = None  # train on the artifacts extracted with this --perturb SPEC (None: clean)
     perturb_only: str | None = None  # ... and this --perturb-only class
@@ -278,7 +278,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunPara
         "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
         "code": code_version(
             backbone,
-            cachedata,
+            cachedata,  # which rows are read; which artifacts (stages.runs.choice) is in "caches" above
             batches,
             *checkpoint.TRAINING,
             method_registry,
@@ -299,9 +299,9 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
 
     Reads top to bottom: the rows, the run directory, then per epoch `train_epoch`, `validate` and
     the epoch's record; `finish_run` writes done.json and the calibration."""
-    wanted = cachedata.wanted_perturbation(cfg.perturb, cfg.perturb_only)
-    choice = cachedata.Choice(cfg.lare, cfg.pixels, perturb=wanted)
-    data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split="train", choice=choice, log=log)
+    wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
+    picked = choice.Choice(cfg.lare, cfg.pixels, perturb=wanted)
+    data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split="train", choice=picked, log=log)
     run, params = plan_run(cfg, data)
     method = method_registry.get(cfg.method)
     if method.reads_lare and (note := sd.random_weights_note(data.lare_model)):

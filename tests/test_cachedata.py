@@ -48,7 +48,7 @@ def test_perturbation_options_are_checked_and_recorded_in_one_place():
 
     from pipeline.errors import UserError
     from stages.extract import ExtractConfig
-    from stages.runs.cachedata import perturbation_of, wanted_perturbation
+    from stages.runs.choice import perturbation_of, wanted_perturbation
 
     cfg = ExtractConfig(".", "sdv14", perturb="JPEG: 10-75", perturb_only="generated", seed=3)
     assert cfg.perturbation() == {"spec": "jpeg:10-75", "only": "generated", "seed": 3}

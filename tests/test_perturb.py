@@ -21,7 +21,7 @@ from stages.extract import ExtractConfig, ShardComputer, run_extract
 from stages.features import perturb
 from stages.genimage.index import jpeg_quality
 from stages.genimage.synthetic import make_genimage, make_image
-from stages.runs import cachedata
+from stages.runs import cachedata, choice
 
 RGB = make_image(np.random.default_rng(0), 96, 128, generated=False)  # noisy, like a photo
 
@@ -155,8 +155,8 @@ def test_artifacts_of_earlier_code_stay_readable_beside_a_changed_family(small, 
     assert set(new.artifacts.values()).isdisjoint(old.artifacts.values())
     assert {path: artifact_arrays(cache, path) for path in old.artifacts.values()} == before
     run_cli("cache", "verify", str(cache))
-    choice = cachedata.Choice(perturb=cachedata.wanted_perturbation("resize:16px"))
-    source, _ = cachedata.open_source(str(cache), split="train", choice=choice, log=lambda m: None)
+    picked = choice.Choice(perturb=choice.wanted_perturbation("resize:16px"))
+    source, _ = cachedata.open_source(str(cache), split="train", choice=picked, log=lambda m: None)
     assert (source.lare, source.pixels) == (old.artifacts["lare"], old.artifacts["pixels"])
 
 

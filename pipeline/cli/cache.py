@@ -1,6 +1,6 @@
 """`pipeline cache`: what a cache holds, whether it is intact, and copying it to and from shared storage.
 
-None of these imports torch: they read the manifest and the stored objects (stages.runs.cachedata is
+None of these imports torch: they read the manifest and the stored objects (stages.runs.choice is
 imported only to describe an artifact's selectable fields)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) 
     """The artifact's lines in `cache info`: its path names it (`--lare`/`--pixels` take the fingerprint
     prefix after the slash), its index and splits, then its parameters as those options filter them."""
     from pipeline.schema import index_path
-    from stages.runs.cachedata import selectable_fields
+    from stages.runs.choice import selectable_fields
 
     state = "complete" if art["complete"] else "INCOMPLETE"
     done = f"{art['shards_done']}/{art['n_shards']} shards"

@@ -1,16 +1,13 @@
 """Training and test rows read from one or several caches (never from the image files).
 
-Each cache is opened through `require_intact` (the one verification gate); a LaRE artifact whose
-index covers the wanted split is chosen (by the user's selector, else the one a run was trained on,
-else the newest) and paired with a pixel artifact of the same index; rows whose LaRE or pixels
+Each cache is opened through `require_intact` (the one verification gate); its LaRE artifact, and a
+pixel artifact of the same index, are chosen by `stages.runs.choice`; rows whose LaRE or pixels
 failed are left out. Several caches are concatenated. Zarr is read a whole chunk at a time: row-by-row reads
 cost a request per row and were 8x slower.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -21,8 +18,8 @@ from pipeline.errors import UserError
 from pipeline.integrity import require_intact
 from pipeline.schema import MANIFEST, STATUS_OK, check_layout, index_path
 from pipeline.store import CacheStore
-from stages.features import perturb as perturb_stage
 from stages.genimage import index as index_stage
+from stages.runs.choice import Choice, choose
 
 CODE_ID = "stages.cachedata"  # the name its code is hashed under, wherever the file lives
 
@@ -50,177 +47,6 @@ class Source:
             "pixels": self.pixels_attrs["fingerprint"],
             "perturb": self.lare_attrs["params"].get("perturb"),
         }
-
-
-# ---- which perturbation (`--perturb SPEC`, `--perturb-only CLASS`): a filter of every artifact choice --
-Perturb = tuple[str, str | None] | None  # (canonical SPEC, class it applies to) or None: clean
-
-
-def perturbation_record(spec: str | None, only: str | None = None, seed: int = 0) -> dict | None:
-    """`--perturb SPEC [--perturb-only CLASS]`, checked, as an artifact's `perturb` param records it
-    (SPEC canonical, class, seed); None: clean. Extraction writes it, readers look it up."""
-    if spec is None:
-        if only is not None:
-            raise UserError("--perturb-only needs --perturb SPEC")
-        return None
-    return perturb_stage.parse(spec, seed, only).record()
-
-
-def wanted_perturbation(spec: str | None, only: str | None = None) -> Perturb:
-    """The user's `--perturb SPEC [--perturb-only CLASS]` as artifacts are looked up by; None: clean."""
-    return perturbation_of({"params": {"perturb": perturbation_record(spec, only)}})
-
-
-def perturbation_of(art: dict) -> Perturb:
-    record = art.get("params", {}).get("perturb")
-    return (record["spec"], record.get("only")) if record else None
-
-
-def with_perturbation(found: list[tuple[str, dict]], wanted: Perturb) -> list[tuple[str, dict]]:
-    """The artifacts among `found` perturbed as wanted (clean ones when `wanted` is None)."""
-    return [(path, art) for path, art in found if perturbation_of(art) == wanted]
-
-
-def _label(p: Perturb) -> str:
-    return perturb_stage.describe({"spec": p[0], "only": p[1]} if p else None)
-
-
-@dataclass(frozen=True)
-class Choice:
-    """Which artifacts of a cache to read: the user's `--lare` / `--pixels` selectors, and (eval) what
-    the run was trained on, preferred by default.
-
-    A selector is a fingerprint prefix (as `pipeline cache info` prints it) or comma-separated
-    `key=value` filters on the artifact's parameters (`dtype=float32`, `timestep=200,seed=1`, `model=tiny`).
-    """
-
-    lare: str | None = None
-    pixels: str | None = None
-    # a run's params: its "lare" record and the "caches" it was trained on
-    run: Mapping[str, Any] | None = None
-    perturb: Perturb = None  # the perturbation the artifacts must carry (None: clean)
-
-    def rank(self, kind: str):
-        """How well an artifact fits the run (higher first): the very artifact it was trained on, then
-        one with its parameters and model; None without a run."""
-        if self.run is None:
-            return None
-        trained = {c[kind] for c in self.run["caches"]}
-        rec = self.run["lare"]
-
-        def fits(a: dict) -> tuple[bool, bool]:
-            if kind == "lare":
-                same = (a["params"], a["model"].get("weights")) == (
-                    rec["params"],
-                    rec["model"].get("weights"),
-                )
-            else:
-                same = a["params"]["size"] == rec["pixel_size"]
-            return a["fingerprint"] in trained, same
-
-        return fits
-
-
-def _value(v) -> str:
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def _fields(art: dict) -> dict[str, str]:
-    fields = {k: _value(v) for k, v in art.get("params", {}).items()}
-    if "perturb" in fields:  # a record, shown (and filtered) as its SPEC
-        fields["perturb"] = _label(perturbation_of(art))
-    if "model" in art:
-        fields["model"] = _value(art["model"].get("spec"))
-    return fields
-
-
-def _selector(text: str, option: str, pool: list[tuple[str, dict]]):
-    """A predicate on (path, attrs) from a selector's text; a malformed one is a one-line error."""
-    text = text.strip()
-    if "=" not in text:
-        prefix = text.lower()
-        if not re.fullmatch(r"[0-9a-f]{4,64}", prefix):
-            raise UserError(
-                f"{option} takes a fingerprint prefix (4 or more hex digits, as `pipeline cache info` "
-                f"prints it) or key=value filters such as dtype=float32, not '{text}'"
-            )
-        return lambda kv: kv[1]["fingerprint"].startswith(prefix)
-    filters = {}
-    for part in text.split(","):
-        key, sep, value = (x.strip() for x in part.partition("="))
-        value = value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"" else value
-        if not sep or not key:
-            raise UserError(f"{option}: '{part}' is not key=value")
-        filters[key] = value
-    known = {k for _, art in pool for k in _fields(art)}
-    unknown = sorted(set(filters) - known) if pool else []
-    if unknown:
-        raise UserError(
-            f"{option}: no parameter '{unknown[0]}'; the artifacts have {', '.join(sorted(known))}"
-        )
-    return lambda kv: all(_fields(kv[1]).get(k) == v for k, v in filters.items())
-
-
-def selectable_fields(art: dict) -> str:
-    """An artifact's parameters as `key=value` words, the way `--lare`/`--pixels` filter them."""
-    return " ".join(f"{k}='{v}'" if " " in v else f"{k}={v}" for k, v in _fields(art).items())
-
-
-def _listing(found: list[tuple[str, dict]]) -> str:
-    return "; ".join(f"{path} ({selectable_fields(art)})" for path, art in found)
-
-
-def choose(
-    manifest: Mapping[str, Any],
-    url: str,
-    kind: str,
-    split: str | None,
-    selector: str | None,
-    rank=None,
-    index_fp: str | None = None,
-    allow_incomplete: bool = False,
-    perturb: Perturb = None,
-) -> tuple[str, dict]:
-    """The artifact of `kind` to read: one whose index covers `split` (and is `index_fp` when given),
-    complete (an unfinished one only with allow_incomplete, when no complete one qualifies), matching
-    the selector (several matching it: an error listing them); of those left, the best by `rank`
-    (a run's own artifact, then one like it), then the newest."""
-    what, option = {"lare": ("LaRE", "--lare"), "pixels": ("pixel", "--pixels")}[kind]
-    indexes = manifest.get("indexes", {})
-    pool = [
-        (path, art)
-        for path, art in sorted(manifest["artifacts"].items())
-        if art["kind"] == kind
-        and (index_fp is None or art["upstream"]["index"] == index_fp)
-        and (
-            split is None or split in indexes.get(index_path(art["upstream"]["index"]), {}).get("splits", [])
-        )
-    ]
-    pool = [kv for kv in pool if kv[1]["complete"]] or (pool if allow_incomplete else [])
-    if selector is None or "=" in selector:  # a fingerprint prefix names one artifact, perturbed or not
-        others = {_label(perturbation_of(a)) for _, a in pool} - {_label(perturb)}
-        pool = with_perturbation(pool, perturb)
-        if not pool and others:
-            raise UserError(
-                f"{url} holds no complete {what} artifact {_label(perturb)} (it holds: "
-                f"{', '.join(sorted(others))}); extract one with that --perturb/--perturb-only"
-            )
-    covering = f" covering split '{split}'" if split else ""
-    if selector is not None:
-        match = _selector(selector, option, pool)
-        pool = [kv for kv in pool if match(kv)]
-        if len(pool) > 1:
-            raise UserError(f"{option} {selector} matches {len(pool)} artifacts of {url}: {_listing(pool)}")
-        if not pool:
-            raise UserError(
-                f"no complete {what} artifact{covering} of {url} matches {option} {selector}; "
-                f"`pipeline cache info {url}` lists them"
-            )
-    if not pool:
-        hint = "extract with --pixels" if kind == "pixels" else "finish `pipeline extract` first"
-        same = " for the index of the chosen LaRE artifact" if index_fp else ""
-        raise UserError(f"{url} holds no complete {what} artifact{covering}{same} ({hint})")
-    return max(pool, key=lambda kv: ((rank(kv[1]) if rank else ()), kv[1].get("created_at", "")))
 
 
 def _finished_rows(art: dict, n: int) -> np.ndarray:

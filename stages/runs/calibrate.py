@@ -124,7 +124,7 @@ class CalibrateConfig:
 def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
     """`pipeline calibrate`: the calibration of a finished run, recomputed from the validation rows its
     sample.json records (a run trained before calibration existed; or to redo it)."""
-    from stages.runs import cachedata
+    from stages.runs import cachedata, choice
     from stages.runs.checkpoint import load_run, predict
 
     run = load_run(cfg.checkpoint, resolve_device(cfg.device), "best")
@@ -132,9 +132,9 @@ def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
     held = sample["validation"]
     perturb = run.params["caches"][0].get("perturb")
     wanted = (perturb["spec"], perturb.get("only")) if perturb else None
-    choice = cachedata.Choice(run=run.params, perturb=wanted)
+    picked = choice.Choice(run=run.params, perturb=wanted)
     urls = cfg.caches or [v["url"] for v in held]
-    data = cachedata.CacheData(urls, verify=cfg.verify, split="train", choice=choice, log=log)
+    data = cachedata.CacheData(urls, verify=cfg.verify, split="train", choice=picked, log=log)
     if len(data.sources) != len(held):
         raise UserError(f"{run.name} was trained on {len(held)} cache(s), not {len(data.sources)}")
     for src, v in zip(data.sources, held, strict=True):
