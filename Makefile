@@ -35,7 +35,7 @@ help:
 	@echo "                                  -> eval -> ACC table and \$$(DEMO)/results/matrix.png (README: what it means)"
 	@echo "make test                         the test suite (CPU only, tiny models)"
 	@echo "make test-fast                    the suite without the tests marked slow (no pipeline subprocess, no long training)"
-	@echo "make lint                         ruff check and format check, mypy (type check of pipeline, stages)"
+	@echo "make lint                         ruff check and format check, mypy (pipeline, stages), import layers, tests/ layout"
 	@echo "make extract SUBSET=sdv14 DATA=/data/GenImage CACHE=cache MODEL=... DEVICE=cuda EXTRA='--ensemble 4'"
 	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class all'   train from \$$(CACHE)/\$$(SUBSET).zarr"
 	@echo "                                  MODEL, DEVICE, METHOD, GRID not given: the command's defaults (--help)"
@@ -102,7 +102,7 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
-	$(BIN)/python -m pytest -q tests/test_layers.py  # the import layers of stages/ and pipeline/
+	$(BIN)/python -m pytest -q tests/system/test_layers.py  # the import layers, and tests/ mirroring the code
 
 bench: install
 	$(BIN)/python bench/extract.py

@@ -100,8 +100,8 @@ class ExtractConfig:
         self.perturbation()
 
     def resolved_precision(self, device: str) -> str:
-        """fp16 on CUDA by default (within 5e-3 of fp32, tests/test_lare.py), fp32 elsewhere; any of
-        stages.features.lare.PRECISIONS on request (pipeline.config's rule)."""
+        """fp16 on CUDA by default (within 5e-3 of fp32, tests/stages/features/test_lare.py), fp32
+        elsewhere; any of stages.features.lare.PRECISIONS on request (pipeline.config's rule)."""
         return resolve_precision(self.precision, device, tuple(lare_math.PRECISIONS), on_cuda="fp16")
 
 

@@ -7,7 +7,7 @@ declared once, and the --help defaults read from the stages' config dataclasses.
 Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError), never a traceback.
 
 Layering: `pipeline/` (orchestration) is used by `stages/`; the CLI is the one place where
-`pipeline/` calls into `stages/` (tests/test_layers.py checks it). It imports each
+`pipeline/` calls into `stages/` (tests/system/test_layers.py checks it). It imports each
 stage inside its command, so that `pipeline --help` and the cache commands start without torch (a
 command's own --help imports its stage, to show the defaults its config holds).
 """

@@ -5,13 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import toy_index
 
 from pipeline.errors import UserError
 from pipeline.integrity import verify
 from pipeline.schema import STATUS_FAILED, STATUS_OK
 from pipeline.storage import safe_key
 from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
+from tests.helpers import toy_index
 
 
 def _artifact(store, n=10):

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ONE_THREAD, TINY_TRAIN, artifact_arrays, run_cli, toy_index
-from servers import guarded_env, loopback, moto_s3, range_http, s3_env
 
 from pipeline import share
 from pipeline.errors import UserError
@@ -26,6 +24,8 @@ from pipeline.integrity import require_intact, verify
 from pipeline.share import JOURNAL, copy_cache
 from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
 from stages.extract import ExtractConfig, run_extract
+from tests.helpers import ONE_THREAD, TINY_TRAIN, artifact_arrays, run_cli, toy_index
+from tests.servers import guarded_env, loopback, moto_s3, range_http, s3_env
 
 
 @pytest.fixture(scope="module")

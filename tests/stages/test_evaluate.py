@@ -8,10 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ONE_THREAD, run_cli, tiny_run
 from sklearn.metrics import average_precision_score
 
 from stages.evaluate import EvalConfig, metrics, run_eval
+from tests.helpers import ONE_THREAD, run_cli, tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

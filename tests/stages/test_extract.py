@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import artifact_arrays, extract_args, run_cli
 
 from pipeline.integrity import verify
 from pipeline.schema import STATUS_FAILED, STATUS_OK
@@ -14,6 +13,7 @@ from stages.extract import ExtractConfig, RowDataset, run_extract
 from stages.features import pixels, sd
 from stages.features.recipe import RowRecipe
 from stages.genimage.synthetic import add_bad_files
+from tests.helpers import artifact_arrays, extract_args, run_cli
 
 FP16_ULP = 2.0**-10  # relative spacing of float16 numbers
 

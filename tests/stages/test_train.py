@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ONE_THREAD, TINY_TRAIN, extract_cache, run_cli
 
 from pipeline.errors import UserError
 from stages.genimage.synthetic import make_genimage
 from stages.train import TrainConfig, run_train
+from tests.helpers import ONE_THREAD, TINY_TRAIN, extract_cache, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

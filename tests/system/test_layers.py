@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 # What each subpackage of stages may import from stages, besides itself; the command modules (the
 # top level of stages) may import anything in stages, and no subpackage imports a command.
@@ -79,3 +79,32 @@ def test_pipeline_calls_into_stages_only_from_its_cli_and_lazily():
         at_top = {(line, name) for line, name in _imports(path, True) if name.split(".")[0] == "stages"}
         wrong += [f"{rel}:{line} imports {name}" for line, name in sorted(at_top if in_cli else anywhere)]
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_tests_of_a_module_are_where_its_path_says():
+    """tests/ mirrors the code: the unit tests of pipeline/x.py are tests/pipeline/test_x.py, those of
+    stages/features/lare.py tests/stages/features/test_lare.py (test_lare_<aspect>.py for more files
+    on one module); what crosses modules (resume, learnability, the README's promises) is in
+    tests/system/. A test file named after no module, or a folder mirroring no package, fails here."""
+    modules = {
+        p.relative_to(ROOT).with_suffix("").as_posix()
+        for package in ("pipeline", "stages")
+        for p in _files(package)
+        if p.stem not in ("__init__", "__main__")
+    }
+    packages = {
+        p.parent.relative_to(ROOT).as_posix() for package in ("pipeline", "stages") for p in _files(package)
+    }
+    modules |= packages  # a subpackage's tests may be one file: tests/pipeline/test_cli.py
+    tests = ROOT / "tests"
+    for path in sorted(tests.rglob("test_*.py")):
+        where = path.parent.relative_to(tests).as_posix()
+        if where == "system":
+            continue
+        assert where in packages, f"{path.relative_to(ROOT)}: tests/{where} mirrors no package"
+        name = path.stem.removeprefix("test_")
+        named = {m for m in modules if "/" in m and m.rsplit("/", 1)[0] == where}
+        assert any(
+            name == m.rsplit("/", 1)[1] or name.startswith(m.rsplit("/", 1)[1] + "_") for m in named
+        ), f"{path.relative_to(ROOT)} names no module of {where}/"
+    assert not list(tests.glob("test_*.py")), "a test file directly in tests/: put it in its module's folder"

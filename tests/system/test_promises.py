@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import zarr
-from conftest import ONE_THREAD, TINY_TRAIN, run_cli
-from servers import guarded_env, moto_s3, range_http, s3_env
 
 from pipeline.fingerprint import checksum_bytes
+from tests.helpers import ONE_THREAD, ROOT, TINY_TRAIN, run_cli
+from tests.servers import guarded_env, moto_s3, range_http, s3_env
 
-ROOT = Path(__file__).resolve().parents[1]
 EXTRACT = ("--model", "tiny", "--device", "cpu", "--rows-per-shard", "4", "--size", "64",
            "--pixel-size", "64", "--preprocess", "crop", "--ensemble", "1", "--no-progress")  # fmt: skip
 

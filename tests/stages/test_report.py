@@ -9,9 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
 from stages.report import collect, figure
+from tests.helpers import run_cli
 
 PARAMS = {"lare": {"size": 64, "timestep": 280}, "pixels": {"size": 64}, "model": "w" * 8}
 

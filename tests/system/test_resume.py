@@ -7,9 +7,9 @@ import subprocess
 import time
 
 import pytest
-from conftest import PIPELINE, assert_same_cache, extract_args, run_cli
 
 from stages.genimage.synthetic import make_genimage
+from tests.helpers import PIPELINE, assert_same_cache, extract_args, run_cli
 
 
 @pytest.fixture(scope="module")

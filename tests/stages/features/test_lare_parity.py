@@ -20,13 +20,13 @@ import pytest
 import torch
 import xxhash
 import zarr
-from conftest import ONE_THREAD, run_cli
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from torchvision.transforms import PILToTensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from stages.features import sd
+from tests.helpers import ONE_THREAD, run_cli
 
 TOL = 1e-5  # of each map's maximum: batching moves the last bits (cache_schema.md's stated tolerance)
 T, E, SEED = 200, 4, 0

@@ -3,6 +3,7 @@ import textwrap
 import types
 
 from pipeline.fingerprint import canonical_json, checksum_files, code_version, fingerprint
+from tests.helpers import ROOT
 
 
 def _module(name: str, source: str) -> types.ModuleType:
@@ -96,9 +97,8 @@ EDITS = {
 def _package_copy(tmp_path, name, edit=None):
     """A copy of the package with `edit` applied to its `stages/`."""
     import shutil
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     tree = tmp_path / name
     for package in ("stages", "pipeline"):
         shutil.copytree(root / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ONE_THREAD, TINY_TRAIN, run_cli
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
 from pipeline.errors import UserError
 from stages.evaluate import metrics
 from stages.runs import calibrate
+from tests.helpers import ONE_THREAD, TINY_TRAIN, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PIPELINE, assert_same_cache, run_cli, torch_threads
 
 from pipeline.errors import UserError
 from pipeline.lock import EXTRACT_LOCK, extract_lock
@@ -24,6 +23,7 @@ from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
 from stages import extract_dask
 from stages.extract import ExtractConfig, plan_extract, run_extract
 from stages.genimage.synthetic import make_genimage
+from tests.helpers import PIPELINE, assert_same_cache, run_cli, torch_threads
 
 SHARDS = 8  # one row each: small, so that the tests stay fast, and many, so that a kill lands mid-run
 

@@ -40,22 +40,3 @@ def test_read_spans_cover_whole_chunks_and_merge_dense_ones():
     assert read_spans(np.array([0, 1, 5, 9]), chunk=4, shard=16) == [(0, 12)]  # 3 of 3 chunks: one read
     assert read_spans(np.array([0, 61]), chunk=4, shard=64) == [(0, 4), (60, 64)]  # sparse: chunk by chunk
     assert read_spans(np.array([3, 17]), chunk=4, shard=16) == [(0, 4), (16, 20)]  # never across shards
-
-
-def test_perturbation_options_are_checked_and_recorded_in_one_place():
-    """What extraction records for --perturb/--perturb-only is what training and evaluation look up."""
-    import pytest
-
-    from pipeline.errors import UserError
-    from stages.extract import ExtractConfig
-    from stages.runs.choice import perturbation_of, wanted_perturbation
-
-    cfg = ExtractConfig(".", "sdv14", perturb="JPEG: 10-75", perturb_only="generated", seed=3)
-    assert cfg.perturbation() == {"spec": "jpeg:10-75", "only": "generated", "seed": 3}
-    recorded = perturbation_of({"params": {"perturb": cfg.perturbation()}})
-    assert recorded == wanted_perturbation("JPEG: 10-75", "generated") == ("jpeg:10-75", "generated")
-    assert wanted_perturbation(None) is None and ExtractConfig(".", "sdv14").perturbation() is None
-    unpaired = ExtractConfig(".", "sdv14", perturb_only="real")
-    for check in (lambda: wanted_perturbation(None, "real"), unpaired.check):
-        with pytest.raises(UserError, match="--perturb-only needs --perturb SPEC"):
-            check()

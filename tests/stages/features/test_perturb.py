@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 import torchvision
-from conftest import artifact_arrays, assert_same_cache, run_cli, torch_threads
 from PIL import Image
 from scipy import ndimage
 
@@ -22,6 +21,7 @@ from stages.features import perturb
 from stages.genimage.index import jpeg_quality
 from stages.genimage.synthetic import make_genimage, make_image
 from stages.runs import cachedata, choice
+from tests.helpers import artifact_arrays, assert_same_cache, run_cli, torch_threads
 
 RGB = make_image(np.random.default_rng(0), 96, 128, generated=False)  # noisy, like a photo
 

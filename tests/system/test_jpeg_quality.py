@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 
-from conftest import ONE_THREAD, TINY_TRAIN, run_cli
-
 from stages.genimage import index
 from stages.genimage.synthetic import make_genimage
+from tests.helpers import ONE_THREAD, TINY_TRAIN, run_cli
 
 
 def test_the_index_records_each_jpeg_quality_and_info_shows_the_mix(tmp_path):

@@ -13,12 +13,12 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import extract_cache
 
 from pipeline.store import CacheStore
 from stages.evaluate import EvalConfig, run_eval
 from stages.genimage.synthetic import make_genimage
 from stages.train import TrainConfig, run_train
+from tests.helpers import extract_cache
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # 30- and 60-epoch trainings
 Q = 50

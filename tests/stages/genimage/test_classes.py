@@ -2,13 +2,13 @@
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from stages.genimage import classes
+from tests.helpers import ROOT
 
-ANNS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lare_anns"
+ANNS = ROOT.parent / "shared" / "reference" / "lare_anns"
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,11 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from conftest import run_cli
 
 from pipeline.errors import UserError
 from stages.genimage import index
 from stages.genimage.synthetic import make_genimage
+from tests.helpers import run_cli
 
 
 def test_every_alias_maps_to_its_genimage_folder(tmp_path):

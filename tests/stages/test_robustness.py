@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import re
-from pathlib import Path
 
 import pytest
-from conftest import ONE_THREAD, run_cli
 
 from stages.features import perturb
 from stages.genimage.synthetic import make_genimage
 from stages.robustness import GRIDS
+from tests.helpers import ONE_THREAD, ROOT, run_cli
 
 
 def test_a_study_writes_its_csv_and_figures_and_a_rerun_redoes_nothing(tmp_path):
@@ -59,7 +58,7 @@ def test_the_frank_grid_trains_and_tests_on_each_mode_and_combined_beside_lols_t
 
 
 def test_the_readme_lists_every_grid():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     listed = readme.split("\nGrids,", 1)[1].split("\n## ", 1)[0]
     assert re.findall(r"^- `([a-z0-9-]+)`", listed, flags=re.M) == list(GRIDS)
 

@@ -6,11 +6,11 @@ import csv
 import shutil
 
 import pytest
-from conftest import ONE_THREAD, run_cli
 
 from stages.detect import DetectConfig, run_detect
 from stages.evaluate import EvalConfig, run_eval
 from stages.genimage.synthetic import add_bad_files
+from tests.helpers import ONE_THREAD, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

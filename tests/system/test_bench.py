@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).parent.parent / "bench"
+from tests.helpers import ROOT
+
+BENCH = ROOT / "bench"
 
 
 def run_bench(script: str, *args: str, out: Path) -> dict:

@@ -1,0 +1,120 @@
+"""What the tests share besides fixtures (tests/conftest.py holds those): running the installed
+`pipeline` command, tiny extractions and runs, bitwise cache comparison (`from tests.helpers import ...`:
+tests/ is a package, so its folders may mirror pipeline/ and stages/ without shadowing them)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+PIPELINE = shutil.which("pipeline", path=os.path.dirname(sys.executable)) or "pipeline"
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """Run the installed `pipeline` command as a user types it."""
+    proc = subprocess.run(
+        [PIPELINE, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, **kw
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {args} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def toy_index(store, n: int, fp: str = "e" * 64) -> str:
+    """A schema-conformant index table of `n` rows (ids and splits only) for hand-made toy artifacts;
+    returns its fingerprint, for the artifacts' `upstream`."""
+    store.write_table(
+        f"index/{fp[:16]}",
+        {
+            "id": np.array([f"{i:032x}" for i in range(n)], dtype=object),
+            "split": np.full(n, "train", dtype=object),
+        },
+        {"fingerprint": fp, "subset": store.subset, "n_rows": n, "splits": ["train"], "created_at": "2020"},
+    )
+    return fp
+
+
+def extract_args(data: Path, cache: Path, *extra: str, subset: str = "sdv14") -> list[str]:
+    """`pipeline extract` arguments for the tiny model on CPU, 4 rows per shard."""
+    return [
+        "extract", "--data-root", str(data), "--subset", subset, "--cache-dir", str(cache),
+        "--model", "tiny", "--device", "cpu", "--rows-per-shard", "4", *extra,
+    ]  # fmt: skip
+
+
+def assert_same_cache(cache: Path, reference: Path) -> None:
+    """Two <subset>.zarr caches hold the same complete artifacts, bitwise, and the first one verifies."""
+    import json
+
+    from pipeline.integrity import verify
+    from pipeline.store import CacheStore
+
+    ref = json.loads((reference / "manifest.json").read_text())
+    got = json.loads((cache / "manifest.json").read_text())
+    assert got["artifacts"].keys() == ref["artifacts"].keys()
+    for path, art in ref["artifacts"].items():
+        assert got["artifacts"][path]["complete"]
+        assert artifact_arrays(cache, path) == artifact_arrays(reference, path)
+        assert {s: i["files"] for s, i in got["artifacts"][path]["shards"].items()} == {
+            s: i["files"] for s, i in art["shards"].items()
+        }  # the stored objects themselves are byte-identical
+    assert verify(CacheStore(str(cache))) == []
+
+
+def artifact_arrays(cache: Path, artifact: str) -> dict[str, bytes]:
+    """Raw bytes of every array of an artifact, for bitwise comparison (NaN-safe)."""
+    import zarr
+
+    group = zarr.open_group(str(cache), mode="r")[artifact]
+    return {name: np.ascontiguousarray(arr[:]).tobytes() for name, arr in group.arrays()}
+
+
+TINY_TRAIN = ("--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-size", "32", "--lr", "1e-3")
+
+
+def extract_cache(data_root: Path, cache_dir: Path, subset: str = "sdv14", **kw) -> Path:
+    """Extract a subset with the tiny SD model (64 px, crop geometry: LaRE aligned with the pixels);
+    `kw`: other ExtractConfig fields (e.g. perturb)."""
+    from stages.extract import ExtractConfig, run_extract
+
+    cfg = ExtractConfig(
+        data_root=str(data_root), subset=subset, cache_dir=str(cache_dir), model="tiny", device="cpu",
+        size=64, pixel_size=64, preprocess="crop", rows_per_shard=16, progress=False, **kw,
+    )  # fmt: skip
+    return Path(run_extract(cfg, log=lambda m: None).cache)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1):
+    """Tiny models on a shared 2-core machine: one torch thread is several times faster than two (and
+    one is what each dask worker has). The count before is restored on the way out."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesses
+
+
+def tiny_run(cache: Path, out: Path, method: str, epochs: int) -> Path:
+    """A short run (tiny backbone, batch 16, lr 1e-3, 32 px crops) on one thread."""
+    from stages.train import TrainConfig, run_train
+
+    cfg = TrainConfig(
+        caches=[str(cache)], method=method, out=str(out), epochs=epochs, batch_size=16, lr=1e-3,
+        crop_size=32, backbone="tiny-RN", backbone_weights="random", progress=False,
+    )  # fmt: skip
+    with torch_threads(1):
+        return run_train(cfg, log=lambda m: None)

@@ -1,0 +1,144 @@
+"""The README, docs and Makefile say what is true: every command and option they show exists, the
+layout names every module, no link leaves the repository, `make` passes each command its own
+defaults, and the README's demo robustness command runs as typed."""
+
+import subprocess
+
+from tests.helpers import ONE_THREAD, ROOT, run_cli
+
+
+def test_readme_recipes_use_only_options_the_commands_have():
+    """Each `pipeline <command> --option` of the README's reproduction recipes is in its --help."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Reproduce the papers", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    commands = [line.strip() for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    used: dict[str, set[str]] = {}
+    for line in commands:
+        for m in re.finditer(r"pipeline (\w+)(.*?)(?:\)|;|$)", line):
+            used.setdefault(m.group(1), set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", m.group(2)))
+    assert set(used) == {"extract", "train", "eval", "report"}
+    assert {"--epochs", "--pixel-size", "--prompt-template", "--method"} <= set().union(*used.values())
+    for command, options in used.items():
+        help_text = run_cli(command, "--help", env={"COLUMNS": "200"}).stdout
+        for option in options:
+            assert re.search(rf"(?<![\w-]){option}(?![\w-])", help_text), (command, option)
+
+
+def test_readme_layout_names_every_module_and_only_those():
+    import re
+
+    root = ROOT
+    layout = (root / "README.md").read_text().split("## Layout", 1)[1].split("```")[1]
+    entries = re.split(r"\n(?=\S)", layout.strip())  # one entry per top-level folder
+    for package in ("pipeline", "stages"):
+        (entry,) = [e for e in entries if e.startswith(f"{package}/")]
+        text = " ".join(entry.split()).split(":", 1)[1].split(";")[0]
+        named = {name.strip() for name in re.sub(r"\([^)]*\)", "", text).split(",")}
+        modules = {p.stem for p in (root / package).glob("*.py") if p.stem != "__init__"}
+        packages = {p.parent.name for p in (root / package).glob("*/__init__.py")}
+        assert named == modules | packages, (package, named ^ (modules | packages))
+        for sub in packages:  # a subpackage's modules are named in the parentheses after it
+            inside = set(re.findall(r"\w+", re.search(rf"\b{sub} \(([^)]*)\)", text).group(1)))
+            subs = {
+                p.stem for p in (root / package / sub).glob("*.py") if p.stem not in ("__init__", "__main__")
+            }
+            assert subs <= inside, (package, sub, subs - inside)
+
+
+def _make(*args: str) -> str:
+    """What `make` prints (-n: the commands it would run, none run) in the repository."""
+    return subprocess.run(["make", "-s", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def test_make_help_lists_every_target_and_only_those():
+    import re
+
+    makefile = (ROOT / "Makefile").read_text()
+    (phony,) = re.findall(r"^\.PHONY:(.*)$", makefile, flags=re.M)
+    listed = {line.split()[1] for line in _make("help").splitlines() if line.startswith("make ")}
+    assert listed == set(phony.split())
+    for target in listed:
+        assert re.search(rf"^{re.escape(target)}:", makefile, flags=re.M), target
+
+
+def test_make_leaves_the_defaults_to_the_commands():
+    """METHOD, MODEL, DEVICE and GRID not given: no option, so each command's own default applies
+    (train: egre, robustness: lol), written once in its config; given: passed on."""
+    for target in ("extract", "train", "eval", "robustness"):
+        line = " ".join(_make("-n", target, "RUN=runs/r").replace("\\\n", " ").split())
+        command = line[line.index("bin/pipeline") :]
+        for option in ("--method", "--model", "--device", "--grid"):
+            assert option not in command, (target, option, command)
+    given = _make("-n", "train", "METHOD=lol", "DEVICE=cpu")
+    assert "--method lol" in given and "--device cpu" in given
+
+
+def test_readme_names_nothing_outside_the_repository():
+    """A newcomer has the repository only: no `../` path in the README, and every relative link of
+    the docs resolves to a file inside it."""
+    import re
+
+    assert "../" not in (ROOT / "README.md").read_text()
+    for page in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for link in re.findall(r"\]\(([^)#\s]+)", page.read_text()):
+            if "://" in link:
+                continue
+            target = (page.parent / link).resolve()
+            assert target.is_relative_to(ROOT.resolve()) and target.exists(), (page.name, link)
+
+
+def test_readme_demo_robustness_command_runs(tmp_path):
+    """The README's robustness command on the demo data, as typed (fewer epochs), on a tiny demo set."""
+    import re
+    import shlex
+
+    from stages.genimage.synthetic import make_genimage
+
+    readme = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "--data-root demo/" in b]
+    words = shlex.split(block.replace("\\\n", " "))
+    assert words[:2] == ["pipeline", "robustness"]
+    makefile = (ROOT / "Makefile").read_text()  # the demo's extraction options: its clean caches are reused
+    demo_lare = shlex.split(re.search(r"^DEMO_LARE\s*\?=(.*)$", makefile, flags=re.M).group(1))
+    typed = " ".join(words)
+    for option, value in zip(demo_lare[::2], demo_lare[1::2], strict=True):
+        assert f"{option} {value}" in typed, option
+    assert "--model tiny" in typed and "--rows-per-shard 16" in typed and "--rows-per-shard 16" in makefile
+    make_genimage(tmp_path / "demo" / "data", "sdv14", {"train": 4, "val": 3}, seed=1)
+    make_genimage(tmp_path / "demo" / "data", "adm", {"train": 4, "val": 3}, seed=2)
+    proc = run_cli(*words[1:], "--epochs", "1", cwd=tmp_path, env=ONE_THREAD)
+    out = tmp_path / "demo" / "results" / "robustness"
+    assert (out / "robustness-aigcdetect-lol.csv").is_file(), proc.stdout
+
+
+def test_make_test_fast_leaves_out_processes_and_long_trainings():
+    """README, Tests: `make test-fast` is `-m "not slow"`; a test that starts a process (here through
+    run_cli, or a helper of its module) is marked slow by conftest, the long trainings where written."""
+    import re
+    import sys
+
+    assert re.search(
+        r'^test-fast:.*\n\t.*pytest -q -n 2 -m "not slow"$', (ROOT / "Makefile").read_text(), re.M
+    )
+    files = [
+        str(ROOT / "tests" / f)
+        for f in (
+            "pipeline/test_cli.py",
+            "system/test_docs.py",
+            "system/test_learnability.py",
+            "system/test_format_shortcut.py",
+        )
+    ]
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    fast = subprocess.run(
+        [*collect, "-m", "not slow", *files], cwd=ROOT, capture_output=True, text=True
+    ).stdout
+    assert "test_offline_a_cached_backbone_loads_from_the_hub_cache" in fast  # in-process
+    for name in ("test_help_lists_commands_and_options",  # run_cli in the test
+                 "test_every_help_shows_each_default_from_the_stage_config",  # through a helper
+                 "test_make_help_lists_every_target_and_only_those",  # make, through _make
+                 "test_learnability.py", "test_format_shortcut.py"):  # fmt: skip
+        assert name not in fast, name
