@@ -79,15 +79,22 @@ def artifact_arrays(cache: Path, artifact: str) -> dict[str, bytes]:
 TINY_TRAIN = ("--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-size", "32", "--lr", "1e-3")
 
 
+def tiny_extract(data_root: Path | str, cache_dir: Path | str, subset: str = "sdv14", **kw):
+    """The ExtractConfig of an in-process extraction with the tiny SD model on CPU, without progress
+    bars; `kw`: its other fields, these three included (the command's defaults otherwise)."""
+    from stages.extract import ExtractConfig
+
+    tiny = {"model": "tiny", "device": "cpu", "progress": False}
+    return ExtractConfig(data_root=str(data_root), subset=subset, cache_dir=str(cache_dir), **{**tiny, **kw})
+
+
 def extract_cache(data_root: Path, cache_dir: Path, subset: str = "sdv14", **kw) -> Path:
     """Extract a subset with the tiny SD model (64 px, crop geometry: LaRE aligned with the pixels);
     `kw`: other ExtractConfig fields (e.g. perturb)."""
-    from stages.extract import ExtractConfig, run_extract
+    from stages.extract import run_extract
 
-    cfg = ExtractConfig(
-        data_root=str(data_root), subset=subset, cache_dir=str(cache_dir), model="tiny", device="cpu",
-        size=64, pixel_size=64, preprocess="crop", rows_per_shard=16, progress=False, **kw,
-    )  # fmt: skip
+    geometry = {"size": 64, "pixel_size": 64, "preprocess": "crop", "rows_per_shard": 16}
+    cfg = tiny_extract(data_root, cache_dir, subset, **{**geometry, **kw})
     return Path(run_extract(cfg, log=lambda m: None).cache)
 
 

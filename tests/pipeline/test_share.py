@@ -23,8 +23,8 @@ from pipeline.errors import UserError
 from pipeline.integrity import require_intact, verify
 from pipeline.share import JOURNAL, copy_cache
 from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
-from stages.extract import ExtractConfig, run_extract
-from tests.helpers import ONE_THREAD, TINY_TRAIN, artifact_arrays, run_cli, toy_index
+from stages.extract import run_extract
+from tests.helpers import ONE_THREAD, TINY_TRAIN, artifact_arrays, run_cli, tiny_extract, toy_index
 from tests.servers import guarded_env, loopback, moto_s3, range_http, s3_env
 
 
@@ -49,19 +49,8 @@ def s3():
 @pytest.fixture(scope="module")
 def extracted(s3, genimage):
     """`extract --cache-dir s3://...`: a real extraction (tiny model) written straight to the bucket."""
-    cfg = ExtractConfig(
-        data_root=str(genimage),
-        subset="sdv14",
-        cache_dir="s3://team/extracted",
-        model="tiny",
-        device="cpu",
-        ensemble=1,
-        size=64,
-        rows_per_shard=8,
-        progress=False,
-    )
-    result = run_extract(cfg, log=lambda msg: None)
-    return result
+    cfg = tiny_extract(genimage, "s3://team/extracted", ensemble=1, size=64, rows_per_shard=8)
+    return run_extract(cfg, log=lambda msg: None)
 
 
 def _cli(*args, env, check=True):

@@ -13,24 +13,14 @@ from stages.extract import ExtractConfig, RowDataset, run_extract
 from stages.features import pixels, sd
 from stages.features.recipe import RowRecipe
 from stages.genimage.synthetic import add_bad_files
-from tests.helpers import artifact_arrays, extract_args, run_cli
+from tests.helpers import artifact_arrays, extract_args, run_cli, tiny_extract
 
 FP16_ULP = 2.0**-10  # relative spacing of float16 numbers
 
 
 def _extract(genimage, cache_dir, **overrides):
-    cfg = dict(
-        data_root=str(genimage),
-        subset="sdv14",
-        cache_dir=str(cache_dir),
-        model="tiny",
-        device="cpu",
-        rows_per_shard=8,
-        batch_size=4,
-        progress=False,
-    )
-    cfg.update(overrides)
-    return run_extract(ExtractConfig(**cfg), log=lambda msg: None)
+    cfg = tiny_extract(genimage, cache_dir, **{"rows_per_shard": 8, "batch_size": 4, **overrides})
+    return run_extract(cfg, log=lambda msg: None)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
 from stages import extract_dask
 from stages.extract import ExtractConfig, plan_extract, run_extract
 from stages.genimage.synthetic import make_genimage
-from tests.helpers import PIPELINE, assert_same_cache, run_cli, torch_threads
+from tests.helpers import PIPELINE, assert_same_cache, run_cli, tiny_extract, torch_threads
 
 SHARDS = 8  # one row each: small, so that the tests stay fast, and many, so that a kill lands mid-run
 
@@ -37,9 +37,7 @@ def genimage(tmp_path_factory):
 
 
 def _cfg(genimage, cache_dir, **overrides) -> ExtractConfig:
-    cfg = dict(data_root=str(genimage), subset="sdv14", cache_dir=str(cache_dir), model="tiny", device="cpu",
-               rows_per_shard=1, batch_size=1, progress=False)  # fmt: skip
-    return ExtractConfig(**{**cfg, **overrides})
+    return tiny_extract(genimage, cache_dir, **{"rows_per_shard": 1, "batch_size": 1, **overrides})
 
 
 def _cli_args(genimage, cache_dir) -> list[str]:

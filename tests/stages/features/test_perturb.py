@@ -21,7 +21,7 @@ from stages.features import perturb
 from stages.genimage.index import jpeg_quality
 from stages.genimage.synthetic import make_genimage, make_image
 from stages.runs import cachedata, choice
-from tests.helpers import artifact_arrays, assert_same_cache, run_cli, torch_threads
+from tests.helpers import artifact_arrays, assert_same_cache, run_cli, tiny_extract, torch_threads
 
 RGB = make_image(np.random.default_rng(0), 96, 128, generated=False)  # noisy, like a photo
 
@@ -113,10 +113,8 @@ def small(tmp_path_factory):
 
 
 def _cfg(data, cache, **kw) -> ExtractConfig:
-    base = dict(data_root=str(data), subset="sdv14", cache_dir=str(cache), model="tiny", device="cpu",
-                size=32, pixel_size=32, rows_per_shard=2, batch_size=2, progress=False,
-                perturb=SPEC)  # fmt: skip
-    return ExtractConfig(**{**base, **kw})
+    base = dict(size=32, pixel_size=32, rows_per_shard=2, batch_size=2, perturb=SPEC)
+    return tiny_extract(data, cache, **{**base, **kw})
 
 
 @pytest.fixture(scope="module")
