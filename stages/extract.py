@@ -24,7 +24,7 @@ from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWriter
-from pipeline.schema import MANIFEST, SCHEMA_VERSION, ArtifactOrigin, WriterInfo, index_path
+from pipeline.schema import SCHEMA_VERSION, ArtifactOrigin, WriterInfo, index_path
 from pipeline.storage import now
 from pipeline.store import ArraySpec, Artifact, CacheStore, latest
 from stages.features import lare as lare_math
@@ -496,7 +496,7 @@ def covering_artifacts(cfg: ExtractConfig) -> ExtractResult | None:
     """
     cache_url = cache_url_for(cfg)
     try:
-        manifest = CacheStore(cache_url, mode="r").read_json(MANIFEST)
+        manifest = CacheStore(cache_url, mode="r").read_manifest()
     except UserError:  # no cache there yet
         return None
     if manifest is None:  # never finished: extraction resumes it
@@ -511,8 +511,9 @@ def covering_artifacts(cfg: ExtractConfig) -> ExtractResult | None:
         wanted = {"lare": lare_artifact(cfg, attrs["fingerprint"], model_ref, precision, latent)}
         if cfg.pixels:
             wanted["pixels"] = pixel_artifact(cfg, attrs["fingerprint"])
-        found = [manifest["artifacts"].get(a.path) for a in wanted.values()]
-        if all(art is not None and art["complete"] for art in found):
+        arts = manifest["artifacts"]
+        found = [arts[a.path] for a in wanted.values() if a.path in arts and arts[a.path]["complete"]]
+        if len(found) == len(wanted):
             kinds = {kind: a.path for kind, a in wanted.items()}
             return ExtractResult(cache_url, path, kinds, True, 0, found[0]["n_failed"], 0.0)
     return None
