@@ -97,8 +97,8 @@ class TrainConfig:
     device: str = DEFAULT_DEVICE  # where it trains; not in the fingerprint (last bits only, like batch order)
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
-    loader_workers: int = -1  # cache-reading processes; -1: none on CPU, some on GPU. Changes no bit.
-    precision: str = "auto"  # fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, fp32 elsewhere
+    loader_workers: int = -1  # cache-reading processes (-1: automatic, loader_workers_help). Changes no bit.
+    precision: str = "auto"  # see precision_help
     lare: str | None = None  # --lare / --pixels: which artifact of each cache (see choice.Choice)
     pixels: str | None = None
     perturb: str | None = None  # train on the artifacts extracted with this --perturb SPEC (None: clean)
@@ -253,12 +253,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 TRAIN_PRECISIONS = ("fp32", "bf16")  # bf16: autocast, the master weights stay fp32
+TRAIN_ON_CUDA = "bf16"  # `auto` on CUDA: tensor cores
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """bf16 autocast on CUDA by default (tensor cores), fp32 elsewhere (pipeline.config's rule).
+    """The training precision on `device` (pipeline.config's rule: see precision_help).
     Part of the fingerprint: a bf16 run's weights differ from an fp32 run's by more than the last bits."""
-    return config.resolve_precision(precision, device, TRAIN_PRECISIONS, on_cuda="bf16")
+    return config.resolve_precision(precision, device, TRAIN_PRECISIONS, on_cuda=TRAIN_ON_CUDA)
+
+
+def precision_help() -> str:
+    """--precision's rule, said with the arguments resolve_precision passes (its --help)."""
+    return config.describe_precision(TRAIN_PRECISIONS, TRAIN_ON_CUDA)
+
+
+def loader_workers_help() -> str:
+    """--loader-workers's rule, said with the `most` training passes (its --help)."""
+    return config.describe_loader_workers(READ_WORKERS)
 
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunParams]:
