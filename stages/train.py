@@ -486,7 +486,8 @@ def finish_run(
     selection: Selection
     if chosen is None:  # no selection; else both labels are in the slice: every epoch has an AUC
         best, selection = last, {"by": "last", "why": str(no_selection)}
-        log(f"done after epoch {last}: {stopped}; best epoch = last epoch {last} ({no_selection})")
+        kept = f"best epoch = last epoch {last} (model selection off, see the note above)"  # the why: once
+        log(f"done after epoch {last}: {stopped}; {kept}")
     else:
         best, selection = chosen, {"by": "validation AUC"}
         auc = history[best]["auc"]
