@@ -30,6 +30,14 @@ def loader_workers(chosen: int, device: str, most: int, gpus: int = 1) -> int:
     return max(2, min(most, ((os.cpu_count() or 4) - 2) // gpus))
 
 
+def describe_loader_workers(most: int) -> str:
+    """`loader_workers`'s rule in words, for the stage's `most`: its --loader-workers help says it."""
+    return (
+        f"-1 (automatic): none on CPU; on GPUs all cores but two, shared among them, at least 2 and at "
+        f"most {most} per GPU"
+    )
+
+
 def resolve_precision(precision: str, device: str, offered: tuple[str, ...], on_cuda: str) -> str:
     """`--precision`: `auto` is the stage's `on_cuda` on a CUDA device (tensor cores) and fp32 elsewhere
     (half precision only costs time on a CPU); another name must be one the stage `offers`, a subset of
@@ -39,6 +47,11 @@ def resolve_precision(precision: str, device: str, offered: tuple[str, ...], on_
     if precision == "auto":
         return on_cuda if device.startswith("cuda") else "fp32"
     return precision
+
+
+def describe_precision(offered: tuple[str, ...], on_cuda: str) -> str:
+    """`resolve_precision`'s rule in words, for the stage's `offered` and `on_cuda`: its --precision help."""
+    return f"auto ({on_cuda} on CUDA, fp32 elsewhere) or one of {', '.join(offered)}"
 
 
 def resolve_device(device: str, here: bool = True) -> str:

@@ -57,6 +57,15 @@ class PromptFallback(TypedDict):
     examples: list[str]
 
 
+class ModelIdentity(TypedDict):
+    """The diffusion model a LaRE artifact was computed with (stages.features.sd.ModelRef.identity)."""
+
+    spec: str  # as the user gave it: a hub id (id@revision), a local folder, 'tiny', 'random-sd15'
+    source: str  # "hub", "local" or "random"
+    revision: str | None
+    weights: str  # the hash of the weight files: what enters the fingerprint
+
+
 class _Origin(TypedDict):
     params: dict[str, Any]
     upstream: Upstream
@@ -66,7 +75,7 @@ class _Origin(TypedDict):
 class ArtifactOrigin(_Origin, total=False):
     """What made an artifact, as its stage states it (pipeline.store.Artifact.attrs)."""
 
-    model: dict[str, Any]  # lare: the diffusion model's identity
+    model: ModelIdentity  # lare
     prompt_fallback: PromptFallback  # lare with a prompt template: rows without a class
 
 

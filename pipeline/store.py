@@ -70,7 +70,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def latest(entries: Mapping[str, Mapping[str, Any]]) -> str | None:
+def latest(entries: Mapping[str, IndexAttrs]) -> str | None:
     """The key of the entry created last (by its `created_at` stamp); None when there is none."""
     return max(entries, key=lambda k: entries[k].get("created_at", ""), default=None)
 
@@ -477,8 +477,12 @@ class CacheStore:
         self.write_json(MANIFEST, manifest)
         return manifest
 
+    def read_manifest(self) -> Manifest | None:
+        """The stored manifest (None: none yet), as every reader takes it."""
+        return cast("Manifest | None", self.read_json(MANIFEST))  # checked on opening (check_layout)
+
     def manifest(self) -> Manifest:
-        manifest = cast("Manifest | None", self.read_json(MANIFEST))  # checked on opening (check_layout)
+        manifest = self.read_manifest()
         if manifest is None:
             raise UserError(
                 f"{self.url} has no {MANIFEST}: the run that wrote it did not finish (rerun it); "

@@ -91,9 +91,10 @@ PROVENANCE = ("run", "run_fingerprint", "epoch", "threshold", "threshold_choice"
 def provenance(run: Run, threshold: calibrate.Threshold) -> list[str]:
     """The PROVENANCE columns: the run, the epoch of its weights, the threshold and where it came from,
     and (EGRE) the LaRE model's spec and weights hash the maps are computed with."""
-    model = run.params["lare"]["model"] if method_registry.get(run.method).reads_lare else {}
+    model = run.params["lare"]["model"] if method_registry.get(run.method).reads_lare else None
+    spec, weights = (model.get("spec", ""), model.get("weights", "")) if model else ("", "")
     return [run.name, run.params["fingerprint"], str(run.epoch), f"{threshold.value:.6g}", threshold.choice,
-            threshold.origin, model.get("spec", ""), model.get("weights", "")]  # fmt: skip
+            threshold.origin, spec, weights]  # fmt: skip
 
 
 @dataclass

@@ -19,12 +19,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import DEFAULT_DEVICE, loader_workers, resolve_device, resolve_precision
+from pipeline.config import (
+    DEFAULT_DEVICE,
+    describe_loader_workers,
+    describe_precision,
+    loader_workers,
+    resolve_device,
+    resolve_precision,
+)
 from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWriter
-from pipeline.schema import MANIFEST, SCHEMA_VERSION, ArtifactOrigin, WriterInfo, index_path
+from pipeline.schema import SCHEMA_VERSION, ArtifactOrigin, WriterInfo, index_path
 from pipeline.storage import now
 from pipeline.store import ArraySpec, Artifact, CacheStore, latest
 from stages.features import lare as lare_math
@@ -42,6 +49,20 @@ DEFAULT_PROMPT = "a photo"
 # workers decode about 700 JPEG (500x375) or 290 PNG (512x512) images/s, below what the GPU computes
 # at 256 px, so the GPU path takes nearly every core.
 DECODE_WORKERS = 16
+# --precision (pipeline.config.resolve_precision): any precision LaRE has dtypes for; `auto` is fp16 on
+# CUDA, within 5e-3 of fp32 (tests/stages/features/test_lare.py).
+EXTRACT_PRECISIONS = tuple(lare_math.PRECISIONS)
+EXTRACT_ON_CUDA = "fp16"
+
+
+def precision_help() -> str:
+    """--precision's rule, said with the arguments ExtractConfig.resolved_precision passes (its --help)."""
+    return describe_precision(EXTRACT_PRECISIONS, EXTRACT_ON_CUDA)
+
+
+def loader_workers_help() -> str:
+    """--loader-workers's rule, said with the `most` extraction passes (its --help)."""
+    return describe_loader_workers(DECODE_WORKERS)
 
 
 @dataclass
@@ -60,7 +81,7 @@ class ExtractConfig:
     prompt: str = DEFAULT_PROMPT
     prompt_template: str | None = None
     dtype: str = "float16"
-    precision: str = "auto"
+    precision: str = "auto"  # see precision_help
     seed: int = 0
     pixels: bool = True
     pixel_size: int = 256
@@ -69,7 +90,7 @@ class ExtractConfig:
     batch_size: int = 16
     rows_per_shard: int = 512
     device: str = DEFAULT_DEVICE
-    loader_workers: int = -1  # -1: none on CPU; on a GPU, all cores but two (decoding must outrun the GPU)
+    loader_workers: int = -1  # -1: automatic (loader_workers_help); decoding must outrun a GPU
     compile: bool = False  # torch.compile the VAE encoder and the UNet (last bits only, like batch size)
     progress: bool = True
     perturb: str | None = (
@@ -100,9 +121,8 @@ class ExtractConfig:
         self.perturbation()
 
     def resolved_precision(self, device: str) -> str:
-        """fp16 on CUDA by default (within 5e-3 of fp32, tests/stages/features/test_lare.py), fp32
-        elsewhere; any of stages.features.lare.PRECISIONS on request (pipeline.config's rule)."""
-        return resolve_precision(self.precision, device, tuple(lare_math.PRECISIONS), on_cuda="fp16")
+        """The compute precision on `device` (pipeline.config's rule: see precision_help)."""
+        return resolve_precision(self.precision, device, EXTRACT_PRECISIONS, on_cuda=EXTRACT_ON_CUDA)
 
 
 def lare_artifact(
@@ -496,7 +516,7 @@ def covering_artifacts(cfg: ExtractConfig) -> ExtractResult | None:
     """
     cache_url = cache_url_for(cfg)
     try:
-        manifest = CacheStore(cache_url, mode="r").read_json(MANIFEST)
+        manifest = CacheStore(cache_url, mode="r").read_manifest()
     except UserError:  # no cache there yet
         return None
     if manifest is None:  # never finished: extraction resumes it
@@ -511,8 +531,9 @@ def covering_artifacts(cfg: ExtractConfig) -> ExtractResult | None:
         wanted = {"lare": lare_artifact(cfg, attrs["fingerprint"], model_ref, precision, latent)}
         if cfg.pixels:
             wanted["pixels"] = pixel_artifact(cfg, attrs["fingerprint"])
-        found = [manifest["artifacts"].get(a.path) for a in wanted.values()]
-        if all(art is not None and art["complete"] for art in found):
+        arts = manifest["artifacts"]
+        found = [arts[a.path] for a in wanted.values() if a.path in arts and arts[a.path]["complete"]]
+        if len(found) == len(wanted):
             kinds = {kind: a.path for kind, a in wanted.items()}
             return ExtractResult(cache_url, path, kinds, True, 0, found[0]["n_failed"], 0.0)
     return None

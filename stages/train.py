@@ -47,6 +47,7 @@ from pipeline.fingerprint import code_version, fingerprint
 from pipeline.storage import now
 from stages.detectors import backbone, lol
 from stages.detectors import method as method_registry
+from stages.detectors.method import Hparams
 from stages.features import sd
 from stages.runs import batches, cachedata, calibrate, checkpoint, choice
 from stages.runs.batches import READ_WORKERS, EpochBatches, make_inputs
@@ -59,7 +60,7 @@ from stages.runs.checkpoint import (
     predict,
     save_epoch,
 )
-from stages.runs.records import RunParams
+from stages.runs.records import DoneRecord, EpochRecord, RunParams, Selection, ValScores
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
 
@@ -96,15 +97,15 @@ class TrainConfig:
     device: str = DEFAULT_DEVICE  # where it trains; not in the fingerprint (last bits only, like batch order)
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
-    loader_workers: int = -1  # cache-reading processes; -1: none on CPU, some on GPU. Changes no bit.
-    precision: str = "auto"  # fp32, or bf16 autocast (CUDA); auto: bf16 on CUDA, fp32 elsewhere
+    loader_workers: int = -1  # cache-reading processes (-1: automatic, loader_workers_help). Changes no bit.
+    precision: str = "auto"  # see precision_help
     lare: str | None = None  # --lare / --pixels: which artifact of each cache (see choice.Choice)
     pixels: str | None = None
     perturb: str | None = None  # train on the artifacts extracted with this --perturb SPEC (None: clean)
     perturb_only: str | None = None  # ... and this --perturb-only class
     real_jpeg_quality: int | None = None  # real rows of this JPEG quality only (the JPEG-96 control)
 
-    def hparams(self, subsets: set[str]) -> dict[str, Any]:
+    def hparams(self, subsets: set[str]) -> Hparams:
         """The hyper-parameters of a run on caches of `subsets`: the options, else the method's defaults."""
         method = method_registry.get(self.method)
         for name in ("epochs", "batch_size", "lr"):
@@ -120,7 +121,7 @@ class TrainConfig:
             )
         d = method.defaults
         (only,) = subsets if len(subsets) == 1 else (None,)
-        hp = {
+        hp: Hparams = {
             "epochs": self.epochs or d["epochs"],
             "patience": d["patience"] if self.patience is None else self.patience,
             "batch_size": self.batch_size or d["batch_size"],
@@ -140,7 +141,7 @@ class TrainConfig:
             raise UserError(f"--min-val-rows must be at least 1, not {self.min_val_rows}")
         if self.real_jpeg_quality is not None and not 1 <= self.real_jpeg_quality <= 100:
             raise UserError(f"--real-jpeg-quality must be in 1..100, not {self.real_jpeg_quality}")
-        hp.update(method.extra_hparams(self))
+        hp = cast(Hparams, {**hp, **method.extra_hparams(self)})  # the method's own (Hparams lists them)
         if self.loader_workers < -1:
             raise UserError(
                 f"--loader-workers must be -1 (automatic) or at least 0, not {self.loader_workers}"
@@ -192,7 +193,7 @@ def hold_out(rows: cachedata.Rows, fraction: float, per_class_max: int | None, s
     return rows[keep], rows[val_pos]
 
 
-def validation_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+def validation_metrics(labels: np.ndarray, scores: np.ndarray) -> ValScores:
     """What an epoch is judged by on the validation slice: AUC, AP, ACC at 0.5, log loss.
 
     A slice with one label only (a training set that lacks the other, e.g. the finished shards of an
@@ -207,7 +208,7 @@ def validation_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, floa
     }
 
 
-def best_epoch(history: dict[int, dict]) -> int | None:
+def best_epoch(history: Mapping[int, ValScores]) -> int | None:
     """The epoch of highest validation AUC; among equals, the lowest validation loss, then the latest
     (the most trained). An epoch without an AUC (NaN) is never chosen: None when no epoch has one."""
     scored = [e for e in history if not math.isnan(history[e]["auc"])]
@@ -252,12 +253,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 TRAIN_PRECISIONS = ("fp32", "bf16")  # bf16: autocast, the master weights stay fp32
+TRAIN_ON_CUDA = "bf16"  # `auto` on CUDA: tensor cores
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """bf16 autocast on CUDA by default (tensor cores), fp32 elsewhere (pipeline.config's rule).
+    """The training precision on `device` (pipeline.config's rule: see precision_help).
     Part of the fingerprint: a bf16 run's weights differ from an fp32 run's by more than the last bits."""
-    return config.resolve_precision(precision, device, TRAIN_PRECISIONS, on_cuda="bf16")
+    return config.resolve_precision(precision, device, TRAIN_PRECISIONS, on_cuda=TRAIN_ON_CUDA)
+
+
+def precision_help() -> str:
+    """--precision's rule, said with the arguments resolve_precision passes (its --help)."""
+    return config.describe_precision(TRAIN_PRECISIONS, TRAIN_ON_CUDA)
+
+
+def loader_workers_help() -> str:
+    """--loader-workers's rule, said with the `most` training passes (its --help)."""
+    return config.describe_loader_workers(READ_WORKERS)
 
 
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunParams]:
@@ -309,7 +321,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     if (run / "done.json").is_file():
         log(f"up to date: {run}")
         return run
-    hp: Mapping[str, Any] = params["hparams"]  # read as JSON: betas a list, plateau mode a str
+    hp = params["hparams"]
     if cfg.lr is None and hp["lr"] != method.defaults["lr"]:
         log(f"lr {hp['lr']:g}: the {cfg.method} paper's rate for this training subset (--lr to override)")
     rows, val_rows = training_rows(data, hp, cfg.seed, log)
@@ -367,7 +379,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
 
 
 def training_rows(
-    data: cachedata.CacheData, hp: Mapping[str, Any], seed: int, log
+    data: cachedata.CacheData, hp: Hparams, seed: int, log
 ) -> tuple[cachedata.Rows, cachedata.Rows]:
     """(training sample, validation slice), both from the train split: test (val) splits stay unseen."""
     pool = data.rows("train", hp["real_jpeg_quality"])
@@ -378,12 +390,12 @@ def training_rows(
     return data.sample(rest, hp["max_per_class"], seed, log), val_rows
 
 
-def open_run_dir(run: Path, params: Mapping[str, Any], sample: dict) -> None:
+def open_run_dir(run: Path, params: RunParams, sample: dict) -> None:
     """Create the run directory, or check that the one there holds this run; params.json and
     sample.json are written once (a resumed run keeps its own)."""
     run.mkdir(parents=True, exist_ok=True)
     if (run / "params.json").is_file():
-        old = json.loads((run / "params.json").read_text())
+        old: RunParams = json.loads((run / "params.json").read_text())
         if old["fingerprint"] != params["fingerprint"]:
             raise UserError(f"{run} holds another run (fingerprint {old['fingerprint'][:12]})")
     else:
@@ -392,10 +404,11 @@ def open_run_dir(run: Path, params: Mapping[str, Any], sample: dict) -> None:
         atomic_json(run / "sample.json", sample)
 
 
-def optimiser(model: torch.nn.Module, hp: Mapping[str, Any], plateau: bool):
+def optimiser(model: torch.nn.Module, hp: Hparams, plateau: bool):
     """(Adam, the method's plateau schedule on validation AUC or None). `plateau` False: the slice
     cannot choose epochs (selection_rule), so no schedule steps on its scores."""
-    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=tuple(hp["betas"]))
+    beta1, beta2 = hp["betas"]  # a JSON list
+    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"], betas=(beta1, beta2))
     p = hp["plateau"]
     if not (p and plateau):
         return opt, None
@@ -405,16 +418,17 @@ def optimiser(model: torch.nn.Module, hp: Mapping[str, Any], plateau: bool):
     return opt, sched
 
 
-def resume(run: Path, model: torch.nn.Module, opt, sched, log) -> tuple[int, dict[int, dict]]:
+def resume(run: Path, model: torch.nn.Module, opt, sched, log) -> tuple[int, dict[int, ValScores]]:
     """(last finished epoch, validation history): the model, optimizer and schedule are restored to
     the end of that epoch (0 and an empty history for a new run)."""
     done = finished_epochs(run)
     start = done[-1] if done else 0
-    history = {e: json.loads((run / f"epoch-{e:03d}.json").read_text())["val"] for e in done}
+    records: dict[int, EpochRecord] = {e: json.loads((run / f"epoch-{e:03d}.json").read_text()) for e in done}
+    history = {e: record["val"] for e, record in records.items()}
     if start:
         load_epoch(run, start, model, opt)
         if sched is not None:
-            sched.load_state_dict(json.loads((run / f"epoch-{start:03d}.json").read_text())["scheduler"])
+            sched.load_state_dict(records[start]["scheduler"])
         log(f"resuming {run.name} after epoch {start}")
     return start, history
 
@@ -454,7 +468,7 @@ def train_epoch(
     return float(total) / n, n
 
 
-def validate(trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows) -> dict[str, float]:
+def validate(trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows) -> ValScores:
     """The validation slice scored by the model as it stands (left in eval mode): see validation_metrics."""
     trained.model.eval()
     scores = predict(trained, data, val_rows, VAL_BATCH, progress=False)
@@ -462,23 +476,25 @@ def validate(trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows) 
 
 
 def finish_run(
-    trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows, history: dict[int, dict],
+    trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows, history: dict[int, ValScores],
     stopped: str, no_selection: str | None, log,
 ) -> None:  # fmt: skip
     """done.json (last and best epoch, why it stopped, how the best was chosen), then the calibration
     of the best epoch on the validation slice (derived from the weights, not part of the fingerprint)."""
     last = max(history)
     chosen = None if no_selection else best_epoch(history)
+    selection: Selection
     if chosen is None:  # no selection; else both labels are in the slice: every epoch has an AUC
         best, selection = last, {"by": "last", "why": str(no_selection)}
-        log(f"done after epoch {last}: {stopped}; best epoch = last epoch {last} ({no_selection})")
+        kept = f"best epoch = last epoch {last} (model selection off, see the note above)"  # the why: once
+        log(f"done after epoch {last}: {stopped}; {kept}")
     else:
         best, selection = chosen, {"by": "validation AUC"}
         auc = history[best]["auc"]
         log(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {auc:.4f})")
-    atomic_json(
-        trained.path / "done.json",
-        {"epochs": last, "best": best, "best_val": history[best], "stopped": stopped, "selection": selection,
-         "final": f"epoch-{last:03d}.safetensors"},
-    )  # fmt: skip
+    done: DoneRecord = {
+        "epochs": last, "best": best, "best_val": history[best], "stopped": stopped, "selection": selection,
+        "final": f"epoch-{last:03d}.safetensors",
+    }  # fmt: skip
+    atomic_json(trained.path / "done.json", done)
     calibrate.record(trained, data, val_rows, VAL_BATCH, log)

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import typer
 
 from pipeline.cli.options import help_defaults
 
+if TYPE_CHECKING:
+    from pipeline.schema import IndexAttrs, ManifestArtifact
+
 app = typer.Typer(help="Inspect, check and share caches.", no_args_is_help=True)
 
 
-def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) -> list[str]:
+def _describe_artifact(path: str, art: ManifestArtifact, indexes: Mapping[str, IndexAttrs]) -> list[str]:
     """The artifact's lines in `cache info`: its path names it (`--lare`/`--pixels` take the fingerprint
     prefix after the slash), its index and splits, then its parameters as those options filter them."""
     from pipeline.schema import index_path
@@ -25,7 +29,8 @@ def _describe_artifact(path: str, art: dict[str, Any], indexes: dict[str, Any]) 
     state = "complete" if art["complete"] else "INCOMPLETE"
     done = f"{art['shards_done']}/{art['n_shards']} shards"
     index = index_path(art["upstream"]["index"])
-    splits = ",".join(indexes.get(index, {}).get("splits", []))
+    attrs = indexes.get(index)
+    splits = ",".join(attrs.get("splits", []) if attrs is not None else [])
     head = f"{path:<28} {state} {done}, {art['n_rows']} rows, {art['n_failed']} failed; {index} ({splits})"
     lines = [head]
     p = art.get("params", {})
@@ -72,11 +77,11 @@ def cache_info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """What a cache holds: index, artifacts (parameters, model, progress) and failed rows."""
-    from pipeline.schema import LEGACY_SCHEMAS, MANIFEST
+    from pipeline.schema import LEGACY_SCHEMAS
     from pipeline.store import CacheStore
 
     store = CacheStore(cache, mode="r")
-    manifest = store.read_json(MANIFEST) or store.build_manifest()
+    manifest = store.read_manifest() or store.build_manifest()
     if as_json:
         typer.echo(json.dumps(manifest, indent=1, sort_keys=True))
         return

@@ -63,7 +63,7 @@ def extract(
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Storage dtype of the maps: float16 or float32.")] = None,
     precision: Annotated[
-        str | None, typer.Option(help="Compute precision: auto (fp32 on CPU, fp16 on GPU), fp32, bf16, fp16.")
+        str | None, typer.Option(help="Compute precision: {stages.extract:precision_help}.")
     ] = None,
     seed: Seed = None,
     pixels: Annotated[
@@ -83,7 +83,7 @@ def extract(
     batch_size: LareBatchSize = None,
     rows_per_shard: RowsPerShard = None,
     loader_workers: Annotated[
-        int | None, typer.Option(help="DataLoader decode workers; -1: none on CPU, all cores but two on GPU.")
+        int | None, typer.Option(help="DataLoader decode workers, or {stages.extract:loader_workers_help}.")
     ] = None,
     compile: Annotated[
         bool | None, typer.Option("--compile", help="torch.compile the VAE encoder and UNet (GPU).")

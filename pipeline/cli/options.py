@@ -2,8 +2,10 @@
 
 An option is an `Annotated` type: its name, flags and help. A command takes it as `device: Device =
 None`; None means "not given", and `given` leaves it out, so that the stage's config dataclass (the
-one place a default is written) decides. `help_defaults` reads those defaults into --help. Nothing
-here imports torch: the stages are imported when a --help is printed or a command runs.
+one place a default is written) decides. `help_defaults` reads those defaults into --help, and
+resolves each `{module:function}` in a help text (`late_help`): a rule the stage applies, in the words
+of the function that describes it. Nothing here imports torch: the stages are imported when a --help
+is printed or a command runs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -70,19 +73,34 @@ def _shown_default(option: TyperOption, sources: tuple[str, ...], renamed: dict[
     return _text(value)
 
 
+_LATE = re.compile(r"\{([\w.]+):(\w+)\}")
+
+
+def late_help(text: str) -> str:
+    """`text` with each `{module:function}` replaced by what the function returns: a rule in the words
+    of the stage that applies it, from the very constants it applies it with (e.g.
+    `{stages.train:precision_help}`), so that no rule is restated in a help text."""
+    return _LATE.sub(lambda m: getattr(importlib.import_module(m[1]), m[2])(), text)
+
+
 def help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
     """The command class of a command whose options default to None (`given` leaves them to a stage's
     config) or are flags: its --help shows each option's real default (a flag's: off), read from
     `sources` ('module:Name' of config dataclasses; the first holding the option's name wins) so
-    that no default is written twice. Read when --help is printed: the stages import torch, which
-    every start would otherwise pay. `renamed`: option -> 'module:Name.field' where the names
-    differ."""
+    that no default is written twice, and each help text's `{module:function}` parts (late_help).
+    Read when --help is printed: the stages import torch, which every start would otherwise pay.
+    `renamed`: option -> 'module:Name.field' where the names differ."""
+    declared: dict[str | None, str | None] = {}  # option -> its help as written, `{module:function}` kept
 
     class Command(TyperCommand):
         def format_help(self, ctx: Any, formatter: Any) -> None:  # typer vendors click's Context
             for param in self.params:
-                if isinstance(param, TyperOption) and (text := _shown_default(param, sources, renamed)):
+                if not isinstance(param, TyperOption):
+                    continue
+                if text := _shown_default(param, sources, renamed):
                     param.show_default = text
+                if written := declared.setdefault(param.name, param.help):
+                    param.help = late_help(written)
             super().format_help(ctx, formatter)
 
     return Command

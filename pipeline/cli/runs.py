@@ -116,13 +116,15 @@ def train(
     loader_workers: Annotated[
         int | None,
         typer.Option(
-            help="Processes reading cache shards; -1: none on CPU, some on GPU. Changes no bit of the run."
+            help="Processes reading cache shards, or {stages.train:loader_workers_help}. Changes no bit "
+            "of the run."
         ),
     ] = None,
     precision: Annotated[
         str | None,
         typer.Option(
-            help="fp32, or bf16 (autocast); auto: bf16 on CUDA, fp32 on CPU. Part of the fingerprint."
+            help="Training precision (bf16: autocast, fp32 master weights): {stages.train:precision_help}. "
+            "Part of the fingerprint."
         ),
     ] = None,
     perturb: PerturbRead = None,

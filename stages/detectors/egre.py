@@ -10,8 +10,6 @@ Head: [attention-pooled embedding, spatial, channel] -> Linear -> 2 logits, cros
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +17,7 @@ from torch import nn
 
 from stages.detectors import backbone
 from stages.detectors.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
-from stages.detectors.method import Detector, Method, register
+from stages.detectors.method import Detector, Hparams, Method, register
 
 CODE_ID = "stages.egre"  # the name its code is hashed under, wherever the file lives
 
@@ -87,15 +85,13 @@ class EGRE(Detector):
         return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
-def prepare(
-    images: torch.Tensor, hp: Mapping[str, Any], train: bool, gen: torch.Generator | None
-) -> torch.Tensor:
+def prepare(images: torch.Tensor, hp: Hparams, train: bool, gen: torch.Generator | None) -> torch.Tensor:
     """EGRE's input: the crop, normalised with ImageNet's mean and std (the reference's choice; it uses
     no other augmentation)."""
     return backbone.normalise(images, IMAGENET_MEAN, IMAGENET_STD)
 
 
-def model_args(hp: Mapping[str, Any], lare_channels: int) -> dict:
+def model_args(hp: Hparams, lare_channels: int) -> dict:
     """EGRE's constructor arguments besides the tower (saved in params.json, built from on load)."""
     return {
         "lare_channels": lare_channels,

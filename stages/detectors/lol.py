@@ -9,16 +9,13 @@ evident intent: h = round(min(H, sqrt(S r_aspect))), w = round(min(W, S / h)), S
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stages.detectors import backbone
 from stages.detectors.backbone import CLIP_MEAN, CLIP_STD, dims, visual_features
-from stages.detectors.method import Detector, Method, register
+from stages.detectors.method import Detector, Hparams, Method, register
 
 CODE_ID = "stages.lol"  # the name its code is hashed under, wherever the file lives
 
@@ -111,9 +108,7 @@ def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return images.flatten(2).gather(2, index).view(images.shape)
 
 
-def prepare(
-    images: torch.Tensor, hp: Mapping[str, Any], train: bool, gen: torch.Generator | None
-) -> torch.Tensor:
+def prepare(images: torch.Tensor, hp: Hparams, train: bool, gen: torch.Generator | None) -> torch.Tensor:
     """LoL's input: in training flip and rotation, normalisation (CLIP's mean and std), then the
     rectangle mask per sample (masked pixels 0 in normalised space); at test the crop, normalised."""
     if not train:
@@ -122,7 +117,8 @@ def prepare(
         raise ValueError("LoL's training augmentation draws from a generator")
     x = backbone.normalise(augment(images, gen), CLIP_MEAN, CLIP_STD)
     c = x.shape[-1]
-    masks = draw_masks(len(x), c, c, gen, tuple(hp["mask_range"]), tuple(hp["aspect_range"]), device=x.device)
+    (mask_low, mask_high), (aspect_low, aspect_high) = hp["mask_range"], hp["aspect_range"]  # JSON lists
+    masks = draw_masks(len(x), c, c, gen, (mask_low, mask_high), (aspect_low, aspect_high), device=x.device)
     return x.masked_fill(masks[:, None], 0.0)
 
 

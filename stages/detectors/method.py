@@ -10,9 +10,9 @@ this object, not `if method == ...` branches elsewhere.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import nn
@@ -37,6 +37,42 @@ class Detector(nn.Module):
         raise NotImplementedError
 
 
+# A run's hyper-parameters, as params.json records them ("hparams"; stages.runs.records holds the rest
+# of the run's records). Here, with the methods that read them: detectors may not import runs.
+class Plateau(TypedDict):
+    """EGRE's ReduceLROnPlateau arguments (stages.detectors.egre.DEFAULTS)."""
+
+    mode: Literal["min", "max"]
+    factor: float
+    patience: int
+    min_lr: float
+
+
+class _Hparams(TypedDict):
+    epochs: int
+    patience: int
+    batch_size: int
+    lr: float
+    betas: list[float]
+    grad_clip: float | None
+    plateau: Plateau | None
+    val_fraction: float
+    min_val_rows: int
+    crop_size: int
+    max_per_class: int | None
+    shuffle_labels: bool
+    memory_rows: int
+    real_jpeg_quality: int | None
+
+
+class Hparams(_Hparams, total=False):
+    """A run's hyper-parameters (TrainConfig.hparams): the options, else the method's defaults, plus
+    the method's own (Method.extra_hparams)."""
+
+    mask_range: list[float]  # LoL
+    aspect_range: list[float]  # LoL
+
+
 @dataclass(frozen=True)
 class Method:
     """What the rest of the pipeline needs to know about a detector.
@@ -55,12 +91,10 @@ class Method:
 
     name: str
     model: Callable[..., Detector]
-    prepare: Callable[[torch.Tensor, Mapping[str, Any], bool, torch.Generator | None], torch.Tensor]
+    prepare: Callable[[torch.Tensor, Hparams, bool, torch.Generator | None], torch.Tensor]
     reads_lare: bool
     defaults: dict[str, Any]
-    model_args: Callable[[Mapping[str, Any], int], dict[str, Any]] = field(
-        default=lambda hp, lare_channels: {}
-    )
+    model_args: Callable[[Hparams, int], dict[str, Any]] = field(default=lambda hp, lare_channels: {})
     extra_hparams: Callable[[Any], dict[str, Any]] = field(default=lambda cfg: {})
 
 

@@ -22,6 +22,7 @@ import torch
 from pipeline.config import home
 from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import checksum_files
+from pipeline.schema import ModelIdentity
 from stages.features import lare as lare_math
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -52,7 +53,7 @@ class ModelRef:
     weights: str
     revision: str | None = None
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self) -> ModelIdentity:
         return {"spec": self.spec, "source": self.source, "revision": self.revision, "weights": self.weights}
 
 

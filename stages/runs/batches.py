@@ -10,14 +10,13 @@ run was stopped and resumed changes a bit. Training, evaluation and detection sh
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from stages.detectors import method as method_registry
+from stages.detectors.method import Hparams
 from stages.runs.cachedata import CacheData, Rows
 
 CODE_ID = "stages.batches"  # the name its code is hashed under, wherever the file lives
@@ -51,7 +50,7 @@ def crop_windows(x: torch.Tensor, off: torch.Tensor, crop: int) -> torch.Tensor:
 
 def make_inputs(
     method: str,
-    hp: Mapping[str, Any],
+    hp: Hparams,
     crops: torch.Tensor,
     maps: torch.Tensor,
     train: bool,

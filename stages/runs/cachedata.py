@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.integrity import require_intact
-from pipeline.schema import MANIFEST, STATUS_OK, check_layout, index_path
+from pipeline.schema import STATUS_OK, ManifestArtifact, ModelIdentity, check_layout, index_path
 from pipeline.store import CacheStore
 from stages.genimage import index as index_stage
 from stages.runs.choice import Choice, choose
+from stages.runs.records import CacheRecord
 
 CODE_ID = "stages.cachedata"  # the name its code is hashed under, wherever the file lives
 
@@ -33,12 +34,12 @@ class Source:
     index: str  # index group path
     lare: str  # artifact paths
     pixels: str
-    lare_attrs: dict
-    pixels_attrs: dict
+    lare_attrs: ManifestArtifact
+    pixels_attrs: ManifestArtifact
     columns: dict[str, np.ndarray]  # id, path, label, split, format, jpeg_quality of every index row
     usable: np.ndarray  # bool per row: both artifacts ok
 
-    def identity(self) -> dict:
+    def identity(self) -> CacheRecord:
         """What a run or an evaluation depends on: the artifacts' fingerprints, not the cache's path."""
         return {
             "subset": self.subset,
@@ -49,7 +50,7 @@ class Source:
         }
 
 
-def _finished_rows(art: dict, n: int) -> np.ndarray:
+def _finished_rows(art: ManifestArtifact, n: int) -> np.ndarray:
     """Rows of the shards with a progress record: the only ones an unfinished artifact vouches for."""
     done = np.zeros(n, dtype=bool)
     for info in art.get("shards", {}).values():
@@ -68,11 +69,11 @@ def open_source(
     """
     choice = choice or Choice()
     store = require_intact(url, check=verify)
-    manifest = store.read_json(MANIFEST)
+    manifest = store.read_manifest()
     if manifest is None:
         if verify:
             store.manifest()  # the one-line "no manifest" error
-        manifest = cast(dict[str, Any], store.build_manifest())  # as the stored one is read: JSON
+        manifest = store.build_manifest()
         check_layout(manifest, store.metadata, url)
     lare = choose(
         manifest, url, "lare", split, choice.lare, choice.rank("lare"), allow_incomplete=not verify,
@@ -104,7 +105,8 @@ def open_source(
             )
     columns = {k: cols[k] for k in ("id", "path", "label", "split", "format")}
     columns["jpeg_quality"] = index_stage.qualities(cols)
-    src = Source(url, manifest["subset"], index, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
+    subset = cast(str, manifest["subset"])  # None only in a store never given one, which holds no index
+    src = Source(url, subset, index, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
     return src, store
 
 
@@ -170,11 +172,11 @@ class CacheData:
                     raise UserError(f"{s.url} and {first.url} differ in {what}: they cannot be concatenated")
 
     @property
-    def lare_params(self) -> dict:
+    def lare_params(self) -> dict[str, Any]:
         return self.sources[0].lare_attrs["params"]
 
     @property
-    def lare_model(self) -> dict:
+    def lare_model(self) -> ModelIdentity:
         return self.sources[0].lare_attrs["model"]
 
     @property
@@ -182,7 +184,7 @@ class CacheData:
         return int(self.sources[0].pixels_attrs["params"]["size"])
 
     @property
-    def pixel_params(self) -> dict:
+    def pixel_params(self) -> dict[str, Any]:
         return self.sources[0].pixels_attrs["params"]
 
     def check_crop(self, crop: int) -> None:

@@ -138,7 +138,7 @@ def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
     if len(data.sources) != len(held):
         raise UserError(f"{run.name} was trained on {len(held)} cache(s), not {len(data.sources)}")
     for src, v in zip(data.sources, held, strict=True):
-        if any(src.identity()[k] != v[k] for k in src.identity()):
+        if any(v[k] != value for k, value in src.identity().items()):
             raise UserError(f"{src.url} does not hold the artifacts {run.name} was trained on")
     rows = cachedata.Rows(
         np.concatenate([np.full(len(v["rows"]), k) for k, v in enumerate(held)]),

@@ -10,13 +10,16 @@ describes artifacts with the same words the selectors filter by.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
 from pipeline.errors import UserError
-from pipeline.schema import index_path
+from pipeline.schema import ArtifactAttrs, ArtifactOrigin, Manifest, ManifestArtifact, index_path
 from stages.features import perturb as perturb_stage
+
+if TYPE_CHECKING:  # types only: the records import no torch, but cache info need not read them
+    from stages.runs.records import RunParams
 
 CODE_ID = "stages.choice"  # the name its code is hashed under, wherever the file lives
 
@@ -37,15 +40,20 @@ def perturbation_record(spec: str | None, only: str | None = None, seed: int = 0
 
 def wanted_perturbation(spec: str | None, only: str | None = None) -> Perturb:
     """The user's `--perturb SPEC [--perturb-only CLASS]` as artifacts are looked up by; None: clean."""
-    return perturbation_of({"params": {"perturb": perturbation_record(spec, only)}})
+    return _perturb(perturbation_record(spec, only))
 
 
-def perturbation_of(art: dict) -> Perturb:
-    record = art.get("params", {}).get("perturb")
+def _perturb(record: dict | None) -> Perturb:
     return (record["spec"], record.get("only")) if record else None
 
 
-def with_perturbation(found: list[tuple[str, dict]], wanted: Perturb) -> list[tuple[str, dict]]:
+def perturbation_of(art: ArtifactOrigin) -> Perturb:
+    return _perturb(art.get("params", {}).get("perturb"))
+
+
+def with_perturbation(
+    found: list[tuple[str, ManifestArtifact]], wanted: Perturb
+) -> list[tuple[str, ManifestArtifact]]:
     """The artifacts among `found` perturbed as wanted (clean ones when `wanted` is None)."""
     return [(path, art) for path, art in found if perturbation_of(art) == wanted]
 
@@ -66,10 +74,10 @@ class Choice:
     lare: str | None = None
     pixels: str | None = None
     # a run's params: its "lare" record and the "caches" it was trained on
-    run: Mapping[str, Any] | None = None
+    run: RunParams | None = None
     perturb: Perturb = None  # the perturbation the artifacts must carry (None: clean)
 
-    def rank(self, kind: str):
+    def rank(self, kind: Literal["lare", "pixels"]) -> Callable[[ArtifactAttrs], tuple[bool, bool]] | None:
         """How well an artifact fits the run (higher first): the very artifact it was trained on, then
         one with its parameters and model; None without a run."""
         if self.run is None:
@@ -77,7 +85,7 @@ class Choice:
         trained = {c[kind] for c in self.run["caches"]}
         rec = self.run["lare"]
 
-        def fits(a: dict) -> tuple[bool, bool]:
+        def fits(a: ArtifactAttrs) -> tuple[bool, bool]:
             if kind == "lare":
                 same = (a["params"], a["model"].get("weights")) == (
                     rec["params"],
@@ -94,7 +102,7 @@ def _value(v) -> str:
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def _fields(art: dict) -> dict[str, str]:
+def _fields(art: ArtifactOrigin) -> dict[str, str]:
     fields = {k: _value(v) for k, v in art.get("params", {}).items()}
     if "perturb" in fields:  # a record, shown (and filtered) as its SPEC
         fields["perturb"] = _label(perturbation_of(art))
@@ -103,7 +111,7 @@ def _fields(art: dict) -> dict[str, str]:
     return fields
 
 
-def _selector(text: str, option: str, pool: list[tuple[str, dict]]):
+def _selector(text: str, option: str, pool: list[tuple[str, ManifestArtifact]]):
     """A predicate on (path, attrs) from a selector's text; a malformed one is a one-line error."""
     text = text.strip()
     if "=" not in text:
@@ -130,40 +138,43 @@ def _selector(text: str, option: str, pool: list[tuple[str, dict]]):
     return lambda kv: all(_fields(kv[1]).get(k) == v for k, v in filters.items())
 
 
-def selectable_fields(art: dict) -> str:
+def selectable_fields(art: ArtifactOrigin) -> str:
     """An artifact's parameters as `key=value` words, the way `--lare`/`--pixels` filter them."""
     return " ".join(f"{k}='{v}'" if " " in v else f"{k}={v}" for k, v in _fields(art).items())
 
 
-def _listing(found: list[tuple[str, dict]]) -> str:
+def _listing(found: list[tuple[str, ManifestArtifact]]) -> str:
     return "; ".join(f"{path} ({selectable_fields(art)})" for path, art in found)
 
 
 def choose(
-    manifest: Mapping[str, Any],
+    manifest: Manifest,
     url: str,
     kind: str,
     split: str | None,
     selector: str | None,
-    rank=None,
+    rank: Callable[[ArtifactAttrs], tuple[bool, bool]] | None = None,
     index_fp: str | None = None,
     allow_incomplete: bool = False,
     perturb: Perturb = None,
-) -> tuple[str, dict]:
+) -> tuple[str, ManifestArtifact]:
     """The artifact of `kind` to read: one whose index covers `split` (and is `index_fp` when given),
     complete (an unfinished one only with allow_incomplete, when no complete one qualifies), matching
     the selector (several matching it: an error listing them); of those left, the best by `rank`
     (a run's own artifact, then one like it), then the newest."""
     what, option = {"lare": ("LaRE", "--lare"), "pixels": ("pixel", "--pixels")}[kind]
     indexes = manifest.get("indexes", {})
+
+    def splits(art: ManifestArtifact) -> list[str]:  # of the index its rows refer to (none: not listed)
+        index = indexes.get(index_path(art["upstream"]["index"]))
+        return index.get("splits", []) if index is not None else []
+
     pool = [
         (path, art)
         for path, art in sorted(manifest["artifacts"].items())
         if art["kind"] == kind
         and (index_fp is None or art["upstream"]["index"] == index_fp)
-        and (
-            split is None or split in indexes.get(index_path(art["upstream"]["index"]), {}).get("splits", [])
-        )
+        and (split is None or split in splits(art))
     ]
     pool = [kv for kv in pool if kv[1]["complete"]] or (pool if allow_incomplete else [])
     if selector is None or "=" in selector:  # a fingerprint prefix names one artifact, perturbed or not

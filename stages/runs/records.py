@@ -2,46 +2,18 @@
 
 Types only: training writes plain dicts of these shapes with `atomic_json` and evaluation and
 detection read them back with `json.loads`; nothing here changes a byte on disk. A field added to a
-record goes here first, so a reader finds what a record holds in one place.
+record goes here first, so a reader finds what a record holds in one place; the hyper-parameters
+("hparams": Hparams) are beside the methods that read them, in stages.detectors.method.
 """
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
+from pipeline.schema import ModelIdentity
 
-class Plateau(TypedDict):
-    """EGRE's ReduceLROnPlateau arguments (stages.detectors.egre.DEFAULTS)."""
-
-    mode: str
-    factor: float
-    patience: int
-    min_lr: float
-
-
-class _Hparams(TypedDict):
-    epochs: int
-    patience: int
-    batch_size: int
-    lr: float
-    betas: list[float]
-    grad_clip: float | None
-    plateau: Plateau | None
-    val_fraction: float
-    min_val_rows: int
-    crop_size: int
-    max_per_class: int | None
-    shuffle_labels: bool
-    memory_rows: int
-    real_jpeg_quality: int | None
-
-
-class Hparams(_Hparams, total=False):
-    """A run's hyper-parameters (TrainConfig.hparams): the options, else the method's defaults, plus
-    the method's own (Method.extra_hparams)."""
-
-    mask_range: list[float]  # LoL
-    aspect_range: list[float]  # LoL
+if TYPE_CHECKING:  # types only: importing the detectors would import torch
+    from stages.detectors.method import Hparams  # with the methods that read it (detectors import no runs)
 
 
 class BackboneRecord(TypedDict, total=False):
@@ -53,11 +25,24 @@ class BackboneRecord(TypedDict, total=False):
     spec_weights: str  # 'openai', 'random' or the local file's path
 
 
+class _CacheRecord(TypedDict):
+    subset: str
+    index: str  # the fingerprints of the index and of the artifacts read
+    lare: str
+    pixels: str
+
+
+class CacheRecord(_CacheRecord, total=False):
+    """A cache a run was trained on, by what its values depend on (cachedata.Source.identity)."""
+
+    perturb: dict[str, Any] | None  # the artifacts' `perturb` param (None: clean)
+
+
 class LareRecord(TypedDict):
     """The LaRE maps the run trained on: how detection computes them for new images."""
 
     params: dict[str, Any]  # the LaRE artifact's params (cache_schema.md)
-    model: dict[str, Any]  # the diffusion model's identity
+    model: ModelIdentity  # the diffusion model's
     pixel_size: int
 
 
@@ -66,7 +51,7 @@ class _RunParams(TypedDict):
     method: str
     hparams: Hparams
     backbone: BackboneRecord
-    caches: list[dict[str, Any]]  # each training cache's identity (cachedata.Source.identity)
+    caches: list[CacheRecord]  # each training cache's identity
     lare: LareRecord
     pixels: dict[str, Any]  # the pixel artifact's params: how detection crops new images
     lare_alignment: str

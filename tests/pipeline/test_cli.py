@@ -209,6 +209,46 @@ def test_every_help_shows_each_default_from_the_stage_config():
     assert _help_defaults("train")["--epochs"] == "the method's: egre 50, lol 20"
 
 
+def test_precision_and_loader_workers_help_say_the_stages_rule_with_its_constants(monkeypatch):
+    """extract's and train's --precision and --loader-workers help is pipeline.config's rule described
+    (describe_precision, describe_loader_workers) with the constants the stage applies it with: a
+    changed constant changes the rule and the help alike, and no help text restates a rule."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.config import describe_loader_workers, describe_precision
+    from pipeline.errors import UserError
+    from stages import extract, train
+
+    def shown(command: str) -> str:  # the help's words in order, the table's frame and wrapping removed
+        out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"}).output
+        return " ".join(out.replace("│", " ").split())
+
+    def constants():  # command -> (offered precisions, auto on CUDA, most loader workers), as applied
+        return {
+            "extract": (extract.EXTRACT_PRECISIONS, extract.EXTRACT_ON_CUDA, extract.DECODE_WORKERS),
+            "train": (train.TRAIN_PRECISIONS, train.TRAIN_ON_CUDA, train.READ_WORKERS),
+        }
+
+    for changed in (False, True):
+        if changed:
+            monkeypatch.setattr(extract, "EXTRACT_ON_CUDA", "bf16")
+            monkeypatch.setattr(extract, "DECODE_WORKERS", 5)
+            monkeypatch.setattr(train, "TRAIN_PRECISIONS", ("fp32",))
+            monkeypatch.setattr(train, "TRAIN_ON_CUDA", "fp32")
+            monkeypatch.setattr(train, "READ_WORKERS", 3)
+        for command, (offered, on_cuda, most) in constants().items():
+            text = shown(command)
+            assert describe_precision(offered, on_cuda) in text, (command, text)
+            assert describe_loader_workers(most) in text, (command, text)
+            assert f"({on_cuda} on CUDA" in text and f"at most {most} per GPU" in text, (command, text)
+    # the rule applies the same constants the help describes
+    assert extract.ExtractConfig(data_root="unused", subset="sdv14").resolved_precision("cuda") == "bf16"
+    assert train.resolve_precision("auto", "cuda") == "fp32"
+    with pytest.raises(UserError, match="one of auto, fp32, not 'bf16'"):
+        train.resolve_precision("bf16", "cpu")
+
+
 def test_an_option_shared_by_commands_is_one_declaration():
     """An option of the same name in two commands has the same flags and help (robustness takes
     extract's and train's as they are), but for the few whose meaning is the command's own."""

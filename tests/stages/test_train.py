@@ -366,7 +366,8 @@ def test_the_default_slice_selects_from_1000_training_rows_per_label(per_label, 
 
 def test_a_small_validation_slice_keeps_the_last_epoch_without_early_stop_or_plateau(two_caches, tmp_path):
     """Typed as a user would: on a 1 + 1 row validation slice, --patience 1 stops nothing, the learning
-    rate never moves, the best epoch is the last, and the log and done.json say why in one line."""
+    rate never moves, the best epoch is the last, and done.json and the log say why (the log once, the done
+    line referring to it)."""
     args = ["train", "--from-cache", str(two_caches[0]), "--method", "egre", "--epochs", "6",
             "--patience", "1", "--batch-size", "4", "--out", str(tmp_path / "runs"), "--no-progress",
             *TINY_TRAIN]  # fmt: skip
@@ -377,7 +378,13 @@ def test_a_small_validation_slice_keeps_the_last_epoch_without_early_stop_or_pla
     assert done["selection"]["by"] == "last"
     assert done["selection"]["why"].startswith("validation slice of 1 real + 1 generated rows, fewer than")
     notes = [line for line in proc.stderr.splitlines() if "model selection is off" in line]
-    assert len(notes) == 2 and notes[0] == f"note: {done['selection']['why']}"  # at the start and the end
+    assert notes == [f"note: {done['selection']['why']}"]  # the reason once, at the start
+    assert proc.stderr.count(done["selection"]["why"]) == 1
+    (done_line,) = [line for line in proc.stderr.splitlines() if line.startswith("done after epoch")]
+    assert done_line == (
+        "done after epoch 6: --epochs 6 reached; best epoch = last epoch 6 "
+        "(model selection off, see the note above)"
+    )
     lrs = {
         json.loads((run / f"epoch-{e:03d}.json").read_text())["param_groups"][0]["lr"] for e in range(1, 7)
     }
