@@ -1,7 +1,8 @@
 """`pipeline cache`: what a cache holds, whether it is intact, and copying it to and from shared storage.
 
-None of these imports torch: they read the manifest and the stored objects (stages.runs.choice is
-imported only to describe an artifact's selectable fields)."""
+They read the manifest and the stored objects, without torch at start-up; only `cache info` on a cache
+that holds artifacts imports stages.runs.choice, to describe their selectable fields (its
+perturbation parser, stages.features.perturb, brings torch)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 
 `choose` is the one rule: an artifact whose index covers the wanted split, complete, carrying the
 wanted perturbation, matching the selector; of those left, the run's own artifact, then one like
-it, then the newest. It reads the manifest only (no array, no torch), so `pipeline cache info`
-describes artifacts with the same words the selectors filter by.
+it, then the newest. It reads the manifest only (no array), so `pipeline cache info` describes
+artifacts with the same words the selectors filter by.
 """
 
 from __future__ import annotations
