@@ -175,6 +175,13 @@ def index_path(index_fp: str) -> str:
     return f"index/{index_fp[:16]}"
 
 
+def index_splits(indexes: Mapping[str, IndexAttrs], art: ArtifactOrigin) -> list[str]:
+    """The splits of the index an artifact's rows refer to, as the manifest's `indexes` list them
+    (none when it lists no such index)."""
+    index = indexes.get(index_path(art["upstream"]["index"]))
+    return index.get("splits", []) if index is not None else []
+
+
 # The index columns and their Zarr data types (cache_schema.md, "Index").
 INDEX_COLUMNS = {
     "id": "string", "path": "string", "label": "uint8", "split": "string", "format": "string",

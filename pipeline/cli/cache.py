@@ -24,14 +24,13 @@ app = typer.Typer(help="Inspect, check and share caches.", no_args_is_help=True)
 def _describe_artifact(path: str, art: ManifestArtifact, indexes: Mapping[str, IndexAttrs]) -> list[str]:
     """The artifact's lines in `cache info`: its path names it (`--lare`/`--pixels` take the fingerprint
     prefix after the slash), its index and splits, then its parameters as those options filter them."""
-    from pipeline.schema import index_path
+    from pipeline.schema import index_path, index_splits
     from stages.runs.choice import selectable_fields
 
     state = "complete" if art["complete"] else "INCOMPLETE"
     done = f"{art['shards_done']}/{art['n_shards']} shards"
     index = index_path(art["upstream"]["index"])
-    attrs = indexes.get(index)
-    splits = ",".join(attrs.get("splits", []) if attrs is not None else [])
+    splits = ",".join(index_splits(indexes, art))
     head = f"{path:<28} {state} {done}, {art['n_rows']} rows, {art['n_failed']} failed; {index} ({splits})"
     lines = [head]
     p = art.get("params", {})

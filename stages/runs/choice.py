@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pipeline.errors import UserError
-from pipeline.schema import ArtifactAttrs, ArtifactOrigin, Manifest, ManifestArtifact, index_path
+from pipeline.schema import ArtifactAttrs, ArtifactOrigin, Manifest, ManifestArtifact, index_splits
 from stages.features import perturb as perturb_stage
 
 if TYPE_CHECKING:  # types only: the records import no torch, but cache info need not read them
@@ -164,17 +164,12 @@ def choose(
     (a run's own artifact, then one like it), then the newest."""
     what, option = {"lare": ("LaRE", "--lare"), "pixels": ("pixel", "--pixels")}[kind]
     indexes = manifest.get("indexes", {})
-
-    def splits(art: ManifestArtifact) -> list[str]:  # of the index its rows refer to (none: not listed)
-        index = indexes.get(index_path(art["upstream"]["index"]))
-        return index.get("splits", []) if index is not None else []
-
     pool = [
         (path, art)
         for path, art in sorted(manifest["artifacts"].items())
         if art["kind"] == kind
         and (index_fp is None or art["upstream"]["index"] == index_fp)
-        and (split is None or split in splits(art))
+        and (split is None or split in index_splits(indexes, art))
     ]
     pool = [kv for kv in pool if kv[1]["complete"]] or (pool if allow_incomplete else [])
     if selector is None or "=" in selector:  # a fingerprint prefix names one artifact, perturbed or not
