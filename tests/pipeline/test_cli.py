@@ -47,6 +47,9 @@ def test_extract_info_verify_tamper(tmp_path):
         and "complete 3/3 shards" in info
         and all(f" {kv}" in info for kv in ("timestep=200", "ensemble=4", "size=256", "preprocess=resize"))
     )
+    import re  # each artifact's line names its index and the splits that index covers
+
+    assert re.search(r"^lare/\w{16} +complete 3/3 shards, .*; index/\w{16} \(train,val\)$", info, re.M), info
     manifest = json.loads(run_cli("cache", "info", zarr_path, "--json").stdout)
     lare = next(a for a in manifest["artifacts"].values() if a["kind"] == "lare")
     assert lare["params"]["timestep"] == 200 and lare["n_rows"] == 12
