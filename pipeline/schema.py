@@ -12,12 +12,22 @@ from typing import Any, TypedDict
 
 from pipeline.errors import UserError
 
-SCHEMA_VERSION = 2
-# Older versions this reader still reads, each with what its values mean that version 2's do not.
+SCHEMA_VERSION = 3
+# The version of the artifacts' VALUES, which enters their fingerprints. Schema 3 changed the index
+# only (generator and group columns, a `test` split), so every map and crop computed under schema 2
+# keeps its fingerprint: an extraction into a migrated cache finds its artifacts up to date.
+VALUES_SCHEMA = 2
+# Older versions this reader still reads, each with what its values mean that version 3's do not.
 # They are read as they are (train, eval, info, verify, pull) and never extended.
 LEGACY_SCHEMAS = {
     1: "its `resize` LaRE maps were resized bilinearly (the reference: bicubic) and its class prompts "
     "used other ImageNet class names",
+}
+# Older versions read as they are and migrated in place by the first extraction into them (see
+# cache_schema.md, Versions): what the newer version adds, and how the older one reads.
+MIGRATES = {
+    2: "its indexes have no generator and group columns: every row is of one generator, the cache's "
+    "subset, with no group",
 }
 MANIFEST = "manifest.json"
 PROGRESS = "_progress"
@@ -29,12 +39,25 @@ STATUS_PENDING, STATUS_OK, STATUS_FAILED = 0, 1, 2
 # A manifest from elsewhere is checked (check_codecs, check_layout) before its fields are trusted.
 
 
-class IndexAttrs(TypedDict):
+class Unlabelled(TypedDict):
+    count: int
+    examples: list[str]  # the first paths, relative to the root
+
+
+class _IndexAttrs(TypedDict, total=False):
+    """Written from schema 3 on: absent in older indexes."""
+
+    layout: str  # how the files were named, in the words of the options
+    pairs: dict[str, list[str]]  # generator -> the groups of its real rows (paired folders)
+    unlabelled: Unlabelled  # images under no label folder: listed, not indexed
+
+
+class IndexAttrs(_IndexAttrs):
     """Group attributes of `index/<fp16>/` (cache_schema.md, "Index")."""
 
     fingerprint: str
-    subset: str
-    root: str  # the subset folder on the machine that scanned it
+    subset: str  # the dataset's name (a GenImage subset's alias)
+    root: str  # the folder the rows' paths are relative to, on the machine that scanned it
     splits: list[str]
     n_rows: int
     created_at: str
@@ -184,8 +207,9 @@ def index_splits(indexes: Mapping[str, IndexAttrs], art: ArtifactOrigin) -> list
 
 # The index columns and their Zarr data types (cache_schema.md, "Index").
 INDEX_COLUMNS = {
-    "id": "string", "path": "string", "label": "uint8", "split": "string", "format": "string",
-    "width": "int32", "height": "int32", "size": "int64", "mtime_ns": "int64",
+    "id": "string", "path": "string", "label": "uint8", "split": "string", "generator": "string",
+    "group": "string", "format": "string", "width": "int32", "height": "int32", "jpeg_quality": "int16",
+    "size": "int64", "mtime_ns": "int64",
 }  # fmt: skip
 MAX_LATENT_CHANNELS = 16  # SD v1/v2: 4; SD3 and FLUX VAEs: 16
 

@@ -35,6 +35,7 @@ from pipeline.fingerprint import checksum_bytes
 from pipeline.schema import (
     LEGACY_SCHEMAS,
     MANIFEST,
+    MIGRATES,
     PROGRESS,
     SCHEMA_VERSION,
     STATUS_OK,
@@ -211,19 +212,31 @@ class CacheStore:
             if self.read_only or members:
                 raise UserError(f"{self.url} is not a cache made by this pipeline (no schema_version)")
             self.group.attrs.update({"schema_version": SCHEMA_VERSION, "subset": subset, "created_at": now()})
-        elif found != SCHEMA_VERSION and found not in LEGACY_SCHEMAS:
+        elif found != SCHEMA_VERSION and found not in LEGACY_SCHEMAS and found not in MIGRATES:
             raise UserError(
                 f"{self.url} has cache schema version {found}; this pipeline reads versions "
-                f"{', '.join(map(str, [*LEGACY_SCHEMAS, SCHEMA_VERSION]))} and has no migration for it "
-                "(see cache_schema.md)"
+                f"{', '.join(map(str, sorted([*LEGACY_SCHEMAS, *MIGRATES, SCHEMA_VERSION])))} and has no "
+                "migration for it (see cache_schema.md)"
             )
-        elif found != SCHEMA_VERSION and not self.read_only:
+        elif found in LEGACY_SCHEMAS and not self.read_only:
             raise UserError(
                 f"{self.url} is a schema-{found} cache ({LEGACY_SCHEMAS[found]}): it is read as it is, "
                 f"never extended; extract into a new --cache-dir to compute schema-{SCHEMA_VERSION} values"
             )
         elif subset is not None and self.group.attrs.get("subset") not in (None, subset):
             raise UserError(f"{self.url} holds subset '{self.group.attrs['subset']}', not '{subset}'")
+
+    def migrate(self) -> str | None:
+        """Bring an older cache of a migratable schema (MIGRATES) to this one, in place: its root's
+        `schema_version` (its data stays as it is and reads as MIGRATES says). Only extraction calls
+        this, before it writes; returns a line saying what was done, or None when nothing was."""
+        found = self.schema_version
+        if found == SCHEMA_VERSION or found not in MIGRATES:
+            return None
+        self.group.attrs.update({"schema_version": SCHEMA_VERSION, "migrated_from": found})
+        return (
+            f"note: {self.url}: schema {found} -> {SCHEMA_VERSION} in place ({MIGRATES[found]}; read as such)"
+        )
 
     @property
     def subset(self) -> str | None:

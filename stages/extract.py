@@ -31,7 +31,7 @@ from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import extract_lock
 from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWriter
-from pipeline.schema import SCHEMA_VERSION, ArtifactOrigin, WriterInfo, index_path
+from pipeline.schema import VALUES_SCHEMA, ArtifactOrigin, IndexAttrs, WriterInfo, index_path
 from pipeline.storage import now
 from pipeline.store import ArraySpec, Artifact, CacheStore, latest
 from stages.features import lare as lare_math
@@ -39,6 +39,7 @@ from stages.features import pixels as pixels_stage
 from stages.features import sd
 from stages.features.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
 from stages.genimage import index as index_stage
+from stages.genimage import layouts
 from stages.runs import choice
 
 STORE_DTYPES = ("float16", "float32")
@@ -69,11 +70,19 @@ def loader_workers_help() -> str:
 class ExtractConfig:
     """Everything `pipeline extract` takes. Which fields decide values is said in `lare_params`."""
 
-    data_root: str
-    subset: str
+    data_root: str | None = None  # a GenImage root (with `subset`) or a labelled-folder root
+    subset: str | None = None  # a GenImage subset: the dataset and its name
     cache_dir: str = "cache"
     model: str = sd.DEFAULT_MODEL
-    splits: tuple[str, ...] = index_stage.SPLITS
+    # split folders to index (all when None; GenImage: train and val); one value is also the split
+    # of files that name none (else `test`)
+    splits: tuple[str, ...] | None = None
+    dataset: str | None = None  # the name of a dataset given by `data_root`, `pairs` or `manifest`
+    pairs: tuple[tuple[str, str], ...] = ()  # (REAL_DIR, FAKE_DIR[=GENERATOR])
+    manifest: str | None = None
+    generator: str | None = None  # the generator of every labelled-folder file
+    real_names: tuple[str, ...] = layouts.REAL_NAMES
+    fake_names: tuple[str, ...] = layouts.FAKE_NAMES
     timestep: int = 200
     ensemble: int = 4
     size: int = 256
@@ -97,6 +106,38 @@ class ExtractConfig:
         None  # a stages.features.perturb SPEC applied to the decoded image before the geometry
     )
     perturb_only: str | None = None  # "generated" or "real": perturb that class only
+
+    def source(self) -> index_stage.DataSource:
+        """Which files, named how: the one data option given (`--subset` with `--data-root`, or
+        `--dataset NAME` with `--data-root`, `--pair` or `--manifest`)."""
+        named = [o for o, v in (("--pair", self.pairs), ("--manifest", self.manifest)) if v]
+        if self.subset is not None:
+            if self.dataset is not None or named:
+                raise UserError(
+                    "--subset is a GenImage subset and names its cache: give it alone with --data-root"
+                )
+            if self.data_root is None:
+                raise UserError("--subset needs --data-root, the folder holding GenImage's subsets")
+            return index_stage.DataSource.genimage(
+                self.data_root, self.subset, self.splits or index_stage.SPLITS
+            )
+        if self.data_root is not None:
+            named.insert(0, "--data-root")
+        if len(named) != 1:
+            raise UserError(
+                "give the data one way: --subset NAME --data-root DIR (GenImage), or --dataset NAME with "
+                "one of --data-root DIR, --pair REAL_DIR FAKE_DIR[=GENERATOR], --manifest FILE "
+                f"(given: {', '.join(named) or 'none'})"
+            )
+        if self.dataset is None:
+            raise UserError(f"{named[0]} needs --dataset NAME: the cache is <cache-dir>/NAME.zarr")
+        if self.generator is not None and named[0] != "--data-root":
+            raise UserError("--generator names the generator of labelled folders (--data-root) only")
+        kind = {"--data-root": "folders", "--pair": "pairs", "--manifest": "manifest"}[named[0]]
+        return index_stage.DataSource(
+            self.dataset, kind, self.data_root, self.pairs, self.manifest, self.splits, None,
+            self.generator, self.real_names, self.fake_names,
+        )  # fmt: skip
 
     def perturbation(self) -> dict | None:
         """The `perturb` param of both artifacts: SPEC (canonical), class, seed; None when clean."""
@@ -147,7 +188,7 @@ def lare_artifact(
     fp = fingerprint(
         {
             "stage": "lare",
-            "schema": SCHEMA_VERSION,
+            "schema": VALUES_SCHEMA,
             "params": params,
             "model": model.weights,
             "index": index_fp,
@@ -177,7 +218,7 @@ def pixel_artifact(cfg: ExtractConfig, index_fp: str) -> Artifact:
     }
     code = pixel_code_version()
     fp = fingerprint(
-        {"stage": "pixels", "schema": SCHEMA_VERSION, "params": params, "index": index_fp, "code": code}
+        {"stage": "pixels", "schema": VALUES_SCHEMA, "params": params, "index": index_fp, "code": code}
     )
     spec = ArraySpec((3, cfg.pixel_size, cfg.pixel_size), "uint8")
     attrs: ArtifactOrigin = {"params": params, "upstream": {"index": index_fp}, "code_version": code}
@@ -269,30 +310,41 @@ def _load_or_scan_index(store: CacheStore, cfg: ExtractConfig, log=print) -> tup
     if (newest := latest(tables)) is not None:
         cols, attrs = store.read_table(newest)
         previous = index_stage.Index(attrs["subset"], attrs["root"], cols)
-    idx = index_stage.scan(
-        cfg.data_root, cfg.subset, cfg.splits, previous=previous, progress=cfg.progress, log=log
-    )
+    source = cfg.source()
+    idx = index_stage.scan(source, previous=previous, progress=cfg.progress, log=log)
     fp = idx.fingerprint
     path = index_path(fp)
     if path not in tables:
-        new = {"fingerprint": fp, "subset": idx.subset, "root": idx.root, "splits": list(cfg.splits)}
-        store.write_table(path, idx.columns, {**new, "n_rows": len(idx), "created_at": now()})
+        present = set(idx.columns["split"])
+        new: IndexAttrs = {
+            "fingerprint": fp, "subset": idx.subset, "root": idx.root,
+            "splits": [s for s in layouts.SPLIT_NAMES if s in present], "n_rows": len(idx),
+            "created_at": now(), "files": {}, "complete": False, "layout": source.describe(),
+            "unlabelled": {"count": len(idx.unlabelled), "examples": idx.unlabelled[:20]},
+        }  # fmt: skip
+        if idx.pairs:
+            new["pairs"] = idx.pairs
+        store.write_table(path, idx.columns, new)
+    if warning := index_stage.format_shortcut(idx.columns):
+        log(f"{idx.subset}: {warning}")
     return idx, path
 
 
 def cache_url_for(cfg: ExtractConfig) -> str:
-    """Where the subset's cache goes; checks the options and the data root before anything is created."""
+    """Where the dataset's cache goes; checks the options and the data before anything is created."""
     cfg.check()
-    subset = index_stage.canonical_subset(cfg.subset)
-    index_stage.resolve_subset_root(cfg.data_root, subset)  # a bad --data-root fails before a cache is made
-    return f"{cfg.cache_dir.rstrip('/')}/{subset}.zarr"
+    source = cfg.source()
+    source.check()  # a bad --data-root fails before a cache is made
+    return f"{cfg.cache_dir.rstrip('/')}/{source.name}.zarr"
 
 
 def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
     """Index the subset, name the artifacts by fingerprint, create them, and list the shards left."""
     cache_url = cache_url_for(cfg)
-    subset = index_stage.canonical_subset(cfg.subset)
+    subset = cfg.source().name
     store = CacheStore(cache_url, mode="a", subset=subset)
+    if note := store.migrate():
+        log(note)
     idx, index = _load_or_scan_index(store, cfg, log)
     # usability was checked before anything was created (the CLI's first step); a dask scheduler's
     # workers may hold GPUs this client lacks, so the plan only resolves `auto`
@@ -525,6 +577,8 @@ def covering_artifacts(cfg: ExtractConfig) -> ExtractResult | None:
     precision = cfg.resolved_precision(resolve_device(cfg.device, here=False))
     latent = sd.latent_geometry(model_ref, cfg.size)
     indexes = sorted(manifest["indexes"].items(), key=lambda kv: kv[1]["created_at"], reverse=True)
+    if cfg.splits is None:  # all the dataset's splits: only a scan can tell which those are
+        return None
     for path, attrs in indexes:
         if not set(cfg.splits) <= set(attrs["splits"]):
             continue
@@ -545,10 +599,9 @@ def run_extract_covering(cfg: ExtractConfig, log=print) -> ExtractResult:
     found = covering_artifacts(cfg)
     if found is None:
         return run_extract(cfg, log=log)
-    subset = index_stage.canonical_subset(cfg.subset)
     log(
-        f"{subset}: up to date, reusing {', '.join(found.artifacts.values())} of {found.index} "
-        f"(its index covers {', '.join(cfg.splits)})"
+        f"{cfg.source().name}: up to date, reusing {', '.join(found.artifacts.values())} of {found.index} "
+        f"(its index covers {', '.join(cfg.splits or ())})"
     )
     return found
 

@@ -55,19 +55,37 @@ def _describe_artifact(path: str, art: ManifestArtifact, indexes: Mapping[str, I
     return lines
 
 
-def _describe_formats(store, path: str) -> list[str]:
-    """Source formats and JPEG qualities per class of an index (the format bias of a data set)."""
-    from stages.genimage.index import format_mix
+def _describe_formats(store, path: str, attrs) -> list[str]:
+    """Rows per generator x class x source format and JPEG quality of an index (the format bias of a
+    data set, generator by generator), then the images under no label folder, which it did not index."""
+    from stages.genimage.index import format_table
 
     group = store.group[path]
-    names = [n for n in ("label", "format", "jpeg_quality") if n in group]
-    mix = format_mix({n: group[n][:] for n in names})
+    names = [n for n in ("label", "format", "jpeg_quality", "generator") if n in group]
+    table = format_table({n: group[n][:] for n in names}, attrs["subset"])
     lines = []
-    for cls in ("real", "generated"):
-        kinds = sorted(mix.get(cls, {}).items(), key=lambda kv: (-kv[1], kv[0]))
-        shown = ", ".join(f"{k} x{n}" for k, n in kinds[:8])
-        more = f", {len(kinds) - 8} more" if len(kinds) > 8 else ""
-        lines.append(f"  {cls}: {shown or 'none'}{more}")
+    several = len(table) > 1  # one generator: a line per class, as before generators were recorded
+    for gen, mix in table.items():
+        if several:
+            lines.append(f"  {gen}:")
+        for cls in ("real", "generated"):
+            kinds = sorted(mix.get(cls, {}).items(), key=lambda kv: (-kv[1], kv[0]))
+            if several and not kinds:
+                continue
+            shown = ", ".join(f"{k} x{n}" for k, n in kinds[:8])
+            more = f", {len(kinds) - 8} more" if len(kinds) > 8 else ""
+            lines.append(f"{'    ' if several else '  '}{cls}: {shown or 'none'}{more}")
+    if attrs.get("pairs"):
+        lines.append(
+            "  reals of each generator: "
+            + "; ".join(f"{g}: {', '.join(r)}" for g, r in attrs["pairs"].items())
+        )
+    unlabelled = attrs.get("unlabelled") or {"count": 0, "examples": []}
+    if unlabelled["count"]:
+        lines.append(f"  not indexed, under no label folder ({unlabelled['count']}):")
+        lines += [f"    {p}" for p in unlabelled["examples"]]
+        if unlabelled["count"] > len(unlabelled["examples"]):
+            lines.append(f"    ... {unlabelled['count'] - len(unlabelled['examples'])} more")
     return lines
 
 
@@ -77,7 +95,7 @@ def cache_info(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """What a cache holds: index, artifacts (parameters, model, progress) and failed rows."""
-    from pipeline.schema import LEGACY_SCHEMAS
+    from pipeline.schema import LEGACY_SCHEMAS, MIGRATES
     from pipeline.store import CacheStore
 
     store = CacheStore(cache, mode="r")
@@ -86,9 +104,14 @@ def cache_info(
         typer.echo(json.dumps(manifest, indent=1, sort_keys=True))
         return
     typer.echo(
-        f"cache {cache}  subset {manifest['subset']}  schema {manifest['schema_version']}  "
+        f"cache {cache}  dataset {manifest['subset']}  schema {manifest['schema_version']}  "
         f"updated {manifest['updated_at']}"
     )
+    if manifest["schema_version"] in MIGRATES:
+        typer.echo(
+            f"schema {manifest['schema_version']}: {MIGRATES[manifest['schema_version']]} (an extraction "
+            "into it migrates it in place)"
+        )
     if manifest["schema_version"] in LEGACY_SCHEMAS:
         typer.echo(
             f"schema {manifest['schema_version']}: {LEGACY_SCHEMAS[manifest['schema_version']]}; read-only"
@@ -96,7 +119,9 @@ def cache_info(
     for path, attrs in sorted(manifest["indexes"].items()):
         latest = "  (latest)" if path == manifest.get("latest_index") else ""
         typer.echo(f"{path:<28} {attrs['n_rows']} rows, splits {','.join(attrs['splits'])}{latest}")
-        for line in _describe_formats(store, path):
+        if attrs.get("layout"):
+            typer.echo(f"  {attrs['layout']}")
+        for line in _describe_formats(store, path, attrs):
             typer.echo(line)
     failed: dict[str, str] = {}
     for path, art in sorted(manifest["artifacts"].items()):

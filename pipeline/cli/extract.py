@@ -10,7 +10,6 @@ import typer
 
 from pipeline.cli.options import (
     CacheDir,
-    DataRoot,
     Device,
     Ensemble,
     LareBatchSize,
@@ -26,6 +25,8 @@ from pipeline.cli.options import (
     given,
     help_defaults,
     log,
+    split_pair,
+    two_valued,
     usable_device,
 )
 from pipeline.errors import UserError
@@ -33,21 +34,76 @@ from pipeline.errors import UserError
 app = typer.Typer()
 
 
-@app.command(cls=help_defaults("stages.extract:ExtractConfig", split="stages.extract:ExtractConfig.splits"))
-def extract(
-    data_root: DataRoot,
-    subset: Annotated[
-        str,
-        typer.Option(
-            help="adm, biggan, glide, midjourney, sdv14, sdv15, vqdm, wukong "
-            "(or a GenImage archive folder name)."
+@app.command(
+    cls=two_valued(
+        help_defaults(
+            "stages.extract:ExtractConfig",
+            split="stages.extract:ExtractConfig.splits",
+            pair="stages.extract:ExtractConfig.pairs",
         ),
-    ],
+        "--pair",
+        "REAL_DIR FAKE_DIR[=GENERATOR]",
+    )
+)
+def extract(
+    data_root: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-root",
+            help="Folder of the images: GenImage's subsets (with --subset), or labelled folders (with "
+            "--dataset): a file's label is its nearest folder named as --real-names / --fake-names say.",
+        ),
+    ] = None,
+    subset: Annotated[
+        str | None,
+        typer.Option(
+            help="A GenImage subset: adm, biggan, glide, midjourney, sdv14, sdv15, vqdm, wukong "
+            "(or a GenImage archive folder name); its cache is <cache-dir>/<subset>.zarr."
+        ),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="Name of any other dataset (letters, digits, -_.): its cache is <cache-dir>/<NAME>.zarr; "
+            "with --data-root, --pair or --manifest."
+        ),
+    ] = None,
+    pair: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pair",
+            metavar="REAL_DIR FAKE_DIR[=GENERATOR]",
+            help="Every file of a folder takes its label; repeat the option: one real "
+            "folder may serve several generators (indexed once).",
+        ),
+    ] = None,
+    manifest: Annotated[
+        str | None,
+        typer.Option(
+            help="CSV, TSV or JSONL: path (or filename) relative to its folder, label (0/1, real/fake, "
+            "nature/ai; absent: generator != real), optional split and generator (or typ, model_name).",
+        ),
+    ] = None,
+    generator: Annotated[
+        str | None,
+        typer.Option(help="Generator of every labelled-folder file (else the first folder above the label)."),
+    ] = None,
+    real_names: Annotated[
+        str | None, typer.Option(help="Comma-separated folder names of real images (case-insensitive).")
+    ] = None,
+    fake_names: Annotated[
+        str | None, typer.Option(help="Comma-separated folder names of generated images (case-insensitive).")
+    ] = None,
     cache_dir: CacheDir = None,
     model: Model = None,
     device: Device = None,
     split: Annotated[
-        list[str] | None, typer.Option("--split", help="Splits to index (repeat the option).")
+        list[str] | None,
+        typer.Option(
+            "--split",
+            help="Split folders (train, val, test) to index, repeatable; one value is also the split of "
+            "files in no split folder (else test).",
+        ),
     ] = None,
     timestep: Annotated[int | None, typer.Option(help="Diffusion timestep the latent is noised at.")] = None,
     ensemble: Ensemble = None,
@@ -101,7 +157,10 @@ def extract(
     perturb: PerturbSpec = None,
     perturb_only: PerturbOnly = None,
 ) -> None:
-    """Index a GenImage subset and compute its LaRE maps and pixel crops into <cache-dir>/<subset>.zarr.
+    """Index a dataset and compute its LaRE maps and pixel crops into <cache-dir>/<name>.zarr.
+
+    The data one way: --subset S --data-root DIR (GenImage), or --dataset NAME with --data-root DIR
+    (labelled folders), --pair REAL_DIR FAKE_DIR[=GENERATOR] (repeatable) or --manifest FILE.
 
     Options not given take ExtractConfig's defaults (listed in the README's table)."""
     usable_device(device, here=not scheduler)  # a scheduler's workers, not this client, need the GPU
@@ -113,9 +172,15 @@ def extract(
     from stages.extract import ExtractConfig, run_extract
 
     cfg = ExtractConfig(
-        data_root=str(data_root),
+        data_root=None if data_root is None else str(data_root),
         subset=subset,
         **given(
+            dataset=dataset,
+            pairs=tuple(split_pair(p) for p in pair) if pair else None,
+            manifest=manifest,
+            generator=generator,
+            real_names=_names(real_names),
+            fake_names=_names(fake_names),
             cache_dir=cache_dir,
             model=model,
             splits=tuple(split) if split else None,
@@ -143,6 +208,15 @@ def extract(
         ),
     )
     run_extract(cfg, log=log, compute=compute)
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise UserError("--real-names / --fake-names take comma-separated folder names")
+    return names
 
 
 @app.command()

@@ -106,6 +106,39 @@ def help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
     return Command
 
 
+_JOIN = "\x00"  # joins the two values of a two-valued option into the one token click parses
+
+
+def two_valued(command: type[TyperCommand], flag: str, shape: str) -> type[TyperCommand]:
+    """`command` with `flag` taking two values, repeatable (`--pair A B --pair C D`), which typer does
+    not declare: the two tokens after the flag are joined into one, and `split_pair` parts them."""
+
+    class Command(command):  # type: ignore[valid-type, misc]  # a class made at run time
+        def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+            joined, k = [], 0
+            while k < len(args):
+                if args[k] == flag:
+                    values = args[k + 1 : k + 3]
+                    if len(values) < 2 or any(v.startswith("--") for v in values):
+                        from pipeline.errors import UserError
+
+                        raise UserError(f"{flag} takes two values: {shape}")
+                    joined += [flag, _JOIN.join(values)]
+                    k += 3
+                else:
+                    joined.append(args[k])
+                    k += 1
+            return super().parse_args(ctx, joined)
+
+    return Command
+
+
+def split_pair(token: str) -> tuple[str, str]:
+    """The two values of a two-valued option (two_valued)."""
+    a, _, b = token.partition(_JOIN)
+    return a, b
+
+
 def usable_device(device: str | None, here: bool = True) -> None:
     """A command's first step: a --device this machine cannot use ends in one line before anything
     (cache, run directory, results) is created; pipeline.config.resolve_device decides."""

@@ -1,4 +1,6 @@
-"""Index stage: one row per image of a GenImage subset, with a content id that never changes.
+"""Index stage: one row per image of a dataset (a GenImage subset, labelled or paired folders, a
+manifest: stages.genimage.layouts), with a content id that never changes, the split, the generator
+and the group of every row.
 
 The id is xxh3-128 of the file's bytes, so everything keyed by it (the noise drawn for an image,
 a row's identity across caches) follows the content, not the file name or the scan order.
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
+from stages.genimage import layouts
 
 # alias -> (GenImage archive folder, the top-level folder GenImage ships it in)
 SUBSETS: dict[str, tuple[str, str]] = {
@@ -38,11 +41,14 @@ SUBSETS: dict[str, tuple[str, str]] = {
     "vqdm": ("imagenet_ai_0419_vqdm", "VQDM"),
     "wukong": ("imagenet_ai_0424_wukong", "wukong"),
 }
-SPLITS = ("train", "val")
+SPLITS = ("train", "val")  # GenImage's; other datasets may also have `test` (layouts.SPLIT_NAMES)
 # label folder -> label (1 generated, 0 real); GenImage's names and the {0_real,1_fake} re-arrangement
 LABEL_DIRS = {"ai": 1, "nature": 0, "1_fake": 1, "0_real": 0}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-COLUMNS = ("id", "path", "label", "split", "format", "width", "height", "jpeg_quality", "size", "mtime_ns")
+IMAGE_SUFFIXES = layouts.IMAGE_SUFFIXES
+COLUMNS = (
+    "id", "path", "label", "split", "generator", "group", "format", "width", "height", "jpeg_quality",
+    "size", "mtime_ns",
+)  # fmt: skip
 NOT_JPEG, QUALITY_UNKNOWN = -1, -2  # jpeg_quality of other formats; of an index written without the column
 
 
@@ -92,52 +98,149 @@ def resolve_subset_root(data_root: str | Path, subset: str) -> Path:
     )
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """Which files make a dataset and how they are named (stages.genimage.layouts): plain data, so
+    that the plan of an extraction can travel to other processes.
+
+    `kind`: `genimage` (a GenImage subset: `name` is its alias, found under `root`), `folders`
+    (labelled folders under `root`), `pairs` (`--pair REAL_DIR FAKE_DIR[=GENERATOR]`) or `manifest`.
+    `splits` keeps the files of those split folders (all when None; GenImage: train and val);
+    `split` is the split of files that name none.
+    """
+
+    name: str
+    kind: str = "folders"
+    root: str | None = None
+    pairs: tuple[tuple[str, str], ...] = ()
+    manifest: str | None = None
+    splits: tuple[str, ...] | None = None
+    split: str | None = None
+    generator: str | None = None
+    real_names: tuple[str, ...] = layouts.REAL_NAMES
+    fake_names: tuple[str, ...] = layouts.FAKE_NAMES
+
+    @classmethod
+    def genimage(cls, data_root: str | Path, subset: str, splits: Iterable[str] = SPLITS) -> DataSource:
+        return cls(canonical_subset(subset), "genimage", str(data_root), splits=tuple(splits))
+
+    def check(self) -> None:
+        """The names and folders, checked before anything is created (a bad one is one line)."""
+        layouts.check_name(self.name)
+        for s in (*(self.splits or ()), *([self.split] if self.split else [])):
+            if s.lower() not in layouts.SPLIT_NAMES:
+                raise UserError(f"unknown split '{s}': expected one of {', '.join(layouts.SPLIT_NAMES)}")
+        if self.generator is not None:
+            layouts.check_name(self.generator, "--generator")
+        layouts.Labels(self.real_names, self.fake_names)
+        if self.kind == "genimage":
+            resolve_subset_root(self.root or ".", self.name)
+        elif self.kind == "folders" and not Path(self.root or "").expanduser().is_dir():
+            raise UserError(f"data root not found: {self.root}")
+
+    def listing(self) -> layouts.Listing:
+        labels = layouts.Labels(self.real_names, self.fake_names)
+        if self.kind == "genimage":
+            root = resolve_subset_root(self.root or ".", self.name)
+            found = layouts.labelled_folders(root, self.name, labels, self.splits, generator=self.name)
+            # GenImage's files live in its split folders: an image elsewhere is listed, not indexed
+            outside = [r.path for r in found.rows if r.path.split("/")[0].lower() not in layouts.SPLIT_NAMES]
+            found.rows = [r for r in found.rows if r.path not in set(outside)]
+            found.unlabelled = sorted([*found.unlabelled, *outside])
+            return found
+        if self.kind == "pairs":
+            return layouts.paired_folders(self.pairs, labels, self.split)
+        if self.kind == "manifest":
+            return layouts.manifest_rows(self.manifest or "", self.name, self.split)
+        return layouts.labelled_folders(
+            self.root or ".", self.name, labels, self.splits, self.split, self.generator
+        )
+
+    def describe(self) -> str:
+        """How the files were named, in the words of the options (index attrs `layout`)."""
+        if self.kind == "genimage":
+            return f"GenImage subset {self.name} under {self.root}"
+        if self.kind == "pairs":
+            return "paired folders: " + "; ".join(f"{r} + {f}" for r, f in self.pairs)
+        if self.kind == "manifest":
+            return f"manifest {self.manifest}"
+        return (
+            f"labelled folders under {self.root} ({layouts.Labels(self.real_names, self.fake_names).said()})"
+        )
+
+
 @dataclass
 class Index:
-    """The rows of one subset, sorted by relative path; columns are numpy arrays of equal length."""
+    """The rows of one dataset, sorted by relative path; columns are numpy arrays of equal length.
 
-    subset: str
+    `pairs`: generator -> the groups of the real rows that go with it (paired folders only).
+    """
+
+    subset: str  # the dataset's name (a GenImage subset's alias)
     root: str
     columns: dict[str, np.ndarray] = field(repr=False)
+    pairs: dict[str, list[str]] = field(default_factory=dict)
+    unlabelled: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.columns["path"])
 
     @property
     def fingerprint(self) -> str:
-        """Hash of what the rows are (content id, path, label, split), not of how they were stat-ed."""
+        """Hash of what the rows are (content id, path, label, split, generator, group, the pairing),
+        not of how they were stat-ed. A dataset of one generator named after it and no groups (every
+        GenImage subset) hashes as before those columns existed, so its caches keep their names."""
         c = self.columns
-        rows = "\n".join(
-            f"{i}\t{p}\t{lab}\t{s}"
-            for i, p, lab, s in zip(c["id"], c["path"], c["label"], c["split"], strict=True)
-        )
-        return fingerprint({"stage": "index", "subset": self.subset, "rows": rows})
+        generators, groups = generators_of(c, self.subset)
+        plain = bool((generators == self.subset).all() and (groups == "").all()) and not self.pairs
+        cols = [c["id"], c["path"], c["label"], c["split"]] + ([] if plain else [generators, groups])
+        rows = "\n".join("\t".join(map(str, fields)) for fields in zip(*cols, strict=True))
+        payload = {"stage": "index", "subset": self.subset, "rows": rows}
+        return fingerprint({**payload, "pairs": self.pairs} if self.pairs else payload)
 
     def abspath(self, row: int) -> str:
         return os.path.join(self.root, str(self.columns["path"][row]))
 
 
-def _list_files(subset_root: Path, splits: Iterable[str]) -> tuple[list[tuple[str, int, str]], int]:
-    """(relative path, label, split) of every image file; also how many non-image files were skipped."""
-    found: list[tuple[str, int, str]] = []
-    skipped = 0
-    for split in splits:
-        for label_dir, label in LABEL_DIRS.items():
-            top = subset_root / split / label_dir
-            if not top.is_dir():
-                continue
-            for dirpath, dirnames, filenames in os.walk(top):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                for name in filenames:
-                    if name.startswith("."):
-                        continue
-                    if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                        skipped += 1
-                        continue
-                    rel = Path(dirpath, name).relative_to(subset_root).as_posix()
-                    found.append((rel, label, split))
-    found.sort()
-    return found, skipped
+def generators_of(columns: dict[str, np.ndarray], subset: str) -> tuple[np.ndarray, np.ndarray]:
+    """The generator and group columns; an index written before them (schema 2) is one generator,
+    its subset, with no groups."""
+    n = len(columns["label"])
+    gen = columns.get("generator")
+    group = columns.get("group")
+    return (
+        np.asarray(gen, dtype=object) if gen is not None else np.full(n, subset, dtype=object),
+        np.asarray(group, dtype=object) if group is not None else np.full(n, "", dtype=object),
+    )
+
+
+def generated_by(columns: dict[str, np.ndarray], subset: str) -> list[str]:
+    """The generators of a dataset's generated rows, sorted."""
+    gen, _ = generators_of(columns, subset)
+    return sorted({str(g) for g in gen[np.asarray(columns["label"]) == 1]})
+
+
+def reals_of(
+    columns: dict[str, np.ndarray], subset: str, pairs: dict[str, list[str]], generator: str
+) -> np.ndarray:
+    """The real rows that go with a generator: those of its paired real folders (`--pair`), else those
+    under the same generator folder, else every real row of the dataset (a manifest's `real` rows)."""
+    gen, group = generators_of(columns, subset)
+    real = np.asarray(columns["label"]) == 0
+    if generator in pairs:
+        return real & np.isin(group, pairs[generator])
+    own = real & (gen == generator)
+    return own if own.any() else real
+
+
+def rows_of(
+    columns: dict[str, np.ndarray], subset: str, pairs: dict[str, list[str]], generator: str
+) -> np.ndarray:
+    """A generator's generated rows and the real rows that go with it (reals_of)."""
+    gen, _ = generators_of(columns, subset)
+    return ((np.asarray(columns["label"]) == 1) & (gen == generator)) | reals_of(
+        columns, subset, pairs, generator
+    )
 
 
 @functools.cache
@@ -175,15 +278,56 @@ def qualities(columns: dict[str, np.ndarray]) -> np.ndarray:
     return np.full(len(columns["label"]), QUALITY_UNKNOWN, dtype=np.int64)
 
 
+def _kind(fmt: object, quality: int) -> str:
+    return str(fmt) if fmt != "jpeg" else f"jpeg q{quality}" if quality > 0 else "jpeg q?"
+
+
 def format_mix(columns: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
     """Rows per class (`real`, `generated`) and per source format: `png`, `jpeg q95`, `jpeg q?` (unknown)."""
     quality = qualities(columns)
     out: dict[str, dict[str, int]] = {}
     for label, fmt, q in zip(columns["label"], columns["format"], quality, strict=True):
-        kind = str(fmt) if fmt != "jpeg" else f"jpeg q{q}" if q > 0 else "jpeg q?"
+        kind = _kind(fmt, q)
         mix = out.setdefault("generated" if label else "real", {})
         mix[kind] = mix.get(kind, 0) + 1
     return out
+
+
+def format_table(columns: dict[str, np.ndarray], subset: str) -> dict[str, dict[str, dict[str, int]]]:
+    """Rows per generator x class x source format (`cache info`): a generator's row count by class and
+    format, the real rows under the generator they are filed under (`real` for shared reals)."""
+    gen, _ = generators_of(columns, subset)
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for g in sorted({str(x) for x in gen}):
+        mine = gen == g
+        out[g] = format_mix(
+            {k: np.asarray(v)[mine] for k, v in columns.items() if k in ("label", "format", "jpeg_quality")}
+        )
+    return out
+
+
+def _dominant(formats: np.ndarray) -> tuple[str, float]:
+    kinds, counts = np.unique(formats.astype(str), return_counts=True)
+    k = int(np.argmax(counts))
+    return str(kinds[k]), float(counts[k] / counts.sum())
+
+
+def format_shortcut(columns: dict[str, np.ndarray]) -> str | None:
+    """One line when a dataset's real and generated files are mostly of different formats: a detector
+    can then learn the format, not the generator ("Fake or JPEG?", Grommelt et al. 2024); None when
+    their most common formats agree, or one class is absent."""
+    labels = np.asarray(columns["label"])
+    formats = np.asarray(columns["format"], dtype=object)
+    if not ((labels == 0).any() and (labels == 1).any()):
+        return None
+    (real, r), (fake, f) = _dominant(formats[labels == 0]), _dominant(formats[labels == 1])
+    if real == fake:
+        return None
+    return (
+        f"warning: the real files are {100 * r:.0f}% {real}, the generated {100 * f:.0f}% {fake}: a detector "
+        "can learn the file format instead of the generator (Fake or JPEG?); `cache info` shows the mix, "
+        "`--perturb jpeg:96 --perturb-only generated` and `train --real-jpeg-quality` control it"
+    )
 
 
 def _describe(path: Path) -> tuple[str, str, int, int, int]:
@@ -200,28 +344,37 @@ def _describe(path: Path) -> tuple[str, str, int, int, int]:
 
 
 def scan(
-    data_root: str | Path,
-    subset: str,
-    splits: Iterable[str] = SPLITS,
+    source: DataSource,
     previous: Index | None = None,
     threads: int = 16,
     progress: bool = True,
     log=print,
 ) -> Index:
-    """Build the index of one subset; files unchanged since `previous` (size, mtime) are not re-read."""
-    alias = canonical_subset(subset)
-    splits = tuple(splits)
-    for s in splits:
-        if s not in SPLITS:
-            raise UserError(f"unknown split '{s}': expected train and/or val")
-    root = resolve_subset_root(data_root, alias)
-    files, skipped = _list_files(root, splits)
+    """Build the index of a dataset; files unchanged since `previous` (size, mtime) are not re-read."""
+    source.check()
+    listing = source.listing()
+    root, files = listing.root, listing.rows
+    if listing.unlabelled:
+        shown = ", ".join(listing.unlabelled[:3])
+        log(
+            f"index: {len(listing.unlabelled)} image(s) under no label folder ({shown}"
+            f"{', ...' if len(listing.unlabelled) > 3 else ''}) are not indexed; `cache info` lists them"
+        )
     if not files:
-        raise UserError(f"no image files under {root} for split(s) {', '.join(splits)}")
-    if skipped:
-        log(f"index: skipped {skipped} file(s) without an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        where = f"under {root}" if source.kind != "manifest" else f"in {source.manifest}"
+        kept = f" in split(s) {', '.join(source.splits)}" if source.splits else ""
+        raise UserError(
+            f"no labelled image files {where}{kept}: a file's label is its nearest folder named "
+            f"{layouts.Labels(source.real_names, source.fake_names).said()} (case-insensitive; "
+            "--real-names/--fake-names change them)"
+        )
+    if listing.skipped:
+        log(
+            f"index: skipped {listing.skipped} file(s) without an image suffix "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
 
-    stats = [os.stat(root / rel) for rel, _, _ in files]
+    stats = [os.stat(root / f.path) for f in files]
     known: dict[str, tuple] = {}
     if previous is not None and previous.root == str(root) and "jpeg_quality" in previous.columns:
         pc = previous.columns
@@ -239,25 +392,29 @@ def scan(
             )
     described: list[tuple[str, str, int, int, int] | None] = [None] * len(files)
     todo = []
-    for k, ((rel, _, _), st) in enumerate(zip(files, stats, strict=True)):
-        hit = known.get(rel)
+    for k, (f, st) in enumerate(zip(files, stats, strict=True)):
+        hit = known.get(f.path)
         if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
             described[k] = hit[2]
         else:
             todo.append(k)
     if todo:
         with ThreadPoolExecutor(threads) as pool:
-            results = pool.map(lambda k: _describe(root / files[k][0]), todo)
-            bar = tqdm(results, total=len(todo), desc=f"index {alias}", unit="file", disable=not progress)
+            results = pool.map(lambda k: _describe(root / files[k].path), todo)
+            bar = tqdm(
+                results, total=len(todo), desc=f"index {source.name}", unit="file", disable=not progress
+            )
             for k, desc in zip(todo, bar, strict=True):
                 described[k] = desc
 
     done = cast(list[tuple[str, str, int, int, int]], described)  # every row, known or described
     columns = {
         "id": np.array([d[0] for d in done], dtype=object),
-        "path": np.array([f[0] for f in files], dtype=object),
-        "label": np.array([f[1] for f in files], dtype=np.uint8),
-        "split": np.array([f[2] for f in files], dtype=object),
+        "path": np.array([f.path for f in files], dtype=object),
+        "label": np.array([f.label for f in files], dtype=np.uint8),
+        "split": np.array([f.split for f in files], dtype=object),
+        "generator": np.array([f.generator for f in files], dtype=object),
+        "group": np.array([f.group for f in files], dtype=object),
         "format": np.array([d[1] for d in done], dtype=object),
         "width": np.array([d[2] for d in done], dtype=np.int32),
         "height": np.array([d[3] for d in done], dtype=np.int32),
@@ -265,4 +422,4 @@ def scan(
         "size": np.array([st.st_size for st in stats], dtype=np.int64),
         "mtime_ns": np.array([st.st_mtime_ns for st in stats], dtype=np.int64),
     }
-    return Index(subset=alias, root=str(root), columns=columns)
+    return Index(source.name, str(root), columns, listing.pairs, listing.unlabelled)

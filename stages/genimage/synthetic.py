@@ -140,3 +140,20 @@ def add_bad_files(split_dir: str | Path) -> dict[str, str]:
         "bad_text.jpg": "not an image",
         "bad_bomb.png": "decompression bomb",
     }
+
+
+def make_folder(
+    folder: str | Path, count: int, generated: bool, seed: int = 0, fmt: str | None = None, size: int = 64
+) -> list[Path]:
+    """`count` images of one class in one folder (any layout is made of such folders: the tests build
+    each dataset shape of the README with it); `fmt` JPEG or PNG, else drawn per image."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = []
+    for k in range(count):
+        kind = fmt or ("JPEG" if rng.random() < 0.5 else "PNG")
+        path = out / f"{'fake' if generated else 'real'}_{seed}_{k:04d}{'.jpg' if kind == 'JPEG' else '.png'}"
+        path.write_bytes(encode_image(make_image(rng, size, size, generated), kind))
+        written.append(path)
+    return written

@@ -207,9 +207,9 @@ def test_prompt_template_encodes_each_class_once(genimage, tmp_path, monkeypatch
 
 
 def test_crop_preprocess_feeds_the_pixel_crop_to_the_vae(genimage):
-    from stages.genimage.index import scan
+    from stages.genimage.index import DataSource, scan
 
-    idx = scan(genimage, "sdv14", progress=False)
+    idx = scan(DataSource.genimage(genimage, "sdv14"), progress=False)
     params = {"size": 256, "preprocess": "crop", "seed": 0, "ensemble": 4, "prompt": "a photo",
               "prompt_template": None}  # fmt: skip
     recipe = RowRecipe.from_params(params, (4, 32), {"size": 256})

@@ -12,7 +12,7 @@ from tests.helpers import ONE_THREAD, TINY_TRAIN, run_cli
 
 def test_the_index_records_each_jpeg_quality_and_info_shows_the_mix(tmp_path):
     make_genimage(tmp_path, "sdv14", {"train": 3}, seed=1, format_only_quality=80)
-    idx = index.scan(tmp_path, "sdv14", progress=False)
+    idx = index.scan(index.DataSource.genimage(tmp_path, "sdv14"), progress=False)
     real = idx.columns["label"] == 0
     assert set(idx.columns["jpeg_quality"][real]) == {80} and set(idx.columns["jpeg_quality"][~real]) == {-1}
     mix = index.format_mix(idx.columns)

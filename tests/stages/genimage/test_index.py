@@ -33,14 +33,14 @@ def test_binary_layout_and_subset_folder_as_root(tmp_path):
     base = make_genimage(tmp_path, "adm", {"train": 2, "val": 1}, layout="binary")
     assert index.resolve_subset_root(tmp_path, "adm") == base
     assert index.resolve_subset_root(base, "adm") == base  # the subset folder itself
-    idx = index.scan(tmp_path, "adm", progress=False)
+    idx = index.scan(index.DataSource.genimage(tmp_path, "adm"), progress=False)
     assert len(idx) == 6
     labels = {p.split("/")[1]: lab for p, lab in zip(idx.columns["path"], idx.columns["label"], strict=True)}
     assert labels == {"1_fake": 1, "0_real": 0}
 
 
 def test_rows_sorted_with_content_ids(genimage):
-    idx = index.scan(genimage, "sdv14", progress=False)
+    idx = index.scan(index.DataSource.genimage(genimage, "sdv14"), progress=False)
     paths = list(idx.columns["path"])
     assert paths == sorted(paths) and len(paths) == 20
     assert set(idx.columns["split"]) == {"train", "val"}
@@ -51,32 +51,32 @@ def test_rows_sorted_with_content_ids(genimage):
         assert idx.columns["width"][row] > 0 and idx.columns["format"][row] in ("png", "jpeg")
         label_dir = paths[row].split("/")[1]
         assert idx.columns["label"][row] == {"ai": 1, "nature": 0}[label_dir]
-    again = index.scan(genimage, "sdv14", progress=False)
+    again = index.scan(index.DataSource.genimage(genimage, "sdv14"), progress=False)
     assert again.fingerprint == idx.fingerprint
 
 
 def test_split_filter_changes_fingerprint(genimage):
-    both = index.scan(genimage, "sdv14", progress=False)
-    val = index.scan(genimage, "sdv14", splits=("val",), progress=False)
+    both = index.scan(index.DataSource.genimage(genimage, "sdv14"), progress=False)
+    val = index.scan(index.DataSource.genimage(genimage, "sdv14", ("val",)), progress=False)
     assert len(val) == 8 and set(val.columns["split"]) == {"val"}
     assert val.fingerprint != both.fingerprint
 
 
 def test_unchanged_files_are_not_reread(genimage, monkeypatch):
-    first = index.scan(genimage, "sdv14", progress=False)
+    first = index.scan(index.DataSource.genimage(genimage, "sdv14"), progress=False)
     calls = []
     real = index._describe
     monkeypatch.setattr(index, "_describe", lambda p: calls.append(p) or real(p))
-    second = index.scan(genimage, "sdv14", previous=first, progress=False)
+    second = index.scan(index.DataSource.genimage(genimage, "sdv14"), previous=first, progress=False)
     assert calls == [] and second.fingerprint == first.fingerprint
 
 
 def test_changed_content_changes_id(tmp_path):
     make_genimage(tmp_path, "sdv14", {"train": 2, "val": 1})
-    first = index.scan(tmp_path, "sdv14", progress=False)
+    first = index.scan(index.DataSource.genimage(tmp_path, "sdv14"), progress=False)
     target = Path(first.abspath(0))
     target.write_bytes(target.read_bytes() + b"\0")
-    second = index.scan(tmp_path, "sdv14", previous=first, progress=False)
+    second = index.scan(index.DataSource.genimage(tmp_path, "sdv14"), previous=first, progress=False)
     assert second.columns["id"][0] != first.columns["id"][0]
     assert list(second.columns["id"][1:]) == list(first.columns["id"][1:])
     assert second.fingerprint != first.fingerprint
@@ -106,6 +106,6 @@ def test_files_without_an_image_suffix_are_skipped_and_said_through_the_log(tmp_
     base = make_genimage(tmp_path, "adm", {"train": 2, "val": 1})
     (base / "train" / "ai" / "notes.txt").write_text("not an image")
     said: list[str] = []
-    assert len(index.scan(tmp_path, "adm", progress=False, log=said.append)) == 6
+    assert len(index.scan(index.DataSource.genimage(tmp_path, "adm"), progress=False, log=said.append)) == 6
     (line,) = said
     assert line.startswith("index: skipped 1 file(s) without an image suffix (.bmp, ")
