@@ -37,32 +37,63 @@ from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_e
 CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
 
 
+# What a metric needs that a one-class test set (a folder of generated images alone, or of reals)
+# lacks: such a result holds None there, and `undefined` says why (never a bare NaN in a table).
+NEEDS_BOTH = "needs real and generated rows"
+NEEDS_REAL = "needs real rows"
+NEEDS_GENERATED = "needs generated rows"
+
+
 def metrics(labels: np.ndarray, scores: np.ndarray, threshold: float = calibrate.DEFAULT) -> dict:
     """Decisions at `threshold` (score > threshold: generated): ACC, real and generated ACC, and
     `real_fpr`, the share of real images flagged; threshold-free: AP, ROC AUC, the TPR at each
-    target FPR (the ROC curve's best TPR with FPR at most 1% / 5%), and the expected calibration error."""
+    target FPR (the best TPR of the full ROC curve with FPR at most 1% / 5%), and the expected
+    calibration error. A metric the rows cannot define (one class) is None, with its reason in
+    `undefined`."""
     labels = np.asarray(labels).astype(int)
     scores = np.asarray(scores, dtype=np.float64)
     pred = (scores > threshold).astype(int)
-    real, both = labels == 0, 0 < labels.sum() < len(labels)
+    real, fake = labels == 0, labels == 1
+    both = bool(real.any() and fake.any())
+    undefined: dict[str, str] = {}
+
+    def given(ok: bool, name: str, value, why: str):
+        if ok:
+            return float(value())
+        undefined[name] = why
+        return None
+
     out = {
         "n": int(len(labels)),
         "n_real": int(real.sum()),
-        "n_generated": int((labels == 1).sum()),
+        "n_generated": int(fake.sum()),
         "threshold": threshold,
         "acc": float(accuracy_score(labels, pred)),
-        "real_acc": float((pred[real] == 0).mean()) if real.any() else float("nan"),
-        "generated_acc": float((pred[labels == 1] == 1).mean()) if (labels == 1).any() else float("nan"),
-        "real_fpr": float(pred[real].mean()) if real.any() else float("nan"),
-        "ap": float(average_precision_score(labels, scores)) if both else float("nan"),
-        "auc": float(roc_auc_score(labels, scores)) if both else float("nan"),
+        "real_acc": given(real.any(), "real_acc", lambda: (pred[real] == 0).mean(), NEEDS_REAL),
+        "generated_acc": given(
+            fake.any(), "generated_acc", lambda: (pred[fake] == 1).mean(), NEEDS_GENERATED
+        ),
+        "real_fpr": given(real.any(), "real_fpr", lambda: pred[real].mean(), NEEDS_REAL),
+        "ap": given(both, "ap", lambda: average_precision_score(labels, scores), NEEDS_BOTH),
+        "auc": given(both, "auc", lambda: roc_auc_score(labels, scores), NEEDS_BOTH),
         "ece": calibrate.reliability(labels, scores)["ece"],
     }
-    if both:
-        fpr, tpr, _ = roc_curve(labels, scores)
+    if both:  # every threshold: the default drops collinear points, whose TPR may be the best at an FPR
+        fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     for name, alpha in calibrate.TARGET_FPRS.items():
-        out[f"tpr_at_{name}"] = float(tpr[fpr <= alpha].max()) if both else float("nan")
+        out[f"tpr_at_{name}"] = given(both, f"tpr_at_{name}", lambda a=alpha: tpr[fpr <= a].max(), NEEDS_BOTH)
     out["oracle_acc_threshold_fit_on_test"] = oracle_acc(labels, scores)
+    out["undefined"] = undefined
+    return out
+
+
+def by_generator(src: cachedata.Source, rows: cachedata.Rows, scores: np.ndarray, threshold: float) -> dict:
+    """`metrics` of each generator: its generated rows against the reals that go with it (the same
+    generator folder, its paired real folder, else every real row: stages.genimage.index.reals_of)."""
+    out = {}
+    for g in src.generators():
+        mine = src.of_generator(g)[rows.row]
+        out[g] = metrics(rows.label[mine], scores[mine], threshold)
     return out
 
 
@@ -118,7 +149,7 @@ class EvalConfig:
     checkpoint: str | Path  # a finished run directory
     caches: list[str]  # test caches, each evaluated apart
     out: str | Path = "results"
-    split: str = "val"
+    split: str = cachedata.AUTO  # test where a cache has a test split, else val (GenImage's test set)
     epoch: str | int = "best"
     threshold: str | float = calibrate.DEFAULT
     batch_size: int = 64
@@ -149,13 +180,14 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
     for url in cfg.caches:
         data = cachedata.CacheData([url], verify=cfg.verify, split=cfg.split, choice=picked, log=log)
         src = data.sources[0]
+        split = src.split or cfg.split
         if method_registry.get(run.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
             log(f"note: {note}")
         key = fingerprint(
             {
                 "run": run.params["fingerprint"],
                 "test": src.identity(),
-                "split": cfg.split,
+                "split": split,
                 "epochs": epochs,
                 "threshold": thr.value,
                 "code": scoring_code(),
@@ -168,9 +200,9 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
             results.append(result)
             continue
         check_compatible(run, data)
-        rows = data.rows(cfg.split)
+        rows = data.rows(split)
         if len(rows) == 0:
-            raise UserError(f"{url} has no usable rows in split '{cfg.split}'")
+            raise UserError(f"{url} has no usable rows in split '{split}'")
         scores = {}
         for e in epochs:
             if run.epoch != e:
@@ -179,6 +211,7 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
         each = [metrics(rows.label, scores[e], thr.value) for e in epochs]
         formats = src.columns["format"][rows.row]
         by_format = [metrics_by_format(rows.label, scores[e], formats, thr.value) for e in epochs]
+        per_gen = [by_generator(src, rows, scores[e], thr.value) for e in epochs]
         result = {
             "run": run.name,
             "run_fingerprint": run.params["fingerprint"],
@@ -189,17 +222,19 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
             "test_perturb": perturb_stage.describe(src.identity()["perturb"]),
             "test_cache": src.identity(),
             "test_url": url,
-            "split": cfg.split,
+            "split": split,
             "epoch_choice": str(cfg.epoch),
             "epochs": epochs,
             "threshold": thr.record(),
             "test_params": {"lare": data.lare_params, "pixels": data.pixel_params},
             "metrics": each[0],
             "by_format": by_format[0],
+            "by_generator": per_gen[0],
         }
-        if len(epochs) > 1:  # means over the epochs (metrics, by_format) and the std of the metrics
+        if len(epochs) > 1:  # means over the epochs (metrics, by_*) and the std of the metrics
             result["metrics"], result["metrics_std"] = mean_std(each)
             result["by_format"] = {f: mean_std([b[f] for b in by_format])[0] for f in by_format[0]}
+            result["by_generator"] = {g: mean_std([b[g] for b in per_gen])[0] for g in per_gen[0]}
             result["per_epoch"] = [{"epoch": e, "metrics": m} for e, m in zip(epochs, each, strict=True)]
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)
@@ -209,7 +244,7 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
                 for r, lab, s in zip(rows.row, rows.label, scores[e], strict=True):
                     w.writerow([c["path"][r], c["id"][r], int(lab), c["format"][r], e, f"{s:.6f}"])
         calibrate.reliability_diagram(
-            rows.label, scores[epochs[-1]], f"{run.name} on {src.subset} ({cfg.split}), epoch {epochs[-1]}",
+            rows.label, scores[epochs[-1]], f"{run.name} on {src.subset} ({split}), epoch {epochs[-1]}",
             f"{stem}.reliability.png",
         )  # fmt: skip
         atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
@@ -219,11 +254,15 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
 
 
 def mean_std(each: list[dict]) -> tuple[dict, dict]:
-    """Per key, the mean and the std (numpy's, ddof 0) of several epochs' metrics."""
-    return (
-        {k: float(np.mean([m[k] for m in each])) for k in each[0]},
-        {k: float(np.std([m[k] for m in each])) for k in each[0]},
-    )
+    """Per key, the mean and the std (numpy's, ddof 0) of several epochs' metrics; None where a metric
+    is undefined (the same rows every epoch: undefined in all), and the first epoch's `undefined`."""
+    numbers = [k for k, v in each[0].items() if isinstance(v, (int, float))]
+    undefined = [k for k, v in each[0].items() if v is None]
+    mean = {k: float(np.mean([m[k] for m in each])) for k in numbers} | dict.fromkeys(undefined)
+    std = {k: float(np.std([m[k] for m in each])) for k in numbers} | dict.fromkeys(undefined)
+    if "undefined" in each[0]:
+        mean["undefined"] = each[0]["undefined"]
+    return mean, std
 
 
 def summary(result: dict) -> str:
@@ -231,12 +270,23 @@ def summary(result: dict) -> str:
     m, sd = result["metrics"], result.get("metrics_std")
 
     def v(k: str) -> str:
+        if m.get(k) is None:
+            return f"undefined ({m.get('undefined', {}).get(k, 'one class')})"
         return f"{m[k]:.4f}" + (f" +- {sd[k]:.4f}" if sd else "")
 
     epochs = result["epochs"]
     which = f"epoch {epochs[0]}" if len(epochs) == 1 else f"mean +- std over epochs {epochs[0]}..{epochs[-1]}"
-    per_format = "; ".join(
-        f"{f} ACC {fm['acc']:.4f} AP {fm['ap']:.4f} n={int(fm['n'])}" for f, fm in result["by_format"].items()
+
+    def part(name: str, fm: dict) -> str:
+        ap = "undefined" if fm.get("ap") is None else f"{fm['ap']:.4f}"
+        return f"{name} ACC {fm['acc']:.4f} AP {ap} n={int(fm['n'])}"
+
+    per_format = "; ".join(part(f, fm) for f, fm in result["by_format"].items())
+    generators = result.get("by_generator", {})
+    per_generator = (
+        " by generator: " + "; ".join(part(g, gm) for g, gm in generators.items()) + "."
+        if len(generators) > 1
+        else ""
     )
     thr = result.get("threshold", {"value": m["threshold"], "choice": "", "origin": "given"})
     origin = thr["choice"] if thr["choice"] in calibrate.CHOICES else thr["origin"]
@@ -244,5 +294,5 @@ def summary(result: dict) -> str:
         f"ACC {v('acc')} (real {v('real_acc')}, generated {v('generated_acc')}) AP {v('ap')} "
         f"AUC {v('auc')} TPR@FPR1% {v('tpr_at_fpr1')} TPR@FPR5% {v('tpr_at_fpr5')} "
         f"real FPR {v('real_fpr')} ECE {v('ece')}, threshold {thr['value']:.4g} ({origin}), "
-        f"n={int(m['n'])} ({per_format}), {which} ({result['epoch_choice']})"
+        f"n={int(m['n'])} ({per_format}), {which} ({result['epoch_choice']}).{per_generator}"
     )

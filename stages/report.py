@@ -37,6 +37,10 @@ class Matrix:
     n: np.ndarray
     metric: str
     subtitle: str
+    undefined: np.ndarray | None = None  # bool per cell: the metric does not exist for its rows (one class)
+
+    def is_undefined(self, i: int, j: int) -> bool:
+        return self.undefined is not None and j < self.undefined.shape[1] and bool(self.undefined[i, j])
 
 
 def collect(results: str | Path, metric: str = "acc") -> Matrix:
@@ -62,6 +66,7 @@ def collect(results: str | Path, metric: str = "acc") -> Matrix:
             records.append(r)
     if not records:
         raise UserError(f"no evaluation results (*.json from `pipeline eval`) in {results}")
+    records = [cell for r in records for cell in per_generator(r)]
 
     def threshold(r: dict) -> str:
         return r.get("threshold", {}).get("choice", str(r["metrics"].get("threshold", 0.5)))
@@ -97,7 +102,8 @@ def collect(results: str | Path, metric: str = "acc") -> Matrix:
     several_splits = len({split(r) for r in records}) > 1
 
     def base(r: dict) -> str:
-        name = f"{r['test_subset']}:{split(r)}" if several_splits else r["test_subset"]
+        name = r["test_subset"] + (f":{r['test_generator']}" if "test_generator" in r else "")
+        name = f"{name}:{split(r)}" if several_splits else name
         perturbed = r.get("test_perturb", "clean")
         return name if perturbed == "clean" else f"{name} [{perturbed}]"
 
@@ -115,11 +121,15 @@ def collect(results: str | Path, metric: str = "acc") -> Matrix:
     cols = sorted({at[1] for at in cells})
     mat = np.full((len(rows), len(cols)), np.nan)
     std, n = mat.copy(), np.zeros(mat.shape, dtype=int)
+    undefined = np.zeros(mat.shape, dtype=bool)
     for (row, col), rs in cells.items():
         at = rows.index(row), cols.index(col)
         weights = np.array([r["metrics"]["n"] for r in rs], dtype=float)
-        mat[at] = np.average([r["metrics"].get(metric, np.nan) for r in rs], weights=weights)
-        std[at] = rs[0].get("metrics_std", {}).get(metric, np.nan) if len(rs) == 1 else np.nan
+        values = [r["metrics"].get(metric, np.nan) for r in rs]
+        undefined[at] = any(v is None for v in values)  # a one-class test set: said, not a NaN
+        mat[at] = np.nan if undefined[at] else np.average(values, weights=weights)
+        spread = rs[0].get("metrics_std", {}).get(metric) if len(rs) == 1 else None
+        std[at] = np.nan if spread is None else spread
         n[at] = int(weights.sum())
     splits = ", ".join(sorted({split(r) for r in records}))
     if metric in AT_THRESHOLD:
@@ -129,7 +139,18 @@ def collect(results: str | Path, metric: str = "acc") -> Matrix:
     filled = n[n > 0]
     rows_text = f"{filled.min()}" if filled.min() == filled.max() else f"{filled.min()}-{filled.max()}"
     subtitle = f"split {splits}; threshold {thresholds}; n = {rows_text} scored rows per cell"
-    return Matrix(rows, cols, mat, std, n, metric, subtitle)
+    if undefined.any():
+        subtitle += f"; n/a: {metric} is undefined for a one-class test set"
+    return Matrix(rows, cols, mat, std, n, metric, subtitle, undefined)
+
+
+def per_generator(r: dict) -> list[dict]:
+    """A result as the report's cells: one per generator of its test set when it has several (the
+    generator's generated rows against the reals that go with them, `by_generator`), else itself."""
+    gens = r.get("by_generator", {})
+    if len(gens) <= 1:
+        return [r]
+    return [{**r, "test_generator": g, "metrics": m, "metrics_std": {}} for g, m in gens.items()]
 
 
 def threshold_text(r: dict) -> str:
@@ -151,16 +172,18 @@ def table(m: Matrix) -> str:
     least = 14 if np.isfinite(m.std).any() else 10
     cw = max([least, *(len(c) + 2 for c in m.cols)])  # split and artifact columns have long names
 
-    def cell(v: float, sd: float) -> str:
+    def cell(v: float, sd: float, undefined: bool) -> str:
         text = "-" if math.isnan(v) else f"{100 * v:.1f}" + ("" if math.isnan(sd) else f"+-{100 * sd:.1f}")
-        return f"{text:>{cw}}"
+        return f"{'n/a' if undefined else text:>{cw}}"
 
     head = f"{corner:<{width}}" + "".join(f"{c:>{cw}}" for c in [*m.cols, "mean"])
     lines = [f"{m.metric.upper()} (%): {m.subtitle}", head]
-    for r, vals, sds in zip(m.rows, with_means(m.mat), m.std, strict=True):
-        lines.append(
-            f"{r:<{width}}" + "".join(cell(v, sd) for v, sd in zip(vals, [*sds, np.nan], strict=True))
+    for i, (r, vals, sds) in enumerate(zip(m.rows, with_means(m.mat), m.std, strict=True)):
+        cells = (
+            cell(v, sd, m.is_undefined(i, j))
+            for j, (v, sd) in enumerate(zip(vals, [*sds, np.nan], strict=True))
         )
+        lines.append(f"{r:<{width}}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -172,8 +195,12 @@ def write_csv(m: Matrix, out: str | Path) -> Path:
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["train / test", *m.cols, "mean", *(f"n:{c}" for c in m.cols)])
-        for r, vals, n in zip(m.rows, with_means(m.mat), m.n, strict=True):
-            w.writerow([r, *("" if math.isnan(v) else f"{v:.6f}" for v in vals), *n.tolist()])
+        for i, (r, vals, n) in enumerate(zip(m.rows, with_means(m.mat), m.n, strict=True)):
+            shown = (
+                "n/a" if m.is_undefined(i, j) else "" if math.isnan(v) else f"{v:.6f}"
+                for j, v in enumerate(vals)
+            )
+            w.writerow([r, *shown, *n.tolist()])
     return out
 
 
@@ -235,6 +262,8 @@ def figure(m: Matrix):
             if np.isfinite(full[i, j]):
                 ax.text(j, i, f"{full[i, j]:.1f}", ha="center", va="center",
                         color="black" if full[i, j] > 60 else "white", fontsize=8)  # fmt: skip
+            elif m.is_undefined(i, j):
+                ax.text(j, i, "n/a", ha="center", va="center", color="grey", fontsize=8)
     ax.set_xlabel("test set")
     ax.set_ylabel("method:train subset")
     ax.set_title(title, fontsize=10)

@@ -104,6 +104,8 @@ class TrainConfig:
     perturb: str | None = None  # train on the artifacts extracted with this --perturb SPEC (None: clean)
     perturb_only: str | None = None  # ... and this --perturb-only class
     real_jpeg_quality: int | None = None  # real rows of this JPEG quality only (the JPEG-96 control)
+    split: str = "train"  # the split the rows come from (the validation slice too)
+    generators: tuple[str, ...] | None = None  # these generators' rows and their reals (None: all)
 
     def hparams(self, subsets: set[str]) -> Hparams:
         """The hyper-parameters of a run on caches of `subsets`: the options, else the method's defaults."""
@@ -137,6 +139,12 @@ class TrainConfig:
             "memory_rows": self.memory_rows,
             "real_jpeg_quality": self.real_jpeg_quality,
         }
+        # which rows, recorded (and hashed) only when not the whole train split: the runs of before
+        # these options keep their fingerprints
+        if self.split != "train":
+            hp["split"] = self.split
+        if self.generators:
+            hp["generators"] = sorted(set(self.generators))
         if self.min_val_rows < 1:
             raise UserError(f"--min-val-rows must be at least 1, not {self.min_val_rows}")
         if self.real_jpeg_quality is not None and not 1 <= self.real_jpeg_quality <= 100:
@@ -313,7 +321,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     the epoch's record; `finish_run` writes done.json and the calibration."""
     wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
     picked = choice.Choice(cfg.lare, cfg.pixels, perturb=wanted)
-    data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split="train", choice=picked, log=log)
+    data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split=cfg.split, choice=picked, log=log)
     run, params = plan_run(cfg, data)
     method = method_registry.get(cfg.method)
     if method.reads_lare and (note := sd.random_weights_note(data.lare_model)):
@@ -381,11 +389,13 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
 def training_rows(
     data: cachedata.CacheData, hp: Hparams, seed: int, log
 ) -> tuple[cachedata.Rows, cachedata.Rows]:
-    """(training sample, validation slice), both from the train split: test (val) splits stay unseen."""
-    pool = data.rows("train", hp["real_jpeg_quality"])
+    """(training sample, validation slice), both from the train split (`--split`; of `--generators`
+    and their reals): test splits stay unseen."""
+    split = hp.get("split", "train")
+    pool = data.rows(split, hp["real_jpeg_quality"], hp.get("generators"))
     if len(pool) == 0 or (hp["real_jpeg_quality"] is not None and not (pool.label == 0).any()):
         which = f"real rows of JPEG quality {hp['real_jpeg_quality']}" if len(pool) else "rows"
-        raise UserError(f"no usable training {which} (split 'train') in the given cache(s)")
+        raise UserError(f"no usable training {which} (split '{split}') in the given cache(s)")
     rest, val_rows = hold_out(pool, hp["val_fraction"], hp["max_per_class"], seed)
     return data.sample(rest, hp["max_per_class"], seed, log), val_rows
 

@@ -133,6 +133,16 @@ def train(
         int | None,
         typer.Option(help="Train on real images of this JPEG quality only (e.g. 96: the JPEG-96 control)."),
     ] = None,
+    split: Annotated[
+        str | None, typer.Option(help="The split training rows (and the validation slice) come from.")
+    ] = None,
+    generators: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated generators: train on their generated rows and the reals that go with "
+            "them (`pipeline cache info` lists a cache's generators)."
+        ),
+    ] = None,
     no_verify: NoVerify = False,
     lare: Lare = None,
     pixels: Pixels = None,
@@ -154,7 +164,8 @@ def train(
             shuffle_labels=shuffle_labels,
             mask_range=_range(mask_range, "--mask-range"), progress=progress, memory_rows=memory_rows,
             aspect_range=_range(aspect_range, "--aspect-range"), device=device,
-            loader_workers=loader_workers, precision=precision,
+            loader_workers=loader_workers, precision=precision, split=split,
+            generators=tuple(g.strip() for g in generators.split(",") if g.strip()) if generators else None,
         ),
     )  # fmt: skip
     run = run_train(cfg, log=log)
@@ -169,7 +180,12 @@ def eval_(
         list[str] | None, typer.Option("--from-cache", help="Test cache(s); each is evaluated apart.")
     ] = None,
     out: Annotated[str | None, typer.Option(help="Folder for <run>__<subset>-<key>.csv/.json.")] = None,
-    split: Annotated[str | None, typer.Option(help="Which split of the test caches to score.")] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(
+            help="Which split of the test caches to score (auto: test if a cache has one, else val)."
+        ),
+    ] = None,
     epoch: Epoch = None,
     batch_size: Annotated[int | None, typer.Option(help="Rows per model call.")] = None,
     device: Device = None,

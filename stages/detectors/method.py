@@ -71,6 +71,8 @@ class Hparams(_Hparams, total=False):
 
     mask_range: list[float]  # LoL
     aspect_range: list[float]  # LoL
+    split: str  # the rows' split, where not `train`
+    generators: list[str]  # the generators trained on, where not all
 
 
 @dataclass(frozen=True)

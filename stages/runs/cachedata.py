@@ -8,7 +8,7 @@ cost a request per row and were 8x slower.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -16,13 +16,30 @@ from tqdm import tqdm
 
 from pipeline.errors import UserError
 from pipeline.integrity import require_intact
-from pipeline.schema import STATUS_OK, ManifestArtifact, ModelIdentity, check_layout, index_path
+from pipeline.schema import (
+    STATUS_OK,
+    Manifest,
+    ManifestArtifact,
+    ModelIdentity,
+    check_layout,
+    index_path,
+    index_splits,
+)
 from pipeline.store import CacheStore
 from stages.genimage import index as index_stage
 from stages.runs.choice import Choice, choose
 from stages.runs.records import CacheRecord
 
 CODE_ID = "stages.cachedata"  # the name its code is hashed under, wherever the file lives
+# The split a test reads by default: `test` where the cache's LaRE artifacts cover one, else `val`
+# (GenImage's test set is its val split).
+AUTO = "auto"
+
+
+def default_split(manifest: Manifest) -> str:
+    """What AUTO means for a cache: `test` if an index of one of its LaRE artifacts has that split."""
+    arts = [a for a in manifest["artifacts"].values() if a["kind"] == "lare"]
+    return "test" if any("test" in index_splits(manifest.get("indexes", {}), a) for a in arts) else "val"
 
 
 @dataclass
@@ -36,8 +53,18 @@ class Source:
     pixels: str
     lare_attrs: ManifestArtifact
     pixels_attrs: ManifestArtifact
-    columns: dict[str, np.ndarray]  # id, path, label, split, format, jpeg_quality of every index row
+    columns: dict[str, np.ndarray]  # id, path, label, split, generator, group, format, jpeg_quality
     usable: np.ndarray  # bool per row: both artifacts ok
+    pairs: dict[str, list[str]] = field(default_factory=dict)  # generator -> groups of its reals (--pair)
+    split: str | None = None  # the split it was opened for (AUTO resolved)
+
+    def generators(self) -> list[str]:
+        """The generators of the source's generated rows."""
+        return index_stage.generated_by(self.columns, self.subset)
+
+    def of_generator(self, generator: str) -> np.ndarray:
+        """Its rows of `generator`: the generated ones and the reals that go with them (index.rows_of)."""
+        return index_stage.rows_of(self.columns, self.subset, self.pairs, generator)
 
     def identity(self) -> CacheRecord:
         """What a run or an evaluation depends on: the artifacts' fingerprints, not the cache's path."""
@@ -75,6 +102,8 @@ def open_source(
             store.manifest()  # the one-line "no manifest" error
         manifest = store.build_manifest()
         check_layout(manifest, store.metadata, url)
+    if split == AUTO:
+        split = default_split(manifest)
     lare = choose(
         manifest, url, "lare", split, choice.lare, choice.rank("lare"), allow_incomplete=not verify,
         perturb=choice.perturb,
@@ -92,7 +121,7 @@ def open_source(
         perturb=choice.perturb,
     )
     index = index_path(index_fp)
-    cols, _ = store.read_table(index)
+    cols, index_attrs = store.read_table(index)
     n = len(cols["path"])
     usable = np.ones(n, dtype=bool)
     for path, art in (lare, pixels):
@@ -106,7 +135,9 @@ def open_source(
     columns = {k: cols[k] for k in ("id", "path", "label", "split", "format")}
     columns["jpeg_quality"] = index_stage.qualities(cols)
     subset = cast(str, manifest["subset"])  # None only in a store never given one, which holds no index
-    src = Source(url, subset, index, lare[0], pixels[0], lare[1], pixels[1], columns, usable)
+    columns["generator"], columns["group"] = index_stage.generators_of(cols, subset)
+    pairs = index_attrs.get("pairs") or {}
+    src = Source(url, subset, index, lare[0], pixels[0], lare[1], pixels[1], columns, usable, pairs, split)
     return src, store
 
 
@@ -201,11 +232,24 @@ class CacheData:
         small = (p.get("small_images") or "tile") == self.pixel_params.get("small_images", "tile")
         return p["preprocess"] == "crop" and int(p["size"]) == self.pixel_size and small
 
-    def rows(self, split: str | None, real_jpeg_quality: int | None = None) -> Rows:
-        """Usable rows of a split; with `real_jpeg_quality`, real rows of that JPEG quality only."""
+    def rows(
+        self, split: str | None, real_jpeg_quality: int | None = None, generators: list[str] | None = None
+    ) -> Rows:
+        """Usable rows of a split; with `real_jpeg_quality`, real rows of that JPEG quality only; with
+        `generators`, the generated rows of those generators and the reals that go with them."""
         parts = []
+        if generators:
+            known = {g for s in self.sources for g in s.generators()}
+            if missing := [g for g in generators if g not in known]:
+                raise UserError(
+                    f"no generator {', '.join(missing)} in {', '.join(s.url for s in self.sources)}; "
+                    f"it holds {', '.join(sorted(known)) or 'no generated rows'}"
+                )
         for k, s in enumerate(self.sources):
             keep = s.usable & (s.columns["split"] == split if split else True)
+            if generators:  # a source without any of them gives no row (not all its reals)
+                mine = [s.of_generator(g) for g in generators if g in s.generators()]
+                keep &= np.logical_or.reduce(mine) if mine else False
             if real_jpeg_quality is not None:
                 quality = s.columns["jpeg_quality"]
                 if (quality == index_stage.QUALITY_UNKNOWN).any():
