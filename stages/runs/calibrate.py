@@ -93,7 +93,9 @@ def write(run: Path, labels: np.ndarray, scores: np.ndarray, epoch: int, log=pri
         log(
             f"note: validation slice too small to calibrate {names} ({record['n_real']} real, "
             f"{record['n_generated']} generated rows; fpr1 needs {MIN_REAL['fpr1']} real, fpr5 "
-            f"{MIN_REAL['fpr5']}, balanced {BALANCED_MIN} of each): those thresholds stay at {DEFAULT}"
+            f"{MIN_REAL['fpr5']}, balanced {BALANCED_MIN} of each): the run has no {names} threshold, so "
+            f"`--threshold {next(iter(record['not_calibrated']))}` stops eval and detect with an error; "
+            f"the default {DEFAULT} and a number you give still work"
         )
     atomic_json(run / FILE, record)
     return record

@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, roc_curve
 
 from stages.evaluate import EvalConfig, metrics, run_eval
 from tests.helpers import ONE_THREAD, run_cli, tiny_run
@@ -24,6 +24,30 @@ def test_metrics_on_known_scores():
     assert m["ap"] == pytest.approx(average_precision_score(labels, scores))  # the whole set at once
     assert m["oracle_acc_threshold_fit_on_test"] == 1.0  # a threshold in (0.45, 0.46), fit on the labels
     assert metrics(labels, np.full(8, 0.5))["acc"] == 0.5  # 0.5 itself is called real
+
+
+def test_tpr_at_fpr_is_read_from_the_full_roc_curve_when_scores_tie():
+    # 100 generated and 100 real: 50 generated alone on top, then two tied groups of 4 generated + 5 real
+    scores = np.array([1.0] * 50 + [0.8] * 4 + [0.7] * 4 + [0.1] * 42 + [0.8] * 5 + [0.7] * 5 + [0.1] * 90)
+    labels = np.array([1] * 100 + [0] * 100)
+    fpr, tpr, _ = roc_curve(labels, scores)  # sklearn's default drops the collinear point (0.05, 0.54)
+    assert tpr[fpr <= 0.05].max() == pytest.approx(0.50)
+    got = metrics(labels, scores)
+    assert got["tpr_at_fpr5"] == pytest.approx(0.54)  # the best TPR with FPR <= 5%: threshold 0.8
+    assert got["tpr_at_fpr1"] == pytest.approx(0.50)
+
+
+def test_a_one_class_test_set_gets_the_metrics_that_exist_and_says_which_do_not():
+    scores = np.array([0.9, 0.2, 0.7, 0.6])
+    fakes = metrics(np.ones(4), scores)  # a folder of generated images alone
+    assert fakes["generated_acc"] == pytest.approx(0.75) and fakes["acc"] == pytest.approx(0.75)
+    for name in ("ap", "auc", "tpr_at_fpr1", "tpr_at_fpr5", "real_acc", "real_fpr"):
+        assert fakes[name] is None and fakes["undefined"][name]
+    assert fakes["undefined"]["ap"] == "needs real and generated rows"
+    reals = metrics(np.zeros(4), scores)  # reals alone: the share flagged is defined
+    assert reals["real_fpr"] == pytest.approx(0.75) and reals["generated_acc"] is None
+    assert json.loads(json.dumps(reals)) == reals  # plain JSON: no NaN
+    assert metrics(np.array([0, 1, 0, 1]), scores)["undefined"] == {}
 
 
 def test_eval_cli_writes_every_row_once_and_is_cached_then_report(egre_run, learn_set, tmp_path):

@@ -74,7 +74,12 @@ def test_threshold_choices_resolve_or_say_why(tmp_path):
     said: list[str] = []
     calibrate.write(tmp_path, *draw(np.random.default_rng(3), 30, 30), epoch=2, log=said.append)
     (line,) = said
-    assert "too small to calibrate fpr1" in line and "stay at 0.5" in line
+    # the note says what happens (issue 27): asking for a missing threshold is an error, 0.5 still works
+    assert "too small to calibrate fpr1" in line and "stay at" not in line
+    assert "the run has no fpr1 threshold, so `--threshold fpr1` stops eval and detect with an error" in line
+    with pytest.raises(UserError, match="fpr1"):
+        calibrate.resolve(tmp_path, "fpr1", [2])
+    assert calibrate.resolve(tmp_path, "0.5", [2]).value == 0.5
     fpr5 = calibrate.resolve(tmp_path, "fpr5", [2])
     assert fpr5.value == json.loads((tmp_path / calibrate.FILE).read_text())["thresholds"]["fpr5"]
     assert "validation slice (epoch 2, 30 real + 30 generated rows)" in fpr5.origin
