@@ -6,6 +6,9 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 
 SUBSET  ?= sdv14
+# any other dataset (README: "Your own data and other benchmarks"): labelled folders under $(DATA)
+DATASET ?=
+NAME     = $(or $(DATASET),$(SUBSET))
 DATA    ?= /data/GenImage
 CACHE   ?= cache
 # empty: the command's own default (`pipeline <command> --help` shows it), written once in its config
@@ -37,6 +40,7 @@ help:
 	@echo "make test-fast                    the suite without the tests marked slow (no pipeline subprocess, no long training)"
 	@echo "make lint                         ruff check and format check, mypy (pipeline, stages), import layers, tests/ layout"
 	@echo "make extract SUBSET=sdv14 DATA=/data/GenImage CACHE=cache MODEL=... DEVICE=cuda EXTRA='--ensemble 4'"
+	@echo "make extract DATASET=mine DATA=my_images   any folder of labelled folders -> \$$(CACHE)/mine.zarr"
 	@echo "make train SUBSET=sdv14 METHOD=lol EXTRA='--max-per-class all'   train from \$$(CACHE)/\$$(SUBSET).zarr"
 	@echo "                                  MODEL, DEVICE, METHOD, GRID not given: the command's defaults (--help)"
 	@echo "make eval RUN=runs/<run> TEST_SUBSETS='adm biggan'   evaluate a run on caches -> \$$(RESULTS)/"
@@ -56,11 +60,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 extract: install
-	$(BIN)/pipeline extract --data-root $(DATA) --subset $(SUBSET) --cache-dir $(CACHE) \
+	$(BIN)/pipeline extract --data-root $(DATA) $(if $(DATASET),--dataset $(DATASET),--subset $(SUBSET)) --cache-dir $(CACHE) \
 		$(call opt,model,$(MODEL)) $(call opt,device,$(DEVICE)) $(EXTRA)
 
 train: install
-	$(BIN)/pipeline train --from-cache $(CACHE)/$(SUBSET).zarr $(call opt,method,$(METHOD)) \
+	$(BIN)/pipeline train --from-cache $(CACHE)/$(NAME).zarr $(call opt,method,$(METHOD)) \
 		$(call opt,device,$(DEVICE)) --out $(RUNS) $(EXTRA)
 
 eval: install

@@ -304,14 +304,16 @@ class ExtractJob:
         return bool(self.plan.pending.get(self.artifacts["lare"].path))
 
 
-def _load_or_scan_index(store: CacheStore, cfg: ExtractConfig, log=print) -> tuple[index_stage.Index, str]:
+def _load_or_scan_index(
+    store: CacheStore, cfg: ExtractConfig, log=print, listing: layouts.Listing | None = None
+) -> tuple[index_stage.Index, str]:
     previous = None
     tables = store.tables("index")
     if (newest := latest(tables)) is not None:
         cols, attrs = store.read_table(newest)
         previous = index_stage.Index(attrs["subset"], attrs["root"], cols)
     source = cfg.source()
-    idx = index_stage.scan(source, previous=previous, progress=cfg.progress, log=log)
+    idx = index_stage.scan(source, previous=previous, progress=cfg.progress, log=log, listing=listing)
     fp = idx.fingerprint
     path = index_path(fp)
     if path not in tables:
@@ -338,14 +340,15 @@ def cache_url_for(cfg: ExtractConfig) -> str:
     return f"{cfg.cache_dir.rstrip('/')}/{source.name}.zarr"
 
 
-def plan_extract(cfg: ExtractConfig, log=print) -> ExtractJob:
-    """Index the subset, name the artifacts by fingerprint, create them, and list the shards left."""
+def plan_extract(cfg: ExtractConfig, log=print, listing: layouts.Listing | None = None) -> ExtractJob:
+    """Index the dataset, name the artifacts by fingerprint, create them, and list the shards left.
+    `listing`: the dataset's files, when the caller listed them (index_stage.list_files)."""
     cache_url = cache_url_for(cfg)
     subset = cfg.source().name
     store = CacheStore(cache_url, mode="a", subset=subset)
     if note := store.migrate():
         log(note)
-    idx, index = _load_or_scan_index(store, cfg, log)
+    idx, index = _load_or_scan_index(store, cfg, log, listing)
     # usability was checked before anything was created (the CLI's first step); a dask scheduler's
     # workers may hold GPUs this client lacks, so the plan only resolves `auto`
     device = resolve_device(cfg.device, here=False)
@@ -552,8 +555,10 @@ def run_extract(cfg: ExtractConfig, log=print, compute: Compute | None = None) -
     The whole run holds the cache's extraction lock: a second run on the same cache refuses at once.
     """
     t0 = time.perf_counter()
-    with extract_lock(cache_url_for(cfg), log):
-        return _run_locked(cfg, log, compute, t0)
+    cache_url = cache_url_for(cfg)
+    listing = index_stage.list_files(cfg.source(), log)  # bad data refused before the cache is made
+    with extract_lock(cache_url, log):
+        return _run_locked(cfg, log, compute, t0, listing)
 
 
 def covering_artifacts(cfg: ExtractConfig) -> ExtractResult | None:
@@ -622,8 +627,10 @@ def _storage_fault(store: CacheStore, job: ExtractJob, e: BaseException) -> User
     )
 
 
-def _run_locked(cfg: ExtractConfig, log, compute: Compute | None, t0: float) -> ExtractResult:
-    job = plan_extract(cfg, log)
+def _run_locked(
+    cfg: ExtractConfig, log, compute: Compute | None, t0: float, listing: layouts.Listing
+) -> ExtractResult:
+    job = plan_extract(cfg, log, listing)
     kinds = {kind: a.path for kind, a in job.artifacts.items()}
     store = CacheStore(job.cache_url, mode="a")
     if not job.plan.shards():

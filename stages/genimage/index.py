@@ -343,36 +343,46 @@ def _describe(path: Path) -> tuple[str, str, int, int, int]:
         return image_id, "unknown", -1, -1, NOT_JPEG
 
 
-def scan(
-    source: DataSource,
-    previous: Index | None = None,
-    threads: int = 16,
-    progress: bool = True,
-    log=print,
-) -> Index:
-    """Build the index of a dataset; files unchanged since `previous` (size, mtime) are not re-read."""
+def list_files(source: DataSource, log=print) -> layouts.Listing:
+    """The dataset's labelled files (no file is opened but a manifest), checked: none at all is one
+    line naming the folder names looked for; images under no label folder are said, and listed by
+    `cache info`. Extraction calls it before creating anything."""
     source.check()
     listing = source.listing()
-    root, files = listing.root, listing.rows
-    if listing.unlabelled:
-        shown = ", ".join(listing.unlabelled[:3])
-        log(
-            f"index: {len(listing.unlabelled)} image(s) under no label folder ({shown}"
-            f"{', ...' if len(listing.unlabelled) > 3 else ''}) are not indexed; `cache info` lists them"
-        )
-    if not files:
-        where = f"under {root}" if source.kind != "manifest" else f"in {source.manifest}"
+    if not listing.rows:
+        where = f"under {source.root}" if source.kind != "manifest" else f"in {source.manifest}"
         kept = f" in split(s) {', '.join(source.splits)}" if source.splits else ""
         raise UserError(
             f"no labelled image files {where}{kept}: a file's label is its nearest folder named "
             f"{layouts.Labels(source.real_names, source.fake_names).said()} (case-insensitive; "
             "--real-names/--fake-names change them)"
         )
+    if listing.unlabelled:
+        shown = ", ".join(listing.unlabelled[:3])
+        log(
+            f"index: {len(listing.unlabelled)} image(s) under no label folder ({shown}"
+            f"{', ...' if len(listing.unlabelled) > 3 else ''}) are not indexed; `cache info` lists them"
+        )
     if listing.skipped:
         log(
             f"index: skipped {listing.skipped} file(s) without an image suffix "
             f"({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
+    return listing
+
+
+def scan(
+    source: DataSource,
+    previous: Index | None = None,
+    threads: int = 16,
+    progress: bool = True,
+    log=print,
+    listing: layouts.Listing | None = None,
+) -> Index:
+    """Build the index of a dataset; files unchanged since `previous` (size, mtime) are not re-read.
+    `listing`: its files, when list_files already listed them."""
+    listing = listing or list_files(source, log)
+    root, files = listing.root, listing.rows
 
     stats = [os.stat(root / f.path) for f in files]
     known: dict[str, tuple] = {}

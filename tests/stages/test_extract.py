@@ -283,6 +283,63 @@ def test_a_schema_1_cache_is_read_labelled_and_never_extended(genimage, tmp_path
         assert proc.returncode == 2 and "one cache holds one schema" in proc.stderr, proc.stderr
 
 
+def test_a_schema_2_cache_is_read_as_one_generator_and_migrated_in_place(genimage, tmp_path):
+    """A version-2 cache (no generator or group columns) reads as one generator, its subset; the first
+    extraction into it migrates it to version 3 and finds its GenImage artifacts up to date: the same
+    fingerprints (issue 27)."""
+    import json
+    import shutil
+
+    from pipeline.fingerprint import checksum_bytes
+    from stages.runs.cachedata import CacheData
+
+    _extract(genimage, tmp_path, splits=("val",))
+    cache = tmp_path / "sdv14.zarr"
+    before = json.loads((cache / "manifest.json").read_text())
+    (index,) = before["indexes"]
+    # the cache as version 2 wrote it: no generator/group arrays, attrs, metadata entries
+    for name in ("generator", "group"):
+        shutil.rmtree(cache / index / name)
+    meta = json.loads((cache / index / "zarr.json").read_text())
+    for attrs in (meta["attributes"], before["indexes"][index]):
+        attrs["files"] = {
+            k: v for k, v in attrs["files"].items() if "/generator/" not in k and "/group/" not in k
+        }
+        for key in ("layout", "unlabelled"):
+            attrs.pop(key)
+    (cache / index / "zarr.json").write_text(json.dumps(meta))
+    root = json.loads((cache / "zarr.json").read_text())
+    root["attributes"]["schema_version"] = 2
+    consolidated = root["consolidated_metadata"]["metadata"]
+    for key in [k for k in consolidated if k.endswith(("/generator", "/group"))]:
+        del consolidated[key]
+    consolidated[index]["attributes"] = meta["attributes"]
+    (cache / "zarr.json").write_text(json.dumps(root))
+    before["schema_version"] = 2
+    files = before["metadata_files"]
+    for key in [k for k in files if k.startswith((f"{index}/generator/", f"{index}/group/"))]:
+        del files[key]
+    for key in ("zarr.json", f"{index}/zarr.json"):
+        files[key] = checksum_bytes((cache / key).read_bytes())
+    (cache / "manifest.json").write_text(json.dumps(before))
+
+    assert run_cli("cache", "verify", str(cache)).returncode == 0
+    info = run_cli("cache", "info", str(cache)).stdout
+    assert (
+        "schema 2: its indexes have no generator and group columns" in info and "migrates it in place" in info
+    )
+    source = CacheData([str(cache)], split="val", log=lambda m: None).sources[0]
+    assert set(source.columns["generator"]) == {"sdv14"} and source.generators() == ["sdv14"]
+
+    proc = run_cli(*extract_args(genimage, tmp_path, "--split", "val", "--batch-size", "4",
+                                 "--rows-per-shard", "8"))  # fmt: skip
+    assert "schema 2 -> 3 in place" in proc.stderr and "sdv14: up to date" in proc.stderr, proc.stderr
+    after = json.loads((cache / "manifest.json").read_text())
+    assert after["schema_version"] == 3 and after["artifacts"].keys() == before["artifacts"].keys()
+    assert json.loads((cache / "zarr.json").read_text())["attributes"]["migrated_from"] == 2
+    assert run_cli("cache", "verify", str(cache)).returncode == 0
+
+
 def test_small_images_reflect_pads_the_pixel_window(genimage, tmp_path):
     """`--small-images reflect` (the EGRE reference's padding) as a user types it; bad values: one line."""
     import json

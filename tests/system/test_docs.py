@@ -76,6 +76,14 @@ def test_make_leaves_the_defaults_to_the_commands():
     assert "--method lol" in given and "--device cpu" in given
 
 
+def test_make_extract_and_train_take_any_dataset():
+    """`make extract DATASET=mine DATA=my_images` (README): labelled folders named mine; SUBSET: GenImage."""
+    line = " ".join(_make("-n", "extract", "DATASET=mine", "DATA=my_images").replace("\\\n", " ").split())
+    assert "--data-root my_images --dataset mine" in line and "--subset" not in line
+    assert "--subset sdv14" in _make("-n", "extract") and "--dataset" not in _make("-n", "extract")
+    assert "--from-cache cache/mine.zarr" in _make("-n", "train", "DATASET=mine")
+
+
 def test_readme_names_nothing_outside_the_repository():
     """A newcomer has the repository only: no `../` path in the README, and every relative link of
     the docs resolves to a file inside it."""

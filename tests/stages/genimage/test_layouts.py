@@ -95,9 +95,11 @@ def test_a_manifest_csv_or_jsonl_with_aliases(tmp_path):
     assert [(r.label, r.split, r.generator) for r in got.rows] == [
         (0, "train", "real"), (1, "train", "dalle3"), (0, "test", "real"), (1, "test", "firefly"),
     ]  # fmt: skip
-    (tmp_path / "m.jsonl").write_text(
-        "\n".join(json.dumps({"path": f"imgs/{p.name}", "label": lab}) for p, lab in zip(files, ["REAL", "1", "nature", "AI"], strict=True))
-    )  # fmt: skip
+    labels = ["REAL", "1", "nature", "AI"]
+    lines = [
+        json.dumps({"path": f"imgs/{p.name}", "label": lab}) for p, lab in zip(files, labels, strict=True)
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
     got = layouts.manifest_rows(tmp_path / "m.jsonl", "wild", split="val")
     assert [(r.label, r.split, r.generator) for r in got.rows] == [(0, "val", "wild"), (1, "val", "wild")] * 2
 
@@ -123,7 +125,8 @@ def test_genimage_index_fingerprints_are_those_of_schema_2(tmp_path):
     idx = index.scan(index.DataSource.genimage(tmp_path, "adm"), progress=False)
     c = idx.columns
     lines = "\n".join(
-        f"{i}\t{p}\t{lab}\t{s}" for i, p, lab, s in zip(c["id"], c["path"], c["label"], c["split"])
+        f"{i}\t{p}\t{lab}\t{s}"
+        for i, p, lab, s in zip(c["id"], c["path"], c["label"], c["split"], strict=True)
     )
     assert idx.fingerprint == fingerprint({"stage": "index", "subset": "adm", "rows": lines})
     assert set(c["generator"]) == {"adm"} and set(c["group"]) == {""}
