@@ -270,6 +270,7 @@ def test_an_option_shared_by_commands_is_one_declaration():
         "loader_workers",
         "pixels",
         "perturb",
+        "data_root",  # extract: any dataset's folder; robustness: GenImage's subsets
     }
     seen: dict[str, tuple] = {}
     shared = 0
