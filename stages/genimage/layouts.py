@@ -25,6 +25,7 @@ The listing is plain data: the index stage (stages.genimage.index) reads the fil
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 import re
@@ -90,15 +91,13 @@ class Labels:
         if both:
             raise UserError(f"'{sorted(both)[0]}' is both a real and a generated folder name")
 
+    @functools.cached_property
+    def _labels(self) -> dict[str, int]:  # asked once per folder of every file: built once
+        return {n.lower(): 0 for n in self.real} | {n.lower(): 1 for n in self.fake}
+
     def of(self, folder: str) -> int | None:
-        name = folder.lower()
-        return (
-            0
-            if name in {n.lower() for n in self.real}
-            else 1
-            if name in {n.lower() for n in self.fake}
-            else None
-        )
+        """The label a folder's name gives, or None."""
+        return self._labels.get(folder.lower())
 
     def said(self) -> str:
         return f"real: {', '.join(self.real)}; generated: {', '.join(self.fake)}"
@@ -198,15 +197,15 @@ def paired_folders(
     once however many generators they serve; their rows carry the generator `real` and, as their
     group, the folder (relative to the root), which `pairs` maps each generator to."""
     parsed = []
-    for real, fake in pairs:
-        fake_dir, sep, gen = fake.partition("=")
-        for d in (real, fake_dir):
+    for real_dir, fake_arg in pairs:
+        fake_dir, sep, gen = fake_arg.partition("=")
+        for d in (real_dir, fake_dir):
             if not Path(d).expanduser().is_dir():
                 raise UserError(f"--pair: folder not found: {d}")
         name = check_name(gen, "--pair generator") if sep else _generator_of(Path(fake_dir), labels)
         parsed.append(
             (
-                Path(os.path.abspath(Path(real).expanduser())),
+                Path(os.path.abspath(Path(real_dir).expanduser())),
                 Path(os.path.abspath(Path(fake_dir).expanduser())),
                 name,
             )
