@@ -210,7 +210,8 @@ def test_every_readme_dataset_command_indexes_its_shape(datasets):
     assert len(cols["path"]) == 4 + 4 * 2 and attrs["pairs"]["dalle"] == ["laion/0_real"]
     info = run_cli("cache", "info", str(datasets / "cache" / "forensynths.zarr")).stdout
     assert re.search(
-        r"\n  crn:\n    real: [^\n]+\n    generated: png x2\n  progan:\n    real: [^\n]+\n    generated: ", info
+        r"\n  crn:\n    real: [^\n]+\n    generated: png x2\n  progan:\n    real: [^\n]+\n    generated: ",
+        info,
     )
     assert "labelled folders under CNN_synth_testset" in info
     assert run_cli("cache", "verify", str(datasets / "cache" / "univfd.zarr")).returncode == 0
