@@ -19,6 +19,7 @@ from pipeline.integrity import require_intact
 from pipeline.schema import STATUS_OK, ManifestArtifact, ModelIdentity, check_layout, index_path
 from pipeline.store import CacheStore
 from stages.genimage import index as index_stage
+from stages.runs import distributed
 from stages.runs.choice import Choice, choose
 from stages.runs.records import CacheRecord
 
@@ -68,7 +69,8 @@ def open_source(
     how many.
     """
     choice = choice or Choice()
-    store = require_intact(url, check=verify)
+    w = distributed.world()
+    store = require_intact(url, check=verify, share=(w.rank, w.size))  # each rank its share
     manifest = store.read_manifest()
     if manifest is None:
         if verify:
@@ -158,7 +160,9 @@ class CacheData:
     ):
         if not urls:
             raise UserError("no cache given (--from-cache)")
-        opened = [open_source(u, verify, split, choice, log) for u in urls]
+        # Under torchrun every rank opens every cache, verifying its share of the objects; a
+        # problem anywhere stops every rank (distributed.agree).
+        opened = distributed.agree(lambda: [open_source(u, verify, split, choice, log) for u in urls])
         self.sources = [s for s, _ in opened]
         self.stores = [st for _, st in opened]
         first = self.sources[0]
