@@ -60,8 +60,9 @@ def _finished_rows(art: ManifestArtifact, n: int) -> np.ndarray:
 
 
 def open_source(
-    url: str, verify: bool = True, split: str | None = None, choice: Choice | None = None, log=print
-) -> tuple[Source, CacheStore]:
+    url: str, verify: bool = True, split: str | None = None, choice: Choice | None = None, log=print,
+    verified: bool = False,
+) -> tuple[Source, CacheStore]:  # fmt: skip
     """Open a cache and choose its LaRE and pixel artifacts for `split` (see `choose`).
 
     With verify=False, a cache whose first extraction is still running or was killed (no manifest
@@ -69,8 +70,7 @@ def open_source(
     how many.
     """
     choice = choice or Choice()
-    w = distributed.world()
-    store = require_intact(url, check=verify, share=(w.rank, w.size))  # each rank its share
+    store = require_intact(url, check=verify and not verified)  # `verified`: checked already
     manifest = store.read_manifest()
     if manifest is None:
         if verify:
@@ -160,9 +160,15 @@ class CacheData:
     ):
         if not urls:
             raise UserError("no cache given (--from-cache)")
-        # Under torchrun every rank opens every cache, verifying its share of the objects; a
-        # problem anywhere stops every rank (distributed.agree).
-        opened = distributed.agree(lambda: [open_source(u, verify, split, choice, log) for u in urls])
+        # Under torchrun each rank verifies its share of every cache's objects, and all agree that
+        # they are intact before any reads one (a problem anywhere stops every rank in one line).
+        w = distributed.world()
+        shared = verify and w.size > 1
+        if shared:
+            distributed.agree(lambda: [require_intact(u, share=(w.rank, w.size)) for u in urls])
+        opened = distributed.agree(
+            lambda: [open_source(u, verify, split, choice, log, verified=shared) for u in urls]
+        )
         self.sources = [s for s, _ in opened]
         self.stores = [st for _, st in opened]
         first = self.sources[0]

@@ -119,8 +119,11 @@ def test_two_nodes_on_loopback(learn_set, tmp_path):
     args = train_args(cache, tmp_path / "ddp", "lol", 1)
     nodes = [
         subprocess.Popen(
-            [*torchrun_args(1, port, (2, k)), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env={**os.environ, **ONE_THREAD},
+            [*torchrun_args(1, port, (2, k)), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **ONE_THREAD},
         )  # fmt: skip
         for k in (0, 1)
     ]
@@ -185,8 +188,8 @@ def test_eval_and_detect_under_two_ranks_write_what_one_process_writes(learn_set
     eval's CSV and JSON, detect's CSV, byte for byte those of one process at the same batch size."""
     cache = learn_set[1]
     for n, out in ((1, "one"), (2, "two")):
-        cmd = ["eval", "--checkpoint", str(egre_run), "--from-cache", str(cache), "--out", str(tmp_path / out),
-               "--batch-size", "5", "--device", "cpu", "--no-progress"]  # fmt: skip
+        cmd = ["eval", "--checkpoint", str(egre_run), "--from-cache", str(cache), "--out",
+               str(tmp_path / out), "--batch-size", "5", "--device", "cpu", "--no-progress"]  # fmt: skip
         torchrun(*cmd) if n == 2 else run_cli(*cmd, env=ONE_THREAD)
     for suffix in (".csv", ".json"):
         (one,), (two,) = (list((tmp_path / d).glob(f"*{suffix}")) for d in ("one", "two"))
