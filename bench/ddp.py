@@ -115,7 +115,7 @@ def main() -> None:
     }  # fmt: skip
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
     note = (
-        f"`python bench/ddp.py {' '.join(sys.argv[1:])}`: {args.per_class * 2} training rows, "
+        f"`{' '.join(['python bench/ddp.py', *sys.argv[1:]])}`: {args.per_class * 2} training rows, "
         f"{args.backbone} at {args.crop_size} px, {args.threads} thread(s) per rank, {args.device}, "
         f"{os.cpu_count()} CPUs; samples/s of epoch {args.epochs} (training + validation slice).\n\n"
     )
