@@ -46,7 +46,7 @@ help:
 	@echo "make eval RUN=runs/<run> TEST_SUBSETS='adm biggan'   evaluate a run on caches -> \$$(RESULTS)/"
 	@echo "make report                       train x test table and \$$(RESULTS)/matrix.png"
 	@echo "make robustness GRID=lol-a4 METHOD=lol SUBSET=sdv14 TEST_SUBSETS='adm biggan'   -> \$$(RESULTS)/robustness/"
-	@echo "make bench                        extraction, training-I/O, loader, decode+perturb and small-set benchmarks (bench/results/)"
+	@echo "make bench                        extraction, training-I/O, loader, decode+perturb, small-set and torchrun benchmarks (bench/results/)"
 	@echo "make bench-gpu                    every GPU figure in one run, ~8 min (bench/gpu.py; needs CUDA)"
 	@echo "make clean-demo                   remove \$$(DEMO)/"
 
@@ -114,6 +114,7 @@ bench: install
 	$(BIN)/python bench/train_loader.py
 	$(BIN)/python bench/perturb.py
 	$(BIN)/python bench/small_set.py
+	$(BIN)/python bench/ddp.py
 
 bench-gpu: install
 	$(BIN)/python bench/gpu.py --device cuda $(EXTRA)

@@ -32,12 +32,16 @@ def manifest_files(manifest: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     return files
 
 
-def verify(store: CacheStore, jobs: int = 8, progress: bool = False) -> list[str]:
+def verify(
+    store: CacheStore, jobs: int = 8, progress: bool = False, share: tuple[int, int] = (0, 1)
+) -> list[str]:
     """Recompute every checksum the manifest records; returns one line per problem (empty: intact).
 
-    Objects are read `jobs` at a time: on an object store each read is a round trip.
+    Objects are read `jobs` at a time: on an object store each read is a round trip. `share` (k, n):
+    only every n-th object from the k-th, so that n processes of one job (torchrun) verify a cache
+    once between them rather than n times.
     """
-    files = sorted(manifest_files(store.manifest()).items())
+    files = sorted(manifest_files(store.manifest()).items())[share[0] :: share[1]]
 
     def check(item: tuple[str, tuple[str, str]]) -> str | None:
         key, (digest, what) = item
@@ -52,14 +56,17 @@ def verify(store: CacheStore, jobs: int = 8, progress: bool = False) -> list[str
         return [problem for problem in results if problem]
 
 
-def require_intact(url_or_store: str | CacheStore, check: bool = True) -> CacheStore:
-    """Open a cache for reading; unless check is False, refuse it (UserError) when any checksum differs.
+def require_intact(
+    url_or_store: str | CacheStore, check: bool = True, share: tuple[int, int] = (0, 1)
+) -> CacheStore:
+    """Open a cache for reading; unless check is False, refuse it (UserError) when any checksum differs
+    (of the objects of `share`, see verify: the other processes of the job check the rest).
 
     The one gate every consumer of a cache (training, evaluation, detection) goes through.
     """
     store = url_or_store if isinstance(url_or_store, CacheStore) else CacheStore(str(url_or_store), mode="r")
     if check:
-        problems = verify(store)
+        problems = verify(store, share=share)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise UserError(

@@ -4,6 +4,7 @@ recorded. Files that cannot be read are listed with their reason; the run goes o
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from stages.features import pixels as pixels_stage
 from stages.features import sd
 from stages.features.recipe import RowRecipe
 from stages.genimage import index as index_stage
-from stages.runs import calibrate
+from stages.runs import calibrate, distributed
 from stages.runs.batches import make_inputs
 from stages.runs.checkpoint import Run, load_run
 
@@ -119,7 +120,8 @@ def run_detect(cfg: DetectConfig, log=print) -> tuple[int, int]:
     order; returns (scored, failed)."""
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
-    device = resolve_device(cfg.device)
+    device = distributed.init(resolve_device(cfg.device))
+    say = log if distributed.world().main else lambda m: None  # what rank 0 alone says
     run = load_run(cfg.checkpoint, device, cfg.epoch)
     thr = calibrate.resolve(cfg.checkpoint, cfg.threshold, [run.epoch])
     stamp = provenance(run, thr)
@@ -132,47 +134,62 @@ def run_detect(cfg: DetectConfig, log=print) -> tuple[int, int]:
         "max_pixels": max_pixels,
     }
     if method_registry.get(run.method).reads_lare:
-        lare = LaREOnTheFly(run, device, files, pixel_params, log)
+        lare = LaREOnTheFly(run, device, files, pixel_params, say)
         recipe = lare.recipe
     else:
         lare, recipe = None, RowRecipe.from_params(None, None, pixel_params)
-    log(f"threshold {thr.value:.6g} ({thr.choice}: {thr.origin})")
+    say(f"threshold {thr.value:.6g} ({thr.choice}: {thr.origin})")
     if note := sd.random_weights_note(run.params["backbone"]):  # once the run is known to be usable
-        log(f"note: {note}")
+        say(f"note: {note}")
     scored = failed = 0
+    w = distributed.world()  # under torchrun each rank scores every size-th batch; rank 0 writes
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(files), desc=f"detect ({run.name})", unit="img", disable=not cfg.progress)
-    with open(cfg.out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "score", "decision", "error", *PROVENANCE])
-        for start in range(0, len(files), cfg.batch_size):
-            rows: dict[Path, list[str]] = {}
-            ok: list[tuple[Path, dict[str, torch.Tensor]]] = []
-            for path in files[start : start + cfg.batch_size]:
-                try:
-                    data = path.read_bytes()
-                    ok.append((path, recipe.prepare(recipe.decode(data), xxhash.xxh3_128_hexdigest(data))))
-                except (pixels_stage.BadImage, OSError) as e:
-                    why = f"broken symbolic link to {os.readlink(path)}" if _broken_link(path) else str(e)
-                    rows[path] = [str(path), "", "error", why, *stamp]
-                    log(f"skipped {path}: {why}")
-            if ok:
-                paths, prepared = (list(col) for col in zip(*ok, strict=True))
-                crops = torch.stack([r["crops"] for r in prepared])
-                maps = lare(prepared, paths) if lare else torch.zeros(len(ok), 1, 1, 1)
-                with torch.inference_mode():
-                    hp, aligned = run.params["hparams"], run.params["aligned"]
-                    x, m = make_inputs(
-                        run.method, hp, crops.to(device), maps.to(device), False, None, aligned
-                    )
-                    scores = run.scores(x, m)
-                for path, score in zip(paths, scores.tolist(), strict=True):
-                    decision = "generated" if score > thr.value else "real"
-                    rows[path] = [str(path), f"{score:.6f}", decision, "", *stamp]
-            for path in files[start : start + cfg.batch_size]:  # file order, failures in place
-                w.writerow(rows[path])
-            failed += len(rows) - len(ok)
-            scored += len(ok)
-            bar.update(len(rows))
+    bar = tqdm(
+        total=len(files), desc=f"detect ({run.name})", unit="img", disable=not cfg.progress or not w.main
+    )
+    with open(cfg.out, "w", newline="") if w.main else contextlib.nullcontext() as f:
+        out = csv.writer(f) if f is not None else None
+        if out is not None:
+            out.writerow(["path", "score", "decision", "error", *PROVENANCE])
+        for first in range(0, len(files), cfg.batch_size * w.size):  # one batch per rank at a time
+            start = first + w.rank * cfg.batch_size
+            batch = files[start : start + cfg.batch_size]
+            mine = score_batch(batch, run, recipe, lare, thr, stamp, device, log) if batch else []
+            for rows in distributed.gather_json(mine):  # in rank order: file order
+                for row in rows:
+                    failed += row[3] != ""
+                    scored += row[3] == ""
+                    if out is not None:
+                        out.writerow(row)
+                bar.update(len(rows))
     bar.close()
     return scored, failed
+
+
+def score_batch(
+    batch: list[Path], run: Run, recipe: RowRecipe, lare: LaREOnTheFly | None, thr: calibrate.Threshold,
+    stamp: list[str], device: str, log,
+) -> list[list[str]]:  # fmt: skip
+    """The CSV rows of a batch of files, in their order: scored, or unreadable with the reason."""
+    rows: dict[Path, list[str]] = {}
+    ok: list[tuple[Path, dict[str, torch.Tensor]]] = []
+    for path in batch:
+        try:
+            data = path.read_bytes()
+            ok.append((path, recipe.prepare(recipe.decode(data), xxhash.xxh3_128_hexdigest(data))))
+        except (pixels_stage.BadImage, OSError) as e:
+            why = f"broken symbolic link to {os.readlink(path)}" if _broken_link(path) else str(e)
+            rows[path] = [str(path), "", "error", why, *stamp]
+            log(f"skipped {path}: {why}")
+    if ok:
+        paths, prepared = (list(col) for col in zip(*ok, strict=True))
+        crops = torch.stack([r["crops"] for r in prepared])
+        maps = lare(prepared, paths) if lare else torch.zeros(len(ok), 1, 1, 1)
+        with torch.inference_mode():
+            hp, aligned = run.params["hparams"], run.params["aligned"]
+            x, m = make_inputs(run.method, hp, crops.to(device), maps.to(device), False, None, aligned)
+            scores = run.scores(x, m)
+        for path, score in zip(paths, scores.tolist(), strict=True):
+            decision = "generated" if score > thr.value else "real"
+            rows[path] = [str(path), f"{score:.6f}", decision, "", *stamp]
+    return [rows[path] for path in batch]  # file order, failures in place

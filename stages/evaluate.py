@@ -31,7 +31,7 @@ from pipeline.fingerprint import code_version, fingerprint
 from stages.detectors import method as method_registry
 from stages.features import perturb as perturb_stage
 from stages.features import sd
-from stages.runs import batches, cachedata, calibrate, checkpoint, choice
+from stages.runs import batches, cachedata, calibrate, checkpoint, choice, distributed
 from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
 CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
@@ -170,7 +170,9 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
     wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
     epochs = select_epochs(cfg.checkpoint, cfg.epoch, several=True)
     thr = calibrate.resolve(cfg.checkpoint, cfg.threshold, epochs)
-    run = load_run(cfg.checkpoint, resolve_device(cfg.device), epochs[0])
+    run = load_run(cfg.checkpoint, distributed.init(resolve_device(cfg.device)), epochs[0])
+    main = distributed.world().main  # under torchrun the ranks score their shares, rank 0 writes
+    log = log if main else lambda m: None
     if note := sd.random_weights_note(run.params["backbone"]):
         log(f"note: {note}")
     out = Path(cfg.out)
@@ -194,8 +196,8 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
             }
         )
         stem = out / f"{run.name}__{src.subset}-{key[:8]}"
-        if stem.with_suffix(".json").is_file():
-            result = json.loads(stem.with_suffix(".json").read_text())
+        if distributed.from_main(main and stem.with_suffix(".json").is_file()):
+            result = json.loads(stem.with_suffix(".json").read_text()) if main else {}
             log(f"up to date: {stem}.json")
             results.append(result)
             continue
@@ -236,6 +238,8 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
             result["by_format"] = {f: mean_std([b[f] for b in by_format])[0] for f in by_format[0]}
             result["by_generator"] = {g: mean_std([b[g] for b in per_gen])[0] for g in per_gen[0]}
             result["per_epoch"] = [{"epoch": e, "metrics": m} for e, m in zip(epochs, each, strict=True)]
+        if not main:
+            continue
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "id", "label", "format", "epoch", "score"])

@@ -26,6 +26,7 @@ No pickle: weights and optimizer tensors are safetensors, the rest JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -49,7 +50,7 @@ from stages.detectors import backbone, lol
 from stages.detectors import method as method_registry
 from stages.detectors.method import Hparams
 from stages.features import sd
-from stages.runs import batches, cachedata, calibrate, checkpoint, choice
+from stages.runs import batches, cachedata, calibrate, checkpoint, choice, distributed
 from stages.runs.batches import READ_WORKERS, EpochBatches, make_inputs
 from stages.runs.checkpoint import (
     Run,
@@ -60,7 +61,7 @@ from stages.runs.checkpoint import (
     predict,
     save_epoch,
 )
-from stages.runs.records import DoneRecord, EpochRecord, RunParams, Selection, ValScores
+from stages.runs.records import DoneRecord, EpochRecord, MicroBatches, RunParams, Selection, ValScores
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
 
@@ -96,6 +97,9 @@ class TrainConfig:
     progress: bool = True
     device: str = DEFAULT_DEVICE  # where it trains; not in the fingerprint (last bits only, like batch order)
     stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
+    # Micro-batches per process that each global batch is cut into, gradients accumulated: one process
+    # with N of them is the reference that N torchrun processes (1 each) equal (docs/training.md).
+    micro_batches: int = 1
     memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
     loader_workers: int = -1  # cache-reading processes (-1: automatic, loader_workers_help). Changes no bit.
     precision: str = "auto"  # see precision_help
@@ -283,6 +287,8 @@ def loader_workers_help() -> str:
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunParams]:
     hp = cfg.hparams({s.subset for s in data.sources})
     data.check_crop(hp["crop_size"])
+    device = resolve_device(cfg.device)
+    split = micro_batch_split(hp["batch_size"], cfg.micro_batches, device)
     identity = backbone.BackboneSpec(cfg.backbone, cfg.backbone_weights).identity()  # hashes a weight file
     aligned = data.aligned()
     params = {
@@ -295,7 +301,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunPara
         "pixels": data.pixel_params,  # how detection crops new images (window, small images)
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
         "seed": cfg.seed,
-        "precision": resolve_precision(cfg.precision, resolve_device(cfg.device)),
+        "precision": resolve_precision(cfg.precision, device),
         "code": code_version(
             backbone,
             cachedata,  # which rows are read; which artifacts (stages.runs.choice) is in "caches" above
@@ -306,12 +312,37 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunPara
             sys.modules[__name__],
         ),
     }
+    if split is not None:  # one micro-batch (one process, the global batch whole): the key is absent
+        params["micro_batches"] = split
     ident = {k: v for k, v in params.items() if k != "backbone"}
     ident["backbone"] = identity
     fp = fingerprint(ident)
     subsets = "+".join(sorted({s.subset for s in data.sources}))
     run = Path(cfg.out) / f"{cfg.method}-{subsets}-{fp[:12]}"
-    return run, cast(RunParams, {**params, "fingerprint": fp, "aligned": aligned})
+    world = distributed.world().size
+    return run, cast(RunParams, {**params, "fingerprint": fp, "aligned": aligned, "world_size": world})
+
+
+def micro_batch_split(batch_size: int, micro_batches: int, device: str) -> MicroBatches | None:
+    """How a global batch is cut: into world size x micro_batches equal micro-batches (None: one).
+
+    Part of the fingerprint, as it decides more than the last bits: BatchNorm normalises each
+    micro-batch by its own statistics (on CUDA synchronised over the ranks) and dropout is drawn
+    per micro-batch. The world size itself is not: 2 processes of 1 micro-batch are the run of one
+    process accumulating 2 (the same fingerprint, resumable by either)."""
+    ranks = distributed.world().size
+    if micro_batches < 1:
+        raise UserError(f"micro-batches must be at least 1, not {micro_batches}")
+    parts = ranks * micro_batches
+    if batch_size % parts:
+        raise UserError(
+            f"the global batch of {batch_size} rows (--batch-size) is not divisible by the {parts} "
+            f"micro-batches of {ranks} process(es): each process trains on an equal slice of every batch"
+        )
+    if parts == 1:
+        return None
+    synced = ranks > 1 and device.startswith("cuda")
+    return {"count": parts, "batchnorm": "synchronised over the ranks" if synced else "per micro-batch"}
 
 
 def run_train(cfg: TrainConfig, log=print) -> Path:
@@ -319,10 +350,14 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
 
     Reads top to bottom: the rows, the run directory, then per epoch `train_epoch`, `validate` and
     the epoch's record; `finish_run` writes done.json and the calibration."""
+    device = distributed.init(resolve_device(cfg.device))  # under torchrun: this rank's
+    main = distributed.world().main
+    log = log if main else lambda m: None  # rank 0 alone logs and writes
+    progress = cfg.progress and main
     wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
     picked = choice.Choice(cfg.lare, cfg.pixels, perturb=wanted)
     data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split=cfg.split, choice=picked, log=log)
-    run, params = plan_run(cfg, data)
+    run, params = distributed.agree(plan_run, cfg, data)
     method = method_registry.get(cfg.method)
     if method.reads_lare and (note := sd.random_weights_note(data.lare_model)):
         log(f"note: {note}")
@@ -338,26 +373,24 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
-    device = resolve_device(cfg.device)
     workers = loader_workers(cfg.loader_workers, device, READ_WORKERS)
     feed = EpochBatches(
-        data, rows, labels, hp["batch_size"], hp["memory_rows"], cfg.progress, workers=workers, device=device
+        data, rows, labels, hp["batch_size"], hp["memory_rows"], progress, workers=workers, device=device
     )
     params["model"] = method.model_args(hp, feed.lare_channels)  # what load_run builds from
     # Built before the run directory is written: a backbone that cannot be loaded leaves nothing behind.
     model = build_model(params).to(device)
     if device.startswith("cuda"):
         model = model.to(memory_format=torch.channels_last)
-    open_run_dir(
-        run, params,
-        {
-            "seed": cfg.seed, "n": len(rows), "caches": data.describe(rows),
-            "val_fraction": hp["val_fraction"], "n_validation": len(val_rows),
-            "validation": data.describe(val_rows),
-        },
-    )  # fmt: skip
+    sample = {
+        "seed": cfg.seed, "n": len(rows), "caches": data.describe(rows),
+        "val_fraction": hp["val_fraction"], "n_validation": len(val_rows),
+        "validation": data.describe(val_rows),
+    }  # fmt: skip
+    distributed.agree(open_run_dir if main else lambda *a: None, run, params, sample)
     opt, sched = optimiser(model, hp, plateau=not no_selection)
-    start, history = resume(run, model, opt, sched, log)
+    start, history = resume(run, model, opt, sched, log)  # every rank reads the run directory
+    net = distributed.wrap(model, device)
     trained = Run(run, params, model, device)
     stopped = f"--epochs {hp['epochs']} reached"
     for epoch in range(start + 1, hp["epochs"] + 1):
@@ -367,13 +400,16 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
             break
         t0 = time.perf_counter()
         desc = f"{cfg.method} epoch {epoch}/{hp['epochs']}"
-        loss, n = train_epoch(trained, opt, feed, epoch_seed(cfg.seed, epoch), desc, cfg.progress)
+        loss, n = train_epoch(
+            trained, net, opt, feed, epoch_seed(cfg.seed, epoch), desc, progress, cfg.micro_batches
+        )
         history[epoch] = v = validate(trained, data, val_rows)
         if sched is not None and not math.isnan(v["auc"]):
             sched.step(v["auc"])
         info: dict[str, Any] = {"loss": loss, "seconds": round(time.perf_counter() - t0, 3), "rows": n}
         info.update(val=v, scheduler=sched.state_dict() if sched is not None else None)
-        save_epoch(run, epoch, model, opt, info)
+        if main:
+            save_epoch(run, epoch, model, opt, info)
         best = epoch if no_selection else best_epoch(history)
         log(
             f"epoch {epoch}: loss {loss:.4f}, validation AUC {v['auc']:.4f} AP {v['ap']:.4f} "
@@ -443,39 +479,63 @@ def resume(run: Path, model: torch.nn.Module, opt, sched, log) -> tuple[int, dic
     return start, history
 
 
+def micro_seed(seed: int, step: int, k: int) -> int:
+    """The seed of the dropout of micro-batch k of batch `step` of the epoch of `seed`: keyed by the
+    micro-batch, so a rank draws what one process accumulating the same micro-batches draws."""
+    return int(np.random.SeedSequence([seed, step, k]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def train_epoch(
-    trained: Run, opt, feed: EpochBatches, seed: int, desc: str, progress: bool
-) -> tuple[float, int]:
+    trained: Run, net: torch.nn.Module, opt, feed: EpochBatches, seed: int, desc: str, progress: bool,
+    micro_batches: int = 1,
+) -> tuple[float, int]:  # fmt: skip
     """One pass over the training rows, every random number (order, crops, flips, masks, dropout)
-    drawn from generators seeded by `seed`: (mean loss, rows trained)."""
+    drawn from generators seeded by `seed`: (mean loss, rows trained).
+
+    Every rank draws every global batch (and its crops, flips and masks) as one process does; each
+    global batch is cut into world size x `micro_batches` micro-batches, rank r trains on its
+    `micro_batches` of them (gradients accumulated, then averaged over the ranks by `net`, the
+    DistributedDataParallel module). So the step is that of one process accumulating all of them:
+    the mean of the micro-batches' mean losses. BatchNorm normalises each micro-batch by its own
+    statistics (synchronised over the ranks on CUDA); its running statistics are micro-batch 0's."""
     model, params, device = trained.model, trained.params, trained.device
     hp = params["hparams"]
+    w = distributed.world()
+    parts = w.size * micro_batches
+    mine = range(w.rank * micro_batches, (w.rank + 1) * micro_batches)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout
     model.train()
     # Summed on the device in float64 (the same bits as Python floats): reading the loss back
     # every step would make the host wait for the GPU instead of preparing the next batch.
     total = torch.zeros((), dtype=torch.float64, device=device)
     bar = tqdm(total=len(feed.rows), desc=desc, disable=not progress)
     n = 0
-    for _, crops, maps, y in feed.epoch(gen):  # on the device already
-        if len(y) < 2:  # BatchNorm cannot train on one sample: an epoch's last lone row waits
-            continue  # for the next epoch's order
+    for step, (_, crops, maps, y) in enumerate(feed.epoch(gen)):  # on the device already
+        if len(y) < 2 * parts:  # BatchNorm cannot train on one sample: an epoch's last rows
+            continue  # too few for two per micro-batch wait for the next epoch's order
         x, m = make_inputs(params["method"], hp, crops, maps, True, gen, params["aligned"])
         if device.startswith("cuda"):
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=params["precision"] == "bf16"):
-            loss = model.loss(model(x, m), y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        cut = distributed.micro_slices(len(y), parts)
+        for k in mine:
+            torch.manual_seed(micro_seed(seed, step, k))  # dropout
+            ddp = net if isinstance(net, torch.nn.parallel.DistributedDataParallel) else None
+            accumulate = ddp.no_sync() if ddp is not None and k != mine[-1] else contextlib.nullcontext()
+            bf16 = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=params["precision"] == "bf16")
+            with accumulate, distributed.keep_statistics(model, k != 0):
+                with bf16:
+                    loss = model.loss(net(x[cut[k]], m[cut[k]]), y[cut[k]])
+                (loss / micro_batches).backward()
+            total += loss.detach().double() * len(y[cut[k]])
         if hp["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp["grad_clip"])
         opt.step()
-        total += loss.detach().double() * len(y)
         n += len(y)
         bar.update(len(y))
     bar.close()
-    return float(total) / n, n
+    distributed.same_buffers(model)  # rank 0's running statistics, for validation on every rank
+    return float(distributed.total(total)) / n, n
 
 
 def validate(trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows) -> ValScores:
@@ -506,5 +566,7 @@ def finish_run(
         "epochs": last, "best": best, "best_val": history[best], "stopped": stopped, "selection": selection,
         "final": f"epoch-{last:03d}.safetensors",
     }  # fmt: skip
-    atomic_json(trained.path / "done.json", done)
+    # then every rank scores the best epoch, which rank 0 calibrates
+    write = atomic_json if distributed.world().main else lambda *a: None
+    distributed.agree(write, trained.path / "done.json", done)
     calibrate.record(trained, data, val_rows, VAL_BATCH, log)

@@ -35,6 +35,7 @@ app.add_typer(cache.app, name="cache")
 
 # botocore's credential errors are not OSErrors; named, so that botocore need not be imported.
 _STORAGE_ACCESS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}
+_PEER_GONE = "Connection closed by peer"  # what gloo raises in a collective whose peer has gone
 
 
 def main() -> None:
@@ -51,5 +52,11 @@ def main() -> None:
         # Storage the user pointed at refused us (permissions, no credentials, a full disk): one line.
         if isinstance(e, OSError) or type(e).__name__ in _STORAGE_ACCESS_ERRORS:
             typer.echo(f"Error: {type(e).__name__}: {first_line(e)}", err=True)
+            sys.exit(2)
+        # Under torchrun: another rank died (its own error is above); gloo says so in a RuntimeError.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _PEER_GONE in str(e):
+            rank = os.environ.get("RANK", "?")
+            typer.echo(f"Error: rank {rank} stopped: another process of the job ended ({_PEER_GONE})",
+                       err=True)  # fmt: skip
             sys.exit(2)
         raise

@@ -152,6 +152,7 @@ def train(
 
     Options not given take TrainConfig's defaults or the method's (docs/training.md)."""
     usable_device(device)
+    from stages.runs import distributed
     from stages.train import TrainConfig, run_train
 
     cfg = TrainConfig(
@@ -169,7 +170,8 @@ def train(
         ),
     )  # fmt: skip
     run = run_train(cfg, log=log)
-    typer.echo(str(run))
+    if distributed.world().main:  # under torchrun: rank 0 speaks
+        typer.echo(str(run))
 
 
 @app.command("eval", cls=help_defaults("stages.evaluate:EvalConfig"))
@@ -280,6 +282,7 @@ def detect(
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
     usable_device(device)
     from stages.detect import DetectConfig, run_detect
+    from stages.runs import distributed
 
     cfg = DetectConfig(
         folder, checkpoint,
@@ -287,4 +290,5 @@ def detect(
                 progress=progress),
     )  # fmt: skip
     scored, failed = run_detect(cfg, log=log)
-    typer.echo(f"scored {scored} image(s), {failed} unreadable -> {cfg.out}")
+    if distributed.world().main:
+        typer.echo(f"scored {scored} image(s), {failed} unreadable -> {cfg.out}")

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from stages.detectors import method as method_registry
 from stages.detectors.method import Hparams
+from stages.runs import distributed
 from stages.runs.cachedata import CacheData, Rows
 
 CODE_ID = "stages.batches"  # the name its code is hashed under, wherever the file lives
@@ -127,22 +128,35 @@ class EpochBatches:
         self.labels = labels.to(self.device)
         self.blocks = shard_blocks(data, rows)
         self.stream = len(rows) > memory_rows
+        store, source = data.stores[0], data.sources[0]
+        self.shapes = (
+            tuple(store.array(f"{source.pixels}/crops").shape[1:]),
+            tuple(store.array(f"{source.lare}/maps").shape[1:]),
+        )
+        self.lare_channels = int(self.shapes[1][0])
         if self.stream:
-            self.lare_channels = int(data.stores[0].array(f"{data.sources[0].lare}/maps").shape[1])
             return
-        bar = tqdm(total=len(rows), desc="read cache", unit="row", disable=not progress)
-        crops: torch.Tensor | None = None
-        maps: torch.Tensor | None = None
-        for pos, c, m in self._reads(list(range(len(self.blocks)))):
-            if crops is None or maps is None:
-                crops = torch.empty((len(rows), *c.shape[1:]), dtype=c.dtype)
-                maps = torch.empty((len(rows), *m.shape[1:]), dtype=m.dtype)
-            crops[pos], maps[pos] = c, m
+        mine = distributed.share(list(range(len(self.blocks))))  # each rank reads its share, once
+        bar = tqdm(total=sum(len(self.blocks[b]) for b in mine), desc="read cache", unit="row",
+                   disable=not progress)  # fmt: skip
+        crops = torch.empty((len(rows), *self.shapes[0]), dtype=torch.uint8)
+        maps = torch.empty((len(rows), *self.shapes[1]), dtype=torch.float32)
+        read = []
+        for pos, c, m in self._reads(mine):
+            read.append((pos, c, m))
             bar.update(len(pos))
         bar.close()
-        assert crops is not None and maps is not None, "no rows to read"
+        for pos, c, m in distributed.all_gather_rows(*self._joined(read)):  # the others' shares
+            on = pos.cpu()
+            crops[on], maps[on] = c.cpu(), m.cpu()
         self.crops, self.maps = crops.to(self.device), maps.to(self.device)
-        self.lare_channels = self.maps.shape[1]
+
+    def _joined(self, read: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(positions, crops, maps) of the blocks read, one after the other (empty when none were)."""
+        if not read:
+            return (torch.zeros(0, dtype=torch.int64), torch.zeros((0, *self.shapes[0]), dtype=torch.uint8),
+                    torch.zeros((0, *self.shapes[1]), dtype=torch.float32))  # fmt: skip
+        return tuple(torch.cat([r[i] for r in read]) for i in range(3))  # type: ignore[return-value]
 
     def _reads(self, order: list[int]):
         """The blocks in `order`, read ahead by the workers: enough in flight to fill a buffer."""
@@ -167,20 +181,27 @@ class EpochBatches:
             return
         dev = self.device
         carry: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None  # rows left for the next part
-        pending: list[tuple[np.ndarray | torch.Tensor, torch.Tensor, torch.Tensor]] = []
         block_order = torch.randperm(len(self.blocks), generator=gen).tolist()
-        reads = iter(self._reads(block_order))
-        for i in range(len(block_order)):
-            pos, c, m = next(reads)
-            pending.append((pos, c.to(dev, non_blocking=True), m.to(dev, non_blocking=True)))
-            if sum(len(p[0]) for p in pending) < self.memory_rows and i < len(block_order) - 1:
-                continue
-            parts = ([carry] if carry is not None and len(carry[0]) else []) + pending
-            pos = np.concatenate([np.asarray(p[0]) for p in parts])
-            crops, maps = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-            pending = []
+        buffers = self._buffers(block_order)
+        mine = [distributed.share(part) for part in buffers]  # each rank reads its share of each
+        reads = iter(self._reads([b for part in mine for b in part]))
+        for k, part in enumerate(buffers):
+            read = [next(reads) for _ in mine[k]]
+            pos_t, crops, maps = (t.to(dev, non_blocking=True) for t in self._joined(read))
+            pos = pos_t.cpu().numpy()
+            if distributed.world().size > 1:  # every rank's share, in the part's block order
+                got = distributed.all_gather_rows(pos_t, crops, maps)
+                have = torch.cat([g[0] for g in got]).cpu().numpy()
+                pos = np.concatenate([self.blocks[b] for b in part])
+                where = np.argsort(have)[np.searchsorted(np.sort(have), pos)]
+                on_dev = torch.from_numpy(where).to(dev)
+                crops = torch.cat([g[1] for g in got]).to(dev)[on_dev]
+                maps = torch.cat([g[2] for g in got]).to(dev)[on_dev]
+            if carry is not None and len(carry[0]):
+                pos = np.concatenate([carry[0], pos])
+                crops, maps = torch.cat([carry[1], crops]), torch.cat([carry[2], maps])
             perm = torch.randperm(len(pos), generator=gen)
-            last = i == len(block_order) - 1
+            last = k == len(buffers) - 1
             full = len(pos) if last else len(pos) // self.bs * self.bs
             for b in range(0, full, self.bs):
                 idx = perm[b : min(b + self.bs, full)]
@@ -188,3 +209,15 @@ class EpochBatches:
                 yield sel, crops[on], maps[on], self.labels[torch.from_numpy(sel).to(dev)]
             rest = perm[full:]
             carry = (pos[rest.numpy()], crops[rest.to(dev)], maps[rest.to(dev)])
+
+    def _buffers(self, block_order: list[int]) -> list[list[int]]:
+        """The blocks of each shuffle buffer: in block order, until a buffer holds `memory_rows` rows."""
+        out: list[list[int]] = [[]]
+        rows = 0
+        for i, b in enumerate(block_order):
+            out[-1].append(b)
+            rows += len(self.blocks[b])
+            if rows >= self.memory_rows and i < len(block_order) - 1:
+                out.append([])
+                rows = 0
+        return out

@@ -27,6 +27,7 @@ from pipeline.schema import (
 )
 from pipeline.store import CacheStore
 from stages.genimage import index as index_stage
+from stages.runs import distributed
 from stages.runs.choice import Choice, choose
 from stages.runs.records import CacheRecord
 
@@ -86,8 +87,9 @@ def _finished_rows(art: ManifestArtifact, n: int) -> np.ndarray:
 
 
 def open_source(
-    url: str, verify: bool = True, split: str | None = None, choice: Choice | None = None, log=print
-) -> tuple[Source, CacheStore]:
+    url: str, verify: bool = True, split: str | None = None, choice: Choice | None = None, log=print,
+    verified: bool = False,
+) -> tuple[Source, CacheStore]:  # fmt: skip
     """Open a cache and choose its LaRE and pixel artifacts for `split` (see `choose`).
 
     With verify=False, a cache whose first extraction is still running or was killed (no manifest
@@ -95,7 +97,7 @@ def open_source(
     how many.
     """
     choice = choice or Choice()
-    store = require_intact(url, check=verify)
+    store = require_intact(url, check=verify and not verified)  # `verified`: checked already
     manifest = store.read_manifest()
     if manifest is None:
         if verify:
@@ -189,7 +191,15 @@ class CacheData:
     ):
         if not urls:
             raise UserError("no cache given (--from-cache)")
-        opened = [open_source(u, verify, split, choice, log) for u in urls]
+        # Under torchrun each rank verifies its share of every cache's objects, and all agree that
+        # they are intact before any reads one (a problem anywhere stops every rank in one line).
+        w = distributed.world()
+        shared = verify and w.size > 1
+        if shared:
+            distributed.agree(lambda: [require_intact(u, share=(w.rank, w.size)) for u in urls])
+        opened = distributed.agree(
+            lambda: [open_source(u, verify, split, choice, log, verified=shared) for u in urls]
+        )
         self.sources = [s for s, _ in opened]
         self.stores = [st for _, st in opened]
         first = self.sources[0]

@@ -104,12 +104,15 @@ def write(run: Path, labels: np.ndarray, scores: np.ndarray, epoch: int, log=pri
 def record(run, data, val_rows, batch_size: int, log=print) -> dict:
     """At the end of training: score the validation slice with the weights `--epoch best` serves and
     write the run's calibration (`run`: a checkpoint.Run whose model may be changed)."""
+    from stages.runs import distributed
     from stages.runs.checkpoint import predict, select_epochs
 
     (epoch,) = select_epochs(run.path, "best")
     run.use_epoch(epoch)
     run.model.eval()
-    scores = predict(run, data, val_rows, batch_size, progress=False)
+    scores = predict(run, data, val_rows, batch_size, progress=False)  # every rank scores its share
+    if not distributed.world().main:
+        return {}  # rank 0 writes
     return write(run.path, val_rows.label, scores, epoch, log)
 
 

@@ -30,7 +30,7 @@ from pipeline.storage import atomic_write
 from stages.detectors import backbone
 from stages.detectors import method as method_registry
 from stages.detectors.method import Detector
-from stages.runs import cachedata
+from stages.runs import cachedata, distributed
 from stages.runs.batches import make_inputs
 from stages.runs.records import DoneRecord, EpochRecord, RunParams
 
@@ -131,15 +131,26 @@ class Run:
         return self.params["method"]
 
 
-@torch.inference_mode()
 def predict(
     run: Run, data: cachedata.CacheData, rows: cachedata.Rows, batch_size: int, progress: bool
 ) -> np.ndarray:
-    """Scores of the rows, read from the cache a block of rows at a time (memory stays bounded)."""
+    """Scores of the rows in batches of `batch_size`. Under torchrun each rank scores every size-th
+    batch and the scores are gathered: the very batches, so the very bits, of one process."""
+    mine = distributed.batch_share(len(rows), batch_size)
+    local = _predict(run, data, rows[mine], batch_size, progress and distributed.world().main)
+    return distributed.gather_batches(local, len(rows), batch_size)
+
+
+@torch.inference_mode()
+def _predict(
+    run: Run, data: cachedata.CacheData, rows: cachedata.Rows, batch_size: int, progress: bool
+) -> np.ndarray:
+    """Scores of the rows, read from the cache a block of rows at a time (memory stays bounded); the
+    block a whole number of batches, so the batches are rows [k b, (k+1) b) whatever the block."""
     hp = run.params["hparams"]
     aligned = run.params["aligned"]
     scores = []
-    block = max(batch_size, 1024)
+    block = batch_size * max(1, 1024 // batch_size)
     bar = tqdm(total=len(rows), desc=f"eval {run.name}", unit="img", disable=not progress)
     for b0 in range(0, len(rows), block):
         part = rows[b0 : b0 + block]
@@ -151,13 +162,13 @@ def predict(
             scores.append(run.scores(x, m).numpy())
             bar.update(len(x))
     bar.close()
-    return np.concatenate(scores) if scores else np.zeros(0)
+    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 
 
 # What decides a run's weights (training saves, resumes and validates with these): the trainer's
 # code version hashes them alone, so choosing and loading an epoch (below) can change without
 # retraining every run.
-TRAINING = (atomic_json, atomic_safetensors, build_model, save_epoch, load_epoch, Run, predict)
+TRAINING = (atomic_json, atomic_safetensors, build_model, save_epoch, load_epoch, Run, predict, _predict)
 
 EPOCH_CHOICES = "best, last or an epoch number"
 

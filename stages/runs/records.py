@@ -67,6 +67,15 @@ class RunParams(_RunParams, total=False):
 
     model: dict[str, Any]  # the method's constructor arguments besides the tower (Method.model_args)
     created_at: str
+    micro_batches: MicroBatches  # how a global batch is cut (absent: whole, one process)
+    world_size: int  # the processes (torchrun) the run was begun with; not in the fingerprint
+
+
+class MicroBatches(TypedDict):
+    """How each global batch is cut (stages.train.micro_batch_split): in the fingerprint."""
+
+    count: int  # world size x micro-batches per process
+    batchnorm: str  # "per micro-batch", or "synchronised over the ranks" (SyncBatchNorm, CUDA)
 
 
 class ValScores(TypedDict):

@@ -98,6 +98,27 @@ def test_storage_without_credentials_is_one_line():
     assert proc.stderr.startswith("Error: NoCredentialsError")
 
 
+def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys):
+    """Under torchrun, the RuntimeError gloo raises in a collective when another rank has died is
+    one line and exit 2 on the survivors (the dead rank's own error is the one to read)."""
+    import pipeline.cli as cli
+
+    def peer_gone():
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:1")
+
+    monkeypatch.setattr(cli, "app", peer_gone)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as stop:
+        cli.main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("Error: rank 0 stopped: another process of the job ended")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: not ours to explain
+    with pytest.raises(RuntimeError):
+        cli.main()
+
+
 def test_help_and_the_cache_commands_start_without_torch(tmp_path):
     """`pipeline --help`, `pipeline cache --help` and a cache command import no torch (seconds at each
     start): the stages are imported inside the commands that need them."""

@@ -48,3 +48,10 @@ def test_small_set_bench_quick_mode_writes_its_rows(tmp_path):
     assert row["artifact"] == "upsample" and row["method"] == "egre" and row["n"] == 32
     assert row["selection"] == "last" and 0 <= row["ap"] <= 1
     assert (tmp_path / "small_set-current-quick.md").is_file()
+
+
+def test_ddp_bench_quick_mode_measures_both_methods_at_one_and_two_ranks(tmp_path):
+    r = run_bench("ddp.py", out=tmp_path)
+    assert {(x["method"], x["ranks"]) for x in r["rows"]} == {(m, n) for m in ("egre", "lol") for n in (1, 2)}
+    assert all(x["samples_per_s"] > 0 and x["rows"] > 0 for x in r["rows"])
+    assert (tmp_path / "ddp-cpu-quick.md").is_file()
