@@ -49,7 +49,7 @@ from stages.detectors import backbone, lol
 from stages.detectors import method as method_registry
 from stages.detectors.method import Hparams
 from stages.features import sd
-from stages.runs import batches, cachedata, calibrate, checkpoint, choice
+from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, curves, listing
 from stages.runs.batches import READ_WORKERS, EpochBatches, make_inputs
 from stages.runs.checkpoint import (
     Run,
@@ -371,6 +371,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
             f"epoch {epoch}: loss {loss:.4f}, validation AUC {v['auc']:.4f} AP {v['ap']:.4f} "
             f"ACC {v['acc']:.4f} ({'last epoch kept' if no_selection else f'best epoch {best}'})"
         )
+        curves.update(run, best, log)  # TensorBoard events and curves.png, from the records
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
             log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
             return run
@@ -402,6 +403,7 @@ def open_run_dir(run: Path, params: RunParams, sample: dict) -> None:
         atomic_json(run / "params.json", {**params, "created_at": now()})
     if not (run / "sample.json").is_file():
         atomic_json(run / "sample.json", sample)
+    listing.started(run)  # `pipeline runs` tells a failed run from a stopped one
 
 
 def optimiser(model: torch.nn.Module, hp: Hparams, plateau: bool):
@@ -498,3 +500,4 @@ def finish_run(
     }  # fmt: skip
     atomic_json(trained.path / "done.json", done)
     calibrate.record(trained, data, val_rows, VAL_BATCH, log)
+    card.publish(trained.path)  # README.md, then the run manifest (written last)
