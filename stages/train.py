@@ -8,6 +8,11 @@
       epoch-NNN.json               written last: the epoch is finished; loss, validation scores,
                                    param groups, the plateau schedule's state
       done.json                    the run is complete (last and best epoch); a rerun returns at once
+      calibration.json             thresholds fit on the validation slice (stages.runs.calibrate)
+      curves.png, tensorboard/     the training curves, redrawn after every epoch (stages.runs.curves)
+      README.md                    the model card (stages.runs.card), written when the run finishes
+      run-manifest.json            written last: every file's checksum (pipeline.runstore)
+      failed.json                  only after `pipeline train` ended in an error (stages.runs.listing)
 
 Model selection never looks at a test set: a seeded, label-stratified slice of the TRAIN split
 (--val-fraction) is held out and scored after every epoch (AUC, AP, ACC@0.5, log loss). The best
