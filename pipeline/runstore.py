@@ -13,17 +13,17 @@ card of `eval`, `calibrate`) updates the entries of the files it wrote, and only
 since keeps its old checksum and is still refused. A run without a manifest (still training, or made
 before manifests existed) is read as before, unchecked; `run push` seals it first.
 
-Reading a run at a URL (`--checkpoint s3://...`, `https://.../run.zip`, a `file://` folder) copies
-into a temporary folder what the command needs: every JSON record and the weights of the epochs
-asked for (not the optimizer state), each checked against the manifest as it arrives; the folder is
-removed when the command ends. Nothing is executed: safetensors and JSON only.
+Reading a run at a URL (`--checkpoint s3://...`, `https://.../run.zip`) copies into a temporary
+folder what the command needs: every JSON record, the card, and the weights of the epochs asked for
+(not the optimizer state, not the curves), each checked against the manifest as it arrives; the
+folder is removed when the command ends. A local folder (or `file://`) is read where it is.
+Nothing is executed: safetensors and JSON only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import posixpath
 import re
 import tempfile
@@ -39,7 +39,7 @@ from tqdm import tqdm
 from pipeline.errors import UserError
 from pipeline.fingerprint import checksum_bytes, checksum_file
 from pipeline.share import CopyReport, _Target
-from pipeline.storage import atomic_write, now, open_fs, parse_json, safe_key
+from pipeline.storage import atomic_write, fsspec_url, now, open_fs, parse_json, safe_key
 
 MANIFEST = "run-manifest.json"
 KIND = "lare-pipeline run"
@@ -171,7 +171,7 @@ def locate(url: str, writable: bool = False) -> tuple[fsspec.AbstractFileSystem,
 def local_dir(url: str) -> Path | None:
     """The folder `url` names on this machine (a path or file://), or None for a URL or a zip."""
     path = url[len("file://") :] if url.startswith("file://") else url
-    return Path(path) if "://" not in path and os.path.isdir(path) else None
+    return Path(path) if "://" not in path and fsspec_url(path) == path else None
 
 
 def verify(url: str, jobs: int = 8, progress: bool = False) -> list[str]:
@@ -219,8 +219,9 @@ def needed_epochs(done: dict[str, Any] | None, choice: str, listed: list[int]) -
 def opened(url: str | Path, epoch: str | int = "best") -> Iterator[Path]:
     """The local folder a command reads the run at `url` from (see the module docstring).
 
-    A local run folder is itself, its manifest (if any) checked for the files the command reads; a
-    URL is copied, checked, into a temporary folder named like the run, removed on the way out."""
+    A local run folder is itself, its manifest (if any) checked for the files the command reads (one
+    without a manifest, or no run at all, is left to the command to judge, as before); a URL is
+    copied, checked, into a temporary folder named like the run, removed on the way out."""
     url = str(url)
     local = local_dir(url)
     if local is not None and not (local / MANIFEST).is_file():
@@ -229,7 +230,7 @@ def opened(url: str | Path, epoch: str | int = "best") -> Iterator[Path]:
     fs, root = (_local_fs(), str(local)) if local is not None else locate(url)
     manifest = read_manifest(fs, root, url)
     files = manifest["files"]
-    records = {k for k in files if not k.endswith(".safetensors")}
+    records = {k for k in files if k.endswith(".json") or k == "README.md"}  # not the curves
     done = None
     if "done.json" in files:
         done = parse_json(_checked(fs, root, url, "done.json", files["done.json"]), f"{url}/done.json")
@@ -286,6 +287,8 @@ def copy_run(
     start = time.perf_counter()
     local = local_dir(src_url)
     if local is not None and not (local / MANIFEST).is_file():
+        if not (local / "params.json").is_file():
+            raise UserError(f"{src_url} is not a run directory (no params.json)")
         if not (local / "done.json").is_file():
             raise UserError(
                 f"{src_url} has not finished training (no done.json): only finished runs are shared"

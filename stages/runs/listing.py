@@ -137,6 +137,7 @@ def table(rows: list[RunRow]) -> str:
 
 
 # ---- two runs side by side --------------------------------------------------------------------
+ABSENT = "(absent)"  # a key one run's records lack
 NOT_COMPARED = ("created_at", "fingerprint")  # differ between any two runs; the fingerprint is shown apart
 
 
@@ -156,7 +157,7 @@ def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def diff(a: Path, b: Path) -> dict[str, tuple[Any, Any]]:
     """What differs between two runs' parameters and inputs (params.json, flattened to dotted keys:
-    hparams.lr, caches[0].lare...), and their outcome (done.json); `-` where one lacks the key."""
+    hparams.lr, caches[0].lare...), and their outcome (done.json); ABSENT where one lacks the key."""
     for run in (a, b):
         if not (run / "params.json").is_file():
             raise UserError(f"{run} is not a run directory (no params.json)")
@@ -171,9 +172,9 @@ def diff(a: Path, b: Path) -> dict[str, tuple[Any, Any]]:
         )
     keys = sorted(set(sides[0]) | set(sides[1]))
     return {
-        k: (sides[0].get(k, "-"), sides[1].get(k, "-"))
+        k: (sides[0].get(k, ABSENT), sides[1].get(k, ABSENT))
         for k in keys
-        if sides[0].get(k, "-") != sides[1].get(k, "-")
+        if sides[0].get(k, ABSENT) != sides[1].get(k, ABSENT)
     }
 
 
@@ -182,7 +183,11 @@ def diff_text(a: Path, b: Path, differences: Mapping[str, tuple[Any, Any]]) -> s
         return f"{a.name} and {b.name}: same parameters and inputs"
     width = max(len(k) for k in differences)
     lines = [f"{'':{width}}  A: {a.name}", f"{'':{width}}  B: {b.name}"]
+
+    def shown(v: Any) -> str:
+        return v if v == ABSENT else json.dumps(v)
+
     for k, (va, vb) in differences.items():
-        lines.append(f"{k:{width}}  A: {json.dumps(va)}")
-        lines.append(f"{'':{width}}  B: {json.dumps(vb)}")
+        lines.append(f"{k:{width}}  A: {shown(va)}")
+        lines.append(f"{'':{width}}  B: {shown(vb)}")
     return "\n".join(lines)
