@@ -239,6 +239,8 @@ def opened(url: str | Path, epoch: str | int = "best") -> Iterator[Path]:
     wanted &= set(files)
     if local is not None:
         for key in sorted(wanted):
+            if not (local / key).is_file():
+                raise UserError(f"{url}: {key} is missing (listed in {MANIFEST})")
             if checksum_file(local / key) != files[key]["xxh3"]:
                 raise _damaged(url, key)
         yield local

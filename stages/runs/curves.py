@@ -1,6 +1,6 @@
 """A run's training curves: TensorBoard event files and `curves.png`, redrawn after every epoch.
 
-    <run>/tensorboard/events.out.tfevents.<...>.epoch-NNN   one file per epoch, step = the epoch
+    <run>/tensorboard/events.out.tfevents.<epoch>.lare-pipeline.epoch-NNN   one file per epoch (step)
     <run>/curves.png                                        loss and validation metrics per epoch
 
 Both are drawn from the epoch records (`epoch-NNN.json`), the run's truth, not from memory: after
@@ -45,6 +45,13 @@ def scalars(record: EpochRecord) -> dict[str, float]:
     return out
 
 
+def event_file(epoch: int) -> str:
+    """An epoch's event file, named by the epoch: TensorBoard reads a folder's files in name order,
+    and the names it writes itself (time, host, pid, a counter) do not sort by epoch when several
+    epochs are written in one second (a resumed run catching up) or the counter gains a digit."""
+    return f"events.out.tfevents.{epoch:010d}.lare-pipeline.epoch-{epoch:03d}"
+
+
 def logged_epochs(run: Path) -> set[int]:
     """Epochs that have their event file in the run."""
     folder = run / EVENTS
@@ -81,8 +88,8 @@ def write_events(run: Path, records: dict[int, EpochRecord], log=print) -> None:
             for tag, value in scalars(records[epoch]).items():
                 writer.add_scalar(tag, value, global_step=epoch)
             writer.close()
-            for name in os.listdir(scratch):
-                shutil.move(os.path.join(scratch, name), folder / name)
+            (written,) = os.listdir(scratch)
+            shutil.move(os.path.join(scratch, written), folder / event_file(epoch))
 
 
 def draw(out: Path, records: dict[int, EpochRecord], best: int | None) -> Path:
