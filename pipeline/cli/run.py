@@ -28,8 +28,7 @@ def push(
     jobs: Jobs = 4,
 ) -> None:
     """Copy a run to URL: only the files missing or different there, its run-manifest.json last."""
-    report = runstore.copy_run(run, url, jobs=jobs)
-    typer.echo(report.line("pushed", run, url).replace("objects", "files"))
+    _copy("pushed", run, url, jobs)
 
 
 @app.command()
@@ -39,8 +38,12 @@ def pull(
     jobs: Jobs = 4,
 ) -> None:
     """Copy a run from URL into a local run directory: only what differs, checked, the manifest last."""
-    report = runstore.copy_run(url, folder, jobs=jobs)
-    typer.echo(report.line("pulled", url, folder).replace("objects", "files"))
+    _copy("pulled", url, folder, jobs)
+
+
+def _copy(verb: str, src: str, dst: str, jobs: int) -> None:
+    report = runstore.copy_run(src, dst, jobs=jobs)
+    typer.echo(report.line(verb, src, dst).replace("objects", "files"))
 
 
 @app.command("verify")

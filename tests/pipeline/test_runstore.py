@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -17,25 +16,14 @@ import pytest
 from pipeline import runstore, share
 from pipeline.errors import UserError
 from tests.helpers import ONE_THREAD, run_cli
-from tests.servers import guarded_env, loopback, moto_s3, range_http, s3_env
+from tests.servers import guarded_env, range_http, s3_in_environment
 
 
 @pytest.fixture(scope="module")
 def s3():
     """The loopback S3 server, its endpoint and dummy credentials in the environment, a bucket."""
-    loopback.install()
-    saved = dict(os.environ)
-    with moto_s3() as endpoint:
-        env = s3_env(endpoint)
-        os.environ.update(env)
-        import s3fs
-
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.mkdir("team")
-        yield {"fs": fs, "env": {**env, **guarded_env(), **ONE_THREAD}}
-    os.environ.clear()
-    os.environ.update(saved)
-    loopback.uninstall()
+    with s3_in_environment("team") as served:
+        yield {**served, "env": {**served["env"], **ONE_THREAD}}
 
 
 @pytest.fixture
