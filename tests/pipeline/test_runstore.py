@@ -184,3 +184,25 @@ def test_an_interrupted_push_leaves_no_manifest_and_a_rerun_copies_the_rest(run,
     total = len(json.loads((run / runstore.MANIFEST).read_text())["files"])
     assert (rest.skipped, rest.copied) == (3, total - 3)
     assert runstore.verify(str(dst)) == []
+
+
+def test_every_local_url_kind_opens_to_the_run_checked(run, tmp_path):
+    """A folder and file:// are read where they are; a zip (the run's folder inside, or its files at
+    the root) is read into a temporary folder named like the run: the records, the card and the
+    weights of the epoch asked for, no optimizer state, no curves; gone afterwards."""
+    for url in (str(run), f"file://{run}"):
+        with runstore.opened(url) as folder:
+            assert folder == run
+    inside = _zip_folder(run, tmp_path / "inside.zip")
+    flat = tmp_path / "flat.zip"
+    with zipfile.ZipFile(flat, "w") as z:
+        for p in sorted(run.rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(run).as_posix())
+    for archive in (inside, flat, f"file://{flat}"):
+        with runstore.opened(str(archive), "last") as view:
+            assert view.name == run.name and view != run
+            assert (view / "params.json").read_bytes() == (run / "params.json").read_bytes()
+            assert sorted(p.name for p in view.glob("*.safetensors")) == ["epoch-002.safetensors"]
+            assert not (view / "curves.png").exists() and not (view / "tensorboard").exists()
+        assert not view.exists()
