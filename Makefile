@@ -97,6 +97,7 @@ demo: install
 			--out $(DEMO)/results --no-progress || exit 1; \
 	done
 	$(BIN)/pipeline report $(DEMO)/results --out $(DEMO)/results/matrix.png
+	$(BIN)/pipeline runs $(DEMO)/runs
 
 test: install
 	$(BIN)/python -m pytest -q -n 2

@@ -31,7 +31,7 @@ from pipeline.fingerprint import code_version, fingerprint
 from stages.detectors import method as method_registry
 from stages.features import perturb as perturb_stage
 from stages.features import sd
-from stages.runs import batches, cachedata, calibrate, checkpoint, choice, distributed
+from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, distributed
 from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
 CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
@@ -254,6 +254,8 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
         atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
         log(f"{run.name} on {src.subset} [{result['test_perturb']}]: {summary(result)} -> {stem}.json")
         results.append(result)
+    if main:  # a section per test set in the run's model card
+        card.add_results(run.path, results)
     return results
 
 

@@ -8,6 +8,11 @@
       epoch-NNN.json               written last: the epoch is finished; loss, validation scores,
                                    param groups, the plateau schedule's state
       done.json                    the run is complete (last and best epoch); a rerun returns at once
+      calibration.json             thresholds fit on the validation slice (stages.runs.calibrate)
+      curves.png, tensorboard/     the training curves, redrawn after every epoch (stages.runs.curves)
+      README.md                    the model card (stages.runs.card), written when the run finishes
+      run-manifest.json            written last: every file's checksum (pipeline.runstore)
+      failed.json                  only after `pipeline train` ended in an error (stages.runs.listing)
 
 Model selection never looks at a test set: a seeded, label-stratified slice of the TRAIN split
 (--val-fraction) is held out and scored after every epoch (AUC, AP, ACC@0.5, log loss). The best
@@ -50,7 +55,7 @@ from stages.detectors import backbone, lol
 from stages.detectors import method as method_registry
 from stages.detectors.method import Hparams
 from stages.features import sd
-from stages.runs import batches, cachedata, calibrate, checkpoint, choice, distributed
+from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, curves, distributed, listing
 from stages.runs.batches import READ_WORKERS, EpochBatches, make_inputs
 from stages.runs.checkpoint import (
     Run,
@@ -415,6 +420,8 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
             f"epoch {epoch}: loss {loss:.4f}, validation AUC {v['auc']:.4f} AP {v['ap']:.4f} "
             f"ACC {v['acc']:.4f} ({'last epoch kept' if no_selection else f'best epoch {best}'})"
         )
+        if main:  # TensorBoard events and curves.png, from the records
+            curves.update(run, best, log)
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
             log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
             return run
@@ -448,6 +455,7 @@ def open_run_dir(run: Path, params: RunParams, sample: dict) -> None:
         atomic_json(run / "params.json", {**params, "created_at": now()})
     if not (run / "sample.json").is_file():
         atomic_json(run / "sample.json", sample)
+    listing.started(run)  # `pipeline runs` tells a failed run from a stopped one
 
 
 def optimiser(model: torch.nn.Module, hp: Hparams, plateau: bool):
@@ -570,3 +578,5 @@ def finish_run(
     write = atomic_json if distributed.world().main else lambda *a: None
     distributed.agree(write, trained.path / "done.json", done)
     calibrate.record(trained, data, val_rows, VAL_BATCH, log)
+    if distributed.world().main:  # README.md, then the run manifest (written last)
+        card.publish(trained.path)

@@ -53,6 +53,28 @@ def moto_s3():
         server.stop()
 
 
+@contextmanager
+def s3_in_environment(bucket: str):
+    """The loopback S3 server with its endpoint and dummy credentials in os.environ (restored after),
+    the loopback guard on, and `bucket` made; yields {"fs": an s3fs filesystem, "env": the variables
+    a `pipeline` subprocess needs, the guard included}."""
+    loopback.install()
+    saved = dict(os.environ)
+    try:
+        with moto_s3() as endpoint:
+            env = s3_env(endpoint)
+            os.environ.update(env)
+            import s3fs
+
+            fs = s3fs.S3FileSystem(skip_instance_cache=True)
+            fs.mkdir(bucket)
+            yield {"fs": fs, "env": {**env, **guarded_env()}}
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        loopback.uninstall()
+
+
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """Static files with `Range: bytes=a-b` answered by 206 Partial Content; counts what it served."""
 
@@ -96,4 +118,4 @@ def range_http(directory: Path):
         server.server_close()
 
 
-__all__ = ["loopback", "moto_s3", "range_http", "s3_env", "guarded_env", "LOOPBACK_SITE"]
+__all__ = ["loopback", "moto_s3", "range_http", "s3_env", "s3_in_environment", "guarded_env", "LOOPBACK_SITE"]

@@ -1,7 +1,8 @@
 """The `pipeline` command: extract caches; inspect, verify and share them; train, evaluate, report, detect.
 
 One module per group of commands: extract (extract, synth), cache (the `cache` group), runs (train,
-eval, calibrate, report, detect), study (robustness); options holds every option they share,
+eval, calibrate, report, detect), run (the `run` group: push, pull, verify; and `runs`, the table
+of runs), study (robustness); options holds every option they share,
 declared once, and the --help defaults read from the stages' config dataclasses.
 
 Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError), never a traceback.
@@ -19,7 +20,7 @@ import sys
 
 import typer
 
-from pipeline.cli import cache, extract, runs, study
+from pipeline.cli import cache, extract, run, runs, study
 from pipeline.errors import UserError, first_line
 
 app = typer.Typer(
@@ -32,6 +33,8 @@ app.add_typer(extract.app)
 app.add_typer(runs.app)
 app.add_typer(study.app)
 app.add_typer(cache.app, name="cache")
+app.add_typer(run.app, name="run")
+app.add_typer(run.table_app)
 
 # botocore's credential errors are not OSErrors; named, so that botocore need not be imported.
 _STORAGE_ACCESS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}

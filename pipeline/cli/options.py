@@ -230,7 +230,14 @@ MaxPerClass = Annotated[
 
 # --- reading caches and runs (train, eval, calibrate, detect) -------------------------------------
 ExtraCaches = Annotated[list[str] | None, typer.Argument(help="More caches, as if given after --from-cache.")]
-Checkpoint = Annotated[str, typer.Option("--checkpoint", help="A finished run directory.")]
+Checkpoint = Annotated[
+    str,
+    typer.Option(
+        "--checkpoint",
+        help="A finished run: its directory or URL (file://, s3://, https://, a .zip), checked against "
+        "its run-manifest.json.",
+    ),
+]
 NoVerify = Annotated[
     bool,
     typer.Option(

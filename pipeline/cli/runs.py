@@ -5,11 +5,13 @@ the options given and calls its `run_*`; the options not given keep the config's
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from pipeline import runstore
 from pipeline.cli.options import (
     Backbone,
     BackboneWeights,
@@ -169,7 +171,14 @@ def train(
             generators=tuple(g.strip() for g in generators.split(",") if g.strip()) if generators else None,
         ),
     )  # fmt: skip
-    run = run_train(cfg, log=log)
+    from stages.runs import listing
+
+    try:
+        run = run_train(cfg, log=log)
+    except Exception as e:  # the run directory (if there is one yet) says so to `pipeline runs`
+        if distributed.world().main:
+            listing.failed(e)
+        raise
     if distributed.world().main:  # under torchrun: rank 0 speaks
         typer.echo(str(run))
 
@@ -210,7 +219,8 @@ def eval_(
         **given(out=out, split=split, batch_size=batch_size, epoch=epoch, device=device, progress=progress,
                 threshold=threshold),
     )  # fmt: skip
-    run_eval(cfg, log=typer.echo)
+    with runstore.opened(cfg.checkpoint, cfg.epoch) as local:  # a URL: checked, read into a temp folder
+        run_eval(replace(cfg, checkpoint=local), log=typer.echo)
 
 
 @app.command(cls=help_defaults("stages.runs.calibrate:CalibrateConfig"))
@@ -231,10 +241,14 @@ def calibrate(
     from stages.runs.calibrate import FILE, CalibrateConfig, run_calibrate
 
     cfg = CalibrateConfig(checkpoint, from_cache or None, verify=not no_verify, **given(device=device))
-    record = run_calibrate(cfg, log=log)
+    runstore.require_writable(checkpoint, "pipeline calibrate")
+    with runstore.opened(checkpoint, "best") as local:
+        record = run_calibrate(replace(cfg, checkpoint=local), log=log)
+        if runstore.local_dir(checkpoint) is None:  # a URL: the new files go back, the manifest last
+            runstore.copy_run(str(local), checkpoint, progress=False, origin=checkpoint)
     for name, value in record["thresholds"].items():
         typer.echo(f"{name}: {value:.6g}")
-    typer.echo(f"wrote {Path(checkpoint) / FILE}")
+    typer.echo(f"wrote {checkpoint.rstrip('/')}/{FILE}")
 
 
 @app.command(cls=help_defaults())
@@ -289,6 +303,7 @@ def detect(
         **given(out=out, threshold=threshold, batch_size=batch_size, epoch=epoch, device=device,
                 progress=progress),
     )  # fmt: skip
-    scored, failed = run_detect(cfg, log=log)
+    with runstore.opened(cfg.checkpoint, cfg.epoch) as local:  # a URL: checked, read into a temp folder
+        scored, failed = run_detect(replace(cfg, checkpoint=local), log=log)
     if distributed.world().main:
         typer.echo(f"scored {scored} image(s), {failed} unreadable -> {cfg.out}")

@@ -129,7 +129,7 @@ class CalibrateConfig:
 def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
     """`pipeline calibrate`: the calibration of a finished run, recomputed from the validation rows its
     sample.json records (a run trained before calibration existed; or to redo it)."""
-    from stages.runs import cachedata, choice
+    from stages.runs import cachedata, card, choice
     from stages.runs.checkpoint import load_run, predict
 
     run = load_run(cfg.checkpoint, resolve_device(cfg.device), "best")
@@ -151,7 +151,9 @@ def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
         np.concatenate([np.array(v["labels"], dtype=int) for v in held]),
     )
     scores = predict(run, data, rows, RESCORE_BATCH, progress=False)
-    return write(run.path, rows.label, scores, run.epoch, log)
+    record = write(run.path, rows.label, scores, run.epoch, log)
+    card.write(run.path, (FILE,))  # the model card shows the new thresholds; the manifest follows
+    return record
 
 
 @dataclass(frozen=True)

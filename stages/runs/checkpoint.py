@@ -5,6 +5,8 @@
     <run>/epoch-NNN.json         written last: the epoch is finished
     <run>/done.json              last and best epoch
     <run>/calibration.json       thresholds fit on the validation slice (stages.runs.calibrate), written after
+    <run>/README.md, curves.png, tensorboard/, evals/   model card and curves (stages.runs.card, .curves)
+    <run>/run-manifest.json      written last: every file's checksum (pipeline.runstore)
 
 Training writes these and evaluation and detection read them, all through this module (as
 nanoGPT's sample.py imports the model, not the trainer): save and load mirror each other, and the

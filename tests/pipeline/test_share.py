@@ -25,25 +25,14 @@ from pipeline.share import JOURNAL, copy_cache
 from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
 from stages.extract import run_extract
 from tests.helpers import ONE_THREAD, TINY_TRAIN, artifact_arrays, run_cli, tiny_extract, toy_index
-from tests.servers import guarded_env, loopback, moto_s3, range_http, s3_env
+from tests.servers import guarded_env, loopback, range_http, s3_in_environment
 
 
 @pytest.fixture(scope="module")
 def s3():
     """The loopback S3 server; its endpoint and dummy credentials in the environment; a bucket."""
-    loopback.install()
-    saved = dict(os.environ)
-    with moto_s3() as endpoint:
-        env = s3_env(endpoint)
-        os.environ.update(env)
-        import s3fs
-
-        fs = s3fs.S3FileSystem(skip_instance_cache=True)
-        fs.mkdir("team")
-        yield {"fs": fs, "env": {**env, **guarded_env()}}
-    os.environ.clear()
-    os.environ.update(saved)
-    loopback.uninstall()
+    with s3_in_environment("team") as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -133,6 +133,7 @@ def test_epoch_choices_that_cannot_be_served_are_one_line(egre_run, learn_set, t
     _, cache = learn_set
     old = tmp_path / "old-run"  # a run trained before validation existed: no best epoch recorded
     shutil.copytree(egre_run, old)
+    (old / "run-manifest.json").unlink()  # nor a run manifest (it came later still)
     done = json.loads((old / "done.json").read_text())
     (old / "done.json").write_text(
         json.dumps({k: v for k, v in done.items() if k not in ("best", "best_val")})

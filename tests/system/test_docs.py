@@ -167,3 +167,35 @@ def test_readme_states_the_precision_and_decode_worker_rules_with_the_stages_con
     assert f"at least 2 and at most {extract.DECODE_WORKERS})" in readme
     assert extract.loader_workers(-1, "cuda", extract.DECODE_WORKERS, gpus=1) >= 2
     assert extract.loader_workers(-1, "cpu", extract.DECODE_WORKERS) == 0
+
+
+def test_readme_share_and_compare_runs_commands_exist_with_their_options():
+    """Each `pipeline ...` line of the README's "Share and compare runs" is a command (or a command
+    of a group) whose --help shows every option the line uses."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Share and compare runs", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    used: dict[tuple[str, ...], set[str]] = {}
+    for line in block.splitlines():
+        m = re.search(r"\bpipeline ((?:run|runs) \w+|\w+)(.*?)(?:#|$)", line)
+        if m is None:
+            continue
+        words = tuple(m.group(1).split())
+        if words[0] == "runs" and words[1:] != ("diff",):
+            words = ("runs",)  # `pipeline runs DIR`: the command itself
+        used.setdefault(words, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", m.group(2)))
+    assert set(used) >= {
+        ("run", "push"),
+        ("run", "verify"),
+        ("run", "pull"),
+        ("detect",),
+        ("eval",),
+        ("runs",),
+    }
+    for words, options in used.items():
+        command = words[:1] if words == ("runs", "diff") else words
+        help_text = run_cli(*command, "--help", env={"COLUMNS": "200"}).stdout
+        for option in options:
+            assert re.search(rf"(?<![\w-]){option}(?![\w-])", help_text), (words, option)

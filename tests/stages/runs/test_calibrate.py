@@ -152,6 +152,7 @@ def test_runs_without_calibration_still_evaluate_at_0_5_and_say_so_when_asked(eg
     old = tmp_path / "old-run"
     shutil.copytree(egre_run, old)
     (old / calibrate.FILE).unlink()
+    (old / "run-manifest.json").unlink()  # such a run predates run manifests too
     common = ("--from-cache", str(learn_set[1]), "--out", str(tmp_path / "r"), "--no-progress")
     for run, message in (
         (egre_run, "has no 'balanced' threshold: 1 real + 1 generated rows"),
@@ -172,6 +173,7 @@ def test_calibrate_recomputes_a_runs_thresholds_from_its_recorded_slice(calibrat
     old = tmp_path / run.name
     shutil.copytree(run, old)
     (old / calibrate.FILE).unlink()
+    (old / "run-manifest.json").unlink()  # such a run predates run manifests too
     proc = run_cli("calibrate", "--checkpoint", str(old), "--device", "cpu", env=ONE_THREAD)
     assert (old / calibrate.FILE).read_bytes() == (run / calibrate.FILE).read_bytes()
     record = json.loads((run / calibrate.FILE).read_text())
