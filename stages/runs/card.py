@@ -134,8 +134,9 @@ def _index_entry(name: str, datasets: list[str], metrics: Mapping[str, Any]) -> 
     names = {"auc": "roc_auc", "ap": "average_precision", "acc": "accuracy"}
     return {
         "task": {"type": "image-classification", "name": "real vs generated"},
-        "dataset": {"name": name, "type": "genimage", "config": "+".join(datasets)},
-        "metrics": [{"type": t, "value": metrics[k]} for k, t in names.items() if k in metrics],
+        "dataset": {"name": name, "type": "+".join(datasets), "config": "+".join(datasets)},
+        # a metric a one-class test set cannot define (None) is left out, not written as null
+        "metrics": [{"type": t, "value": metrics[k]} for k, t in names.items() if metrics.get(k) is not None],
     }
 
 
@@ -147,8 +148,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("", "")) -> list[str]:
-    return [f"| {head[0]} | {head[1]} |", "|---|---|", *(f"| {k} | {_fmt(v)} |" for k, v in rows)]
+def _metric(value: Any) -> str:
+    """A metric's cell: None is a metric the test set cannot define (one class), said so."""
+    return "undefined" if value is None else _fmt(value)
+
+
+def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("", ""), fmt=_fmt) -> list[str]:
+    return [f"| {head[0]} | {head[1]} |", "|---|---|", *(f"| {k} | {fmt(v)} |" for k, v in rows)]
 
 
 def _grouped(name: str, groups: Mapping[str, Any]) -> list[str]:
@@ -157,7 +163,7 @@ def _grouped(name: str, groups: Mapping[str, Any]) -> list[str]:
     label = name.removeprefix("by_").replace("_", " ")
     out = [f"| {label} | {' | '.join(cols)} |", "|" + "---|" * (len(cols) + 1)]
     for group, m in groups.items():
-        out.append(f"| {group} | " + " | ".join(_fmt(m.get(c, "")) for c in cols) + " |")
+        out.append(f"| {group} | " + " | ".join(_metric(m[c]) if c in m else "" for c in cols) + " |")
     return out
 
 
@@ -267,7 +273,8 @@ def render(run: Path) -> str:
             f"({thr.get('choice')}: {thr.get('origin')}).",
             "",
         ]
-        lines += _table(sorted((k, v) for k, v in (r.get("metrics") or {}).items()), ("metric", "value"))
+        metrics = sorted((k, v) for k, v in (r.get("metrics") or {}).items())
+        lines += _table(metrics, ("metric", "value"), _metric)
         for key in sorted(k for k, v in r.items() if k.startswith("by_") and isinstance(v, dict) and v):
             lines += ["", *_grouped(key, r[key])]
         lines += [""]

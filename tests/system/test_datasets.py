@@ -336,6 +336,8 @@ def test_train_on_genimage_then_eval_and_report_per_dataset_and_generator(datase
         ]
     )
     assert row[1 + columns.index("flux")] == "n/a" and "n/a" in report and "nan" not in report.lower()
+    card = (Path(run) / "README.md").read_text()  # the run's model card: a section per test set
+    assert "### flux (test)" in card and "| ap | undefined |" in card and "| progan |" in card
 
 
 def test_train_on_several_datasets_and_chosen_generators(datasets, tmp_path):
