@@ -47,6 +47,10 @@ def moto_s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    import urllib.request
+
+    # moto keeps its buckets in-process, across servers: each server starts from none (moto's reset API)
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
     try:
         yield f"http://{host}:{port}"
     finally:

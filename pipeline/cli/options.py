@@ -45,7 +45,7 @@ def _text(value: Any) -> str:
     if value is None:
         return "none"
     if isinstance(value, (tuple, list)):
-        return ",".join(map(str, value))
+        return ",".join(map(str, value)) or "none"
     return str(value)
 
 
