@@ -1,5 +1,6 @@
-"""`pipeline robustness`: a whole study in one command. Its extraction and training options are the
-very options of extract and train (pipeline.cli.options), passed on to their configs."""
+"""`pipeline robustness` and `pipeline reproduce`: a whole study, or a paper's table, in one command.
+Their extraction and training options are the very options of extract and train (pipeline.cli.options),
+passed on to their configs."""
 
 from __future__ import annotations
 
@@ -96,3 +97,71 @@ def robustness(
     typer.echo(f"wrote {csv_path}")
     for f in figures:
         typer.echo(f"wrote {f}")
+
+
+@app.command(
+    cls=help_defaults(
+        "stages.reproduce:ReproduceConfig",
+        "stages.train:TrainConfig",
+        "stages.extract:ExtractConfig",
+        extract_batch_size="stages.extract:ExtractConfig.batch_size",
+    )
+)
+def reproduce(
+    table: Annotated[
+        str, typer.Argument(help="lol-table1, lol-table2, lol-table3, lare2 or lare2-reference.")
+    ],
+    data_root: DataRoot,
+    out: Annotated[
+        str | None, typer.Option(help="Folder for runs/, results/ and <TABLE>.md/.csv/.png.")
+    ] = None,
+    subsets: Annotated[
+        str | None,
+        typer.Option(help="Test subsets (lol-table1 also trains on each): 'sdv14,adm'; default all eight."),
+    ] = None,
+    scale: Annotated[
+        float | None, typer.Option(help="Train on this fraction of the paper's images per class (cheaper).")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the plan (what is done, what is left) and a time estimate."),
+    ] = False,
+    cache_dir: CacheDir = None,
+    model: Model = None,
+    device: Device = None,
+    size: Size = None,
+    pixel_size: PixelSize = None,
+    preprocess: Preprocess = None,
+    ensemble: Ensemble = None,
+    extract_batch_size: ExtractBatchSize = None,
+    rows_per_shard: RowsPerShard = None,
+    seed: Seed = None,
+    backbone: Backbone = None,
+    backbone_weights: BackboneWeights = None,
+    epochs: Epochs = None,
+    batch_size: TrainBatchSize = None,
+    lr: Lr = None,
+    crop_size: CropSize = None,
+    progress: Progress = None,
+) -> None:
+    """A paper's table: extract what is missing, train, evaluate; ours beside the paper's (md, csv, png)."""
+    usable_device(device)
+    from stages.reproduce import ReproduceConfig, plan_text, run_reproduce
+
+    cfg = ReproduceConfig(
+        table=table, data_root=str(data_root),
+        subsets=None if subsets is None else [s for s in subsets.split(",") if s.strip()],
+        **given(out=out, scale=scale, progress=progress),
+        extract=given(cache_dir=cache_dir, model=model, device=device, size=size, pixel_size=pixel_size,
+                      preprocess=preprocess, ensemble=ensemble, batch_size=extract_batch_size,
+                      rows_per_shard=rows_per_shard, seed=seed),
+        train=given(backbone=backbone, backbone_weights=backbone_weights, epochs=epochs, lr=lr,
+                    batch_size=batch_size, crop_size=crop_size, seed=seed, device=device),
+    )  # fmt: skip
+    cfg.protocol()  # a bad TABLE or --scale fails before anything is computed
+    cfg.tests()
+    if dry_run:
+        typer.echo(plan_text(cfg))
+        return
+    for path in run_reproduce(cfg, log=log):
+        typer.echo(f"wrote {path}")
