@@ -58,6 +58,7 @@ GENIMAGE = tuple(index_stage.SUBSETS)  # the eight subsets, in the order of LoL'
 TOLERANCE_POINTS = 2.0  # percentage points a cell may differ where the paper prints no std
 LOL_PER_CLASS = cast(int, lol.DEFAULTS["max_per_class"])  # 1,600 real + 1,600 generated (Sec. 4.4)
 FULL_SDV14_TRAIN = 323_994  # LoL Table 2's 100% row: every image of SD v1.4's train split
+GENIMAGE_TRAIN_PER_CLASS = FULL_SDV14_TRAIN // 2  # a GenImage subset's train split, per class (about)
 VOLUMES = (400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 64_000, 160_000, FULL_SDV14_TRAIN)
 BACKBONES = ("RN50", "RN101", "ViT-L-14")  # open_clip's names of LoL's three towers
 MASKS = ((0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0))
@@ -161,11 +162,9 @@ class ReproduceConfig:
             out.append(f"subsets {', '.join(self.tests())} (the paper: all eight)")
         if self.scale != 1:
             out.append(f"--scale {self.scale:g}: {self.scale:g} x the paper's training images per class")
-        out += [
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in sorted(self.train.items())
-            if k not in ("device", "seed")
-        ]
+        for k, v in sorted(self.train.items()):
+            if k not in ("device", "seed"):
+                out.append(f"--{k.replace('_', '-')} {v}" + (" (in every run)" if k == "backbone" else ""))
         model = self.extract.get("model")
         if model is not None and model not in ("stable-diffusion-v1-5/stable-diffusion-v1-5",):
             out.append(f"--model {model} (the reference: stable-diffusion-v1-5/stable-diffusion-v1-5)")
@@ -211,8 +210,11 @@ def _table3_trainings(cfg: ReproduceConfig) -> list[Training]:
 
 
 def _egre(subset: str) -> Callable[[ReproduceConfig], list[Training]]:
+    """EGRE trains on the whole train split; at --scale F on F x GENIMAGE_TRAIN_PER_CLASS per class."""
+
     def trainings(cfg: ReproduceConfig) -> list[Training]:
-        return [Training(subset, "", subset)]
+        scaled = () if cfg.scale == 1 else (("max_per_class", cfg.per_class(GENIMAGE_TRAIN_PER_CLASS)),)
+        return [Training(subset, "", subset, scaled)]
 
     return trainings
 

@@ -4,7 +4,7 @@ passed on to their configs."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -36,6 +36,21 @@ from pipeline.cli.options import (
 )
 
 app = typer.Typer()
+
+EXTRACT_OPTIONS = ("cache_dir", "model", "device", "size", "pixel_size", "preprocess", "ensemble",
+                   "extract_batch_size", "rows_per_shard", "seed")  # fmt: skip
+TRAIN_OPTIONS = ("backbone", "backbone_weights", "epochs", "lr", "batch_size", "crop_size", "max_per_class",
+                 "seed", "device")  # fmt: skip
+
+
+def stage_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A study command's extraction and training options (its arguments, `locals()`), those the user
+    gave, as the ExtractConfig and TrainConfig fields of its config (its `extract` and `train`)."""
+    renamed = {"extract_batch_size": "batch_size"}  # extract's --batch-size, beside train's
+    return (
+        given(**{renamed.get(k, k): options.get(k) for k in EXTRACT_OPTIONS}),
+        given(**{k: options.get(k) for k in TRAIN_OPTIONS}),
+    )
 
 
 @app.command(
@@ -81,16 +96,11 @@ def robustness(
     usable_device(device)
     from stages.robustness import RobustnessConfig, run_robustness
 
+    extract, train = stage_options(locals())
     cfg = RobustnessConfig(
         data_root=str(data_root), train_subset=train_subset,
         test_subsets=[s for item in test_subsets for s in item.split(",") if s.strip()],
-        **given(grid=grid, method=method, out=out, progress=progress),
-        extract=given(cache_dir=cache_dir, model=model, device=device, size=size, pixel_size=pixel_size,
-                      preprocess=preprocess, ensemble=ensemble, batch_size=extract_batch_size,
-                      rows_per_shard=rows_per_shard, seed=seed),
-        train=given(backbone=backbone, backbone_weights=backbone_weights, epochs=epochs, lr=lr,
-                    batch_size=batch_size, crop_size=crop_size, max_per_class=max_per_class, seed=seed,
-                    device=device),
+        **given(grid=grid, method=method, out=out, progress=progress), extract=extract, train=train,
     )  # fmt: skip
     cfg.conditions()  # a bad --grid fails before anything is computed
     csv_path, figures = run_robustness(cfg, log=log)
@@ -148,15 +158,11 @@ def reproduce(
     usable_device(device)
     from stages.reproduce import ReproduceConfig, plan_text, run_reproduce
 
+    extract, train = stage_options(locals())
     cfg = ReproduceConfig(
         table=table, data_root=str(data_root),
         subsets=None if subsets is None else [s for s in subsets.split(",") if s.strip()],
-        **given(out=out, scale=scale, progress=progress),
-        extract=given(cache_dir=cache_dir, model=model, device=device, size=size, pixel_size=pixel_size,
-                      preprocess=preprocess, ensemble=ensemble, batch_size=extract_batch_size,
-                      rows_per_shard=rows_per_shard, seed=seed),
-        train=given(backbone=backbone, backbone_weights=backbone_weights, epochs=epochs, lr=lr,
-                    batch_size=batch_size, crop_size=crop_size, seed=seed, device=device),
+        **given(out=out, scale=scale, progress=progress), extract=extract, train=train,
     )  # fmt: skip
     cfg.protocol()  # a bad TABLE or --scale fails before anything is computed
     cfg.tests()

@@ -158,6 +158,26 @@ def test_lol_table1_end_to_end_at_a_tiny_scale_then_up_to_date_then_a_changed_sc
     )  # runs anew, caches kept
 
 
+@pytest.mark.slow
+def test_lare2_trains_egre_on_sdv14_at_a_tiny_scale_and_says_its_papers_figures_are_absent(tmp_path):
+    for seed, subset in enumerate(("sdv14", "adm")):
+        make_genimage(tmp_path / "data", subset, {"train": 6, "val": 3}, seed=seed)
+    out = tmp_path / "out"
+    tiny = [a if a != "5" else "2" for a in TINY]  # EGRE scores its best epoch: two suffice
+    run_cli("reproduce", "lare2", "--data-root", str(tmp_path / "data"), "--subsets", "sdv14,adm", "--scale",
+            "0.001", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *tiny, env=ONE_THREAD)  # fmt: skip
+    with open(out / "lare2.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["verdict"] for r in rows} == {"no paper figure"} and len(rows) == 6
+    (result,) = [json.loads(p.read_text()) for p in (out / "results").glob("*__adm-*.json")]
+    assert result["method"] == "egre" and result["train_subsets"] == ["sdv14"]
+    assert result["epoch_choice"] == "best" and float(rows[1]["ours_%"]) == pytest.approx(
+        100 * result["metrics"]["acc"], abs=0.01
+    )
+    md = (out / "lare2.md").read_text()
+    assert papers.LARE2_ABSENT in md and "no cell has a paper figure to compare with" in md
+
+
 def test_make_reproduce_runs_the_command(tmp_path):
     make_genimage(tmp_path / "data", "sdv14", {"train": 2, "val": 1})
     import subprocess
