@@ -164,8 +164,9 @@ def test_lare2_trains_egre_on_sdv14_at_a_tiny_scale_and_says_its_papers_figures_
         make_genimage(tmp_path / "data", subset, {"train": 6, "val": 3}, seed=seed)
     out = tmp_path / "out"
     tiny = [a if a != "5" else "2" for a in TINY]  # EGRE scores its best epoch: two suffice
-    run_cli("reproduce", "lare2", "--data-root", str(tmp_path / "data"), "--subsets", "sdv14,adm", "--scale",
-            "0.001", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *tiny, env=ONE_THREAD)  # fmt: skip
+    args = ["reproduce", "lare2", "--data-root", str(tmp_path / "data"), "--subsets", "sdv14,adm", "--scale",
+            "0.001", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *tiny]  # fmt: skip
+    run_cli(*args, env=ONE_THREAD)
     with open(out / "lare2.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["verdict"] for r in rows} == {"no paper figure"} and len(rows) == 6
