@@ -179,6 +179,37 @@ def test_lare2_trains_egre_on_sdv14_at_a_tiny_scale_and_says_its_papers_figures_
     assert papers.LARE2_ABSENT in md and "no cell has a paper figure to compare with" in md
 
 
+@pytest.mark.slow
+def test_a_killed_reproduction_resumes_inside_the_run_it_was_in(tmp_path):
+    """A run of the plan interrupted after epoch 2 (as a kill leaves it): --dry-run says so, and the
+    command goes on from epoch 3 instead of starting the run again."""
+    from stages.extract import run_extract_covering
+    from stages.train import run_train
+    from tests.helpers import torch_threads
+
+    make_genimage(tmp_path / "data", "sdv14", {"train": 8, "val": 4})
+    tiny_extract = {"model": "tiny", "device": "cpu", "size": 32, "pixel_size": 64, "preprocess": "crop",
+                    "rows_per_shard": 8, "cache_dir": str(tmp_path / "cache")}  # fmt: skip
+    tiny_train = {"backbone": "tiny-RN", "backbone_weights": "random", "crop_size": 32, "lr": 1e-3,
+                  "epochs": 5, "batch_size": 4, "device": "cpu"}  # fmt: skip
+    cfg = ReproduceConfig(
+        table="lol-table1", data_root=str(tmp_path / "data"), out=str(tmp_path / "out"), subsets=["sdv14"],
+        scale=0.004, extract=tiny_extract, train=tiny_train, progress=False,
+    )  # fmt: skip
+    plan = make_plan(cfg)
+    with torch_threads(1):
+        cache = run_extract_covering(plan.extracts["sdv14"], log=lambda m: None).cache
+        tcfg = reproduce.train_config(cfg, plan, plan.trainings[0], cache)
+        tcfg.stop_after = 2
+        run = run_train(tcfg, log=lambda m: None)
+        plan_text = reproduce.plan_text(cfg)
+        assert "sdv14 on sdv14 (max_per_class 6): to train, resumes after epoch 2" in plan_text
+        logs: list[str] = []
+        reproduce.run_reproduce(cfg, log=logs.append)
+    assert f"resuming {run.name} after epoch 2" in logs
+    assert [m.split(":")[0] for m in logs if re.match(r"epoch \d+:", m)] == ["epoch 3", "epoch 4", "epoch 5"]
+
+
 def test_make_reproduce_runs_the_command(tmp_path):
     make_genimage(tmp_path / "data", "sdv14", {"train": 2, "val": 1})
     import subprocess
