@@ -476,10 +476,11 @@ def plan_text(cfg: ReproduceConfig) -> str:
         f"evaluate ({total}: each run on {len(plan.tests)} test subsets, epochs {plan.protocol.epoch}): "
         f"{done_evals} done, {total - done_evals} to do"
     )
+    estimated = f"about {_duration(seconds)}" if seconds or not unknown else ""
+    missing = f"no measured rate for {', '.join(unknown)}" if unknown else ""
     lines.append(
-        f"time: extraction about {_duration(seconds)}"
-        + (f" plus what has no figure ({', '.join(unknown)})" if unknown else "")
-        + "; training and evaluation: not estimated (bench/results holds no measured training rate)"
+        f"time: extraction {' plus '.join(p for p in (estimated, missing) if p)}; training and "
+        "evaluation: not estimated (bench/results holds no measured training rate)"
     )
     lines.append(f"output: {Path(cfg.out) / cfg.table}.md, .csv, .png")
     return "\n".join(lines)
@@ -557,6 +558,7 @@ def write_outputs(cfg: ReproduceConfig, plan: Plan, cells: list[Cell], log) -> l
     sources = sorted({c.paper.source for c in cells if c.paper})
     if sources:
         lines += ["Paper figures from: " + "; ".join(sources) + ".", ""]
+    lines += [f"Each run on each test subset: `pipeline report {Path(cfg.out) / 'results'}`.", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     figure(stem.with_suffix(".png"), cfg, plan, cells, label)
     log("\n".join(lines))
