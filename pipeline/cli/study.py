@@ -154,7 +154,11 @@ def reproduce(
     crop_size: CropSize = None,
     progress: Progress = None,
 ) -> None:
-    """A paper's table: extract what is missing, train, evaluate; ours beside the paper's (md, csv, png)."""
+    """A paper's table: extract what is missing, train, evaluate; ours beside the paper's (md, csv, png).
+
+    The table's protocol comes before the defaults shown: the class prompt and a 512 px --pixel-size,
+    each run's backbone, mask ranges and training images; an option given here applies to every run.
+    """
     usable_device(device)
     from stages.reproduce import ReproduceConfig, plan_text, run_reproduce
 
