@@ -458,7 +458,7 @@ def plan_text(cfg: ReproduceConfig) -> str:
             est = f"about {_duration(n / rate[0])} at {rate[0]:.1f} images/s ({rate[1]})"
         else:
             est = "no time estimate (" + ("no images found" if n is None else "no measured rate") + ")"
-            unknown.append(f"extract {subset}")
+            unknown.append(subset)
         lines.append(
             f"  {subset} [{', '.join(ecfg.splits)}]: to extract, {n if n is not None else '?'} images, {est}"
         )
@@ -476,10 +476,11 @@ def plan_text(cfg: ReproduceConfig) -> str:
         f"evaluate ({total}: each run on {len(plan.tests)} test subsets, epochs {plan.protocol.epoch}): "
         f"{done_evals} done, {total - done_evals} to do"
     )
-    estimated = f"about {_duration(seconds)}" if seconds or not unknown else ""
+    todo = any(c is None for c in caches.values())
+    estimated = f"about {_duration(seconds)}" if seconds else ("" if todo else "nothing to extract")
     missing = f"no measured rate for {', '.join(unknown)}" if unknown else ""
     lines.append(
-        f"time: extraction {' plus '.join(p for p in (estimated, missing) if p)}; training and "
+        f"time: extraction {', plus '.join(p for p in (estimated, missing) if p)}; training and "
         "evaluation: not estimated (bench/results holds no measured training rate)"
     )
     lines.append(f"output: {Path(cfg.out) / cfg.table}.md, .csv, .png")
