@@ -477,7 +477,9 @@ def plan_text(cfg: ReproduceConfig) -> str:
         f"{done_evals} done, {total - done_evals} to do"
     )
     todo = any(c is None for c in caches.values())
-    estimated = f"about {_duration(seconds)}" if seconds else ("" if todo else "nothing to extract")
+    estimated = (
+        f"about {_duration(seconds)}" if seconds else ("" if todo else "none left, every cache is done")
+    )
     missing = f"no measured rate for {', '.join(unknown)}" if unknown else ""
     lines.append(
         f"time: extraction {', plus '.join(p for p in (estimated, missing) if p)}; training and "
