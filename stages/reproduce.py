@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -412,11 +413,19 @@ def extraction_rate(ecfg: ExtractConfig) -> tuple[float, str] | None:
 
 
 def _images(ecfg: ExtractConfig) -> int | None:
+    """The image files under the subset's split folders, for the estimate (None: no such subset); the
+    index itself is built by extraction."""
     try:
         root = index_stage.resolve_subset_root(ecfg.data_root, ecfg.subset)
     except UserError:
         return None
-    return len(index_stage._list_files(root, ecfg.splits)[0])
+    suffixes = index_stage.IMAGE_SUFFIXES
+    return sum(
+        not name.startswith(".") and Path(name).suffix.lower() in suffixes
+        for split in ecfg.splits
+        for _, _, names in os.walk(root / split)
+        for name in names
+    )
 
 
 def _run_status(
