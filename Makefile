@@ -16,6 +16,7 @@ MODEL   ?=
 DEVICE  ?=
 METHOD  ?=
 GRID    ?=
+TABLE   ?=
 EXTRA   ?=
 DEMO    ?= demo
 RUNS    ?= runs
@@ -29,7 +30,7 @@ DEMO_TRAIN ?= --backbone tiny-RN --backbone-weights random --crop-size 32 --lr 1
 # `--option VALUE` when the variable is set, nothing (the command's default) when it is empty
 opt = $(if $(2),--$(1) $(2))
 
-.PHONY: help install extract train eval report robustness demo test test-fast lint bench bench-gpu clean-demo
+.PHONY: help install extract train eval report robustness reproduce demo test test-fast lint bench bench-gpu clean-demo
 
 help:
 	@echo "make help                         this list"
@@ -46,6 +47,7 @@ help:
 	@echo "make eval RUN=runs/<run> TEST_SUBSETS='adm biggan'   evaluate a run on caches -> \$$(RESULTS)/"
 	@echo "make report                       train x test table and \$$(RESULTS)/matrix.png"
 	@echo "make robustness GRID=lol-a4 METHOD=lol SUBSET=sdv14 TEST_SUBSETS='adm biggan'   -> \$$(RESULTS)/robustness/"
+	@echo "make reproduce TABLE=lol-table1 DATA=/data/GenImage DEVICE=cuda   a paper's table, ours beside it -> \$$(RESULTS)/reproduce/"
 	@echo "make bench                        extraction, training-I/O, loader, decode+perturb, small-set and torchrun benchmarks (bench/results/)"
 	@echo "make bench-gpu                    every GPU figure in one run, ~8 min (bench/gpu.py; needs CUDA)"
 	@echo "make clean-demo                   remove \$$(DEMO)/"
@@ -80,6 +82,11 @@ robustness: install
 		--test-subsets $(shell echo $(TEST_SUBSETS) | tr ' ' ',') $(call opt,grid,$(GRID)) \
 		$(call opt,method,$(METHOD)) --cache-dir $(CACHE) $(call opt,model,$(MODEL)) \
 		$(call opt,device,$(DEVICE)) --out $(RESULTS)/robustness $(EXTRA)
+
+reproduce: install
+	@test -n "$(TABLE)" || { echo "make reproduce needs TABLE=lol-table1|lol-table2|lol-table3|lare2|lare2-reference"; exit 2; }
+	$(BIN)/pipeline reproduce $(TABLE) --data-root $(DATA) --cache-dir $(CACHE) $(call opt,model,$(MODEL)) \
+		$(call opt,device,$(DEVICE)) --out $(RESULTS)/reproduce $(EXTRA)
 
 demo: install
 	$(BIN)/pipeline synth $(DEMO)/data --subset sdv14 --train 16 --val 8

@@ -212,7 +212,10 @@ PerturbOnly = Annotated[
 
 # --- training (train, robustness) ---------------------------------------------------------------
 Method = Annotated[str | None, typer.Option(help="egre (LaRE^2) or lol (Learning on Less).")]
-Backbone = Annotated[str | None, typer.Option(help="open_clip config: RN50, or tiny-RN for tests.")]
+Backbone = Annotated[
+    str | None,
+    typer.Option(help="open_clip config: RN50, RN101, ViT-L-14 (lol only), or tiny-RN / tiny-ViT for tests."),
+]
 BackboneWeights = Annotated[
     str | None, typer.Option(help="openai (download), random, or a local open_clip checkpoint file.")
 ]

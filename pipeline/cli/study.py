@@ -1,9 +1,10 @@
-"""`pipeline robustness`: a whole study in one command. Its extraction and training options are the
-very options of extract and train (pipeline.cli.options), passed on to their configs."""
+"""`pipeline robustness` and `pipeline reproduce`: a whole study, or a paper's table, in one command.
+Their extraction and training options are the very options of extract and train (pipeline.cli.options),
+passed on to their configs."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,6 +36,21 @@ from pipeline.cli.options import (
 )
 
 app = typer.Typer()
+
+EXTRACT_OPTIONS = ("cache_dir", "model", "device", "size", "pixel_size", "preprocess", "ensemble",
+                   "extract_batch_size", "rows_per_shard", "seed")  # fmt: skip
+TRAIN_OPTIONS = ("backbone", "backbone_weights", "epochs", "lr", "batch_size", "crop_size", "max_per_class",
+                 "seed", "device")  # fmt: skip
+
+
+def stage_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A study command's extraction and training options (its arguments, `locals()`), those the user
+    gave, as the ExtractConfig and TrainConfig fields of its config (its `extract` and `train`)."""
+    renamed = {"extract_batch_size": "batch_size"}  # extract's --batch-size, beside train's
+    return (
+        given(**{renamed.get(k, k): options.get(k) for k in EXTRACT_OPTIONS}),
+        given(**{k: options.get(k) for k in TRAIN_OPTIONS}),
+    )
 
 
 @app.command(
@@ -80,19 +96,82 @@ def robustness(
     usable_device(device)
     from stages.robustness import RobustnessConfig, run_robustness
 
+    extract, train = stage_options(locals())
     cfg = RobustnessConfig(
         data_root=str(data_root), train_subset=train_subset,
         test_subsets=[s for item in test_subsets for s in item.split(",") if s.strip()],
-        **given(grid=grid, method=method, out=out, progress=progress),
-        extract=given(cache_dir=cache_dir, model=model, device=device, size=size, pixel_size=pixel_size,
-                      preprocess=preprocess, ensemble=ensemble, batch_size=extract_batch_size,
-                      rows_per_shard=rows_per_shard, seed=seed),
-        train=given(backbone=backbone, backbone_weights=backbone_weights, epochs=epochs, lr=lr,
-                    batch_size=batch_size, crop_size=crop_size, max_per_class=max_per_class, seed=seed,
-                    device=device),
+        **given(grid=grid, method=method, out=out, progress=progress), extract=extract, train=train,
     )  # fmt: skip
     cfg.conditions()  # a bad --grid fails before anything is computed
     csv_path, figures = run_robustness(cfg, log=log)
     typer.echo(f"wrote {csv_path}")
     for f in figures:
         typer.echo(f"wrote {f}")
+
+
+@app.command(
+    cls=help_defaults(
+        "stages.reproduce:ReproduceConfig",
+        "stages.train:TrainConfig",
+        "stages.extract:ExtractConfig",
+        extract_batch_size="stages.extract:ExtractConfig.batch_size",
+    )
+)
+def reproduce(
+    table: Annotated[
+        str, typer.Argument(help="lol-table1, lol-table2, lol-table3, lare2 or lare2-reference.")
+    ],
+    data_root: DataRoot,
+    out: Annotated[
+        str | None, typer.Option(help="Folder for runs/, results/ and <TABLE>.md/.csv/.png.")
+    ] = None,
+    subsets: Annotated[
+        str | None,
+        typer.Option(help="Test subsets (lol-table1 also trains on each): 'sdv14,adm'; default all eight."),
+    ] = None,
+    scale: Annotated[
+        float | None, typer.Option(help="Train on this fraction of the paper's images per class (cheaper).")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the plan (what is done, what is left) and a time estimate."),
+    ] = False,
+    cache_dir: CacheDir = None,
+    model: Model = None,
+    device: Device = None,
+    size: Size = None,
+    pixel_size: PixelSize = None,
+    preprocess: Preprocess = None,
+    ensemble: Ensemble = None,
+    extract_batch_size: ExtractBatchSize = None,
+    rows_per_shard: RowsPerShard = None,
+    seed: Seed = None,
+    backbone: Backbone = None,
+    backbone_weights: BackboneWeights = None,
+    epochs: Epochs = None,
+    batch_size: TrainBatchSize = None,
+    lr: Lr = None,
+    crop_size: CropSize = None,
+    progress: Progress = None,
+) -> None:
+    """A paper's table: extract what is missing, train, evaluate; ours beside the paper's (md, csv, png).
+
+    The table's protocol comes before the defaults shown: the class prompt and a 512 px --pixel-size,
+    each run's backbone, mask ranges and training images; an option given here applies to every run.
+    """
+    usable_device(device)
+    from stages.reproduce import ReproduceConfig, plan_text, run_reproduce
+
+    extract, train = stage_options(locals())
+    cfg = ReproduceConfig(
+        table=table, data_root=str(data_root),
+        subsets=None if subsets is None else [s for s in subsets.split(",") if s.strip()],
+        **given(out=out, scale=scale, progress=progress), extract=extract, train=train,
+    )  # fmt: skip
+    cfg.protocol()  # a bad TABLE or --scale fails before anything is computed
+    cfg.tests()
+    if dry_run:
+        typer.echo(plan_text(cfg))
+        return
+    for path in run_reproduce(cfg, log=log):
+        typer.echo(f"wrote {path}")

@@ -1,10 +1,13 @@
-"""The CLIP ResNet image tower both detectors fine-tune, loaded through open_clip.
+"""The CLIP image tower both detectors fine-tune, loaded through open_clip.
 
-`RN50` with the `openai` weights is the papers' backbone; `--backbone-weights PATH` loads a local
-open_clip checkpoint file instead (safetensors or a torch state dict, loaded weights-only). The
-attention pool's positional embedding fixes the input size: a checkpoint loads at the crop size it
-was made for (224 for RN50). `tiny-RN` is a small config of the same ModifiedResNet class (our
-own, in stages/data/open_clip) for tests and the demo: a new architecture is a config, not a
+`RN50` with the `openai` weights is the papers' backbone; LoL's Table 2 also fine-tunes `RN101` and
+`ViT-L-14` (open_clip's names; both have `openai` weights). EGRE reads the ResNet's layer3 feature map,
+so it takes a ResNet only (`dims` says so in one line); LoL reads the image embedding alone
+(`embedding`), which a ViT has too. `--backbone-weights PATH` loads a local open_clip checkpoint file
+instead (safetensors or a torch state dict, loaded weights-only). The attention pool's (or the ViT's)
+positional embedding fixes the input size: a checkpoint loads at the crop size it was made for (224).
+`tiny-RN` and `tiny-ViT` are small configs of the same ModifiedResNet and VisionTransformer classes
+(our own, in stages/data/open_clip) for tests and the demo: a new architecture is a config, not a
 fork, so tests run the very code real runs use.
 """
 
@@ -27,7 +30,7 @@ if TYPE_CHECKING:  # open_clip has no type information: this names what load_vis
 
 CODE_ID = "stages.backbone"  # the name its code is hashed under, wherever the file lives
 
-TINY = "tiny-RN"
+TINY = "tiny-RN"  # stages/data/open_clip holds it and tiny-ViT
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -104,12 +107,12 @@ def offline_weights(arch: str, tag: str) -> str | None:
 
 
 def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module:
-    """The ModifiedResNet image tower of `spec` (attention pool sized for `image_size`)."""
+    """The image tower of `spec` (a ModifiedResNet or a VisionTransformer), sized for `image_size`."""
     import open_clip
 
     _register_configs()
     if spec.arch not in open_clip.list_models():
-        raise UserError(f"unknown backbone '{spec.arch}' (try RN50, or {TINY} for tests)")
+        raise UserError(f"unknown backbone '{spec.arch}' (try RN50, RN101, ViT-L-14, or {TINY} for tests)")
     pretrained = None if spec.weights == "random" else spec.weights
     if pretrained is not None and not Path(pretrained).is_file():
         # offline: the cached file itself (open_clip's tag settings, e.g. quick_gelu, concern the text
@@ -127,10 +130,7 @@ def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module
         raise UserError(
             f"could not load the {spec.arch} backbone weights '{spec.weights}' ({first_line(e, 2)}); {hint}"
         ) from None
-    visual = model.visual
-    if not hasattr(visual, "layer3"):
-        raise UserError(f"backbone '{spec.arch}' is not a CLIP ResNet (both methods need its layer3)")
-    return visual
+    return model.visual
 
 
 def save_random_clip(arch: str, path: str | Path, seed: int = 0, image_size: int = 224) -> Path:
@@ -161,7 +161,24 @@ def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     return (images.float() / 255 - mean_) / std_
 
 
+def embedding(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The image embedding (B, D), open_clip's own forward of the tower: a ResNet's attention pool (the
+    same layers as visual_features), a ViT's projected class token."""
+    return visual(x)
+
+
+def embedding_width(visual: nn.Module) -> int:
+    """D of `embedding`: both open_clip towers record it as `output_dim`."""
+    width: int = getattr(visual, "output_dim")  # noqa: B009 - an attribute nn.Module's stubs do not name
+    return width
+
+
 def dims(visual: ModifiedResNet) -> tuple[int, int]:
-    """(layer3 channels, embedding width)."""
+    """(layer3 channels, embedding width) of a CLIP ResNet; another tower is one line for the user."""
+    if not hasattr(visual, "layer3"):
+        raise UserError(
+            f"backbone {type(visual).__name__} is not a CLIP ResNet: egre reads its layer3 feature map "
+            "(lol takes a ViT as well)"
+        )
     c3 = visual.layer3[-1].conv3.out_channels
     return c3, visual.attnpool.c_proj.out_features

@@ -1,5 +1,10 @@
 """Learning on Less (LoL): a CLIP RN50 classifier trained on few images under a random rectangle mask.
 
+The head is a linear layer on the tower's image embedding: RN50's attention-pooled embedding, and for
+the ViT-L/14 of LoL's Table 2 its projected class token (open_clip's image embedding, the same place
+in the tower). The text says only that it used CLIP-RN50, -RN101 and -ViT-L/14 "as classifiers"; it
+is silent on where the head attaches in either, so the embedding is our choice.
+
 The mask (Algorithm 1) is drawn per training sample and applied to all channels after
 normalisation (masked pixels become 0, the mean colour). Its area is r_mask of the image and its
 aspect h/w is r_aspect, each uniform in a range per sample. The printed pseudo-code takes a square
@@ -14,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.detectors import backbone
-from stages.detectors.backbone import CLIP_MEAN, CLIP_STD, dims, visual_features
+from stages.detectors.backbone import CLIP_MEAN, CLIP_STD, embedding, embedding_width
 from stages.detectors.method import Detector, Hparams, Method, register
 
 CODE_ID = "stages.lol"  # the name its code is hashed under, wherever the file lives
@@ -30,15 +35,15 @@ ASPECT_RANGE = (0.33, 3.0)
 
 
 class LoL(Detector):
-    """CLIP image tower + a linear head on its attention-pooled embedding; one logit."""
+    """CLIP image tower (ResNet or ViT) + a linear head on its image embedding; one logit."""
 
     def __init__(self, visual: nn.Module):
         super().__init__()
         self.visual = visual
-        self.head = nn.Linear(dims(visual)[1], 1)
+        self.head = nn.Linear(embedding_width(visual), 1)
 
     def forward(self, images: torch.Tensor, lare: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(visual_features(self.visual, images)[1])[:, 0]
+        return self.head(embedding(self.visual, images))[:, 0]
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -362,8 +362,12 @@ def test_an_absurd_array_shape_is_refused_in_one_line(cache, tmp_path):
 
 
 def test_the_egre_recipe_trains_on_sd_v1_5_like_the_reference_script():
-    """README, "Reproduce the papers": the EGRE run trains on the subset the reference's script uses."""
+    """README, "Reproduce the papers": `lare2-reference` trains EGRE on the subset the reference's script
+    uses (SD v1.5), `lare2` on GenImage's (SD v1.4)."""
+    from stages.reproduce import ReproduceConfig, make_plan
+
     readme = (ROOT / "README.md").read_text()
-    recipe = readme.split("**LaRE², EGRE**", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    assert "pipeline train --from-cache cache/sdv15.zarr --method egre" in recipe
-    assert "--checkpoint runs/egre-sdv15-<fp>" in recipe
+    assert "- `lare2-reference`: the same trained on SD v1.5, as the reference's training script" in readme
+    for table, subset in (("lare2-reference", "sdv15"), ("lare2", "sdv14")):
+        plan = make_plan(ReproduceConfig(table=table, data_root="d"))
+        assert plan.protocol.method == "egre" and [t.subset for t in plan.trainings] == [subset]

@@ -1,4 +1,5 @@
-"""LoL's random rectangle mask (Algorithm 1), property-tested, and its place in the batch."""
+"""LoL's random rectangle mask (Algorithm 1), property-tested, and its place in the batch; its towers
+(the CLIP ResNets and, for Table 2, a ViT)."""
 
 from __future__ import annotations
 
@@ -127,3 +128,47 @@ def test_lol_crops_at_any_pixel_while_egre_keeps_the_map_grid(monkeypatch):
     odd = torch.randint(0, 256, (2, 3, 60, 60), dtype=torch.uint8)  # centre offset 14, off the grid
     x, _ = make_inputs("lol", HP, odd, torch.zeros(2, 4, 1, 1), False, None, aligned=True)
     assert torch.equal(x, backbone.normalise(odd[..., 14:46, 14:46], lol.CLIP_MEAN, lol.CLIP_STD))
+
+
+def test_lol_heads_the_image_embedding_of_a_resnet_or_a_vit_and_egre_refuses_a_vit():
+    import open_clip
+    import pytest
+
+    from pipeline.errors import UserError
+    from stages.detectors import egre
+
+    x = torch.randn(2, 3, 32, 32)
+    rn = backbone.load_visual(backbone.BackboneSpec("tiny-RN", "random"), 32)
+    # the ResNet's embedding is the attention pool of visual_features, bit for bit: LoL's RN50 is unchanged
+    assert torch.equal(backbone.embedding(rn, x), backbone.visual_features(rn, x)[1])
+    vit = backbone.load_visual(backbone.BackboneSpec("tiny-ViT", "random"), 32)
+    model = lol.LoL(vit)
+    assert model.head.in_features == vit.output_dim == 32 and model(x).shape == (2,)
+    with pytest.raises(UserError, match="not a CLIP ResNet: egre reads its layer3"):
+        egre.EGRE(vit, lare_channels=4, grid=2)
+    # LoL's three towers (Table 2) are open_clip configs with OpenAI's weights
+    for arch in ("RN50", "RN101", "ViT-L-14"):
+        assert (arch, "openai") in open_clip.list_pretrained()
+
+
+def test_a_lol_run_trains_a_vit_from_a_weight_file(learn_set, tmp_path):
+    """--backbone tiny-ViT --backbone-weights FILE: the loading code of a real ViT-L-14 checkpoint."""
+    from stages.train import TrainConfig, run_train
+    from tests.helpers import torch_threads
+
+    weights = backbone.save_random_clip("tiny-ViT", tmp_path / "vit.safetensors", image_size=32)
+    cfg = TrainConfig(
+        caches=[str(learn_set[1])], method="lol", out=str(tmp_path / "runs"), epochs=1, batch_size=16,
+        lr=1e-3, crop_size=32, backbone="tiny-ViT", backbone_weights=str(weights), progress=False,
+    )  # fmt: skip
+    with torch_threads(1):
+        run = run_train(cfg, log=lambda m: None)
+    assert (run / "done.json").is_file() and (run / "epoch-001.safetensors").is_file()
+    import pytest
+
+    from pipeline.errors import UserError
+
+    cfg.method, cfg.out = "egre", str(tmp_path / "egre")
+    with pytest.raises(UserError, match="not a CLIP ResNet"):  # before any run directory is written
+        run_train(cfg, log=lambda m: None)
+    assert not (tmp_path / "egre").exists()
