@@ -145,7 +145,8 @@ class DataSource:
             found = layouts.labelled_folders(root, self.name, labels, self.splits, generator=self.name)
             # GenImage's files live in its split folders: an image elsewhere is listed, not indexed
             outside = [r.path for r in found.rows if r.path.split("/")[0].lower() not in layouts.SPLIT_NAMES]
-            found.rows = [r for r in found.rows if r.path not in set(outside)]
+            leave = set(outside)  # built once: a row's membership is asked for every row
+            found.rows = [r for r in found.rows if r.path not in leave]
             found.unlabelled = sorted([*found.unlabelled, *outside])
             return found
         if self.kind == "pairs":
