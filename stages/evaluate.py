@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
 
+from pipeline.code_versions import stage_code
 from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
-from pipeline.fingerprint import code_version, fingerprint
+from pipeline.fingerprint import fingerprint
 from stages.detectors import method as method_registry
 from stages.features import perturb as perturb_stage
 from stages.features import sd
@@ -130,7 +131,7 @@ def check_compatible(run: Run, data: cachedata.CacheData) -> None:
 
 def scoring_code() -> str:
     """The version of the code that turns a run and a cache into these results: part of their key."""
-    return code_version(batches, checkpoint, calibrate, sys.modules[__name__])
+    return stage_code(batches, checkpoint, calibrate, sys.modules[__name__])
 
 
 @dataclass

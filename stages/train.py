@@ -47,9 +47,10 @@ from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
 from pipeline import config
+from pipeline.code_versions import stage_code
 from pipeline.config import DEFAULT_DEVICE, loader_workers, resolve_device
 from pipeline.errors import UserError
-from pipeline.fingerprint import code_version, fingerprint
+from pipeline.fingerprint import fingerprint
 from pipeline.storage import now
 from stages.detectors import backbone, lol
 from stages.detectors import method as method_registry
@@ -289,6 +290,19 @@ def loader_workers_help() -> str:
     return config.describe_loader_workers(READ_WORKERS)
 
 
+def training_code(method: str) -> str:
+    """The version of the code that turns caches into a trained `method`: part of a run's key."""
+    return stage_code(
+        backbone,
+        cachedata,  # which rows are read; which artifacts (stages.runs.choice) is in "caches"
+        batches,
+        *checkpoint.TRAINING,
+        method_registry,
+        sys.modules[method_registry.get(method).model.__module__],
+        sys.modules[__name__],
+    )
+
+
 def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunParams]:
     hp = cfg.hparams({s.subset for s in data.sources})
     data.check_crop(hp["crop_size"])
@@ -307,15 +321,7 @@ def plan_run(cfg: TrainConfig, data: cachedata.CacheData) -> tuple[Path, RunPara
         "lare_alignment": "aligned crop (--preprocess crop)" if aligned else "whole image (reference)",
         "seed": cfg.seed,
         "precision": resolve_precision(cfg.precision, device),
-        "code": code_version(
-            backbone,
-            cachedata,  # which rows are read; which artifacts (stages.runs.choice) is in "caches" above
-            batches,
-            *checkpoint.TRAINING,
-            method_registry,
-            sys.modules[method_registry.get(cfg.method).model.__module__],
-            sys.modules[__name__],
-        ),
+        "code": training_code(cfg.method),
     }
     if split is not None:  # one micro-batch (one process, the global batch whole): the key is absent
         params["micro_batches"] = split

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.fingerprint import code_version
+from pipeline.code_versions import stage_code
 from stages.features import lare as lare_math
 from stages.features import perturb, pixels
 from stages.genimage import classes
@@ -37,14 +37,12 @@ PREPROCESS = ("resize", "crop")
 
 def lare_code_version() -> str:
     """The code (and data) that decides a LaRE map's value; docstrings and comments excluded."""
-    return (
-        code_version(lare_math, pixels, perturb, classes, sys.modules[__name__]) + classes.tables_hash()[:16]
-    )
+    return stage_code(lare_math, pixels, perturb, classes, sys.modules[__name__]) + classes.tables_hash()[:16]
 
 
 def pixel_code_version() -> str:
     """The code that decides a pixel crop's value."""
-    return code_version(pixels, perturb, sys.modules[__name__])
+    return stage_code(pixels, perturb, sys.modules[__name__])
 
 
 def chw(rgb: np.ndarray) -> torch.Tensor:

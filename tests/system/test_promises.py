@@ -199,6 +199,7 @@ def test_the_wheel_carries_every_data_file_and_works_installed(cache, tmp_path):
     assert "stages/data/open_clip/tiny-RN.json" in wanted
     modules = [p for pkg in ("pipeline", "stages") for p in (ROOT / pkg).rglob("*.py")]
     wanted |= {p.relative_to(ROOT).as_posix() for p in modules}
+    wanted.add("pipeline/code_versions.json")  # the declared equivalences, read by every stage
     assert "stages/features/lare.py" in wanted  # and every other module of the subpackages
     assert wanted <= set(zipfile.ZipFile(wheel).namelist())
     # installed from the wheel (not editable), on top of the shared dependencies, run from elsewhere
