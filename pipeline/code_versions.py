@@ -5,9 +5,10 @@ An artifact or a run is named by the code that decides its values (pipeline.fing
 a hash of its syntax tree), so that a change to what the code does never reuses stale work. A change to
 how the code is written (a record typed, a function split) changes that hash too, and would have every
 user recompute a week of maps and rerun every training. An entry of `code_versions.json` (beside this
-module) maps such a new hash to the one its artifacts were published under, and says why. What justifies an entry is
-tests/system/test_fingerprints_hold.py: the fingerprints and the values (maps, crops, trained weights,
-metrics) of a fixed extraction, two runs and an evaluation, which any real change moves.
+module) maps such a new hash to the one its artifacts were published under, and says why. What justifies
+an entry is tests/system/test_fingerprints_hold.py: the fingerprints and the values (maps, crops,
+trained weights, metrics) of a fixed extraction, two runs and an evaluation, which any real change
+moves.
 
 A hash with no entry is its own name: code edited by a user names new artifacts, as it should.
 """
