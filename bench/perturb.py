@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.features.perturb import parse
+from stages.features.params import LareParams, PixelParams
+from stages.features.perturb import apply
+from stages.features.perturb_spec import Perturbation
+from stages.features.pixels import DEFAULT_MAX_PIXELS
 from stages.features.recipe import RowRecipe
 from stages.genimage.synthetic import encode_image, make_image
 
@@ -42,12 +45,12 @@ FILES = {"jpeg 500x375": ("JPEG", 375, 500), "png 512x512": ("PNG", 512, 512)}
 
 def rate(recipe: RowRecipe, files: list[bytes], spec: str | None) -> float:
     """Rows per second through decode -> perturb -> pixel crop, LaRE geometry and noise draw."""
-    p = parse(spec) if spec else None
+    p = Perturbation.parse(spec) if spec else None
     t0 = time.perf_counter()
     for k, data in enumerate(files):
         rgb = recipe.decode(data)
         if p is not None:
-            rgb = p(rgb, f"id-{k}", 1)
+            rgb = apply(p, rgb, f"id-{k}", 1)
         recipe.prepare(rgb, f"id-{k}")
     return len(files) / (time.perf_counter() - t0)
 
@@ -59,10 +62,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    params = {"size": 256, "preprocess": "resize", "seed": 0, "ensemble": 4, "prompt": "a photo",
-              "prompt_template": None}  # fmt: skip
-    recipe = RowRecipe.from_params(params, (4, 32), {"size": 256})
-    recipe = RowRecipe(recipe.max_pixels, 256, recipe.lare)
+    params = {"timestep": 200, "ensemble": 4, "size": 256, "preprocess": "resize", "resample": "bicubic",
+              "small_images": None, "prompt": "a photo", "prompt_template": None, "dtype": "float16",
+              "precision": "fp32", "seed": 0, "max_pixels": DEFAULT_MAX_PIXELS, "perturb": None}  # fmt: skip
+    recipe = RowRecipe.from_params(LareParams.from_record(params), (4, 32), PixelParams(256))
     results = {}
     for name, (fmt, h, w) in FILES.items():
         files = [encode_image(make_image(rng, h, w, generated=fmt == "PNG"), fmt) for _ in range(args.images)]

@@ -20,6 +20,7 @@ from stages.detectors import method as method_registry
 from stages.features import lare as lare_math
 from stages.features import pixels as pixels_stage
 from stages.features import sd
+from stages.features.params import LareParams, PixelParams
 from stages.features.recipe import RowRecipe
 from stages.genimage import index as index_stage
 from stages.runs import calibrate, distributed
@@ -48,12 +49,12 @@ def list_images(folder: Path) -> list[Path]:
 class LaREOnTheFly:
     """LaRE maps of new images: the model, parameters and per-row recipe of the run's training maps.
 
-    `recipe` prepares each file (the pixel crop with `pixel_params`, the LaRE input and noises)."""
+    `recipe` prepares each file (the pixel crop as `crop` says, the LaRE input and noises)."""
 
-    def __init__(self, run: Run, device: str, paths: list[Path], pixel_params: dict, log=print):
+    def __init__(self, run: Run, device: str, paths: list[Path], crop: PixelParams, log=print):
         rec = run.params["lare"]
-        self.params, model_id = rec["params"], rec["model"]
-        if "resample" not in self.params:
+        self.params, model_id = LareParams.from_record(rec["params"]), rec["model"]
+        if self.params.schema1:
             raise UserError(
                 f"{run.name} was trained on LaRE maps of cache schema 1 (bilinear resize, older class "
                 "names), which this version no longer computes: retrain it on a re-extracted cache"
@@ -67,21 +68,21 @@ class LaREOnTheFly:
                 "was trained with; detection would compute different maps"
             )
         p = self.params
-        dtype = lare_math.PRECISIONS[p["precision"]]
+        dtype = lare_math.PRECISIONS[p.precision]
         model = sd.load_model(ref, device, dtype)
-        self.latent = sd.latent_geometry(ref, int(p["size"]))
-        self.recipe = RowRecipe.from_params(p, self.latent, pixel_params)
+        self.latent = sd.latent_geometry(ref, p.size)
+        self.recipe = RowRecipe.from_params(p, self.latent, crop)
         assert self.recipe.lare is not None  # LaRE params given
         distinct, idx, _ = self.recipe.lare.prompts(paths)  # each distinct prompt encoded once
         self.prompt_of = dict(zip(paths, idx.tolist(), strict=True))
-        self.lare = lare_math.LaRE(model, model.encode_prompts(distinct), int(p["timestep"]), dtype)
+        self.lare = lare_math.LaRE(model, model.encode_prompts(distinct), p.timestep, dtype)
 
     def __call__(self, rows: list[dict[str, torch.Tensor]], paths: list[Path]) -> torch.Tensor:
         """Maps (B, C, h, w) of a batch of prepared rows, rounded as the cache stored them."""
         images = torch.stack([r["image"] for r in rows])
         noise = torch.stack([r["noise"] for r in rows])
         maps = self.lare(images, noise, torch.tensor([self.prompt_of[path] for path in paths])).cpu()
-        return maps.to(getattr(torch, self.params["dtype"])).float()
+        return maps.to(getattr(torch, self.params.dtype)).float()
 
 
 # Every row says what produced it, so a CSV (or rows pasted from several) can be traced to its run.
@@ -128,16 +129,16 @@ def run_detect(cfg: DetectConfig, log=print) -> tuple[int, int]:
     files = list_images(Path(cfg.folder))
     if not files:
         raise UserError(f"no image files under {cfg.folder}")
-    max_pixels = run.params["lare"]["params"].get("max_pixels", pixels_stage.DEFAULT_MAX_PIXELS)
-    pixel_params = run.params.get("pixels") or {  # runs recorded before the pixel params: tiled
-        "size": run.params["lare"]["pixel_size"],
-        "max_pixels": max_pixels,
-    }
+    if recorded := run.params.get("pixels"):
+        crop = PixelParams.from_record(recorded)
+    else:  # a run recorded before the pixel params: its pixel size, the LaRE artifact's max_pixels
+        max_pixels = LareParams.from_record(run.params["lare"]["params"]).max_pixels
+        crop = PixelParams(run.params["lare"]["pixel_size"], max_pixels=max_pixels)
     if method_registry.get(run.method).reads_lare:
-        lare = LaREOnTheFly(run, device, files, pixel_params, say)
+        lare = LaREOnTheFly(run, device, files, crop, say)
         recipe = lare.recipe
     else:
-        lare, recipe = None, RowRecipe.from_params(None, None, pixel_params)
+        lare, recipe = None, RowRecipe.from_params(None, None, crop)
     say(f"threshold {thr.value:.6g} ({thr.choice}: {thr.origin})")
     if note := sd.random_weights_note(run.params["backbone"]):  # once the run is known to be usable
         say(f"note: {note}")

@@ -30,8 +30,8 @@ from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages.detectors import method as method_registry
-from stages.features import perturb as perturb_stage
 from stages.features import sd
+from stages.features.perturb_spec import Perturbation, describe
 from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, distributed
 from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 
@@ -220,9 +220,9 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
             "run_fingerprint": run.params["fingerprint"],
             "method": run.method,
             "train_subsets": sorted({c["subset"] for c in run.params["caches"]}),
-            "train_perturb": perturb_stage.describe(run.params["caches"][0].get("perturb")),
+            "train_perturb": describe(Perturbation.from_record(run.params["caches"][0].get("perturb"))),
             "test_subset": src.subset,
-            "test_perturb": perturb_stage.describe(src.identity()["perturb"]),
+            "test_perturb": describe(Perturbation.from_record(src.identity()["perturb"])),
             "test_cache": src.identity(),
             "test_url": url,
             "split": split,

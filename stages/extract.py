@@ -37,13 +37,13 @@ from pipeline.store import ArraySpec, Artifact, CacheStore, latest
 from stages.features import lare as lare_math
 from stages.features import pixels as pixels_stage
 from stages.features import sd
+from stages.features.params import DEFAULT_PROMPT, LareParams, PixelParams
+from stages.features.perturb_spec import Perturbation, requested
 from stages.features.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
 from stages.genimage import index as index_stage
 from stages.genimage import layouts
-from stages.runs import choice
 
 STORE_DTYPES = ("float16", "float32")
-DEFAULT_PROMPT = "a photo"
 
 
 # The most decode workers per GPU (see pipeline.config.loader_workers). Measured on an H100 host: 8
@@ -94,7 +94,8 @@ class ExtractConfig:
     seed: int = 0
     pixels: bool = True
     pixel_size: int = 256
-    small_images: str = "tile"  # pixel crop (and `crop` LaRE geometry) of images smaller than the window
+    # the pixel crop (and `crop` LaRE geometry) of images smaller than the window
+    small_images: str = pixels_stage.SMALL_IMAGES[0]
     max_pixels: int = pixels_stage.DEFAULT_MAX_PIXELS
     batch_size: int = 16
     rows_per_shard: int = 512
@@ -139,9 +140,9 @@ class ExtractConfig:
             self.generator, self.real_names, self.fake_names,
         )  # fmt: skip
 
-    def perturbation(self) -> dict | None:
+    def perturbation(self) -> Perturbation | None:
         """The `perturb` param of both artifacts: SPEC (canonical), class, seed; None when clean."""
-        return choice.perturbation_record(self.perturb, self.perturb_only, self.seed)
+        return requested(self.perturb, self.perturb_only, self.seed)
 
     def check(self) -> None:
         if self.preprocess not in PREPROCESS:
@@ -169,21 +170,12 @@ class ExtractConfig:
 def lare_artifact(
     cfg: ExtractConfig, index_fp: str, model: sd.ModelRef, precision: str, latent: tuple[int, int]
 ) -> Artifact:
-    params = {
-        "timestep": cfg.timestep,
-        "ensemble": cfg.ensemble,
-        "size": cfg.size,
-        "preprocess": cfg.preprocess,
-        "resample": pixels_stage.RESAMPLE if cfg.preprocess == "resize" else None,
-        "small_images": cfg.small_images if cfg.preprocess == "crop" else None,
-        "prompt": cfg.prompt,  # with a template: the prompt of files whose name holds no class
-        "prompt_template": cfg.prompt_template,
-        "dtype": cfg.dtype,
-        "precision": precision,
-        "seed": cfg.seed,
-        "max_pixels": cfg.max_pixels,
-        "perturb": cfg.perturbation(),
-    }
+    params = LareParams(
+        timestep=cfg.timestep, ensemble=cfg.ensemble, size=cfg.size, preprocess=cfg.preprocess,
+        resample=pixels_stage.RESAMPLE if cfg.preprocess == "resize" else None, small_images=cfg.small_images,
+        prompt=cfg.prompt, prompt_template=cfg.prompt_template, dtype=cfg.dtype, precision=precision,
+        seed=cfg.seed, max_pixels=cfg.max_pixels, perturb=cfg.perturbation(),
+    ).to_record()  # fmt: skip
     code = lare_code_version()
     fp = fingerprint(
         {
@@ -207,15 +199,7 @@ def lare_artifact(
 
 
 def pixel_artifact(cfg: ExtractConfig, index_fp: str) -> Artifact:
-    params = {
-        "size": cfg.pixel_size,
-        "geometry": "centre crop, "
-        + ("tiled" if cfg.small_images == "tile" else "reflect-101 padded")
-        + " when smaller",
-        "small_images": cfg.small_images,
-        "max_pixels": cfg.max_pixels,
-        "perturb": cfg.perturbation(),
-    }
+    params = PixelParams(cfg.pixel_size, cfg.small_images, cfg.max_pixels, cfg.perturbation()).to_record()
     code = pixel_code_version()
     fp = fingerprint(
         {"stage": "pixels", "schema": VALUES_SCHEMA, "params": params, "index": index_fp, "code": code}
@@ -360,7 +344,7 @@ def plan_extract(cfg: ExtractConfig, log=print, listing: layouts.Listing | None 
 
     lare = lare_artifact(cfg, idx.fingerprint, model_ref, precision, latent)
     paths = idx.columns["path"]
-    recipe = RowRecipe.from_params(lare.attrs["params"], latent, None)
+    recipe = RowRecipe.from_params(LareParams.from_record(lare.attrs["params"]), latent, None)
     assert recipe.lare is not None  # LaRE params given
     prompts, prompt_idx, missing = recipe.lare.prompts(paths)
     if cfg.prompt_template is not None:  # recorded (cache info shows it), not hashed: the index decides it
@@ -437,9 +421,9 @@ class ShardComputer:
         sub = ShardPlan(job.plan.n_rows, job.plan.rows_per_shard, {"all": shards})
         arts = job.artifacts
         recipe = RowRecipe.from_params(
-            arts["lare"].attrs["params"] if self.lare else None,
+            LareParams.from_record(arts["lare"].attrs["params"]) if self.lare else None,
             job.latent,
-            arts["pixels"].attrs["params"] if "pixels" in arts else None,
+            PixelParams.from_record(arts["pixels"].attrs["params"]) if "pixels" in arts else None,
         )
         dataset = RowDataset(job.files, job.ids, job.prompt_idx, recipe, job.labels)
         workers = loader_workers(cfg.loader_workers, job.device, DECODE_WORKERS)

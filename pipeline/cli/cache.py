@@ -1,8 +1,7 @@
 """`pipeline cache`: what a cache holds, whether it is intact, and copying it to and from shared storage.
 
-They read the manifest and the stored objects, without torch at start-up; only `cache info` on a cache
-that holds artifacts imports stages.runs.choice, to describe their selectable fields (its
-perturbation parser, stages.features.perturb, brings torch)."""
+They read the manifest and the stored objects, without torch (`cache info` describes artifacts
+with stages.runs.choice and stages.features.perturb_spec, which import none)."""
 
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ def _describe_artifact(path: str, art: ManifestArtifact, indexes: Mapping[str, I
     """The artifact's lines in `cache info`: its path names it (`--lare`/`--pixels` take the fingerprint
     prefix after the slash), its index and splits, then its parameters as those options filter them."""
     from pipeline.schema import index_path, index_splits
+    from stages.features.perturb_spec import Perturbation, describe
     from stages.runs.choice import selectable_fields
 
     state = "complete" if art["complete"] else "INCOMPLETE"
@@ -48,10 +48,8 @@ def _describe_artifact(path: str, art: ManifestArtifact, indexes: Mapping[str, I
                 f"  {fallback['rows']} row(s) with no class in the file name used '{p['prompt']}'{examples}"
             )
     lines.append(f"  {selectable_fields(art)}")
-    if p.get("perturb"):
-        from stages.features.perturb import describe
-
-        lines.append(f"  perturbed: {describe(p['perturb'])}, seed {p['perturb']['seed']}")
+    if perturbed := Perturbation.from_record(p.get("perturb")):
+        lines.append(f"  perturbed: {describe(perturbed)}, seed {perturbed.seed}")
     return lines
 
 

@@ -1,5 +1,8 @@
 """Perturbations of a decoded image, for robustness studies: a SPEC names them, composed with `+`.
 
+This module computes them (`apply`); stages.features.perturb_spec parses a SPEC into the record
+artifacts carry, without torch.
+
 Generic families (each value drawn per image):
     jpeg:Q  jpeg:LO-HI          re-encode with Pillow's JPEG encoder at quality Q (drawn per image)
     blur:K  blur:3,5,7,9        Gaussian blur, kernel size K (odd), sigma by OpenCV's kernel-size formula
@@ -43,73 +46,19 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 from PIL import Image
 from scipy import ndimage
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as tvf
 
-from pipeline.errors import UserError
+from stages.features.perturb_spec import FRANK_MODES, Perturbation
 
 CODE_ID = "stages.perturb"  # the name its code is hashed under, wherever the file lives
-
-FAMILIES = ("jpeg", "blur", "noise", "crop", "resize", "frank", "genimage", "aigcdetect")
-ONLY = ("generated", "real")  # --perturb-only: the class a perturbation is applied to
-ONLY_LABEL = {"generated": 1, "real": 0}
-_NUMBER = r"\d+(?:\.\d*)?|\.\d+"
-
-
-def _bad(spec: str, why: str) -> UserError:
-    return UserError(
-        f"bad --perturb '{spec}': {why}; expected FAMILY:VALUE steps joined by '+', families "
-        f"{', '.join(FAMILIES)} (e.g. jpeg:96, jpeg:10-75, blur:3,5,7,9, blur:sigma=3, noise:5-20, "
-        "crop:5-20, resize:0.5, resize:112px, frank:noise, frank:combined, genimage:lowres=112, "
-        "aigcdetect:half, aigcdetect:blur=1)"
-    )
-
-
-@dataclass(frozen=True)
-class Draw:
-    """A value: one of `choices`, or uniform in [lo, hi] (whole numbers when `integer`)."""
-
-    choices: tuple[float, ...] | None
-    lo: float
-    hi: float
-    integer: bool
-
-    @classmethod
-    def parse(cls, text: str, integer: bool, spec: str) -> Draw:
-        if re.fullmatch(rf"({_NUMBER})-({_NUMBER})", text):
-            lo, hi = (float(v) for v in text.split("-"))
-            if lo > hi:
-                raise _bad(spec, f"range '{text}' has LOW > HIGH")
-            return cls(None, lo, hi, integer)
-        if re.fullmatch(rf"({_NUMBER})(,({_NUMBER}))*", text):
-            values = tuple(float(v) for v in text.split(","))
-            return cls(values, min(values), max(values), integer)
-        raise _bad(spec, f"'{text}' is not a number, LOW-HIGH or a,b,c")
-
-    def draw(self, rng: np.random.Generator) -> float:
-        if self.choices is not None:
-            return (
-                self.choices[int(rng.integers(len(self.choices)))]
-                if len(self.choices) > 1
-                else self.choices[0]
-            )
-        if self.integer:
-            return float(rng.integers(int(self.lo), int(self.hi) + 1))
-        return float(rng.uniform(self.lo, self.hi))
-
-    def text(self) -> str:
-        if self.choices is not None:
-            return ",".join(f"{v:g}" for v in self.choices)
-        return f"{self.lo:g}-{self.hi:g}"
 
 
 def sigma_for_kernel(k: int) -> float:
@@ -154,42 +103,29 @@ def scaled_size(h: int, w: int, scale: float) -> tuple[int, int]:
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-@dataclass(frozen=True)
-class Step:
-    """One family with its value; `apply` uses the row's generator for every random choice."""
+# ---- generic families: the value is drawn (stages.features.perturb_spec.Step) before the computation
+def _noise(rgb: np.ndarray, rng: np.random.Generator, variance: float) -> np.ndarray:
+    noise = rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(math.sqrt(variance))
+    return np.clip(np.rint(rgb.astype(np.float32) + noise), 0, 255).astype(np.uint8)
 
-    family: str
-    value: Draw
-    unit: str = ""  # blur: "sigma" or "" (kernel size); resize: "px" or "" (factor)
 
-    def text(self) -> str:
-        if self.unit == "sigma":
-            return f"blur:sigma={self.value.text()}"
-        return f"{self.family}:{self.value.text()}{self.unit}"
+def _crop(rgb: np.ndarray, rng: np.random.Generator, percent: float) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    ch, cw = max(1, round(h * (1 - percent / 100))), max(1, round(w * (1 - percent / 100)))
+    top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+    return pil_resize(rgb[top : top + ch, left : left + cw], (w, h), Image.Resampling.BICUBIC)
 
-    def apply(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        v = self.value.draw(rng)
-        h, w = rgb.shape[:2]
-        if self.family == "jpeg":
-            return jpeg_roundtrip(rgb, int(v))
-        if self.family == "blur":
-            if self.unit == "sigma":
-                return gaussian_blur(rgb, kernel_for_sigma(v), v)
-            return gaussian_blur(rgb, int(v), sigma_for_kernel(int(v)))
-        if self.family == "noise":
-            noise = rng.standard_normal(rgb.shape, dtype=np.float32) * np.float32(math.sqrt(v))
-            return np.clip(np.rint(rgb.astype(np.float32) + noise), 0, 255).astype(np.uint8)
-        if self.family == "crop":
-            ch, cw = max(1, round(h * (1 - v / 100))), max(1, round(w * (1 - v / 100)))
-            top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
-            return pil_resize(rgb[top : top + ch, left : left + cw], (w, h), Image.Resampling.BICUBIC)
-        # resize
-        scale = v / min(h, w) if self.unit == "px" else v
-        return pil_resize(rgb, scaled_size(h, w, scale), Image.Resampling.BICUBIC)
+
+def _resize(rgb: np.ndarray, rng: np.random.Generator, scale: float) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    return pil_resize(rgb, scaled_size(h, w, scale), Image.Resampling.BICUBIC)
+
+
+def _resize_px(rgb: np.ndarray, rng: np.random.Generator, px: float) -> np.ndarray:
+    return _resize(rgb, rng, px / min(rgb.shape[:2]))
 
 
 # ---- source families: one source's computation as its code runs it (module docstring) --------------
-FRANK_MODES = ("noise", "blur", "jpeg", "crop")  # the order Frank's `combined` cycles them in
 AIGCDETECT_LOAD_SIZE = 256  # AIGCDetectBenchmark's --loadSize: the shorter side every test image gets
 
 
@@ -253,136 +189,30 @@ def _aigcdetect_blur(rgb: np.ndarray, rng: np.random.Generator, sigma: float | N
     return ndimage.gaussian_filter(rgb, sigma=(sigma, sigma, 0))  # truncate 4, mode 'reflect', uint8
 
 
-@dataclass(frozen=True)
-class SourceOp:
-    """A source family's mode: its computation and what its value is ("": none, "px", "sigma")."""
-
-    apply: Callable[[np.ndarray, np.random.Generator, float | None], np.ndarray]
-    value: str = ""
-
-
-SOURCES: dict[tuple[str, str], SourceOp] = {
-    **{("frank", m): SourceOp(_frank(m)) for m in (*FRANK_MODES, "combined")},
-    ("genimage", "lowres"): SourceOp(_genimage_lowres, "px"),
-    ("aigcdetect", "half"): SourceOp(_aigcdetect_half),
-    ("aigcdetect", "blur"): SourceOp(_aigcdetect_blur, "sigma"),
+# A step's computation by its key, (family, unit) or (family, mode): the image, the row's generator
+# (for every random choice) and the step's value (drawn for a generic family; a source mode's own).
+Op = Callable[[np.ndarray, np.random.Generator, Any], np.ndarray]
+APPLY: dict[tuple[str, str], Op] = {
+    ("jpeg", ""): lambda rgb, rng, q: jpeg_roundtrip(rgb, int(q)),
+    ("blur", ""): lambda rgb, rng, k: gaussian_blur(rgb, int(k), sigma_for_kernel(int(k))),
+    ("blur", "sigma"): lambda rgb, rng, s: gaussian_blur(rgb, kernel_for_sigma(s), s),
+    ("noise", ""): _noise,
+    ("crop", ""): _crop,
+    ("resize", ""): _resize,
+    ("resize", "px"): _resize_px,
+    **{("frank", m): _frank(m) for m in (*FRANK_MODES, "combined")},
+    ("genimage", "lowres"): _genimage_lowres,
+    ("aigcdetect", "half"): _aigcdetect_half,
+    ("aigcdetect", "blur"): _aigcdetect_blur,
 }
 
 
-@dataclass(frozen=True)
-class SourceStep:
-    """A source family's step, `family:mode` or `family:mode=VALUE`. Frank's modes draw, in this
-    order: (combined) which of the four, the 0.5 coin, then the perturbation's own values."""
-
-    family: str
-    mode: str
-    value: float | None = None
-
-    def text(self) -> str:
-        return f"{self.family}:{self.mode}" + ("" if self.value is None else f"={self.value:g}")
-
-    def apply(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return SOURCES[self.family, self.mode].apply(rgb, rng, self.value)
-
-
-def _source_step(family: str, arg: str, spec: str) -> SourceStep:
-    mode, sep, number = arg.partition("=")
-    op = SOURCES.get((family, mode))
-    if op is None:
-        modes = ", ".join(m + ("=N" if o.value else "") for (f, m), o in SOURCES.items() if f == family)
-        raise _bad(spec, f"{family} takes one of {modes}, not '{arg}'")
-    if bool(sep) != bool(op.value):
-        raise _bad(spec, f"{family}:{mode} " + ("needs =N" if op.value else "takes no value"))
-    if not op.value:
-        return SourceStep(family, mode)
-    kind = "whole number" if op.value == "px" else "number"
-    if not re.fullmatch(_NUMBER, number) or float(number) <= 0 or (op.value == "px" and "." in number):
-        raise _bad(spec, f"{family}:{mode}= takes a positive {kind}")
-    return SourceStep(family, mode, float(number))
-
-
-def _step(text: str, spec: str) -> Step | SourceStep:
-    family, sep, arg = text.partition(":")
-    if family not in FAMILIES or not sep or not arg:
-        raise _bad(spec, f"'{text}' is not FAMILY:VALUE with a known family")
-    if any(f == family for f, _ in SOURCES):
-        return _source_step(family, arg, spec)
-    unit = ""
-    if family == "blur" and arg.startswith("sigma="):
-        unit, arg = "sigma", arg[len("sigma=") :]
-    if family == "resize" and arg.endswith("px"):
-        unit, arg = "px", arg[:-2]
-    value = Draw.parse(arg, integer=family == "jpeg" or (family == "blur" and not unit), spec=spec)
-    lo, hi = value.lo, value.hi
-    if family == "jpeg" and not (lo >= 1 and hi <= 100 and lo == int(lo) and hi == int(hi)):
-        raise _bad(spec, "JPEG quality is a whole number in 1..100")
-    if family == "blur" and not unit and any(v < 3 or v % 2 != 1 for v in (value.choices or (lo, hi))):
-        raise _bad(spec, "a blur kernel size is an odd whole number >= 3 (or use blur:sigma=S)")
-    if family == "blur" and unit and lo <= 0:
-        raise _bad(spec, "a blur sigma is positive")
-    if family == "crop" and not (lo >= 0 and hi < 100):
-        raise _bad(spec, "a crop percentage is in [0, 100)")
-    if family == "resize" and (lo <= 0 or (not unit and hi > 1) or (unit and lo != int(lo))):
-        raise _bad(spec, "resize takes a factor in (0, 1] or a whole number of pixels, e.g. 112px")
-    return Step(family, value, unit)
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    """A parsed SPEC: its steps, and the canonical text that names it in params and fingerprints."""
-
-    steps: tuple[Step | SourceStep, ...]
-    seed: int = 0
-    only: str | None = None  # None: every row; "generated" or "real": that class only
-
-    @property
-    def spec(self) -> str:
-        return "+".join(s.text() for s in self.steps)
-
-    def record(self) -> dict:
-        """What an artifact's params hold (and so its fingerprint)."""
-        return {"spec": self.spec, "only": self.only, "seed": self.seed}
-
-    def applies(self, label: int) -> bool:
-        return self.only is None or ONLY_LABEL[self.only] == int(label)
-
-    def rng(self, image_id: str) -> np.random.Generator:
-        key = xxhash.xxh3_64_intdigest(f"{self.seed}:{image_id}:{self.spec}".encode())
-        return np.random.default_rng(key)
-
-    def __call__(self, rgb: np.ndarray, image_id: str, label: int) -> np.ndarray:
-        if not self.applies(label):
-            return rgb
-        rng = self.rng(image_id)
-        for step in self.steps:
-            rgb = step.apply(rgb, rng)
-        return np.ascontiguousarray(rgb)
-
-
-def canonical(spec: str) -> str:
-    """The SPEC as recorded (lower case, no spaces, values as parsed); raises UserError when malformed."""
-    return parse(spec).spec
-
-
-def parse(spec: str, seed: int = 0, only: str | None = None) -> Perturbation:
-    """A SPEC such as `jpeg:10-75` or `noise:5-20+blur:3,5,7,9` (see the module docstring)."""
-    text = "".join(str(spec).split()).lower()
-    if not text:
-        raise _bad(spec, "empty")
-    if only is not None and only not in ONLY:
-        raise UserError(f"--perturb-only must be one of {', '.join(ONLY)}, not '{only}'")
-    return Perturbation(tuple(_step(part, spec) for part in text.split("+")), seed, only)
-
-
-def from_record(record: dict | None) -> Perturbation | None:
-    """The perturbation an artifact's params record (None: a clean artifact, or one written before this)."""
-    if not record:
-        return None
-    return parse(record["spec"], int(record["seed"]), record.get("only"))
-
-
-def describe(record: dict | None) -> str:
-    """`clean`, or the SPEC with the class it applies to, for tables and listings."""
-    if not record:
-        return "clean"
-    return record["spec"] + (f" ({record['only']} only)" if record.get("only") else "")
+def apply(p: Perturbation, rgb: np.ndarray, image_id: str, label: int) -> np.ndarray:
+    """The decoded image perturbed as `p` says: its steps left to right, every draw from the image's
+    generator (unchanged for a row of the class `p` does not apply to)."""
+    if not p.applies(label):
+        return rgb
+    rng = p.rng(image_id)
+    for step in p.steps:
+        rgb = APPLY[step.key](rgb, rng, step.drawn(rng))
+    return np.ascontiguousarray(rgb)

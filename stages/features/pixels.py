@@ -51,10 +51,10 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise BadImage(f"corrupt or truncated: {first_line(e)}") from None
 
 
-SMALL_IMAGES = ("tile", "reflect")
+SMALL_IMAGES = ("tile", "reflect")  # --small-images; the first is the default
 
 
-def centre_crop(rgb: np.ndarray, size: int, small: str = "tile") -> np.ndarray:
+def centre_crop(rgb: np.ndarray, size: int, small: str) -> np.ndarray:
     """Centre `size` x `size` crop; a side shorter than `size` is first tiled or reflect-101 padded."""
     return crop_tiled(rgb, size) if small == "tile" else crop_reflect(rgb, size)
 

@@ -4,14 +4,15 @@ file bytes -> decode (RGB) -> [perturbation, extraction only] -> pixel crop (uin
                            -> LaRE geometry (`resize`: Pillow bicubic to size x size, or `crop`)
                               + the row's noises (seeded by the content id) + its prompt index
 The LaRE model call itself is `stages.features.lare`. This module, `stages.features.pixels`,
-`stages.features.perturb`, `stages.genimage.classes` (and the class tables' bytes) and
-`stages.features.lare` are exactly what `lare_code_version` hashes: a change to any of them names new
+`stages.features.perturb` with `stages.features.perturb_spec`, `stages.features.params` (how a recorded
+param reads), `stages.genimage.classes` (and the class tables' bytes) and `stages.features.lare` are
+exactly what `lare_code_version` hashes: a change to any of them names new
 artifacts, so a cache can never be called up to date with values computed otherwise.
 
-Built from the parameters an artifact records (`from_params`), so detection with a trained run
-computes its rows from the run's record with this very code, never from a copy of it. A perturbation
-(`--perturb`) is a property of the data a cache holds, not of a detector: extraction applies it
-(`perturbed`), detection of new images never does.
+Built from the parameters an artifact records (`from_params`, stages.features.params), so detection
+with a trained run computes its rows from the run's record with this very code, never from a copy of
+it. A perturbation (`--perturb`) is a property of the data a cache holds, not of a detector:
+extraction applies it (`perturbed`), detection of new images never does.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline.code_versions import stage_code
 from stages.features import lare as lare_math
-from stages.features import perturb, pixels
+from stages.features import params, perturb, perturb_spec, pixels
 from stages.genimage import classes
 
 CODE_ID = "stages.recipe"  # the name its code is hashed under, wherever the file lives
@@ -37,12 +37,13 @@ PREPROCESS = ("resize", "crop")
 
 def lare_code_version() -> str:
     """The code (and data) that decides a LaRE map's value; docstrings and comments excluded."""
-    return stage_code(lare_math, pixels, perturb, classes, sys.modules[__name__]) + classes.tables_hash()[:16]
+    modules = (lare_math, pixels, perturb, perturb_spec, params, classes, sys.modules[__name__])
+    return stage_code(*modules) + classes.tables_hash()[:16]
 
 
 def pixel_code_version() -> str:
     """The code that decides a pixel crop's value."""
-    return stage_code(pixels, perturb, sys.modules[__name__])
+    return stage_code(pixels, perturb, perturb_spec, params, sys.modules[__name__])
 
 
 def chw(rgb: np.ndarray) -> torch.Tensor:
@@ -61,8 +62,7 @@ class LareRow:
     latent: tuple[int, int]  # (channels, side) of the model's latent at `size`
     prompt: str
     prompt_template: str | None
-
-    small_images: str = "tile"  # with `crop`: how an image smaller than `size` is enlarged
+    small_images: str  # with `crop`: how an image smaller than `size` is enlarged
 
     def geometry(self, rgb: np.ndarray) -> np.ndarray:
         if self.preprocess == "resize":
@@ -83,37 +83,28 @@ class RowRecipe:
     """Decode a file and prepare what the caches hold for it; `None` parts are not computed."""
 
     max_pixels: int
-    pixel_size: int | None
+    crop: params.PixelParams | None  # the pixel crop's window and enlargement of small images
     lare: LareRow | None
-    small_images: str = "tile"  # the pixel crop's enlargement of small images
-    perturbation: perturb.Perturbation | None = None
+    perturbation: perturb_spec.Perturbation | None = None
 
     @classmethod
     def from_params(
-        cls,
-        lare_params: dict[str, Any] | None,
-        latent: tuple[int, int] | None,
-        pixel_params: dict[str, Any] | None,
+        cls, lare: params.LareParams | None, latent: tuple[int, int] | None, crop: params.PixelParams | None
     ) -> RowRecipe:
-        """The recipe of the artifacts whose recorded params are given (None: that part is not computed).
-
-        Schema-1 records with a template hold a null `prompt`: it was the default, "a photo".
-        """
-        lare = None
-        if lare_params is not None:
+        """The recipe of the artifacts whose recorded params are given (None: that part is not computed)."""
+        row = None
+        if lare is not None:
             if latent is None:
                 raise ValueError("a LaRE recipe needs the model's latent geometry")
-            p = lare_params
-            lare = LareRow(
-                size=int(p["size"]), preprocess=p["preprocess"], seed=int(p["seed"]),
-                ensemble=int(p["ensemble"]), latent=(latent[0], latent[1]), prompt=p["prompt"] or "a photo",
-                prompt_template=p["prompt_template"], small_images=p.get("small_images") or "tile",
+            row = LareRow(
+                size=lare.size, preprocess=lare.preprocess, seed=lare.seed, ensemble=lare.ensemble,
+                latent=(latent[0], latent[1]), prompt=lare.prompt, prompt_template=lare.prompt_template,
+                small_images=lare.small_images,
             )  # fmt: skip
-        recorded = lare_params or pixel_params or {}
-        max_pixels = int(recorded.get("max_pixels", pixels.DEFAULT_MAX_PIXELS))
-        size = int(pixel_params["size"]) if pixel_params is not None else None
-        small = (pixel_params or {}).get("small_images", "tile")  # recorded since schema 2; before: tile
-        return cls(max_pixels, size, lare, small, perturb.from_record(recorded.get("perturb")))
+        recorded = lare or crop  # both artifacts of an extraction record the same max_pixels and perturb
+        if recorded is None:
+            return cls(pixels.DEFAULT_MAX_PIXELS, None, None)
+        return cls(recorded.max_pixels, crop, row, recorded.perturb)
 
     def decode(self, data: bytes) -> np.ndarray:
         """RGB uint8 (H, W, 3), or raises pixels.BadImage with the reason to record."""
@@ -123,13 +114,13 @@ class RowRecipe:
         """The decoded image as the artifacts' `perturb` param says (unchanged when clean)."""
         if self.perturbation is None:
             return rgb
-        return self.perturbation(rgb, image_id, label)
+        return perturb.apply(self.perturbation, rgb, image_id, label)
 
     def prepare(self, rgb: np.ndarray, image_id: str) -> dict[str, torch.Tensor]:
         """`crops` (3, S, S) uint8; `image` (3, size, size) uint8 and `noise` (1 + e, C, h, w)."""
         out: dict[str, torch.Tensor] = {}
-        if self.pixel_size is not None:
-            out["crops"] = chw(pixels.centre_crop(rgb, self.pixel_size, self.small_images))
+        if self.crop is not None:
+            out["crops"] = chw(pixels.centre_crop(rgb, self.crop.size, self.crop.small_images))
         if self.lare is not None:
             out["image"] = chw(self.lare.geometry(rgb))
             out["noise"] = self.lare.noise(image_id)

@@ -26,6 +26,7 @@ from pipeline.schema import (
     index_splits,
 )
 from pipeline.store import CacheStore
+from stages.features.params import LareParams, PixelParams
 from stages.genimage import index as index_stage
 from stages.runs import distributed
 from stages.runs.choice import Choice, choose
@@ -214,6 +215,7 @@ class CacheData:
 
     @property
     def lare_params(self) -> dict[str, Any]:
+        """The LaRE artifact's params as stored: what a run records, and compares, verbatim."""
         return self.sources[0].lare_attrs["params"]
 
     @property
@@ -222,10 +224,11 @@ class CacheData:
 
     @property
     def pixel_size(self) -> int:
-        return int(self.sources[0].pixels_attrs["params"]["size"])
+        return PixelParams.from_record(self.pixel_params).size
 
     @property
     def pixel_params(self) -> dict[str, Any]:
+        """The pixel artifact's params as stored (see `lare_params`)."""
         return self.sources[0].pixels_attrs["params"]
 
     def check_crop(self, crop: int) -> None:
@@ -238,9 +241,8 @@ class CacheData:
 
     def aligned(self) -> bool:
         """Whether LaRE cell (i, j) covers pixel-crop pixels [8i, 8i+8) x [8j, 8j+8) (`--preprocess crop`)."""
-        p = self.lare_params
-        small = (p.get("small_images") or "tile") == self.pixel_params.get("small_images", "tile")
-        return p["preprocess"] == "crop" and int(p["size"]) == self.pixel_size and small
+        lare, crop = LareParams.from_record(self.lare_params), PixelParams.from_record(self.pixel_params)
+        return lare.preprocess == "crop" and lare.size == crop.size and lare.small_images == crop.small_images
 
     def rows(
         self, split: str | None, real_jpeg_quality: int | None = None, generators: list[str] | None = None

@@ -129,15 +129,15 @@ class CalibrateConfig:
 def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
     """`pipeline calibrate`: the calibration of a finished run, recomputed from the validation rows its
     sample.json records (a run trained before calibration existed; or to redo it)."""
+    from stages.features.perturb_spec import Perturbation
     from stages.runs import cachedata, card, choice
     from stages.runs.checkpoint import load_run, predict
 
     run = load_run(cfg.checkpoint, resolve_device(cfg.device), "best")
     sample = json.loads((run.path / "sample.json").read_text())
     held = sample["validation"]
-    perturb = run.params["caches"][0].get("perturb")
-    wanted = (perturb["spec"], perturb.get("only")) if perturb else None
-    picked = choice.Choice(run=run.params, perturb=wanted)
+    trained_on = Perturbation.from_record(run.params["caches"][0].get("perturb"))
+    picked = choice.Choice(run=run.params, perturb=trained_on)
     urls = cfg.caches or [v["url"] for v in held]
     data = cachedata.CacheData(urls, verify=cfg.verify, split="train", choice=picked, log=log)
     if len(data.sources) != len(held):

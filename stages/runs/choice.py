@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pipeline.errors import UserError
 from pipeline.schema import ArtifactAttrs, ArtifactOrigin, Manifest, ManifestArtifact, index_splits
-from stages.features import perturb as perturb_stage
+from stages.features.params import PixelParams
+from stages.features.perturb_spec import Perturbation, describe, requested
 
 if TYPE_CHECKING:  # types only: the records import no torch, but cache info need not read them
     from stages.runs.records import RunParams
@@ -25,41 +26,20 @@ CODE_ID = "stages.choice"  # the name its code is hashed under, wherever the fil
 
 
 # ---- which perturbation (`--perturb SPEC`, `--perturb-only CLASS`): a filter of every artifact choice --
-Perturb = tuple[str, str | None] | None  # (canonical SPEC, class it applies to) or None: clean
-
-
-def perturbation_record(spec: str | None, only: str | None = None, seed: int = 0) -> dict | None:
-    """`--perturb SPEC [--perturb-only CLASS]`, checked, as an artifact's `perturb` param records it
-    (SPEC canonical, class, seed); None: clean. Extraction writes it, readers look it up."""
-    if spec is None:
-        if only is not None:
-            raise UserError("--perturb-only needs --perturb SPEC")
-        return None
-    return perturb_stage.parse(spec, seed, only).record()
-
-
-def wanted_perturbation(spec: str | None, only: str | None = None) -> Perturb:
+def wanted_perturbation(spec: str | None, only: str | None = None) -> Perturbation | None:
     """The user's `--perturb SPEC [--perturb-only CLASS]` as artifacts are looked up by; None: clean."""
-    return _perturb(perturbation_record(spec, only))
+    return requested(spec, only)
 
 
-def _perturb(record: dict | None) -> Perturb:
-    return (record["spec"], record.get("only")) if record else None
-
-
-def perturbation_of(art: ArtifactOrigin) -> Perturb:
-    return _perturb(art.get("params", {}).get("perturb"))
+def perturbation_of(art: ArtifactOrigin) -> Perturbation | None:
+    return Perturbation.from_record(art.get("params", {}).get("perturb"))
 
 
 def with_perturbation(
-    found: list[tuple[str, ManifestArtifact]], wanted: Perturb
+    found: list[tuple[str, ManifestArtifact]], wanted: Perturbation | None
 ) -> list[tuple[str, ManifestArtifact]]:
     """The artifacts among `found` perturbed as wanted (clean ones when `wanted` is None)."""
     return [(path, art) for path, art in found if perturbation_of(art) == wanted]
-
-
-def _label(p: Perturb) -> str:
-    return perturb_stage.describe({"spec": p[0], "only": p[1]} if p else None)
 
 
 @dataclass(frozen=True)
@@ -75,7 +55,7 @@ class Choice:
     pixels: str | None = None
     # a run's params: its "lare" record and the "caches" it was trained on
     run: RunParams | None = None
-    perturb: Perturb = None  # the perturbation the artifacts must carry (None: clean)
+    perturb: Perturbation | None = None  # the perturbation the artifacts must carry (None: clean)
 
     def rank(self, kind: Literal["lare", "pixels"]) -> Callable[[ArtifactAttrs], tuple[bool, bool]] | None:
         """How well an artifact fits the run (higher first): the very artifact it was trained on, then
@@ -92,7 +72,7 @@ class Choice:
                     rec["model"].get("weights"),
                 )
             else:
-                same = a["params"]["size"] == rec["pixel_size"]
+                same = PixelParams.from_record(a["params"]).size == rec["pixel_size"]
             return a["fingerprint"] in trained, same
 
         return fits
@@ -105,7 +85,7 @@ def _value(v) -> str:
 def _fields(art: ArtifactOrigin) -> dict[str, str]:
     fields = {k: _value(v) for k, v in art.get("params", {}).items()}
     if "perturb" in fields:  # a record, shown (and filtered) as its SPEC
-        fields["perturb"] = _label(perturbation_of(art))
+        fields["perturb"] = describe(perturbation_of(art))
     if "model" in art:
         fields["model"] = _value(art["model"].get("spec"))
     return fields
@@ -156,7 +136,7 @@ def choose(
     rank: Callable[[ArtifactAttrs], tuple[bool, bool]] | None = None,
     index_fp: str | None = None,
     allow_incomplete: bool = False,
-    perturb: Perturb = None,
+    perturb: Perturbation | None = None,
 ) -> tuple[str, ManifestArtifact]:
     """The artifact of `kind` to read: one whose index covers `split` (and is `index_fp` when given),
     complete (an unfinished one only with allow_incomplete, when no complete one qualifies), matching
@@ -173,11 +153,11 @@ def choose(
     ]
     pool = [kv for kv in pool if kv[1]["complete"]] or (pool if allow_incomplete else [])
     if selector is None or "=" in selector:  # a fingerprint prefix names one artifact, perturbed or not
-        others = {_label(perturbation_of(a)) for _, a in pool} - {_label(perturb)}
+        others = {describe(perturbation_of(a)) for _, a in pool} - {describe(perturb)}
         pool = with_perturbation(pool, perturb)
         if not pool and others:
             raise UserError(
-                f"{url} holds no complete {what} artifact {_label(perturb)} (it holds: "
+                f"{url} holds no complete {what} artifact {describe(perturb)} (it holds: "
                 f"{', '.join(sorted(others))}); extract one with that --perturb/--perturb-only"
             )
     covering = f" covering split '{split}'" if split else ""

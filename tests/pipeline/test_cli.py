@@ -119,22 +119,39 @@ def test_a_rank_whose_peer_died_says_so_in_one_line(monkeypatch, capsys):
         cli.main()
 
 
+_WITHOUT_TORCH = (
+    "import sys\n"
+    "from pipeline.cli import main\n"
+    "sys.argv = ['pipeline', *sys.argv[1:]]\n"
+    "try:\n    main()\n"
+    "except SystemExit:\n    pass\n"
+    "assert 'torch' not in sys.modules, 'torch imported'\n"
+)
+
+
+def _without_torch(*args: str) -> subprocess.CompletedProcess:
+    """`pipeline ARGS` in a fresh interpreter that fails when torch was imported."""
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, *args], capture_output=True, text=True)
+
+
 def test_help_and_the_cache_commands_start_without_torch(tmp_path):
     """`pipeline --help`, `pipeline cache --help` and a cache command import no torch (seconds at each
     start): the stages are imported inside the commands that need them."""
-    import sys
-
-    code = (
-        "import sys\n"
-        "from pipeline.cli import main\n"
-        "sys.argv = ['pipeline', *sys.argv[1:]]\n"
-        "try:\n    main()\n"
-        "except SystemExit:\n    pass\n"
-        "assert 'torch' not in sys.modules, 'torch imported'\n"
-    )
     for args in (["--help"], ["cache", "--help"], ["cache", "info", str(tmp_path / "none.zarr")]):
-        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        proc = _without_torch(*args)
         assert proc.returncode == 0, (args, proc.stderr)
+
+
+def test_cache_info_describes_perturbed_artifacts_without_torch(genimage, tmp_path):
+    """`cache info` on a cache holding a clean and a perturbed extraction: their selectable fields and
+    the perturbation come from the manifest, read with the torch-free SPEC and params records."""
+    cache = extract_cache(genimage, tmp_path)
+    extract_cache(genimage, tmp_path, perturb="jpeg:60-90", perturb_only="generated", splits=("val",))
+    proc = _without_torch("cache", "info", str(cache))
+    assert proc.returncode == 0, proc.stderr
+    assert "perturbed: jpeg:60-90 (generated only), seed 0" in proc.stdout
 
 
 def test_an_unusable_device_is_refused_before_anything_is_created(tmp_path):

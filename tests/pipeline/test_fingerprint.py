@@ -187,8 +187,8 @@ def _move_lare_and_pixels(stages):
         text = text.replace("from stages.features import lare as", "from stages.maths import lare as")
         text = text.replace("from stages.features import pixels as", "from stages.maths import pixels as")
         text = text.replace(
-            "from stages.features import perturb, pixels",
-            "from stages.features import perturb\nfrom stages.maths import pixels",
+            "from stages.features import params, perturb, perturb_spec, pixels",
+            "from stages.features import params, perturb, perturb_spec\nfrom stages.maths import pixels",
         )
         path.write_text(text)
 

@@ -11,6 +11,7 @@ from pipeline.schema import STATUS_FAILED, STATUS_OK
 from pipeline.store import CacheStore
 from stages.extract import ExtractConfig, RowDataset, run_extract
 from stages.features import pixels, sd
+from stages.features.params import LareParams, PixelParams
 from stages.features.recipe import RowRecipe
 from stages.genimage.synthetic import add_bad_files
 from tests.helpers import artifact_arrays, extract_args, run_cli, tiny_extract
@@ -210,9 +211,12 @@ def test_crop_preprocess_feeds_the_pixel_crop_to_the_vae(genimage):
     from stages.genimage.index import DataSource, scan
 
     idx = scan(DataSource.genimage(genimage, "sdv14"), progress=False)
-    params = {"size": 256, "preprocess": "crop", "seed": 0, "ensemble": 4, "prompt": "a photo",
-              "prompt_template": None}  # fmt: skip
-    recipe = RowRecipe.from_params(params, (4, 32), {"size": 256})
+    params = {"timestep": 200, "ensemble": 4, "size": 256, "preprocess": "crop", "resample": None,
+              "small_images": "tile", "prompt": "a photo", "prompt_template": None, "dtype": "float16",
+              "precision": "fp32", "seed": 0, "max_pixels": pixels.DEFAULT_MAX_PIXELS,
+              "perturb": None}  # fmt: skip
+    crop = PixelParams.from_record({"size": 256})
+    recipe = RowRecipe.from_params(LareParams.from_record(params), (4, 32), crop)
     files = [idx.abspath(r) for r in range(len(idx))]
     ds = RowDataset(files, idx.columns["id"], np.zeros(len(idx), int), recipe)
     for row in (0, 5):

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from stages.features import perturb
+from stages.features import perturb, perturb_spec
 from stages.genimage.synthetic import make_genimage
 from stages.robustness import GRIDS
 from tests.helpers import ONE_THREAD, ROOT, run_cli
@@ -54,7 +54,7 @@ def test_the_frank_grid_trains_and_tests_on_each_mode_and_combined_beside_lols_t
     assert [c.train for c in GRIDS["lol-a4"][1:]] == ["noise:5-20", "blur:3,5,7,9", "jpeg:10-75", "crop:5-20"]
     assert (perturb.sigma_for_kernel(3), perturb.sigma_for_kernel(9)) == pytest.approx((0.8, 1.7))
     for grid in GRIDS.values():  # every SPEC of every grid parses to itself
-        assert all(perturb.canonical(s) == s for c in grid for s in (c.train, c.test) if s)
+        assert all(perturb_spec.canonical(s) == s for c in grid for s in (c.train, c.test) if s)
 
 
 def test_the_readme_lists_every_grid():

@@ -17,7 +17,7 @@ from scipy import ndimage
 from pipeline.errors import UserError
 from stages import extract
 from stages.extract import ExtractConfig, ShardComputer, run_extract
-from stages.features import perturb
+from stages.features import perturb, perturb_spec
 from stages.genimage.index import jpeg_quality
 from stages.genimage.synthetic import make_genimage, make_image
 from stages.runs import cachedata, choice
@@ -27,7 +27,7 @@ RGB = make_image(np.random.default_rng(0), 96, 128, generated=False)  # noisy, l
 
 
 def _apply(spec: str, rgb: np.ndarray = RGB, image_id: str = "abc", label: int = 1, **kw) -> np.ndarray:
-    return perturb.parse(spec, **kw)(rgb, image_id, label)
+    return perturb.apply(perturb_spec.Perturbation.parse(spec, **kw), rgb, image_id, label)
 
 
 def _high_freq(rgb: np.ndarray) -> float:
@@ -37,13 +37,25 @@ def _high_freq(rgb: np.ndarray) -> float:
 
 
 def test_specs_parse_to_one_canonical_text():
-    assert perturb.canonical(" JPEG:096 ") == "jpeg:96"
+    assert perturb_spec.canonical(" JPEG:096 ") == "jpeg:96"
     chain = "noise:5-20+blur:3,5,7,9+jpeg:10-75+crop:5-20"
-    assert perturb.canonical(chain) == chain
-    assert perturb.canonical("blur:sigma=3+resize:112px+resize:0.5") == "blur:sigma=3+resize:112px+resize:0.5"
-    assert perturb.parse("jpeg:96", seed=3, only="generated").record() == {
+    assert perturb_spec.canonical(chain) == chain
+    mixed = "blur:sigma=3+resize:112px+resize:0.5"
+    assert perturb_spec.canonical(mixed) == mixed
+    assert perturb_spec.Perturbation.parse("jpeg:96", seed=3, only="generated").record() == {
         "spec": "jpeg:96", "only": "generated", "seed": 3,
     }  # fmt: skip
+
+
+def test_every_step_the_spec_parses_has_a_computation():
+    """The SPEC's table (perturb_spec.FAMILIES) and the computations' (perturb.APPLY) name the same steps."""
+    keys = set()
+    for family, rule in perturb_spec.FAMILIES.items():
+        if isinstance(rule, perturb_spec.Source):
+            keys |= {(family, mode) for mode in rule.modes}
+        else:
+            keys |= {(family, ""), (family, rule.unit)}
+    assert keys == set(perturb.APPLY)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +64,7 @@ def test_specs_parse_to_one_canonical_text():
 )  # fmt: skip
 def test_a_malformed_spec_names_the_families(spec):
     with pytest.raises(UserError, match="families jpeg, blur, noise, crop, resize, frank, genimage"):
-        perturb.parse(spec)
+        perturb_spec.Perturbation.parse(spec)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +73,7 @@ def test_a_malformed_spec_names_the_families(spec):
 )  # fmt: skip
 def test_a_malformed_source_step_names_the_modes(spec):
     with pytest.raises(UserError, match="families jpeg"):
-        perturb.parse(spec)
+        perturb_spec.Perturbation.parse(spec)
 
 
 def test_jpeg_changes_the_pixels_and_the_quality_estimated_is_q():
@@ -248,10 +260,10 @@ def _lol_text_reference(spec: str, rgb: np.ndarray, rng: np.random.Generator) ->
 def test_lol_text_families_match_plain_library_calls(spec, tolerance):
     """Exact but for the blurs: within one grey level of OpenCV's fixed-point Gaussian (torchvision's
     float kernel, reflect-101 border like OpenCV's default)."""
-    parsed = perturb.parse(spec)
+    parsed = perturb_spec.Perturbation.parse(spec)
     for rgb in IMAGES:
         for image_id in IDS[:4]:
-            ours = parsed(rgb, image_id, 1)
+            ours = perturb.apply(parsed, rgb, image_id, 1)
             theirs = _lol_text_reference(spec, rgb, parsed.rng(image_id))
             assert ours.shape == theirs.shape
             assert np.abs(ours.astype(int) - theirs).max() <= tolerance, (spec, image_id)
@@ -289,11 +301,11 @@ def _frank_reference(mode: str, rgb: np.ndarray, rng: np.random.Generator) -> np
 def test_frank_modes_match_frank_code_on_opencv(mode, tolerance):
     """Exact for noise and JPEG; blur and crop within one grey level (OpenCV's fixed-point kernels
     against torch's float ones). The coin leaves about half of the images untouched, the same ones."""
-    spec = perturb.parse(f"frank:{mode}")
+    spec = perturb_spec.Perturbation.parse(f"frank:{mode}")
     untouched = 0
     for rgb in IMAGES:
         for image_id in IDS:
-            ours = spec(rgb, image_id, 1)
+            ours = perturb.apply(spec, rgb, image_id, 1)
             theirs = _frank_reference(mode, rgb, spec.rng(image_id))
             assert ours.shape == theirs.shape
             assert np.abs(ours.astype(int) - theirs).max() <= tolerance, (mode, image_id)
@@ -304,7 +316,7 @@ def test_frank_modes_match_frank_code_on_opencv(mode, tolerance):
 def test_frank_noise_has_the_standard_deviation_drawn_and_truncates():
     flat = np.full((200, 200, 3), 128, dtype=np.uint8)
     for image_id in IDS:
-        rng = perturb.parse("frank:noise").rng(image_id)
+        rng = perturb_spec.Perturbation.parse("frank:noise").rng(image_id)
         if rng.random() > 0.5:
             std = rng.uniform(5.0, 20.0)
             diff = _apply("frank:noise", flat, image_id).astype(np.float64) - 128
@@ -314,7 +326,7 @@ def test_frank_noise_has_the_standard_deviation_drawn_and_truncates():
 
 
 def test_frank_combined_gives_each_image_one_of_the_four():
-    spec = perturb.parse("frank:combined")
+    spec = perturb_spec.Perturbation.parse("frank:combined")
     modes = [("noise", "blur", "jpeg", "crop")[int(spec.rng(f"id-{i}").integers(4))] for i in range(200)]
     assert set(modes) == {"noise", "blur", "jpeg", "crop"}
     assert all(25 <= modes.count(m) <= 75 for m in set(modes))

@@ -124,12 +124,14 @@ def test_perturbation_options_are_checked_and_recorded_in_one_place():
 
     from pipeline.errors import UserError
     from stages.extract import ExtractConfig
+    from stages.features.perturb_spec import Perturbation
     from stages.runs.choice import perturbation_of, wanted_perturbation
 
     cfg = ExtractConfig(".", "sdv14", perturb="JPEG: 10-75", perturb_only="generated", seed=3)
-    assert cfg.perturbation() == {"spec": "jpeg:10-75", "only": "generated", "seed": 3}
-    recorded = perturbation_of({"params": {"perturb": cfg.perturbation()}})
-    assert recorded == wanted_perturbation("JPEG: 10-75", "generated") == ("jpeg:10-75", "generated")
+    assert cfg.perturbation().record() == {"spec": "jpeg:10-75", "only": "generated", "seed": 3}
+    recorded = perturbation_of({"params": {"perturb": cfg.perturbation().record()}})
+    wanted = wanted_perturbation("JPEG: 10-75", "generated")
+    assert recorded == wanted == Perturbation("jpeg:10-75", "generated")
     assert wanted_perturbation(None) is None and ExtractConfig(".", "sdv14").perturbation() is None
     unpaired = ExtractConfig(".", "sdv14", perturb_only="real")
     for check in (lambda: wanted_perturbation(None, "real"), unpaired.check):
