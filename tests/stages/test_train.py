@@ -404,8 +404,8 @@ def test_the_batch_code_is_in_a_runs_fingerprint(two_caches, monkeypatch):
     cfg = cfg_for(two_caches[:1], "unused", method="lol")
     data = cachedata.CacheData(cfg.caches, split="train", log=lambda m: None)
     _, params = train.plan_run(cfg, data)
-    real = train.code_version
-    monkeypatch.setattr(train, "code_version", lambda *parts: real(*(p for p in parts if p is not batches)))
+    real = train.stage_code
+    monkeypatch.setattr(train, "stage_code", lambda *parts: real(*(p for p in parts if p is not batches)))
     assert train.plan_run(cfg, data)[1]["fingerprint"] != params["fingerprint"]
 
 
