@@ -29,7 +29,6 @@ from pipeline.code_versions import stage_code
 from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
-from stages.detectors import method as method_registry
 from stages.features import perturb as perturb_stage
 from stages.features import sd
 from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, distributed
@@ -119,7 +118,7 @@ def oracle_acc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def check_compatible(run: Run, data: cachedata.CacheData) -> None:
     want = run.params["lare"]
-    if method_registry.get(run.method).reads_lare and (
+    if run.method.reads_lare and (
         data.lare_params != want["params"] or data.lare_model.get("weights") != want["model"].get("weights")
     ):
         raise UserError(
@@ -184,7 +183,7 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
         data = cachedata.CacheData([url], verify=cfg.verify, split=cfg.split, choice=picked, log=log)
         src = data.sources[0]
         split = src.split or cfg.split
-        if method_registry.get(run.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
+        if run.method.reads_lare and (note := sd.random_weights_note(data.lare_model)):
             log(f"note: {note}")
         key = fingerprint(
             {
@@ -218,7 +217,7 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
         result = {
             "run": run.name,
             "run_fingerprint": run.params["fingerprint"],
-            "method": run.method,
+            "method": run.method.name,
             "train_subsets": sorted({c["subset"] for c in run.params["caches"]}),
             "train_perturb": perturb_stage.describe(run.params["caches"][0].get("perturb")),
             "test_subset": src.subset,

@@ -429,7 +429,7 @@ def _run_status(
     picked = choice.Choice(tcfg.lare, tcfg.pixels, perturb=choice.wanted_perturbation(None, None))
     data = cachedata.CacheData([cache], verify=False, split="train", choice=picked, log=lambda m: None)
     run, _ = plan_run(tcfg, data)
-    if (run / "done.json").is_file():
+    if checkpoint.is_done(run):
         return f"done ({run.name})", run
     done = checkpoint.finished_epochs(run) if run.is_dir() else []
     return (f"to train, resumes after epoch {done[-1]}" if done else "to train"), run

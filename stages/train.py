@@ -32,7 +32,6 @@ No pickle: weights and optimizer tensors are safetensors, the rest JSON.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -62,12 +61,11 @@ from stages.runs.checkpoint import (
     Run,
     atomic_json,
     build_model,
-    finished_epochs,
     load_epoch,
     predict,
     save_epoch,
 )
-from stages.runs.records import DoneRecord, EpochRecord, MicroBatches, RunParams, Selection, ValScores
+from stages.runs.records import DoneRecord, MicroBatches, RunParams, Selection, ValScores
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
 
@@ -372,7 +370,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     method = method_registry.get(cfg.method)
     if method.reads_lare and (note := sd.random_weights_note(data.lare_model)):
         log(f"note: {note}")
-    if (run / "done.json").is_file():
+    if checkpoint.is_done(run):
         log(f"up to date: {run}")
         return run
     hp = params["hparams"]
@@ -453,14 +451,14 @@ def open_run_dir(run: Path, params: RunParams, sample: dict) -> None:
     """Create the run directory, or check that the one there holds this run; params.json and
     sample.json are written once (a resumed run keeps its own)."""
     run.mkdir(parents=True, exist_ok=True)
-    if (run / "params.json").is_file():
-        old: RunParams = json.loads((run / "params.json").read_text())
+    if checkpoint.is_run(run):
+        old = checkpoint.read_params(run)
         if old["fingerprint"] != params["fingerprint"]:
             raise UserError(f"{run} holds another run (fingerprint {old['fingerprint'][:12]})")
     else:
-        atomic_json(run / "params.json", {**params, "created_at": now()})
-    if not (run / "sample.json").is_file():
-        atomic_json(run / "sample.json", sample)
+        atomic_json(run / checkpoint.PARAMS, {**params, "created_at": now()})
+    if not (run / checkpoint.SAMPLE).is_file():
+        atomic_json(run / checkpoint.SAMPLE, sample)
     listing.started(run)  # `pipeline runs` tells a failed run from a stopped one
 
 
@@ -481,9 +479,8 @@ def optimiser(model: torch.nn.Module, hp: Hparams, plateau: bool):
 def resume(run: Path, model: torch.nn.Module, opt, sched, log) -> tuple[int, dict[int, ValScores]]:
     """(last finished epoch, validation history): the model, optimizer and schedule are restored to
     the end of that epoch (0 and an empty history for a new run)."""
-    done = finished_epochs(run)
-    start = done[-1] if done else 0
-    records: dict[int, EpochRecord] = {e: json.loads((run / f"epoch-{e:03d}.json").read_text()) for e in done}
+    records = checkpoint.epoch_records(run)
+    start = max(records, default=0)
     history = {e: record["val"] for e, record in records.items()}
     if start:
         load_epoch(run, start, model, opt)
@@ -527,7 +524,7 @@ def train_epoch(
     for step, (_, crops, maps, y) in enumerate(feed.epoch(gen)):  # on the device already
         if len(y) < 2 * parts:  # BatchNorm cannot train on one sample: an epoch's last rows
             continue  # too few for two per micro-batch wait for the next epoch's order
-        x, m = make_inputs(params["method"], hp, crops, maps, True, gen, params["aligned"])
+        x, m = make_inputs(trained.method, hp, crops, maps, True, gen, params["aligned"])
         if device.startswith("cuda"):
             x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
@@ -578,11 +575,11 @@ def finish_run(
         log(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {auc:.4f})")
     done: DoneRecord = {
         "epochs": last, "best": best, "best_val": history[best], "stopped": stopped, "selection": selection,
-        "final": f"epoch-{last:03d}.safetensors",
+        "final": checkpoint.weights_file(last),
     }  # fmt: skip
     # then every rank scores the best epoch, which rank 0 calibrates
     write = atomic_json if distributed.world().main else lambda *a: None
-    distributed.agree(write, trained.path / "done.json", done)
+    distributed.agree(write, trained.path / checkpoint.DONE, done)
     calibrate.record(trained, data, val_rows, VAL_BATCH, log)
     if distributed.world().main:  # README.md, then the run manifest (written last)
         card.publish(trained.path)
