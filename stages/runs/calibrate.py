@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -114,6 +115,14 @@ def record(run, data, val_rows, batch_size: int, log=print) -> dict:
     return write(run.path, val_rows.label, scores, epoch, log)
 
 
+class ThresholdRecord(TypedDict):
+    """A Threshold as an evaluation result records it."""
+
+    value: float
+    choice: str
+    origin: str
+
+
 @dataclass(frozen=True)
 class Threshold:
     """The threshold a result was computed with, and where it came from (written beside the result)."""
@@ -122,7 +131,7 @@ class Threshold:
     choice: str  # what the user asked for: 0.5, a number, fpr1, fpr5 or balanced
     origin: str  # 'default', 'given', or 'calibrated on <run>'s validation slice (epoch N, n real)'
 
-    def record(self) -> dict:
+    def record(self) -> ThresholdRecord:
         return {"value": self.value, "choice": self.choice, "origin": self.origin}
 
 
