@@ -357,12 +357,11 @@ def micro_batch_split(batch_size: int, micro_batches: int, device: str) -> Micro
 def run_train(cfg: TrainConfig, log=print) -> Path:
     """`pipeline train`: returns the run directory; a finished run is not retrained.
 
-    Reads top to bottom: the rows, the run directory, then per epoch `train_epoch`, `validate` and
-    the epoch's record; `finish_run` writes done.json and the calibration."""
+    Reads top to bottom: the rows, the run directory, then `train_epochs` (per epoch `train_epoch`,
+    `validate` and the epoch's record); `finish_run` writes done.json and the calibration."""
     device = distributed.init(resolve_device(cfg.device))  # under torchrun: this rank's
     main = distributed.world().main
     log = log if main else lambda m: None  # rank 0 alone logs and writes
-    progress = cfg.progress and main
     wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
     picked = choice.Choice(cfg.lare, cfg.pixels, perturb=wanted)
     data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split=cfg.split, choice=picked, log=log)
@@ -379,13 +378,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     rows, val_rows = training_rows(data, hp, cfg.seed, log)
     if no_selection := selection_rule(val_rows.label, hp["min_val_rows"]):
         log(f"note: {no_selection}")
-    labels = torch.from_numpy(rows.label)
-    if hp["shuffle_labels"]:
-        labels = uninformative_labels(labels, cfg.seed)
-    workers = loader_workers(cfg.loader_workers, device, READ_WORKERS)
-    feed = EpochBatches(
-        data, rows, labels, hp["batch_size"], hp["memory_rows"], progress, workers=workers, device=device
-    )
+    feed = epoch_batches(cfg, data, rows, hp, device, progress=cfg.progress and main)
     params["model"] = method.model_args(hp, feed.lare_channels)  # what load_run builds from
     # Built before the run directory is written: a backbone that cannot be loaded leaves nothing behind.
     model = build_model(params).to(device)
@@ -399,14 +392,46 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     distributed.agree(open_run_dir if main else lambda *a: None, run, params, sample)
     opt, sched = optimiser(model, hp, plateau=not no_selection)
     start, history = resume(run, model, opt, sched, log)  # every rank reads the run directory
-    net = distributed.wrap(model, device)
     trained = Run(run, params, model, device)
+    stopped = train_epochs(cfg, trained, opt, sched, feed, data, val_rows, start, history, no_selection, log)
+    if stopped is not None:
+        finish_run(trained, data, val_rows, history, stopped, no_selection, log)
+    return run
+
+
+def epoch_batches(
+    cfg: TrainConfig,
+    data: cachedata.CacheData,
+    rows: cachedata.Rows,
+    hp: Hparams,
+    device: str,
+    progress: bool,
+) -> EpochBatches:
+    """The training rows' batches, with their labels (uninformative ones for --shuffle-labels)."""
+    labels = torch.from_numpy(rows.label)
+    if hp["shuffle_labels"]:
+        labels = uninformative_labels(labels, cfg.seed)
+    workers = loader_workers(cfg.loader_workers, device, READ_WORKERS)
+    return EpochBatches(
+        data, rows, labels, hp["batch_size"], hp["memory_rows"], progress, workers=workers, device=device
+    )
+
+
+def train_epochs(
+    cfg: TrainConfig, trained: Run, opt, sched, feed: EpochBatches, data: cachedata.CacheData,
+    val_rows: cachedata.Rows, start: int, history: dict[int, ValScores], no_selection: str | None, log,
+) -> str | None:  # fmt: skip
+    """The epochs after `start`, each trained, validated and recorded (`history` grows): why
+    training stopped, or None when --stop-after stopped it as if interrupted."""
+    run, model, device, hp = trained.path, trained.model, trained.device, trained.params["hparams"]
+    main = distributed.world().main
+    net = distributed.wrap(model, device)
+    progress = cfg.progress and main
     stopped = f"--epochs {hp['epochs']} reached"
     for epoch in range(start + 1, hp["epochs"] + 1):
         best = None if no_selection else best_epoch(history)
         if hp["patience"] and best is not None and max(history) - best >= hp["patience"]:
-            stopped = f"no better validation score for {hp['patience']} epochs (--patience)"
-            break
+            return f"no better validation score for {hp['patience']} epochs (--patience)"
         t0 = time.perf_counter()
         desc = f"{cfg.method} epoch {epoch}/{hp['epochs']}"
         loss, n = train_epoch(
@@ -428,9 +453,8 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
             curves.update(run, best, log)
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
             log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
-            return run
-    finish_run(trained, data, val_rows, history, stopped, no_selection, log)
-    return run
+            return None
+    return stopped
 
 
 def training_rows(
