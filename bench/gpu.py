@@ -258,7 +258,15 @@ def compute_only(args, method: str, batch: int, steps: int) -> float:
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     crops = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=args.device)
     maps = torch.randn(batch, 4, 32, 32, device=args.device)
-    x, m = make_inputs(method, params["hparams"], crops, maps, True, torch.Generator().manual_seed(0), False)
+    x, m = make_inputs(
+        method_registry.get(method),
+        params["hparams"],
+        crops,
+        maps,
+        True,
+        torch.Generator().manual_seed(0),
+        False,
+    )
     y = torch.randint(0, 2, (batch,), device=args.device)
 
     def step() -> None:

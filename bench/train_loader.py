@@ -126,7 +126,7 @@ def loader_rates(cache: str, workers: list[int], epochs: int) -> dict[str, dict[
         for e in range(epochs):
             gen = torch.Generator().manual_seed(e)
             for _, crops, maps, _ in stream.epoch(gen):
-                make_inputs("egre", HP, crops, maps, True, gen, True)
+                make_inputs(egre.METHOD, HP, crops, maps, True, gen, True)
         out[f"workers_{w}"] = {"epoch_samples_per_s": len(rows) * epochs / (time.perf_counter() - t0),
                                "in_memory_load_rows_per_s": load}  # fmt: skip
     return out

@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
-from stages.detectors import method as method_registry
 from stages.features import lare as lare_math
 from stages.features import pixels as pixels_stage
 from stages.features import sd
@@ -93,7 +92,7 @@ PROVENANCE = ("run", "run_fingerprint", "epoch", "threshold", "threshold_choice"
 def provenance(run: Run, threshold: calibrate.Threshold) -> list[str]:
     """The PROVENANCE columns: the run, the epoch of its weights, the threshold and where it came from,
     and (EGRE) the LaRE model's spec and weights hash the maps are computed with."""
-    model = run.params["lare"]["model"] if method_registry.get(run.method).reads_lare else None
+    model = run.params["lare"]["model"] if run.method.reads_lare else None
     spec, weights = (model.get("spec", ""), model.get("weights", "")) if model else ("", "")
     return [run.name, run.params["fingerprint"], str(run.epoch), f"{threshold.value:.6g}", threshold.choice,
             threshold.origin, spec, weights]  # fmt: skip
@@ -134,7 +133,7 @@ def run_detect(cfg: DetectConfig, log=print) -> tuple[int, int]:
     else:  # a run recorded before the pixel params: its pixel size, the LaRE artifact's max_pixels
         max_pixels = LareParams.from_record(run.params["lare"]["params"]).max_pixels
         crop = PixelParams(run.params["lare"]["pixel_size"], max_pixels=max_pixels)
-    if method_registry.get(run.method).reads_lare:
+    if run.method.reads_lare:
         lare = LaREOnTheFly(run, device, files, crop, say)
         recipe = lare.recipe
     else:

@@ -19,8 +19,10 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
@@ -29,11 +31,11 @@ from pipeline.code_versions import stage_code
 from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
-from stages.detectors import method as method_registry
 from stages.features import sd
 from stages.features.perturb_spec import Perturbation, describe
 from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, distributed
 from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_epochs
+from stages.runs.results import EvalResult, from_json, to_json
 
 CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
 
@@ -119,7 +121,7 @@ def oracle_acc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def check_compatible(run: Run, data: cachedata.CacheData) -> None:
     want = run.params["lare"]
-    if method_registry.get(run.method).reads_lare and (
+    if run.method.reads_lare and (
         data.lare_params != want["params"] or data.lare_model.get("weights") != want["model"].get("weights")
     ):
         raise UserError(
@@ -163,7 +165,7 @@ class EvalConfig:
     progress: bool = True
 
 
-def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
+def run_eval(cfg: EvalConfig, log=print) -> list[EvalResult]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache, and a
     reliability diagram `<stem>.reliability.png` beside each result."""
     if cfg.batch_size < 1:
@@ -176,49 +178,95 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
     log = log if main else lambda m: None
     if note := sd.random_weights_note(run.params["backbone"]):
         log(f"note: {note}")
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     picked = choice.Choice(cfg.lare, cfg.pixels, run=run.params, perturb=wanted)
+    job = _Evaluation(cfg, run, epochs, thr, main, log)
+    results = []
     for url in cfg.caches:
         data = cachedata.CacheData([url], verify=cfg.verify, split=cfg.split, choice=picked, log=log)
-        src = data.sources[0]
-        split = src.split or cfg.split
-        if method_registry.get(run.method).reads_lare and (note := sd.random_weights_note(data.lare_model)):
-            log(f"note: {note}")
-        key = fingerprint(
-            {
-                "run": run.params["fingerprint"],
-                "test": src.identity(),
-                "split": split,
-                "epochs": epochs,
-                "threshold": thr.value,
-                "code": scoring_code(),
-            }
-        )
-        stem = out / f"{run.name}__{src.subset}-{key[:8]}"
-        if distributed.from_main(main and stem.with_suffix(".json").is_file()):
-            result = json.loads(stem.with_suffix(".json").read_text()) if main else {}
-            log(f"up to date: {stem}.json")
+        if (result := job.evaluate(url, data)) is not None:
             results.append(result)
-            continue
-        check_compatible(run, data)
+    if main:  # a section per test set in the run's model card
+        card.add_results(run.path, [to_json(r) for r in results])
+    return results
+
+
+@dataclass
+class _Evaluation:
+    """One `pipeline eval`: the run at its epochs and threshold, evaluated on one test cache at a time."""
+
+    cfg: EvalConfig
+    run: Run
+    epochs: list[int]
+    thr: calibrate.Threshold
+    main: bool  # this process writes (rank 0)
+    log: Callable[[str], None]
+
+    def evaluate(self, url: str, data: cachedata.CacheData) -> EvalResult | None:
+        """The result on one test cache: read back when done before, else scored and written
+        (None on the ranks that do not write)."""
+        src = data.sources[0]
+        split = src.split or self.cfg.split
+        if self.run.method.reads_lare and (note := sd.random_weights_note(data.lare_model)):
+            self.log(f"note: {note}")
+        stem = self.stem(src, split)
+        done = stem.with_suffix(".json")
+        if distributed.from_main(self.main and done.is_file()):
+            self.log(f"up to date: {stem}.json")
+            return from_json(json.loads(done.read_text())) if self.main else cast(EvalResult, {})
+        check_compatible(self.run, data)
         rows = data.rows(split)
         if len(rows) == 0:
             raise UserError(f"{url} has no usable rows in split '{split}'")
+        scores = self.score(data, rows)
+        result = self.result(url, data, split, rows, scores)
+        if not self.main:
+            return None
+        self.write(stem, src, split, rows, scores, result)
+        return result
+
+    def stem(self, src: cachedata.Source, split: str) -> Path:
+        """Where the result goes, named by what decides it (see the module docstring)."""
+        key = fingerprint(
+            {
+                "run": self.run.params["fingerprint"],
+                "test": src.identity(),
+                "split": split,
+                "epochs": self.epochs,
+                "threshold": self.thr.value,
+                "code": scoring_code(),
+            }
+        )
+        return Path(self.cfg.out) / f"{self.run.name}__{src.subset}-{key[:8]}"
+
+    def score(self, data: cachedata.CacheData, rows: cachedata.Rows) -> dict[int, np.ndarray]:
+        """The rows' scores with the weights of each epoch."""
         scores = {}
-        for e in epochs:
-            if run.epoch != e:
-                run.use_epoch(e)
-            scores[e] = predict(run, data, rows, cfg.batch_size, cfg.progress)
-        each = [metrics(rows.label, scores[e], thr.value) for e in epochs]
+        for e in self.epochs:
+            if self.run.epoch != e:
+                self.run.use_epoch(e)
+            scores[e] = predict(self.run, data, rows, self.cfg.batch_size, self.cfg.progress)
+        return scores
+
+    def result(
+        self,
+        url: str,
+        data: cachedata.CacheData,
+        split: str,
+        rows: cachedata.Rows,
+        scores: dict[int, np.ndarray],
+    ) -> EvalResult:
+        """The record of the scores: the metrics (over several epochs their means and stds), by format
+        and by generator, and what they were computed on."""
+        run, src, epochs, thr = self.run, data.sources[0], self.epochs, self.thr.value
+        each = [metrics(rows.label, scores[e], thr) for e in epochs]
         formats = src.columns["format"][rows.row]
-        by_format = [metrics_by_format(rows.label, scores[e], formats, thr.value) for e in epochs]
-        per_gen = [by_generator(src, rows, scores[e], thr.value) for e in epochs]
-        result = {
+        by_format = [metrics_by_format(rows.label, scores[e], formats, thr) for e in epochs]
+        per_gen = [by_generator(src, rows, scores[e], thr) for e in epochs]
+        result: EvalResult = {
             "run": run.name,
             "run_fingerprint": run.params["fingerprint"],
-            "method": run.method,
+            "method": run.method.name,
             "train_subsets": sorted({c["subset"] for c in run.params["caches"]}),
             "train_perturb": describe(Perturbation.from_record(run.params["caches"][0].get("perturb"))),
             "test_subset": src.subset,
@@ -226,9 +274,9 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
             "test_cache": src.identity(),
             "test_url": url,
             "split": split,
-            "epoch_choice": str(cfg.epoch),
+            "epoch_choice": str(self.cfg.epoch),
             "epochs": epochs,
-            "threshold": thr.record(),
+            "threshold": self.thr.record(),
             "test_params": {"lare": data.lare_params, "pixels": data.pixel_params},
             "metrics": each[0],
             "by_format": by_format[0],
@@ -239,8 +287,14 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
             result["by_format"] = {f: mean_std([b[f] for b in by_format])[0] for f in by_format[0]}
             result["by_generator"] = {g: mean_std([b[g] for b in per_gen])[0] for g in per_gen[0]}
             result["per_epoch"] = [{"epoch": e, "metrics": m} for e, m in zip(epochs, each, strict=True)]
-        if not main:
-            continue
+        return result
+
+    def write(
+        self, stem: Path, src: cachedata.Source, split: str, rows: cachedata.Rows,
+        scores: dict[int, np.ndarray], result: EvalResult,
+    ) -> None:  # fmt: skip
+        """The per-image CSV, the reliability diagram, then the result JSON (last: its presence: done)."""
+        epochs, name = self.epochs, self.run.name
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["path", "id", "label", "format", "epoch", "score"])
@@ -249,15 +303,11 @@ def run_eval(cfg: EvalConfig, log=print) -> list[dict]:
                 for r, lab, s in zip(rows.row, rows.label, scores[e], strict=True):
                     w.writerow([c["path"][r], c["id"][r], int(lab), c["format"][r], e, f"{s:.6f}"])
         calibrate.reliability_diagram(
-            rows.label, scores[epochs[-1]], f"{run.name} on {src.subset} ({split}), epoch {epochs[-1]}",
+            rows.label, scores[epochs[-1]], f"{name} on {src.subset} ({split}), epoch {epochs[-1]}",
             f"{stem}.reliability.png",
         )  # fmt: skip
-        atomic_json(stem.with_suffix(".json"), result)  # last and whole: its presence means done
-        log(f"{run.name} on {src.subset} [{result['test_perturb']}]: {summary(result)} -> {stem}.json")
-        results.append(result)
-    if main:  # a section per test set in the run's model card
-        card.add_results(run.path, results)
-    return results
+        atomic_json(stem.with_suffix(".json"), to_json(result))  # last and whole: its presence means done
+        self.log(f"{name} on {src.subset} [{result['test_perturb']}]: {summary(result)} -> {stem}.json")
 
 
 def mean_std(each: list[dict]) -> tuple[dict, dict]:
@@ -272,7 +322,7 @@ def mean_std(each: list[dict]) -> tuple[dict, dict]:
     return mean, std
 
 
-def summary(result: dict) -> str:
+def summary(result: EvalResult) -> str:
     """One line of a result: ACC (real, generated), AP, n, and the epochs; mean +- std over several."""
     m, sd = result["metrics"], result.get("metrics_std")
 
@@ -295,7 +345,7 @@ def summary(result: dict) -> str:
         if len(generators) > 1
         else ""
     )
-    thr = result.get("threshold", {"value": m["threshold"], "choice": "", "origin": "given"})
+    thr = result["threshold"]
     origin = thr["choice"] if thr["choice"] in calibrate.CHOICES else thr["origin"]
     return (
         f"ACC {v('acc')} (real {v('real_acc')}, generated {v('generated_acc')}) AP {v('ap')} "

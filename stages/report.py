@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.fingerprint import fingerprint
 from stages.runs import calibrate
+from stages.runs.results import EvalResult, Metrics, artifacts_name, from_json, is_result
 
 # threshold-free metrics first; the last four depend on the threshold a result was computed with
 METRICS = ("acc", "ap", "auc", "tpr_at_fpr1", "tpr_at_fpr5", "ece", "real_acc", "generated_acc", "real_fpr")
@@ -55,107 +55,136 @@ def collect(results: str | Path, metric: str = "acc") -> Matrix:
     """
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)}")
-    files = sorted(Path(results).glob("*.json"))
-    records = []
-    for f in files:
+    found = read_results(results)
+    if not found:
+        raise UserError(f"no evaluation results (*.json from `pipeline eval`) in {results}")
+    cells = [cell for r in found for cell in per_generator(r)]
+    names = Names(cells)
+    grouped: dict[tuple[str, str], list[Cell]] = {}
+    for c in cells:
+        grouped.setdefault((names.row(c), names.column(c)), []).append(c)
+    rows = sorted({at[0] for at in grouped})
+    cols = sorted({at[1] for at in grouped})
+    mat = np.full((len(rows), len(cols)), np.nan)
+    std, n = mat.copy(), np.zeros(mat.shape, dtype=int)
+    undefined = np.zeros(mat.shape, dtype=bool)
+    for (row, col), cs in grouped.items():
+        at = rows.index(row), cols.index(col)
+        mat[at], std[at], n[at], undefined[at] = merged(cs, metric)
+    return Matrix(rows, cols, mat, std, n, metric, subtitle(cells, metric, n, undefined), undefined)
+
+
+def read_results(folder: str | Path) -> list[EvalResult]:
+    """The evaluation results among the folder's *.json (other JSON, or none that parses, is skipped)."""
+    found = []
+    for f in sorted(Path(folder).glob("*.json")):
         try:
             r = json.loads(f.read_text())
         except ValueError:
             continue
-        if isinstance(r, dict) and "metrics" in r and "test_subset" in r:
-            records.append(r)
-    if not records:
-        raise UserError(f"no evaluation results (*.json from `pipeline eval`) in {results}")
-    records = [cell for r in records for cell in per_generator(r)]
+        if is_result(r):
+            found.append(from_json(r))
+    return found
 
-    def threshold(r: dict) -> str:
-        return r.get("threshold", {}).get("choice", str(r["metrics"].get("threshold", 0.5)))
 
-    def short(r: dict) -> str:
-        choice = r.get("epoch_choice", "best")
-        trained = r.get("train_perturb", "clean")
+@dataclass(frozen=True)
+class Cell:
+    """A result as one cell of the report: its own metrics, or those of one of its generators."""
+
+    result: EvalResult
+    metrics: Metrics
+    std: Metrics  # over epochs; empty when the result has one epoch (or for a generator's cell)
+    generator: str | None = None
+
+
+def per_generator(r: EvalResult) -> list[Cell]:
+    """A result as the report's cells: one per generator of its test set when it has several (the
+    generator's generated rows against the reals that go with them, `by_generator`), else itself."""
+    gens = r["by_generator"]
+    if len(gens) <= 1:
+        return [Cell(r, r["metrics"], r.get("metrics_std", {}))]
+    return [Cell(r, m, {}, g) for g, m in gens.items()]
+
+
+def threshold_choice(r: EvalResult) -> str:
+    """What the threshold was asked as: '0.5', a number, or a calibrated threshold's name."""
+    return r["threshold"]["choice"]
+
+
+class Names:
+    """The row and column names of the cells: rows 'method:train subsets' (with the training
+    perturbation, epoch choice and threshold where not the default; the run's fingerprint where
+    several runs share a label), columns the test sets (see collect)."""
+
+    def __init__(self, cells: list[Cell]) -> None:
+        self.runs_per_label: dict[str, set] = {}
+        for c in cells:
+            self.runs_per_label.setdefault(self.short(c), set()).add(c.result["run"])
+        # A column per (test subset, split, perturbation, test artifacts): the split and the artifacts
+        # are named only where the folder holds more than one of them, so a plain folder keeps plain
+        # subset columns; a perturbed test artifact (`eval --perturb`) is always a column of its own.
+        self.several_splits = len({c.result["split"] for c in cells}) > 1
+        self.kinds: dict[str, set] = {}
+        for c in cells:
+            self.kinds.setdefault(self.base(c), set()).add(artifacts_name(c.result))
+
+    @staticmethod
+    def short(c: Cell) -> str:
+        r = c.result
+        choice, trained, thr = r["epoch_choice"], r["train_perturb"], threshold_choice(r)
         return (
             f"{r['method']}:{'+'.join(r['train_subsets'])}"
             + ("" if trained == "clean" else f" [{trained}]")
             + ("" if choice == "best" else f" ({choice})")
-            + ("" if threshold(r) == "0.5" else f" (threshold {threshold(r)})")
+            + ("" if thr == "0.5" else f" (threshold {thr})")
         )
 
-    runs_per_label: dict[str, set] = {}
-    for r in records:
-        runs_per_label.setdefault(short(r), set()).add(r["run"])
+    def row(self, c: Cell) -> str:  # several runs of one method on one subset (seeds, settings): name each
+        short = self.short(c)
+        return short if len(self.runs_per_label[short]) == 1 else f"{short} {c.result['run'][-12:]}"
 
-    def label(r: dict) -> str:  # several runs of one method on one subset (seeds, settings): name each
-        return short(r) if len(runs_per_label[short(r)]) == 1 else f"{short(r)} {r['run'][-12:]}"
+    def base(self, c: Cell) -> str:
+        r = c.result
+        name = r["test_subset"] + (f":{c.generator}" if c.generator is not None else "")
+        name = f"{name}:{r['split']}" if self.several_splits else name
+        return name if r["test_perturb"] == "clean" else f"{name} [{r['test_perturb']}]"
 
-    def artifacts(r: dict) -> str:  # by parameters where the result records them, else by fingerprints
-        if "test_params" in r:
-            return fingerprint(r["test_params"])[:8]
-        return f"{r['test_cache']['lare'][:8]}/{r['test_cache']['pixels'][:8]}"
+    def column(self, c: Cell) -> str:
+        base = self.base(c)
+        return f"{base}@{artifacts_name(c.result)}" if len(self.kinds[base]) > 1 else base
 
-    def split(r: dict) -> str:
-        return r.get("split", "val")
 
-    # A column per (test subset, split, perturbation, test artifacts): the split and the artifacts are
-    # named only where the folder holds more than one of them, so a plain folder keeps plain subset
-    # columns; a perturbed test artifact (`eval --perturb`) is always a column of its own.
-    several_splits = len({split(r) for r in records}) > 1
+def merged(cells: list[Cell], metric: str) -> tuple[float, float, int, bool]:
+    """(value, std over epochs, rows, undefined) of the cells that share a place in the matrix: their
+    values weighted by their rows; the std only of a single cell; undefined (a one-class test set:
+    said, not a NaN) when any cell's value is."""
+    weights = np.array([c.metrics["n"] for c in cells], dtype=float)
+    values = [c.metrics.get(metric, np.nan) for c in cells]
+    undefined = any(v is None for v in values)
+    value = np.nan if undefined else float(np.average(values, weights=weights))
+    spread = cells[0].std.get(metric) if len(cells) == 1 else None
+    return value, np.nan if spread is None else spread, int(weights.sum()), undefined
 
-    def base(r: dict) -> str:
-        name = r["test_subset"] + (f":{r['test_generator']}" if "test_generator" in r else "")
-        name = f"{name}:{split(r)}" if several_splits else name
-        perturbed = r.get("test_perturb", "clean")
-        return name if perturbed == "clean" else f"{name} [{perturbed}]"
 
-    kinds: dict[str, set] = {}
-    for r in records:
-        kinds.setdefault(base(r), set()).add(artifacts(r))
-
-    def column(r: dict) -> str:
-        return f"{base(r)}@{artifacts(r)}" if len(kinds[base(r)]) > 1 else base(r)
-
-    cells: dict[tuple[str, str], list[dict]] = {}
-    for r in records:
-        cells.setdefault((label(r), column(r)), []).append(r)
-    rows = sorted({at[0] for at in cells})
-    cols = sorted({at[1] for at in cells})
-    mat = np.full((len(rows), len(cols)), np.nan)
-    std, n = mat.copy(), np.zeros(mat.shape, dtype=int)
-    undefined = np.zeros(mat.shape, dtype=bool)
-    for (row, col), rs in cells.items():
-        at = rows.index(row), cols.index(col)
-        weights = np.array([r["metrics"]["n"] for r in rs], dtype=float)
-        values = [r["metrics"].get(metric, np.nan) for r in rs]
-        undefined[at] = any(v is None for v in values)  # a one-class test set: said, not a NaN
-        mat[at] = np.nan if undefined[at] else np.average(values, weights=weights)
-        spread = rs[0].get("metrics_std", {}).get(metric) if len(rs) == 1 else None
-        std[at] = np.nan if spread is None else spread
-        n[at] = int(weights.sum())
-    splits = ", ".join(sorted({split(r) for r in records}))
+def subtitle(cells: list[Cell], metric: str, n: np.ndarray, undefined: np.ndarray) -> str:
+    """The line under the title: the splits, the thresholds (of a metric that depends on one), the
+    rows per cell, and what n/a means where a cell has it."""
+    splits = ", ".join(sorted({c.result["split"] for c in cells}))
     if metric in AT_THRESHOLD:
-        thresholds = ", ".join(sorted({threshold_text(r) for r in records}))
+        thresholds = ", ".join(sorted({threshold_text(c.result) for c in cells}))
     else:
         thresholds = "none (threshold-free metric)"
     filled = n[n > 0]
     rows_text = f"{filled.min()}" if filled.min() == filled.max() else f"{filled.min()}-{filled.max()}"
-    subtitle = f"split {splits}; threshold {thresholds}; n = {rows_text} scored rows per cell"
+    text = f"split {splits}; threshold {thresholds}; n = {rows_text} scored rows per cell"
     if undefined.any():
-        subtitle += f"; n/a: {metric} is undefined for a one-class test set"
-    return Matrix(rows, cols, mat, std, n, metric, subtitle, undefined)
+        text += f"; n/a: {metric} is undefined for a one-class test set"
+    return text
 
 
-def per_generator(r: dict) -> list[dict]:
-    """A result as the report's cells: one per generator of its test set when it has several (the
-    generator's generated rows against the reals that go with them, `by_generator`), else itself."""
-    gens = r.get("by_generator", {})
-    if len(gens) <= 1:
-        return [r]
-    return [{**r, "test_generator": g, "metrics": m, "metrics_std": {}} for g, m in gens.items()]
-
-
-def threshold_text(r: dict) -> str:
+def threshold_text(r: EvalResult) -> str:
     """'0.5' (or the number given), or a calibrated threshold's name and value: 'fpr5 (0.8123)'."""
-    t = r.get("threshold") or {"value": r["metrics"].get("threshold", calibrate.DEFAULT), "choice": ""}
+    t = r["threshold"]
     return f"{t['choice']} ({t['value']:.4g})" if t["choice"] in calibrate.CHOICES else f"{t['value']:g}"
 
 

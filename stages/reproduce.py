@@ -52,6 +52,7 @@ from stages.evaluate import EvalConfig, run_eval
 from stages.extract import ExtractConfig, covering_artifacts, run_extract_covering
 from stages.genimage import index as index_stage
 from stages.runs import cachedata, checkpoint, choice
+from stages.runs.results import EvalResult
 from stages.train import TrainConfig, plan_run, run_train
 
 GENIMAGE = tuple(index_stage.SUBSETS)  # the eight subsets, in the order of LoL's Table 1
@@ -375,7 +376,7 @@ def run_reproduce(cfg: ReproduceConfig, log=print) -> list[Path]:
     for subset, xcfg in plan.extracts.items():
         log(f"reproduce: extract {subset} [{', '.join(xcfg.splits or ())}]")
         caches[subset] = run_extract_covering(xcfg, log=log).cache
-    results: dict[tuple[Training, str], dict] = {}
+    results: dict[tuple[Training, str], EvalResult] = {}
     device = cfg.train.get("device", DEFAULT_DEVICE)
     for training in plan.trainings:
         log(f"reproduce: train {plan.protocol.method} on {training.subset} ({_describe(training)})")
@@ -429,7 +430,7 @@ def _run_status(
     picked = choice.Choice(tcfg.lare, tcfg.pixels, perturb=choice.wanted_perturbation(None, None))
     data = cachedata.CacheData([cache], verify=False, split="train", choice=picked, log=lambda m: None)
     run, _ = plan_run(tcfg, data)
-    if (run / "done.json").is_file():
+    if checkpoint.is_done(run):
         return f"done ({run.name})", run
     done = checkpoint.finished_epochs(run) if run.is_dir() else []
     return (f"to train, resumes after epoch {done[-1]}" if done else "to train"), run

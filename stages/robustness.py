@@ -40,6 +40,7 @@ from pipeline.errors import UserError
 from stages.evaluate import EvalConfig, run_eval
 from stages.extract import ExtractConfig, run_extract_covering
 from stages.genimage import index as index_stage
+from stages.runs.results import EvalResult
 from stages.train import TrainConfig, run_train
 
 A4 = {"noise": "noise:5-20", "blur": "blur:3,5,7,9", "jpeg": "jpeg:10-75", "crop": "crop:5-20"}
@@ -67,6 +68,15 @@ class Condition:
 
 
 CLEAN = Condition("clean", "clean", "clean")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One evaluation of a study: a condition's detector on one test subset."""
+
+    condition: Condition
+    subset: str
+    result: EvalResult
 
 
 def _both(family: str, spec: str, level: str) -> Condition:
@@ -155,7 +165,7 @@ def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
                 caches[key] = _extract(cfg, subset, splits, spec, c.only, log)
 
     runs: dict[tuple, Path] = {}
-    records: list[dict] = []
+    records: list[Record] = []
     for c in conditions:
         if c.training not in runs:
             tcfg = TrainConfig(
@@ -172,7 +182,7 @@ def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
                 device=cfg.train.get("device", DEFAULT_DEVICE), perturb=c.test, perturb_only=only,
             )  # fmt: skip
             (result,) = run_eval(ecfg, log=log)
-            records.append({"condition": c, "subset": subset, "result": result})
+            records.append(Record(c, subset, result))
     csv_path = write_csv(out / f"robustness-{cfg.grid}-{cfg.method}.csv", cfg, records)
     figures = [table_figure(out / f"robustness-{cfg.grid}-{cfg.method}-table.png", cfg, conditions, records)]
     figures += severity_figures(out, cfg, conditions, tests, records)
@@ -180,42 +190,38 @@ def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
     return csv_path, figures
 
 
-def _metric(records: list[dict], c: Condition, metric: str, subset: str | None = None) -> float:
+def _metric(records: list[Record], c: Condition, metric: str, subset: str | None = None) -> float:
     """One subset's value, or the mean over the test subsets (subset None)."""
-    vals = [
-        r["result"]["metrics"][metric]
-        for r in records
-        if r["condition"] == c and subset in (None, r["subset"])
-    ]
+    vals = [r.result["metrics"][metric] for r in records if r.condition == c and subset in (None, r.subset)]
     vals = [v for v in vals if not math.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def write_csv(path: Path, cfg: RobustnessConfig, records: list[dict]) -> Path:
+def write_csv(path: Path, cfg: RobustnessConfig, records: list[Record]) -> Path:
     """One row per (condition, test subset), and a `mean` row per condition; percentages, 2 decimals."""
     path.parent.mkdir(parents=True, exist_ok=True)
     head = ["grid", "method", "condition", "family", "level", "train_perturb", "test_perturb",
             "perturb_only", "real_jpeg_quality", "train_subset", "test_subset", "n",
             *(f"{m}_%" for m in COLUMNS), "run"]  # fmt: skip
-    conditions = list(dict.fromkeys(r["condition"] for r in records))
+    conditions = list(dict.fromkeys(r.condition for r in records))
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(head)
         for c in conditions:
-            mine = [r for r in records if r["condition"] == c]
+            mine = [r for r in records if r.condition == c]
             base = [cfg.grid, cfg.method, c.name, c.family, c.level, c.train or "", c.test or "",
                     c.only or "", c.real_jpeg_quality or "", cfg.train_subset]  # fmt: skip
             for r in mine:
-                m = r["result"]["metrics"]
+                m = r.result["metrics"]
                 w.writerow(
-                    [*base, r["subset"], m["n"], *(f"{100 * m[k]:.2f}" for k in COLUMNS), r["result"]["run"]]
+                    [*base, r.subset, m["n"], *(f"{100 * m[k]:.2f}" for k in COLUMNS), r.result["run"]]
                 )
-            n = sum(r["result"]["metrics"]["n"] for r in mine)
+            n = sum(r.result["metrics"]["n"] for r in mine)
             w.writerow([*base, "mean", n, *(f"{100 * _metric(records, c, k):.2f}" for k in COLUMNS), ""])
     return path
 
 
-def text_table(conditions: list[Condition], records: list[dict]) -> str:
+def text_table(conditions: list[Condition], records: list[Record]) -> str:
     lines = [f"{'condition':<34}{'ACC %':>8}{'AP %':>8}   (mean over the test subsets)"]
     for c in conditions:
         lines.append(
@@ -233,7 +239,9 @@ def _pyplot():
     return plt
 
 
-def table_figure(path: Path, cfg: RobustnessConfig, conditions: list[Condition], records: list[dict]) -> Path:
+def table_figure(
+    path: Path, cfg: RobustnessConfig, conditions: list[Condition], records: list[Record]
+) -> Path:
     """Table A4's layout: one row per perturbation, ACC and AP averaged over the test subsets."""
     plt = _pyplot()
     cells = [[c.train or "-", c.test or "-", f"{100 * _metric(records, c, 'acc'):.1f}",
@@ -247,7 +255,7 @@ def table_figure(path: Path, cfg: RobustnessConfig, conditions: list[Condition],
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table.scale(1, 1.3)
-    subsets = ", ".join(sorted({r["subset"] for r in records}))
+    subsets = ", ".join(sorted({r.subset for r in records}))
     ax.set_title(
         f"{cfg.method} trained on {cfg.train_subset}, grid {cfg.grid}: mean over {subsets}", fontsize=9
     )
@@ -258,7 +266,7 @@ def table_figure(path: Path, cfg: RobustnessConfig, conditions: list[Condition],
 
 
 def severity_figures(
-    out: Path, cfg: RobustnessConfig, conditions: list[Condition], tests: list[str], records: list[dict]
+    out: Path, cfg: RobustnessConfig, conditions: list[Condition], tests: list[str], records: list[Record]
 ) -> list[Path]:
     """Per family: ACC and AP against severity (clean first), one line per test subset and their mean."""
     plt = _pyplot()

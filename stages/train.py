@@ -32,7 +32,6 @@ No pickle: weights and optimizer tensors are safetensors, the rest JSON.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -62,12 +61,11 @@ from stages.runs.checkpoint import (
     Run,
     atomic_json,
     build_model,
-    finished_epochs,
     load_epoch,
     predict,
     save_epoch,
 )
-from stages.runs.records import DoneRecord, EpochRecord, MicroBatches, RunParams, Selection, ValScores
+from stages.runs.records import DoneRecord, MicroBatches, RunParams, Selection, ValScores
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
 
@@ -359,12 +357,11 @@ def micro_batch_split(batch_size: int, micro_batches: int, device: str) -> Micro
 def run_train(cfg: TrainConfig, log=print) -> Path:
     """`pipeline train`: returns the run directory; a finished run is not retrained.
 
-    Reads top to bottom: the rows, the run directory, then per epoch `train_epoch`, `validate` and
-    the epoch's record; `finish_run` writes done.json and the calibration."""
+    Reads top to bottom: the rows, the run directory, then `train_epochs` (per epoch `train_epoch`,
+    `validate` and the epoch's record); `finish_run` writes done.json and the calibration."""
     device = distributed.init(resolve_device(cfg.device))  # under torchrun: this rank's
     main = distributed.world().main
     log = log if main else lambda m: None  # rank 0 alone logs and writes
-    progress = cfg.progress and main
     wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
     picked = choice.Choice(cfg.lare, cfg.pixels, perturb=wanted)
     data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split=cfg.split, choice=picked, log=log)
@@ -372,7 +369,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     method = method_registry.get(cfg.method)
     if method.reads_lare and (note := sd.random_weights_note(data.lare_model)):
         log(f"note: {note}")
-    if (run / "done.json").is_file():
+    if checkpoint.is_done(run):
         log(f"up to date: {run}")
         return run
     hp = params["hparams"]
@@ -381,13 +378,7 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     rows, val_rows = training_rows(data, hp, cfg.seed, log)
     if no_selection := selection_rule(val_rows.label, hp["min_val_rows"]):
         log(f"note: {no_selection}")
-    labels = torch.from_numpy(rows.label)
-    if hp["shuffle_labels"]:
-        labels = uninformative_labels(labels, cfg.seed)
-    workers = loader_workers(cfg.loader_workers, device, READ_WORKERS)
-    feed = EpochBatches(
-        data, rows, labels, hp["batch_size"], hp["memory_rows"], progress, workers=workers, device=device
-    )
+    feed = epoch_batches(cfg, data, rows, hp, device, progress=cfg.progress and main)
     params["model"] = method.model_args(hp, feed.lare_channels)  # what load_run builds from
     # Built before the run directory is written: a backbone that cannot be loaded leaves nothing behind.
     model = build_model(params).to(device)
@@ -401,14 +392,46 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     distributed.agree(open_run_dir if main else lambda *a: None, run, params, sample)
     opt, sched = optimiser(model, hp, plateau=not no_selection)
     start, history = resume(run, model, opt, sched, log)  # every rank reads the run directory
-    net = distributed.wrap(model, device)
     trained = Run(run, params, model, device)
+    stopped = train_epochs(cfg, trained, opt, sched, feed, data, val_rows, start, history, no_selection, log)
+    if stopped is not None:
+        finish_run(trained, data, val_rows, history, stopped, no_selection, log)
+    return run
+
+
+def epoch_batches(
+    cfg: TrainConfig,
+    data: cachedata.CacheData,
+    rows: cachedata.Rows,
+    hp: Hparams,
+    device: str,
+    progress: bool,
+) -> EpochBatches:
+    """The training rows' batches, with their labels (uninformative ones for --shuffle-labels)."""
+    labels = torch.from_numpy(rows.label)
+    if hp["shuffle_labels"]:
+        labels = uninformative_labels(labels, cfg.seed)
+    workers = loader_workers(cfg.loader_workers, device, READ_WORKERS)
+    return EpochBatches(
+        data, rows, labels, hp["batch_size"], hp["memory_rows"], progress, workers=workers, device=device
+    )
+
+
+def train_epochs(
+    cfg: TrainConfig, trained: Run, opt, sched, feed: EpochBatches, data: cachedata.CacheData,
+    val_rows: cachedata.Rows, start: int, history: dict[int, ValScores], no_selection: str | None, log,
+) -> str | None:  # fmt: skip
+    """The epochs after `start`, each trained, validated and recorded (`history` grows): why
+    training stopped, or None when --stop-after stopped it as if interrupted."""
+    run, model, device, hp = trained.path, trained.model, trained.device, trained.params["hparams"]
+    main = distributed.world().main
+    net = distributed.wrap(model, device)
+    progress = cfg.progress and main
     stopped = f"--epochs {hp['epochs']} reached"
     for epoch in range(start + 1, hp["epochs"] + 1):
         best = None if no_selection else best_epoch(history)
         if hp["patience"] and best is not None and max(history) - best >= hp["patience"]:
-            stopped = f"no better validation score for {hp['patience']} epochs (--patience)"
-            break
+            return f"no better validation score for {hp['patience']} epochs (--patience)"
         t0 = time.perf_counter()
         desc = f"{cfg.method} epoch {epoch}/{hp['epochs']}"
         loss, n = train_epoch(
@@ -430,9 +453,8 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
             curves.update(run, best, log)
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
             log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
-            return run
-    finish_run(trained, data, val_rows, history, stopped, no_selection, log)
-    return run
+            return None
+    return stopped
 
 
 def training_rows(
@@ -453,14 +475,14 @@ def open_run_dir(run: Path, params: RunParams, sample: dict) -> None:
     """Create the run directory, or check that the one there holds this run; params.json and
     sample.json are written once (a resumed run keeps its own)."""
     run.mkdir(parents=True, exist_ok=True)
-    if (run / "params.json").is_file():
-        old: RunParams = json.loads((run / "params.json").read_text())
+    if checkpoint.is_run(run):
+        old = checkpoint.read_params(run)
         if old["fingerprint"] != params["fingerprint"]:
             raise UserError(f"{run} holds another run (fingerprint {old['fingerprint'][:12]})")
     else:
-        atomic_json(run / "params.json", {**params, "created_at": now()})
-    if not (run / "sample.json").is_file():
-        atomic_json(run / "sample.json", sample)
+        atomic_json(run / checkpoint.PARAMS, {**params, "created_at": now()})
+    if not (run / checkpoint.SAMPLE).is_file():
+        atomic_json(run / checkpoint.SAMPLE, sample)
     listing.started(run)  # `pipeline runs` tells a failed run from a stopped one
 
 
@@ -481,9 +503,8 @@ def optimiser(model: torch.nn.Module, hp: Hparams, plateau: bool):
 def resume(run: Path, model: torch.nn.Module, opt, sched, log) -> tuple[int, dict[int, ValScores]]:
     """(last finished epoch, validation history): the model, optimizer and schedule are restored to
     the end of that epoch (0 and an empty history for a new run)."""
-    done = finished_epochs(run)
-    start = done[-1] if done else 0
-    records: dict[int, EpochRecord] = {e: json.loads((run / f"epoch-{e:03d}.json").read_text()) for e in done}
+    records = checkpoint.epoch_records(run)
+    start = max(records, default=0)
     history = {e: record["val"] for e, record in records.items()}
     if start:
         load_epoch(run, start, model, opt)
@@ -527,7 +548,7 @@ def train_epoch(
     for step, (_, crops, maps, y) in enumerate(feed.epoch(gen)):  # on the device already
         if len(y) < 2 * parts:  # BatchNorm cannot train on one sample: an epoch's last rows
             continue  # too few for two per micro-batch wait for the next epoch's order
-        x, m = make_inputs(params["method"], hp, crops, maps, True, gen, params["aligned"])
+        x, m = make_inputs(trained.method, hp, crops, maps, True, gen, params["aligned"])
         if device.startswith("cuda"):
             x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad(set_to_none=True)
@@ -578,11 +599,11 @@ def finish_run(
         log(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {auc:.4f})")
     done: DoneRecord = {
         "epochs": last, "best": best, "best_val": history[best], "stopped": stopped, "selection": selection,
-        "final": f"epoch-{last:03d}.safetensors",
+        "final": checkpoint.weights_file(last),
     }  # fmt: skip
     # then every rank scores the best epoch, which rank 0 calibrates
     write = atomic_json if distributed.world().main else lambda *a: None
-    distributed.agree(write, trained.path / "done.json", done)
+    distributed.agree(write, trained.path / checkpoint.DONE, done)
     calibrate.record(trained, data, val_rows, VAL_BATCH, log)
     if distributed.world().main:  # README.md, then the run manifest (written last)
         card.publish(trained.path)

@@ -223,7 +223,7 @@ def eval_(
         run_eval(replace(cfg, checkpoint=local), log=typer.echo)
 
 
-@app.command(cls=help_defaults("stages.runs.calibrate:CalibrateConfig"))
+@app.command(cls=help_defaults("stages.calibrate:CalibrateConfig"))
 def calibrate(
     checkpoint: Checkpoint,
     from_cache: Annotated[
@@ -238,7 +238,8 @@ def calibrate(
     """Recompute a run's calibrated thresholds from its validation slice (runs trained before
     `train` wrote calibration.json). Prints the thresholds."""
     usable_device(device)
-    from stages.runs.calibrate import FILE, CalibrateConfig, run_calibrate
+    from stages.calibrate import CalibrateConfig, run_calibrate
+    from stages.runs.calibrate import FILE
 
     cfg = CalibrateConfig(checkpoint, from_cache or None, verify=not no_verify, **given(device=device))
     runstore.require_writable(checkpoint, "pipeline calibrate")

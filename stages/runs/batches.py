@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from stages.detectors import method as method_registry
-from stages.detectors.method import Hparams
+from stages.detectors.method import Hparams, Method
 from stages.runs import distributed
 from stages.runs.cachedata import CacheData, Rows
 
@@ -50,7 +49,7 @@ def crop_windows(x: torch.Tensor, off: torch.Tensor, crop: int) -> torch.Tensor:
 
 
 def make_inputs(
-    method: str,
+    method: Method,
     hp: Hparams,
     crops: torch.Tensor,
     maps: torch.Tensor,
@@ -58,20 +57,19 @@ def make_inputs(
     gen: torch.Generator | None,
     aligned: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(network input, LaRE maps) for one batch of the method named `method`, on the device of `crops`:
+    """(network input, LaRE maps) for one batch of `method`, on the device of `crops`:
     crop (the map with the same window when aligned and the method reads maps), then the method's
     `prepare` (normalisation; for LoL in training flip, rotation and the rectangle mask).
 
     Offsets snap to the LaRE grid only where a map is cropped with the window (EGRE on aligned
     caches); a method that reads no map (LoL) crops at any pixel, as its paper does."""
     c = hp["crop_size"]
-    m = method_registry.get(method)
-    cropped_map = aligned and m.reads_lare
+    cropped_map = aligned and method.reads_lare
     off = crop_offsets(len(crops), crops.shape[-1], c, train, gen, LARE_GRID if cropped_map else 1)
     images = crop_windows(crops, off, c)
     if cropped_map:
         maps = crop_windows(maps, off // LARE_GRID, c // LARE_GRID)
-    return m.prepare(images, hp, train, gen), maps
+    return method.prepare(images, hp, train, gen), maps
 
 
 class BlockReads(torch.utils.data.Dataset):

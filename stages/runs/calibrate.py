@@ -21,10 +21,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
-from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 
 CODE_ID = "stages.calibrate"  # the name its code is hashed under, wherever the file lives
@@ -35,7 +35,6 @@ MIN_REAL = {name: math.ceil(1 / alpha) for name, alpha in TARGET_FPRS.items()}  
 BALANCED_MIN = 10  # rows of each label: below this one row moves balanced accuracy by 5 points or more
 CHOICES = (*TARGET_FPRS, "balanced")
 FILE = "calibration.json"
-RESCORE_BATCH = 64  # rows per model call in `pipeline calibrate` (train's validation batch)
 ECE_BINS = 15  # equal-width bins of the score over [0, 1]
 
 
@@ -116,44 +115,12 @@ def record(run, data, val_rows, batch_size: int, log=print) -> dict:
     return write(run.path, val_rows.label, scores, epoch, log)
 
 
-@dataclass
-class CalibrateConfig:
-    """Everything `pipeline calibrate` takes; the defaults here are the command's."""
+class ThresholdRecord(TypedDict):
+    """A Threshold as an evaluation result records it."""
 
-    checkpoint: str | Path  # a finished run directory
-    caches: list[str] | None = None  # where its training caches are now (None: the URLs it recorded)
-    device: str = DEFAULT_DEVICE
-    verify: bool = True
-
-
-def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
-    """`pipeline calibrate`: the calibration of a finished run, recomputed from the validation rows its
-    sample.json records (a run trained before calibration existed; or to redo it)."""
-    from stages.features.perturb_spec import Perturbation
-    from stages.runs import cachedata, card, choice
-    from stages.runs.checkpoint import load_run, predict
-
-    run = load_run(cfg.checkpoint, resolve_device(cfg.device), "best")
-    sample = json.loads((run.path / "sample.json").read_text())
-    held = sample["validation"]
-    trained_on = Perturbation.from_record(run.params["caches"][0].get("perturb"))
-    picked = choice.Choice(run=run.params, perturb=trained_on)
-    urls = cfg.caches or [v["url"] for v in held]
-    data = cachedata.CacheData(urls, verify=cfg.verify, split="train", choice=picked, log=log)
-    if len(data.sources) != len(held):
-        raise UserError(f"{run.name} was trained on {len(held)} cache(s), not {len(data.sources)}")
-    for src, v in zip(data.sources, held, strict=True):
-        if any(v[k] != value for k, value in src.identity().items()):
-            raise UserError(f"{src.url} does not hold the artifacts {run.name} was trained on")
-    rows = cachedata.Rows(
-        np.concatenate([np.full(len(v["rows"]), k) for k, v in enumerate(held)]),
-        np.concatenate([np.array(v["rows"], dtype=int) for v in held]),
-        np.concatenate([np.array(v["labels"], dtype=int) for v in held]),
-    )
-    scores = predict(run, data, rows, RESCORE_BATCH, progress=False)
-    record = write(run.path, rows.label, scores, run.epoch, log)
-    card.write(run.path, (FILE,))  # the model card shows the new thresholds; the manifest follows
-    return record
+    value: float
+    choice: str
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -164,7 +131,7 @@ class Threshold:
     choice: str  # what the user asked for: 0.5, a number, fpr1, fpr5 or balanced
     origin: str  # 'default', 'given', or 'calibrated on <run>'s validation slice (epoch N, n real)'
 
-    def record(self) -> dict:
+    def record(self) -> ThresholdRecord:
         return {"value": self.value, "choice": self.choice, "origin": self.origin}
 
 

@@ -33,15 +33,12 @@ from pipeline.fingerprint import checksum_bytes
 from pipeline.storage import atomic_write
 from stages.detectors import method as method_registry
 from stages.features import sd
+from stages.runs import calibrate, checkpoint
 
 CODE_ID = "stages.runs.card"
 FILE = "README.md"
 EVALS = "evals"
-CALIBRATION = "calibration.json"
-
-
-def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+CALIBRATION = calibrate.FILE
 
 
 def warnings(params: Mapping[str, Any]) -> list[str]:
@@ -81,9 +78,9 @@ def _test_name(result: Mapping[str, Any]) -> str:
 
 def header(run: Path) -> dict[str, Any]:
     """The YAML header: the Hub's keys, and `lare_pipeline` with the records' figures as they are."""
-    params = json.loads((run / "params.json").read_text())
-    done = _read(run / "done.json") or {}
-    cal = _read(run / CALIBRATION) or {}
+    params = checkpoint.read_params(run)
+    done = checkpoint.read_json(run / checkpoint.DONE) or {}
+    cal = checkpoint.read_json(run / CALIBRATION) or {}
     subsets = sorted({c["subset"] for c in params["caches"]})
     evals = evaluations(run)
     block: dict[str, Any] = {
@@ -169,10 +166,10 @@ def _grouped(name: str, groups: Mapping[str, Any]) -> list[str]:
 
 def render(run: Path) -> str:
     """The whole card: the YAML header, then the page."""
-    params = json.loads((run / "params.json").read_text())
-    done = _read(run / "done.json") or {}
-    cal = _read(run / CALIBRATION) or {}
-    sample = _read(run / "sample.json") or {}
+    params = checkpoint.read_params(run)
+    done = checkpoint.read_json(run / checkpoint.DONE) or {}
+    cal = checkpoint.read_json(run / CALIBRATION) or {}
+    sample = checkpoint.read_json(run / checkpoint.SAMPLE) or {}
     hp = params["hparams"]
     lines = ["---", yaml.safe_dump(header(run), sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
     lines += [f"# {run.name}", ""]
@@ -212,7 +209,7 @@ def render(run: Path) -> str:
         ]
     lines += ["## Hyper-parameters", ""]
     lines += _table(
-        [(k, hp[k]) for k in sorted(hp)] + [("seed", params["seed"]), ("precision", params["precision"])],
+        sorted(hp.items()) + [("seed", params["seed"]), ("precision", params["precision"])],
         ("parameter", "value"),
     )
     lines += ["", "## Model selection", ""]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,61 @@ from pipeline.errors import UserError
 from pipeline.storage import atomic_write
 from stages.detectors import backbone
 from stages.detectors import method as method_registry
-from stages.detectors.method import Detector
+from stages.detectors.method import Detector, Method
 from stages.runs import cachedata, distributed
 from stages.runs.batches import make_inputs
 from stages.runs.records import DoneRecord, EpochRecord, RunParams
 
 CODE_ID = "stages.checkpoint"  # the name its code is hashed under, wherever the file lives
+
+
+# The names of the run's files (the layout above): every other module builds a run's paths with these.
+PARAMS = "params.json"
+SAMPLE = "sample.json"
+DONE = "done.json"
+
+
+def weights_file(epoch: int) -> str:
+    """The name of epoch `epoch`'s weights (done.json's "final" names the last one)."""
+    return f"epoch-{epoch:03d}.safetensors"
+
+
+def _optim_file(epoch: int) -> str:
+    return f"epoch-{epoch:03d}.optim.safetensors"
+
+
+def _record_file(epoch: int) -> str:
+    return f"epoch-{epoch:03d}.json"
+
+
+def read_json(path: Path) -> Any:
+    """A run file's JSON; None when the file is absent (a run not finished, not calibrated...)."""
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_params(run: Path) -> RunParams:
+    """The run's record (params.json), which every run directory holds."""
+    return json.loads((run / PARAMS).read_text())
+
+
+def is_run(run: Path) -> bool:
+    """Whether `run` is a run directory (it holds params.json)."""
+    return (run / PARAMS).is_file()
+
+
+def is_done(run: Path) -> bool:
+    """Whether the run has finished training (done.json, written last)."""
+    return (run / DONE).is_file()
+
+
+def epoch_record(run: Path, epoch: int) -> EpochRecord:
+    """The record of a finished epoch: loss, validation scores, param groups, the schedule's state."""
+    return json.loads((run / _record_file(epoch)).read_text())
+
+
+def epoch_records(run: Path) -> dict[int, EpochRecord]:
+    """The records of every finished epoch, by epoch."""
+    return {e: epoch_record(run, e) for e in finished_epochs(run)}
 
 
 def atomic_json(path: Path, obj: Any) -> None:
@@ -69,15 +118,13 @@ def build_model(params: RunParams, pretrained: bool = True) -> Detector:
 
 
 def save_epoch(run: Path, epoch: int, model, opt, info: dict) -> None:
-    atomic_safetensors(run / f"epoch-{epoch:03d}.safetensors", model.state_dict())
+    atomic_safetensors(run / weights_file(epoch), model.state_dict())
     state = opt.state_dict()
     tensors = {f"{pid}.{k}": v for pid, s in state["state"].items() for k, v in s.items()}
-    atomic_safetensors(run / f"epoch-{epoch:03d}.optim.safetensors", tensors)
-    atomic_json(
-        run / f"epoch-{epoch:03d}.json", {**info, "epoch": epoch, "param_groups": state["param_groups"]}
-    )
+    atomic_safetensors(run / _optim_file(epoch), tensors)
+    atomic_json(run / _record_file(epoch), {**info, "epoch": epoch, "param_groups": state["param_groups"]})
     for old in run.glob("epoch-*.optim.safetensors"):
-        if old.name != f"epoch-{epoch:03d}.optim.safetensors":
+        if old.name != _optim_file(epoch):
             old.unlink()
 
 
@@ -86,17 +133,17 @@ def finished_epochs(run: Path) -> list[int]:
     out = []
     for p in run.glob("epoch-*.json"):
         m = re.fullmatch(r"epoch-(\d{3})\.json", p.name)
-        if m and (run / f"epoch-{m.group(1)}.safetensors").is_file():
+        if m and (run / weights_file(int(m.group(1)))).is_file():
             out.append(int(m.group(1)))
     return sorted(out)
 
 
 def load_epoch(run: Path, epoch: int, model, opt=None) -> None:
-    model.load_state_dict(load_file(str(run / f"epoch-{epoch:03d}.safetensors")))
+    model.load_state_dict(load_file(str(run / weights_file(epoch))))
     if opt is None:
         return
-    info: EpochRecord = json.loads((run / f"epoch-{epoch:03d}.json").read_text())
-    flat = load_file(str(run / f"epoch-{epoch:03d}.optim.safetensors"))
+    info = epoch_record(run, epoch)
+    flat = load_file(str(run / _optim_file(epoch)))
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in flat.items():
         pid, name = key.split(".", 1)
@@ -106,13 +153,18 @@ def load_epoch(run: Path, epoch: int, model, opt=None) -> None:
 
 @dataclass
 class Run:
-    """A finished run, loaded for evaluation or detection."""
+    """A run and its model, loaded for evaluation or detection (or being trained). `method` is the
+    registry's object, looked up once; its name is the record's (params["method"])."""
 
     path: Path
     params: RunParams
     model: Detector
     device: str = "cpu"
     epoch: int = 0  # whose weights the model holds
+    method: Method = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.method = method_registry.get(self.params["method"])
 
     def use_epoch(self, epoch: int) -> None:
         """Load the weights of another finished epoch into the model."""
@@ -127,10 +179,6 @@ class Run:
     @property
     def name(self) -> str:
         return self.path.name
-
-    @property
-    def method(self) -> str:
-        return self.params["method"]
 
 
 def predict(
@@ -178,14 +226,11 @@ EPOCH_CHOICES = "best, last or an epoch number"
 def select_epochs(path: str | Path, choice: str | int = "best", several: bool = False) -> list[int]:
     """The epochs `--epoch` names in a finished run: best (by validation), last, N, or (`several`) last5."""
     run = Path(path)
-    if not (run / "params.json").is_file():
-        raise UserError(f"{run} is not a run directory (no params.json)")
-    done = run / "done.json"
-    if not done.is_file():
-        raise UserError(
-            f"{run} has not finished training (no done.json): rerun `pipeline train` to resume it"
-        )
-    record: DoneRecord = json.loads(done.read_text())
+    if not is_run(run):
+        raise UserError(f"{run} is not a run directory (no {PARAMS})")
+    if not is_done(run):
+        raise UserError(f"{run} has not finished training (no {DONE}): rerun `pipeline train` to resume it")
+    record: DoneRecord = read_json(run / DONE)
     last = int(record["epochs"])
     kept = [e for e in finished_epochs(run) if e <= last]
     choice = str(choice)
@@ -214,10 +259,10 @@ def load_run(path: str | Path, device: str = "cpu", epoch: str | int = "best") -
     """A finished run with the weights of `epoch` (see select_epochs), in evaluation mode on `device`."""
     run = Path(path)
     (chosen,) = select_epochs(run, epoch)
-    params: RunParams = json.loads((run / "params.json").read_text())
+    params = read_params(run)
     if "model" not in params:
         raise UserError(f"{run.name} was trained by an older version (no model arguments saved): retrain it")
     model = build_model(params, pretrained=False)
-    model.load_state_dict(load_file(str(run / f"epoch-{chosen:03d}.safetensors")))
+    model.load_state_dict(load_file(str(run / weights_file(chosen))))
     model.to(device).eval()
     return Run(run, params, model, device, chosen)

@@ -15,7 +15,6 @@ and says once that the curves need it (curves.png is drawn either way).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,7 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from stages.runs.checkpoint import finished_epochs
+from stages.runs.checkpoint import epoch_records
 from stages.runs.records import EpochRecord
 
 CODE_ID = "stages.runs.curves"
@@ -61,9 +60,7 @@ def logged_epochs(run: Path) -> set[int]:
 def update(run: Path, best: int | None, log=print) -> None:
     """After an epoch's record is written: the missing epochs' event files, and curves.png redrawn
     with the `best` epoch so far marked."""
-    records: dict[int, EpochRecord] = {
-        e: json.loads((run / f"epoch-{e:03d}.json").read_text()) for e in finished_epochs(run)
-    }
+    records = epoch_records(run)
     write_events(run, records, log)
     draw(run / PNG, records, best)
 

@@ -15,7 +15,7 @@ from typing import Any, TypedDict
 
 from pipeline.errors import UserError, first_line
 from pipeline.storage import atomic_write, now
-from stages.runs.checkpoint import finished_epochs
+from stages.runs import calibrate, checkpoint
 
 CODE_ID = "stages.runs.listing"
 FAILED = "failed.json"
@@ -32,9 +32,9 @@ def started(run: Path) -> None:
 
 def failed(error: BaseException) -> Path | None:
     """Record that the run being trained failed with `error` (its first line); None if none was open."""
-    if _current is None or not (_current / "params.json").is_file():
+    if _current is None or not checkpoint.is_run(_current):
         return None
-    epochs = finished_epochs(_current)
+    epochs = checkpoint.finished_epochs(_current)
     record = {
         "error": f"{type(error).__name__}: {first_line(error)}",
         "at": now(),
@@ -61,10 +61,6 @@ class RunRow(TypedDict):
     error: str | None
 
 
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def find_runs(dirs: Iterable[str | Path]) -> list[Path]:
     """Run directories (those holding params.json) among `dirs` and their children, sorted by name."""
     found: dict[str, Path] = {}
@@ -72,15 +68,16 @@ def find_runs(dirs: Iterable[str | Path]) -> list[Path]:
         if not d.is_dir():
             raise UserError(f"no such folder: {d}")
         for p in [d, *sorted(d.iterdir())]:
-            if (p / "params.json").is_file():
+            if checkpoint.is_run(p):
                 found[str(p.resolve())] = p
     return sorted(found.values(), key=lambda p: (p.name, str(p)))
 
 
 def row(run: Path) -> RunRow:
-    params = json.loads((run / "params.json").read_text())
-    done, fail, cal = _json(run / "done.json"), _json(run / FAILED), _json(run / "calibration.json") or {}
-    epochs = finished_epochs(run)
+    params = checkpoint.read_params(run)
+    done, fail = checkpoint.read_json(run / checkpoint.DONE), checkpoint.read_json(run / FAILED)
+    cal = checkpoint.read_json(run / calibrate.FILE) or {}
+    epochs = checkpoint.finished_epochs(run)
     if done is not None:
         status = "finished"
     elif fail is not None:
@@ -159,14 +156,12 @@ def diff(a: Path, b: Path) -> dict[str, tuple[Any, Any]]:
     """What differs between two runs' parameters and inputs (params.json, flattened to dotted keys:
     hparams.lr, caches[0].lare...), and their outcome (done.json); ABSENT where one lacks the key."""
     for run in (a, b):
-        if not (run / "params.json").is_file():
-            raise UserError(f"{run} is not a run directory (no params.json)")
+        if not checkpoint.is_run(run):
+            raise UserError(f"{run} is not a run directory (no {checkpoint.PARAMS})")
     sides = []
     for run in (a, b):
-        params = {
-            k: v for k, v in json.loads((run / "params.json").read_text()).items() if k not in NOT_COMPARED
-        }
-        done = _json(run / "done.json") or {}
+        params = {k: v for k, v in checkpoint.read_params(run).items() if k not in NOT_COMPARED}
+        done = checkpoint.read_json(run / checkpoint.DONE) or {}
         sides.append(
             {**_flat(params), **_flat({"done": {k: done.get(k) for k in ("epochs", "best", "stopped")}})}
         )

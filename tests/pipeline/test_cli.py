@@ -204,11 +204,11 @@ def test_every_help_shows_each_default_from_the_stage_config():
     value is the one the stage's config dataclass holds (the CLI retypes none of them)."""
     import dataclasses
 
+    from stages.calibrate import CalibrateConfig
     from stages.detect import DetectConfig
     from stages.evaluate import EvalConfig
     from stages.extract import ExtractConfig
     from stages.robustness import RobustnessConfig
-    from stages.runs.calibrate import CalibrateConfig
     from stages.train import TrainConfig
 
     def defaults(source) -> dict:

@@ -45,12 +45,14 @@ def test_aligned_crop_takes_the_same_window_of_map_and_image():
         crops[:, :, 8 * i : 8 * i + 8] = 10 * i
         maps[:, :, i] = i
     hp = {"crop_size": 32}
-    x, m = make_inputs("egre", hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=True)
+    x, m = make_inputs(egre.METHOD, hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=True)
     assert m.shape == (4, 4, 4, 4)
     for img, mp in zip(x, m, strict=True):
         first_pixel_value = round(float(img[0, 0, 0] * 0.229 + 0.485) * 255)
         assert first_pixel_value == 10 * int(mp[0, 0, 0])  # the window starts on the same cell
-    _, m_whole = make_inputs("egre", hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=False)
+    _, m_whole = make_inputs(
+        egre.METHOD, hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=False
+    )
     assert m_whole.shape == (4, 4, 8, 8)  # reference (resize) maps: whole map, pooled later
 
 
@@ -94,7 +96,9 @@ def test_attention_and_gate_follow_the_reference_layers_and_init():
 def test_batched_crops_are_the_per_sample_windows():
     crops = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     maps = torch.randn(16, 4, 8, 8)
-    x, m = make_inputs("egre", {"crop_size": 32}, crops, maps, True, torch.Generator().manual_seed(2), True)
+    x, m = make_inputs(
+        egre.METHOD, {"crop_size": 32}, crops, maps, True, torch.Generator().manual_seed(2), True
+    )
     off = torch.randint(0, 5, (16, 2), generator=torch.Generator().manual_seed(2)) * 8  # the same draw
     assert len({tuple(o) for o in off.tolist()}) > 4
     for k, (t, s) in enumerate(off.tolist()):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pipeline import runstore
+from stages.calibrate import CalibrateConfig, run_calibrate
 from stages.evaluate import EvalConfig, run_eval
 from stages.runs import calibrate, card
 from stages.train import TrainConfig, run_train
@@ -92,6 +93,6 @@ def test_eval_and_calibrate_rewrite_the_card_and_keep_the_manifest_honest(
     weights.write_bytes(bytes(data))
     (run / calibrate.FILE).unlink()
     with torch_threads(1):
-        record = calibrate.run_calibrate(calibrate.CalibrateConfig(run), log=lambda m: None)
+        record = run_calibrate(CalibrateConfig(run), log=lambda m: None)
     assert _header(run)["lare_pipeline"]["thresholds"] == record["thresholds"]
     assert runstore.verify(str(run)) == ["epoch-001.safetensors does not match its checksum"]

@@ -1,0 +1,62 @@
+"""`pipeline calibrate`: a finished run's calibration recomputed from the validation rows its
+sample.json records (a run trained before calibration existed; or to redo it).
+
+The thresholds themselves (what they are, how they are fit, how `--threshold` resolves them) are
+stages.runs.calibrate's, which training, evaluation and detection use too: this module is the command.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import DEFAULT_DEVICE, resolve_device
+from pipeline.errors import UserError
+from stages.features.perturb_spec import Perturbation
+from stages.runs import cachedata, calibrate, card, checkpoint, choice
+
+RESCORE_BATCH = 64  # rows per model call (train's validation batch)
+
+
+@dataclass
+class CalibrateConfig:
+    """Everything `pipeline calibrate` takes; the defaults here are the command's."""
+
+    checkpoint: str | Path  # a finished run directory
+    caches: list[str] | None = None  # where its training caches are now (None: the URLs it recorded)
+    device: str = DEFAULT_DEVICE
+    verify: bool = True
+
+
+def run_calibrate(cfg: CalibrateConfig, log=print) -> dict:
+    """Rescore the run's recorded validation slice with its best epoch, write calibration.json and
+    show the thresholds in the model card; returns the calibration record."""
+    run = checkpoint.load_run(cfg.checkpoint, resolve_device(cfg.device), "best")
+    held = checkpoint.read_json(run.path / checkpoint.SAMPLE)["validation"]
+    data = _training_caches(run, cfg, held, log)
+    rows = cachedata.Rows(
+        np.concatenate([np.full(len(v["rows"]), k) for k, v in enumerate(held)]),
+        np.concatenate([np.array(v["rows"], dtype=int) for v in held]),
+        np.concatenate([np.array(v["labels"], dtype=int) for v in held]),
+    )
+    scores = checkpoint.predict(run, data, rows, RESCORE_BATCH, progress=False)
+    record = calibrate.write(run.path, rows.label, scores, run.epoch, log)
+    card.write(run.path, (calibrate.FILE,))  # the model card shows the new thresholds; the manifest follows
+    return record
+
+
+def _training_caches(run: checkpoint.Run, cfg: CalibrateConfig, held: list[dict], log) -> cachedata.CacheData:
+    """The caches the run was trained on (at `--from-cache` or the URLs it recorded), checked to hold
+    the very artifacts it read."""
+    trained_on = Perturbation.from_record(run.params["caches"][0].get("perturb"))
+    picked = choice.Choice(run=run.params, perturb=trained_on)
+    urls = cfg.caches or [v["url"] for v in held]
+    data = cachedata.CacheData(urls, verify=cfg.verify, split="train", choice=picked, log=log)
+    if len(data.sources) != len(held):
+        raise UserError(f"{run.name} was trained on {len(held)} cache(s), not {len(data.sources)}")
+    for src, v in zip(data.sources, held, strict=True):
+        if any(v[k] != value for k, value in src.identity().items()):
+            raise UserError(f"{src.url} does not hold the artifacts {run.name} was trained on")
+    return data
