@@ -20,7 +20,7 @@ def bigger(tmp_path_factory):
 
 
 def _args(data, cache):
-    return extract_args(data, cache, "--batch-size", "2", "--no-progress")
+    return extract_args(data, cache, "--batch-size", "2", "--size", "64", "--no-progress")
 
 
 def _done(cache, kind, name="sdv14"):
