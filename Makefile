@@ -4,6 +4,10 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 # torch is installed first and pinned: on this project's machines these wheels come from local disk.
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
+# the exact versions CI tests (pip-tools, `make lock`), used as pip constraints; `make install LOCK=`: unpinned
+LOCKFILE := requirements.lock
+LOCK    ?= $(LOCKFILE)
+LOCK_TOOLS ?= .venv-lock
 
 SUBSET  ?= sdv14
 # any other dataset (README: "Your own data and other benchmarks"): labelled folders under $(DATA)
@@ -30,11 +34,13 @@ DEMO_TRAIN ?= --backbone tiny-RN --backbone-weights random --crop-size 32 --lr 1
 # `--option VALUE` when the variable is set, nothing (the command's default) when it is empty
 opt = $(if $(2),--$(1) $(2))
 
-.PHONY: help install extract train eval report robustness reproduce demo test test-fast lint bench bench-gpu clean-demo
+.PHONY: help install lock extract train eval report robustness reproduce demo test test-fast lint bench bench-gpu clean-demo
 
 help:
 	@echo "make help                         this list"
-	@echo "make install                      create $(VENV) and install the pipeline with its dev tools"
+	@echo "make install                      create $(VENV) and install the pipeline with its dev tools, at the"
+	@echo "                                  versions of \$$(LOCK); LOCK= installs the newest that fit pyproject.toml"
+	@echo "make lock                         regenerate $(LOCKFILE) from pyproject.toml and \$$(TORCH) (pip-compile)"
 	@echo "make demo                         synthetic sdv14 and adm sets -> extract (tiny model) -> train EGRE and LoL"
 	@echo "                                  -> eval -> ACC table and \$$(DEMO)/results/matrix.png (README: what it means)"
 	@echo "make test                         the test suite (CPU only, tiny models)"
@@ -54,12 +60,24 @@ help:
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(pinned) $(TORCH)
+	$(BIN)/python -m pip install -q $(pinned) -e '.[dev]'
 	touch $@
+
+# `-c LOCK`: every package at its locked version (a constraint, so the package itself is not pinned)
+pinned = $(if $(LOCK),-c $(LOCK))
+
+# pip-tools in a venv of its own, so that $(VENV) holds what the lock lists and nothing else
+lock:
+	$(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/python -m pip install -q pip-tools==7.7.0
+	printf '%s\n' $(TORCH) > $(LOCK_TOOLS)/torch.txt
+	CUSTOM_COMPILE_COMMAND='make lock' $(LOCK_TOOLS)/bin/pip-compile -q --extra dev --strip-extras --no-emit-index-url --no-emit-find-links \
+		$(foreach p,lare-pipeline pip setuptools,--unsafe-package $(p)) --constraint $(LOCK_TOOLS)/torch.txt \
+		--output-file $(LOCKFILE) pyproject.toml
 
 extract: install
 	$(BIN)/pipeline extract --data-root $(DATA) $(if $(DATASET),--dataset $(DATASET),--subset $(SUBSET)) --cache-dir $(CACHE) \

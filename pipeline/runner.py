@@ -11,12 +11,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.schema import STATUS_FAILED, STATUS_OK, FailedRow, ShardRecord, WriterInfo
+from pipeline.schema import STATUS_FAILED, STATUS_OK, FailedRow, WriterInfo
 from pipeline.store import CacheStore, ShardWrite
 
 
@@ -71,11 +71,8 @@ class ShardWriteError(RuntimeError):
 class ShardWriter:
     """Writes shards in a background thread; errors surface in the caller at the next put or close."""
 
-    def __init__(
-        self, store: CacheStore, maxsize: int = 2, on_written: Callable[[ShardRecord], None] | None = None
-    ):
+    def __init__(self, store: CacheStore, maxsize: int = 2):
         self.store = store
-        self.on_written = on_written
         self.queue: queue.Queue[ShardWrite | None] = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         self.seconds = 0.0  # spent writing
@@ -89,10 +86,8 @@ class ShardWriter:
                 continue
             try:
                 t0 = time.perf_counter()
-                record = self.store.write_shard(item)
+                self.store.write_shard(item)
                 self.seconds += time.perf_counter() - t0
-                if self.on_written:
-                    self.on_written(record)
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self.error = e
 

@@ -110,6 +110,126 @@ def merge_manifests(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> di
     return merged
 
 
+class _Journal:
+    """What has landed intact at the target, by key (its checksum), and the target's old manifest;
+    written to `_share/journal.json` every FLUSH_EVERY objects, so that a rerun skips what landed."""
+
+    def __init__(self, dst: _Target, base: Mapping[str, Any] | None, landed: Mapping[str, str]):
+        self.dst = dst
+        self.base = base
+        self.landed: dict[str, str] = dict(landed)
+        self.lock = threading.Lock()
+
+    @classmethod
+    def open(cls, dst: _Target, manifest: Mapping[str, Any], src_url: str) -> _Journal:
+        """The target's journal; a complete target's manifest is first checked against the source's
+        and moved into it: from here on the target is not a complete cache."""
+        journal = parse_json(dst.read(JOURNAL) or "null", f"{dst.url}/{JOURNAL}") or {}
+        old = dst.read(MANIFEST)
+        if old is None:
+            return cls(dst, journal.get("base"), journal.get("landed", {}))
+        base = parse_json(old, f"{dst.url}/{MANIFEST}")
+        if base.get("subset") not in (None, manifest.get("subset")):
+            raise UserError(f"{dst.url} holds subset '{base['subset']}', not '{manifest.get('subset')}'")
+        if base.get("schema_version") not in (None, manifest.get("schema_version")):
+            raise UserError(
+                f"{dst.url} is a schema-{base['schema_version']} cache and {src_url} schema "
+                f"{manifest.get('schema_version')}: one cache holds one schema; copy to a new location"
+            )
+        manifest_files(base)  # refuse unsafe keys before trusting anything in it
+        opened = cls(dst, base, {k: d for k, (d, _) in manifest_files(base).items()})
+        opened.flush()
+        dst.delete(MANIFEST)
+        return opened
+
+    def land(self, key: str, digest: str) -> None:
+        with self.lock:
+            self.landed[key] = digest
+
+    def flush(self) -> None:
+        with self.lock:
+            snapshot = {"base": self.base, "landed": dict(self.landed)}
+        self.dst.write_json(JOURNAL, snapshot)
+
+
+@dataclass
+class _Copy:
+    """One object's copy: read from the source, checked against its checksum, written where it differs."""
+
+    src: CacheStore
+    dst: _Target
+    src_url: str
+    wanted: Mapping[str, str]  # key -> the source manifest's checksum
+    present: Mapping[str, int]  # key -> size of what the target already holds
+    journal: _Journal
+    recheck: bool
+
+    def todo(self) -> tuple[list[str], int]:
+        """The manifest's keys to copy (zarr metadata first), and how many the journal vouches for."""
+        todo, skipped = [], 0
+        for key in sorted(self.wanted, key=lambda k: (not k.endswith("zarr.json"), k)):
+            if not self.recheck and key in self.present and self.journal.landed.get(key) == self.wanted[key]:
+                skipped += 1
+            else:
+                todo.append(key)
+        return todo, skipped
+
+    def __call__(self, key: str) -> tuple[bool, int]:
+        """(whether it was written, its size)."""
+        data = self.src.read_bytes(key)
+        digest = checksum_bytes(data)
+        if key in self.wanted and digest != self.wanted[key]:
+            raise UserError(
+                f"source {self.src_url}: {key} does not match its checksum; verify the source first"
+            )
+        cheap = self.dst.local or self.recheck or key not in self.wanted  # a local read, or a small record
+        copied = not (cheap and self.present.get(key) == len(data) and self.dst.read(key) == data)
+        if copied:
+            self.dst.write(key, data)
+        self.journal.land(key, digest)
+        return copied, len(data)
+
+
+def _copy_all(copy: _Copy, passes: list[list[str]], report: CopyReport, jobs: int, bar: tqdm) -> None:
+    """Copy each pass's keys on `jobs` threads, a pass after the other; the journal is flushed every
+    FLUSH_EVERY objects and on an error (what landed so far is kept: a rerun skips it)."""
+    pool = ThreadPoolExecutor(max(1, jobs))
+    try:
+        for keys in passes:
+            for copied, n in pool.map(copy, keys):
+                report.copied += copied
+                report.skipped += not copied
+                report.bytes_copied += n if copied else 0
+                bar.update()
+                if (report.copied + report.skipped) % FLUSH_EVERY == 0:
+                    copy.journal.flush()
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            copy.journal.flush()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+
+
+def _write_manifest(
+    dst: _Target, base: Mapping[str, Any] | None, manifest: Mapping[str, Any], src_url: str
+) -> None:
+    """The merged manifest, last, and the journal gone: the target is a complete cache again."""
+    merged = merge_manifests(base, {**manifest, "copied_from": src_url, "copied_at": now()})
+    if (
+        merged["indexes"].keys() != manifest.get("indexes", {}).keys()
+        or merged["artifacts"].keys() != manifest.get("artifacts", {}).keys()
+    ):
+        # The source's root zarr.json consolidates the source's tree only: describe the merged one.
+        target = CacheStore(dst.url, mode="a")
+        target.consolidate()
+        merged["metadata_files"]["zarr.json"] = target.checksum("zarr.json")
+    dst.write_json(MANIFEST, merged)
+    dst.delete(JOURNAL)
+
+
 def copy_cache(
     src_url: str,
     dst_url: str,
@@ -129,84 +249,20 @@ def copy_cache(
     dst = _Target(dst_url)
     if type(dst.fs) is type(src.fs) and dst.root == src.root:
         raise UserError(f"{src_url} and {dst_url} are the same cache")
-
-    journal = parse_json(dst.read(JOURNAL) or "null", f"{dst_url}/{JOURNAL}") or {}
-    old = dst.read(MANIFEST)
-    if old is not None:  # moved aside first: from here on the target is not a complete cache
-        base = parse_json(old, f"{dst_url}/{MANIFEST}")
-        if base.get("subset") not in (None, manifest.get("subset")):
-            raise UserError(f"{dst_url} holds subset '{base['subset']}', not '{manifest.get('subset')}'")
-        if base.get("schema_version") not in (None, manifest.get("schema_version")):
-            raise UserError(
-                f"{dst_url} is a schema-{base['schema_version']} cache and {src_url} schema "
-                f"{manifest.get('schema_version')}: one cache holds one schema; copy to a new location"
-            )
-        manifest_files(base)  # refuse unsafe keys before trusting anything in it
-        journal = {"base": base, "landed": {k: d for k, (d, _) in manifest_files(base).items()}}
-        dst.write_json(JOURNAL, journal)
-        dst.delete(MANIFEST)
-    landed: dict[str, str] = dict(journal.get("landed", {}))
-    lock = threading.Lock()
-
-    def flush() -> None:
-        with lock:
-            snapshot = {"base": journal.get("base"), "landed": dict(landed)}
-        dst.write_json(JOURNAL, snapshot)
-
+    journal = _Journal.open(dst, manifest, src_url)
     present = list_objects(dst.fs, dst.root)  # size of every object already there, by key
-    report = CopyReport()
-    todo = []
-    for key in sorted(wanted, key=lambda k: (not k.endswith("zarr.json"), k)):  # zarr metadata first
-        if not recheck and key in present and landed.get(key) == wanted[key]:
-            report.skipped += 1
-        else:
-            todo.append(key)
+    copy = _Copy(src, dst, src_url, wanted, present, journal, recheck)
+    todo, skipped = copy.todo()
     records = _progress_keys(src)  # in a second pass: a resume record never lands before its shard
-
-    def copy_one(key: str) -> tuple[bool, int]:
-        data = src.read_bytes(key)
-        digest = checksum_bytes(data)
-        if key in wanted and digest != wanted[key]:
-            raise UserError(f"source {src_url}: {key} does not match its checksum; verify the source first")
-        cheap = dst.local or recheck or key not in wanted  # a local read, or a small record
-        copied = not (cheap and present.get(key) == len(data) and dst.read(key) == data)
-        if copied:
-            dst.write(key, data)
-        with lock:
-            landed[key] = digest
-        return copied, len(data)
-
-    total = len(todo) + len(records)
-    bar = tqdm(total=total, desc=f"copy to {dst_url}", unit="obj", disable=not progress, leave=False)
-    pool = ThreadPoolExecutor(max(1, jobs))
-    try:
-        for keys in (todo, records):
-            for copied, n in pool.map(copy_one, keys):
-                report.copied += copied
-                report.skipped += not copied
-                report.bytes_copied += n if copied else 0
-                bar.update()
-                if (report.copied + report.skipped) % FLUSH_EVERY == 0:
-                    flush()
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        with contextlib.suppress(Exception):  # the first error is the one to report
-            flush()  # what landed so far is kept: a rerun skips it
-        raise
-    finally:
-        pool.shutdown(wait=True)
-        bar.close()
-
-    merged = merge_manifests(journal.get("base"), {**manifest, "copied_from": src_url, "copied_at": now()})
-    if (
-        merged["indexes"].keys() != manifest.get("indexes", {}).keys()
-        or merged["artifacts"].keys() != manifest.get("artifacts", {}).keys()
-    ):
-        # The source's root zarr.json consolidates the source's tree only: describe the merged one.
-        target = CacheStore(dst_url, mode="a")
-        target.consolidate()
-        merged["metadata_files"]["zarr.json"] = target.checksum("zarr.json")
-    dst.write_json(MANIFEST, merged)
-    dst.delete(JOURNAL)
+    report = CopyReport(skipped=skipped)
+    bar = tqdm(
+        total=len(todo) + len(records),
+        desc=f"copy to {dst_url}",
+        unit="obj",
+        disable=not progress,
+        leave=False,
+    )
+    _copy_all(copy, [todo, records], report, jobs, bar)
+    _write_manifest(dst, journal.base, manifest, src_url)
     report.seconds = time.perf_counter() - start
     return report

@@ -133,18 +133,6 @@ def load_visual(spec: BackboneSpec, image_size: int, seed: int = 0) -> nn.Module
     return model.visual
 
 
-def save_random_clip(arch: str, path: str | Path, seed: int = 0, image_size: int = 224) -> Path:
-    """Write a randomly initialised open_clip model's weights (safetensors): a stand-in for a real file."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    _register_configs()
-    torch.manual_seed(seed)
-    model = open_clip.create_model(arch, pretrained=None, force_image_size=image_size)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return Path(path)
-
-
 def visual_features(visual: ModifiedResNet, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer3 map (B, C3, H/16, W/16), attention-pooled embedding (B, D)) of a ModifiedResNet."""
     x = visual.stem(x)

@@ -331,7 +331,10 @@ def format_shortcut(columns: dict[str, np.ndarray]) -> str | None:
     )
 
 
-def _describe(path: Path) -> tuple[str, str, int, int, int]:
+Described = tuple[str, str, int, int, int]  # (id, format, width, height, JPEG quality) of one file
+
+
+def _describe(path: Path) -> Described:
     """(id, format, width, height, JPEG quality) of one file; the header only, pixels are decoded later."""
     data = path.read_bytes()
     image_id = xxhash.xxh3_128_hexdigest(data)
@@ -372,6 +375,75 @@ def list_files(source: DataSource, log=print) -> layouts.Listing:
     return listing
 
 
+def _known(previous: Index | None, root: Path) -> dict[str, tuple[int, int, Described]]:
+    """path -> (size, mtime_ns, description) of each file `previous` indexed under the same root; none
+    from an index older than the JPEG quality column (its rows are described again)."""
+    if previous is None or previous.root != str(root) or "jpeg_quality" not in previous.columns:
+        return {}
+    pc = previous.columns
+    return {
+        str(rel): (
+            int(pc["size"][j]),
+            int(pc["mtime_ns"][j]),
+            (
+                str(pc["id"][j]),
+                str(pc["format"][j]),
+                int(pc["width"][j]),
+                int(pc["height"][j]),
+                int(pc["jpeg_quality"][j]),
+            ),
+        )
+        for j, rel in enumerate(pc["path"])
+    }
+
+
+def _describe_all(
+    root: Path,
+    files: list[layouts.FileRow],
+    stats: list[os.stat_result],
+    known: dict[str, tuple[int, int, Described]],
+    threads: int,
+    progress: str | None,
+) -> list[Described]:
+    """Each file's description: a known one where its size and mtime are unchanged, else read on
+    `threads` threads (`progress`: the bar's title, None for no bar)."""
+    described: list[Described | None] = [None] * len(files)
+    todo = []
+    for k, (f, st) in enumerate(zip(files, stats, strict=True)):
+        hit = known.get(f.path)
+        if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
+            described[k] = hit[2]
+        else:
+            todo.append(k)
+    if todo:
+        with ThreadPoolExecutor(threads) as pool:
+            results = pool.map(lambda k: _describe(root / files[k].path), todo)
+            bar = tqdm(results, total=len(todo), desc=progress, unit="file", disable=progress is None)
+            for k, desc in zip(todo, bar, strict=True):
+                described[k] = desc
+    return cast(list[Described], described)  # every row, known or described
+
+
+def _columns(
+    files: list[layouts.FileRow], stats: list[os.stat_result], described: list[Described]
+) -> dict[str, np.ndarray]:
+    """The index's columns (cache_schema.md), one row per file."""
+    return {
+        "id": np.array([d[0] for d in described], dtype=object),
+        "path": np.array([f.path for f in files], dtype=object),
+        "label": np.array([f.label for f in files], dtype=np.uint8),
+        "split": np.array([f.split for f in files], dtype=object),
+        "generator": np.array([f.generator for f in files], dtype=object),
+        "group": np.array([f.group for f in files], dtype=object),
+        "format": np.array([d[1] for d in described], dtype=object),
+        "width": np.array([d[2] for d in described], dtype=np.int32),
+        "height": np.array([d[3] for d in described], dtype=np.int32),
+        "jpeg_quality": np.array([d[4] for d in described], dtype=np.int16),
+        "size": np.array([st.st_size for st in stats], dtype=np.int64),
+        "mtime_ns": np.array([st.st_mtime_ns for st in stats], dtype=np.int64),
+    }
+
+
 def scan(
     source: DataSource,
     previous: Index | None = None,
@@ -384,53 +456,7 @@ def scan(
     `listing`: its files, when list_files already listed them."""
     listing = listing or list_files(source, log)
     root, files = listing.root, listing.rows
-
     stats = [os.stat(root / f.path) for f in files]
-    known: dict[str, tuple] = {}
-    if previous is not None and previous.root == str(root) and "jpeg_quality" in previous.columns:
-        pc = previous.columns
-        for j, rel in enumerate(pc["path"]):
-            known[str(rel)] = (
-                int(pc["size"][j]),
-                int(pc["mtime_ns"][j]),
-                (
-                    str(pc["id"][j]),
-                    str(pc["format"][j]),
-                    int(pc["width"][j]),
-                    int(pc["height"][j]),
-                    int(pc["jpeg_quality"][j]),
-                ),  # fmt: skip
-            )
-    described: list[tuple[str, str, int, int, int] | None] = [None] * len(files)
-    todo = []
-    for k, (f, st) in enumerate(zip(files, stats, strict=True)):
-        hit = known.get(f.path)
-        if hit is not None and hit[0] == st.st_size and hit[1] == st.st_mtime_ns:
-            described[k] = hit[2]
-        else:
-            todo.append(k)
-    if todo:
-        with ThreadPoolExecutor(threads) as pool:
-            results = pool.map(lambda k: _describe(root / files[k].path), todo)
-            bar = tqdm(
-                results, total=len(todo), desc=f"index {source.name}", unit="file", disable=not progress
-            )
-            for k, desc in zip(todo, bar, strict=True):
-                described[k] = desc
-
-    done = cast(list[tuple[str, str, int, int, int]], described)  # every row, known or described
-    columns = {
-        "id": np.array([d[0] for d in done], dtype=object),
-        "path": np.array([f.path for f in files], dtype=object),
-        "label": np.array([f.label for f in files], dtype=np.uint8),
-        "split": np.array([f.split for f in files], dtype=object),
-        "generator": np.array([f.generator for f in files], dtype=object),
-        "group": np.array([f.group for f in files], dtype=object),
-        "format": np.array([d[1] for d in done], dtype=object),
-        "width": np.array([d[2] for d in done], dtype=np.int32),
-        "height": np.array([d[3] for d in done], dtype=np.int32),
-        "jpeg_quality": np.array([d[4] for d in done], dtype=np.int16),
-        "size": np.array([st.st_size for st in stats], dtype=np.int64),
-        "mtime_ns": np.array([st.st_mtime_ns for st in stats], dtype=np.int64),
-    }
-    return Index(source.name, str(root), columns, listing.pairs, listing.unlabelled)
+    bar = f"index {source.name}" if progress else None
+    described = _describe_all(root, files, stats, _known(previous, root), threads, bar)
+    return Index(source.name, str(root), _columns(files, stats, described), listing.pairs, listing.unlabelled)

@@ -122,38 +122,3 @@ def make_genimage(
                 )
                 (out / name).write_bytes(encode_image(rgb, fmt, format_only_quality or 95))
     return base
-
-
-def add_bad_files(split_dir: str | Path) -> dict[str, str]:
-    """Drop one of each kind of bad file into a label folder; returns file name -> expected reason prefix."""
-    d = Path(split_dir)
-    good = encode_image(np.full((64, 64, 3), 128, dtype=np.uint8), "PNG")
-    (d / "bad_truncated.png").write_bytes(good[: len(good) // 2])
-    (d / "bad_empty.png").write_bytes(b"")
-    (d / "bad_text.jpg").write_bytes(b"this is not an image, it is a text file\n" * 4)
-    bomb = io.BytesIO()
-    Image.new("1", (20000, 20000)).save(bomb, format="PNG")
-    (d / "bad_bomb.png").write_bytes(bomb.getvalue())
-    return {
-        "bad_truncated.png": "corrupt or truncated",
-        "bad_empty.png": "empty file",
-        "bad_text.jpg": "not an image",
-        "bad_bomb.png": "decompression bomb",
-    }
-
-
-def make_folder(
-    folder: str | Path, count: int, generated: bool, seed: int = 0, fmt: str | None = None, size: int = 64
-) -> list[Path]:
-    """`count` images of one class in one folder (any layout is made of such folders: the tests build
-    each dataset shape of the README with it); `fmt` JPEG or PNG, else drawn per image."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    written = []
-    for k in range(count):
-        kind = fmt or ("JPEG" if rng.random() < 0.5 else "PNG")
-        path = out / f"{'fake' if generated else 'real'}_{seed}_{k:04d}{'.jpg' if kind == 'JPEG' else '.png'}"
-        path.write_bytes(encode_image(make_image(rng, size, size, generated), kind))
-        written.append(path)
-    return written

@@ -7,7 +7,15 @@ import time
 
 import pytest
 
-from tests.helpers import ONE_THREAD, PIPELINE, extract_args, extract_cache, run_cli, tiny_run
+from tests.helpers import (
+    ONE_THREAD,
+    PIPELINE,
+    extract_args,
+    extract_cache,
+    run_cli,
+    save_random_clip,
+    tiny_run,
+)
 
 
 def test_help_lists_commands_and_options():
@@ -391,7 +399,7 @@ def test_offline_a_cached_backbone_loads_from_the_hub_cache(tmp_path, monkeypatc
     snapshot.mkdir(parents=True)
     (tmp_path / "hub" / "models--timm--resnet50_clip.openai" / "refs").mkdir()
     (tmp_path / "hub" / "models--timm--resnet50_clip.openai" / "refs" / "main").write_text("abc123")
-    weights = backbone.save_random_clip("RN50", snapshot / "open_clip_model.safetensors", seed=7)
+    weights = save_random_clip("RN50", snapshot / "open_clip_model.safetensors", seed=7)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(backbone, "_hub_reachable", lambda: False)
     assert backbone.offline_weights("RN50", "openai") == str(weights)

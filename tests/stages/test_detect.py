@@ -9,8 +9,7 @@ import pytest
 
 from stages.detect import DetectConfig, run_detect
 from stages.evaluate import EvalConfig, run_eval
-from stages.genimage.synthetic import add_bad_files
-from tests.helpers import ONE_THREAD, run_cli
+from tests.helpers import ONE_THREAD, add_bad_files, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,7 @@ from stages.extract import ExtractConfig, RowDataset, run_extract
 from stages.features import pixels, sd
 from stages.features.params import LareParams, PixelParams
 from stages.features.recipe import RowRecipe
-from stages.genimage.synthetic import add_bad_files
-from tests.helpers import artifact_arrays, extract_args, run_cli, tiny_extract
+from tests.helpers import add_bad_files, artifact_arrays, extract_args, run_cli, tiny_extract
 
 FP16_ULP = 2.0**-10  # relative spacing of float16 numbers
 

@@ -16,8 +16,7 @@ import pytest
 
 from pipeline.store import CacheStore, latest
 from stages.genimage import index
-from stages.genimage.synthetic import make_folder
-from tests.helpers import ONE_THREAD, ROOT, TINY_TRAIN, run_cli
+from tests.helpers import ONE_THREAD, ROOT, TINY_TRAIN, make_folder, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.cli]
 

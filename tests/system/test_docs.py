@@ -200,3 +200,48 @@ def test_readme_share_and_compare_runs_commands_exist_with_their_options():
         help_text = run_cli(*command, "--help", env={"COLUMNS": "200"}).stdout
         for option in options:
             assert re.search(rf"(?<![\w-]){option}(?![\w-])", help_text), (words, option)
+
+
+def test_the_lock_pins_every_declared_dependency_and_make_and_ci_install_from_it():
+    """requirements.lock (`make lock`, pip-compile) holds one `==` version of every dependency
+    pyproject.toml declares, the [dev] extra and the extras it names included; `make install` takes it
+    as pip constraints (`LOCK=`: none, the unpinned path) and .ci/run installs through it."""
+    import re
+
+    import pytest
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11, as the lock is compiled for
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"]]
+    extras, seen = ["dev"], set()
+    while extras:  # the extras [dev] names through the package itself ("lare-pipeline[share,curves]")
+        extra = extras.pop()
+        seen.add(extra)
+        for req in map(Requirement, project["optional-dependencies"][extra]):
+            if canonicalize_name(req.name) == canonicalize_name(project["name"]):
+                extras += sorted(req.extras - seen)
+            else:
+                declared.append(req)
+    pins: dict[str, str] = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith(("#", " ", "-")):
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[\w.+!-]+", version), line  # exact, no range, no marker
+            pins[canonicalize_name(name)] = version
+    for req in declared:
+        version = pins.get(canonicalize_name(req.name))
+        assert version is not None, f"{req.name} is not in requirements.lock"
+        assert req.specifier.contains(version, prereleases=True), (str(req), version)
+    torch = re.search(r"^TORCH\s*\?=(.*)$", (ROOT / "Makefile").read_text(), flags=re.M).group(1).split()
+    for pin in torch:  # installed first, from local disk on this project's machines: the lock agrees
+        name, version = pin.split("==")
+        assert pins[canonicalize_name(name)] == version, pin
+
+    install = " ".join(_make("-n", "-B", "install").split())
+    assert install.count("pip install -q -c requirements.lock") == 2, install  # torch, then the package
+    unpinned = " ".join(_make("-n", "-B", "install", "LOCK=").split())
+    assert "-c " not in unpinned and "-e .[dev]" in unpinned.replace("'", "")
+    assert re.search(r"^make install LOCK=requirements\.lock\b", (ROOT / ".ci" / "run").read_text(), re.M)
+    assert "pip-compile" in _make("-n", "lock") and "--output-file requirements.lock" in _make("-n", "lock")

@@ -20,7 +20,7 @@ def bigger(tmp_path_factory):
 
 
 def _args(data, cache):
-    return extract_args(data, cache, "--batch-size", "2", "--no-progress")
+    return extract_args(data, cache, "--batch-size", "2", "--size", "64", "--no-progress")
 
 
 def _done(cache, kind, name="sdv14"):
@@ -63,7 +63,7 @@ def test_kill9_then_resume_is_bitwise_equal(bigger, tmp_path):
 
 def test_kill9_then_resume_a_manifest_dataset_is_bitwise_equal(tmp_path):
     """The same guarantee for a dataset named by a manifest (issue 27): 40 rows, killed mid-run."""
-    from stages.genimage.synthetic import make_folder
+    from tests.helpers import make_folder
 
     rows = ["path,label,generator"]
     for k, (gen, fake) in enumerate((("real", False), ("flux", True), ("sd3", True))):

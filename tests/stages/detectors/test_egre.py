@@ -8,6 +8,7 @@ import torch
 from stages.detectors import backbone, egre
 from stages.detectors.egre import EGRE
 from stages.runs.batches import make_inputs
+from tests.helpers import save_random_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +58,7 @@ def test_aligned_crop_takes_the_same_window_of_map_and_image():
 
 
 def test_backbone_weights_file_is_loaded_by_the_real_open_clip_path(tmp_path):
-    path = backbone.save_random_clip(backbone.TINY, tmp_path / "clip.safetensors", seed=5, image_size=64)
+    path = save_random_clip(backbone.TINY, tmp_path / "clip.safetensors", seed=5, image_size=64)
     loaded = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, str(path)), 64, seed=0)
     built = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, "random"), 64, seed=5)
     other = backbone.load_visual(backbone.BackboneSpec(backbone.TINY, "random"), 64, seed=0)

@@ -13,6 +13,7 @@ from stages.detectors import backbone, lol
 from stages.detectors import method as method_registry
 from stages.runs import batches
 from stages.runs.batches import make_inputs
+from tests.helpers import save_random_clip
 
 HP = {"crop_size": 32, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}
 
@@ -157,7 +158,7 @@ def test_a_lol_run_trains_a_vit_from_a_weight_file(learn_set, tmp_path):
     from stages.train import TrainConfig, run_train
     from tests.helpers import torch_threads
 
-    weights = backbone.save_random_clip("tiny-ViT", tmp_path / "vit.safetensors", image_size=32)
+    weights = save_random_clip("tiny-ViT", tmp_path / "vit.safetensors", image_size=32)
     cfg = TrainConfig(
         caches=[str(learn_set[1])], method="lol", out=str(tmp_path / "runs"), epochs=1, batch_size=16,
         lr=1e-3, crop_size=32, backbone="tiny-ViT", backbone_weights=str(weights), progress=False,

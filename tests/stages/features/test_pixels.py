@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from stages.features import pixels
-from stages.genimage.synthetic import add_bad_files
+from tests.helpers import add_bad_files
 
 
 def _png(rgb: np.ndarray) -> bytes:

@@ -10,7 +10,8 @@ import pytest
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages.genimage import index, layouts
-from stages.genimage.synthetic import make_folder, make_genimage
+from stages.genimage.synthetic import make_genimage
+from tests.helpers import make_folder
 
 
 def _rows(listing: layouts.Listing) -> dict[str, tuple]:
