@@ -143,9 +143,8 @@ def help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
             for param in self.get_params(ctx):  # with a method's own options (with_method_options)
                 if not isinstance(param, TyperOption) or param is self.get_help_option(ctx):
                     continue
-                if isinstance(param.show_default, str):  # said where declared (with_method_options)
-                    pass
-                elif text := _shown_default(param, sources, renamed):
+                said = isinstance(param.show_default, str)  # where declared (with_method_options)
+                if not said and (text := _shown_default(param, sources, renamed)):
                     param.show_default = text
                 if written := declared.setdefault(param.name, param.help):
                     param.help = late_help(written)
