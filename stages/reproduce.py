@@ -363,7 +363,7 @@ def make_plan(cfg: ReproduceConfig) -> Plan:
 def train_config(cfg: ReproduceConfig, plan: Plan, training: Training, cache: str) -> TrainConfig:
     """The TrainConfig of a run: the table's options for it, under the options the user gave."""
     fields = {**dict(training.options), **cfg.train}  # e.g. a --backbone tiny-RN for every tower
-    return TrainConfig(
+    return TrainConfig.from_options(
         caches=[cache], method=plan.protocol.method, out=str(Path(cfg.out) / "runs"), progress=cfg.progress,
         **fields,
     )  # fmt: skip

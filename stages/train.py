@@ -36,7 +36,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -51,7 +51,7 @@ from pipeline.config import DEFAULT_DEVICE, loader_workers, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from pipeline.storage import now
-from stages.detectors import backbone, lol
+from stages.detectors import backbone
 from stages.detectors import method as method_registry
 from stages.detectors.method import Hparams
 from stages.features import sd
@@ -94,8 +94,8 @@ class TrainConfig:
     crop_size: int = 224
     backbone: str = "RN50"
     backbone_weights: str = "openai"  # 'openai', 'random', or a local open_clip checkpoint file
-    mask_range: tuple[float, float] = lol.MASK_RANGE
-    aspect_range: tuple[float, float] = lol.ASPECT_RANGE
+    # the method's own options given, by name (its module declares them and their defaults: lol.Options)
+    method_options: dict[str, Any] = field(default_factory=dict)
     shuffle_labels: bool = False  # a control: uninformative labels (see uninformative_labels)
     verify: bool = True
     progress: bool = True
@@ -114,6 +114,14 @@ class TrainConfig:
     real_jpeg_quality: int | None = None  # real rows of this JPEG quality only (the JPEG-96 control)
     split: str = "train"  # the split the rows come from (the validation slice too)
     generators: tuple[str, ...] | None = None  # these generators' rows and their reals (None: all)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> TrainConfig:
+        """A TrainConfig of flat options, as a user or a study's plan names them: a method's own
+        options (LoL's mask_range) beside the TrainConfig fields go to `method_options`."""
+        own = {f.name for f in fields(cls)}
+        method_options = {k: v for k, v in options.items() if k not in own}
+        return cls(**{k: v for k, v in options.items() if k in own}, method_options=method_options)
 
     def hparams(self, subsets: set[str]) -> Hparams:
         """The hyper-parameters of a run on caches of `subsets`: the options, else the method's defaults."""
@@ -157,7 +165,7 @@ class TrainConfig:
             raise UserError(f"--min-val-rows must be at least 1, not {self.min_val_rows}")
         if self.real_jpeg_quality is not None and not 1 <= self.real_jpeg_quality <= 100:
             raise UserError(f"--real-jpeg-quality must be in 1..100, not {self.real_jpeg_quality}")
-        hp = cast(Hparams, {**hp, **method.extra_hparams(self)})  # the method's own (Hparams lists them)
+        hp = cast(Hparams, {**hp, **method.own_hparams(self.method_options)})  # Hparams lists them
         if self.loader_workers < -1:
             raise UserError(
                 f"--loader-workers must be -1 (automatic) or at least 0, not {self.loader_workers}"

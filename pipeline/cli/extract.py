@@ -22,8 +22,9 @@ from pipeline.cli.options import (
     RowsPerShard,
     Seed,
     Size,
-    given,
+    config,
     help_defaults,
+    listed,
     log,
     split_pair,
     two_valued,
@@ -163,6 +164,7 @@ def extract(
     (labelled folders), --pair REAL_DIR FAKE_DIR[=GENERATOR] (repeatable) or --manifest FILE.
 
     Options not given take ExtractConfig's defaults (listed in the README's table)."""
+    options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device, here=not scheduler)  # a scheduler's workers, not this client, need the GPU
     compute = None
     if workers is not None or scheduler:
@@ -171,52 +173,27 @@ def extract(
         compute = cluster_compute(workers, scheduler, log=log)
     from stages.extract import ExtractConfig, run_extract
 
-    cfg = ExtractConfig(
-        data_root=None if data_root is None else str(data_root),
-        subset=subset,
-        **given(
-            dataset=dataset,
-            pairs=tuple(split_pair(p) for p in pair) if pair else None,
-            manifest=manifest,
-            generator=generator,
-            real_names=_names(real_names),
-            fake_names=_names(fake_names),
-            cache_dir=cache_dir,
-            model=model,
-            splits=tuple(split) if split else None,
-            timestep=timestep,
-            ensemble=ensemble,
-            size=size,
-            preprocess=preprocess,
-            prompt=prompt,
-            prompt_template=prompt_template,
-            dtype=dtype,
-            precision=precision,
-            seed=seed,
-            pixels=pixels,
-            pixel_size=pixel_size,
-            small_images=small_images,
-            max_pixels=max_pixels,
-            batch_size=batch_size,
-            rows_per_shard=rows_per_shard,
-            device=device,
-            loader_workers=loader_workers,
-            compile=compile,
-            progress=progress,
-            perturb=perturb,
-            perturb_only=perturb_only,
-        ),
-    )
+    cfg = config(
+        ExtractConfig, options, skip=("workers", "scheduler"), renamed={"pair": "pairs", "split": "splits"},
+        shaped={"data_root": str, "pair": _pairs, "split": _splits, "real_names": _names,
+                "fake_names": _names},
+    )  # fmt: skip
     run_extract(cfg, log=log, compute=compute)
 
 
-def _names(text: str | None) -> tuple[str, ...] | None:
-    if text is None:
-        return None
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
+def _names(text: str) -> tuple[str, ...]:
+    names = listed(text)
+    if names is None:
         raise UserError("--real-names / --fake-names take comma-separated folder names")
     return names
+
+
+def _pairs(tokens: list[str]) -> tuple[tuple[str, str], ...] | None:
+    return tuple(split_pair(t) for t in tokens) or None
+
+
+def _splits(splits: list[str]) -> tuple[str, ...] | None:
+    return tuple(splits) or None
 
 
 @app.command()

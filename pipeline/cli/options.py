@@ -1,11 +1,13 @@
 """Every option the commands share, declared once, and how --help shows the defaults.
 
-An option is an `Annotated` type: its name, flags and help. A command takes it as `device: Device =
-None`; None means "not given", and `given` leaves it out, so that the stage's config dataclass (the
-one place a default is written) decides. `help_defaults` reads those defaults into --help, and
-resolves each `{module:function}` in a help text (`late_help`): a rule the stage applies, in the words
-of the function that describes it. Nothing here imports torch: the stages are imported when a --help
-is printed or a command runs.
+An option is declared once, beside its help text: an `Annotated` type (its name, flags and help),
+taken by a command as `device: Device = None`. None means "not given": `config` builds the stage's
+config dataclass from a command's parsed options in one step and leaves those out, so that the
+dataclass (the one place a default is written) decides. `help_defaults` reads those defaults into
+--help, and resolves each `{module:function}` in a help text (`late_help`): a rule the stage
+applies, in the words of the function that describes it. A detection method's own options are
+declared in its method module (stages.detectors.method.option); `with_method_options` offers them.
+Nothing here imports torch: the stages are imported when a --help is printed or a command runs.
 """
 
 from __future__ import annotations
@@ -13,18 +15,62 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import re
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperCommand, TyperOption
 
+T = TypeVar("T")
 
-def given(**options: Any) -> dict[str, Any]:
-    """The options the user gave: the others (None) keep the defaults of the stage's config dataclass,
-    the one place they are written."""
-    return {k: v for k, v in options.items() if v is not None}
+
+def given(
+    options: Mapping[str, Any],
+    *,
+    only: Collection[str] | None = None,
+    skip: Collection[str] = (),
+    renamed: Mapping[str, str] | None = None,
+    shaped: Mapping[str, Callable[[Any], Any]] | None = None,
+) -> dict[str, Any]:
+    """The options the user gave, of a command's parsed `options` (its `locals()`, taken first thing),
+    as fields of its stage's config: None (not given) is left out, so that the config dataclass's
+    default, the one place it is written, holds. `renamed`: option -> field where a flag and a field
+    differ (`pair` -> `pairs`); `shaped`: option -> what makes the field's value of the option's
+    (split_pair, a comma-separated list; a value shaped to None is left out too); `only` / `skip`: the
+    options that are, or are not, fields of this config (the command reads the others itself)."""
+    renamed, shaped = renamed or {}, shaped or {}
+    out = {}
+    for name, value in options.items():
+        if name in skip or (only is not None and name not in only):
+            continue
+        if value is not None and name in shaped:
+            value = shaped[name](value)
+        if value is not None:
+            out[renamed.get(name, name)] = value
+    return out
+
+
+def config(
+    make: Callable[..., T],
+    options: Mapping[str, Any],
+    *,
+    skip: Collection[str] = (),
+    renamed: Mapping[str, str] | None = None,
+    shaped: Mapping[str, Callable[[Any], Any]] | None = None,
+    **fields: Any,
+) -> T:
+    """A command's config in one step: `make` (its config dataclass) of the options given (`given`)
+    and the `fields` the command computes from the options it reads itself (named in `skip`). An
+    option that is no field of the config fails here, loudly, not ignored."""
+    return make(**given(options, skip={*skip, *fields}, renamed=renamed, shaped=shaped), **fields)
+
+
+def listed(text: str) -> tuple[str, ...] | None:
+    """A comma-separated option ('adm,biggan'): its values, blanks dropped; None when none is left."""
+    return tuple(v.strip() for v in text.split(",") if v.strip()) or None
 
 
 @functools.cache
@@ -94,16 +140,76 @@ def help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
 
     class Command(TyperCommand):
         def format_help(self, ctx: Any, formatter: Any) -> None:  # typer vendors click's Context
-            for param in self.params:
-                if not isinstance(param, TyperOption):
+            for param in self.get_params(ctx):  # with a method's own options (with_method_options)
+                if not isinstance(param, TyperOption) or param is self.get_help_option(ctx):
                     continue
-                if text := _shown_default(param, sources, renamed):
+                said = isinstance(param.show_default, str)  # where declared (with_method_options)
+                if not said and (text := _shown_default(param, sources, renamed)):
                     param.show_default = text
                 if written := declared.setdefault(param.name, param.help):
                     param.help = late_help(written)
             super().format_help(ctx, formatter)
 
     return Command
+
+
+METHOD_OPTIONS = "method_options"  # ctx.meta's key of the method options given (with_method_options)
+
+
+def with_method_options(command: type[TyperCommand], after: str) -> type[TyperCommand]:
+    """`command` also taking every registered method's own options, each declared with its help and
+    default in its method module (stages.detectors.method.option), so that a new method's option is
+    written there alone; --help lists them after the option `after`. The values given, parsed, reach
+    the command in ctx.meta[METHOD_OPTIONS]. The registry is read when the command parses its
+    arguments or prints its help (the method modules import torch), not when `pipeline` starts."""
+
+    class Command(command):  # type: ignore[valid-type, misc]  # a class made at run time
+        def get_params(self, ctx: Any) -> list[Any]:
+            params = super().get_params(ctx)
+            at = [p.name for p in params].index(after) + 1
+            return [*params[:at], *_method_params(), *params[at:]]
+
+        def invoke(self, ctx: Any) -> Any:
+            from stages.detectors import method
+
+            own = method.own_options()
+            values = {name: ctx.params.pop(name) for name in own}
+            ctx.meta[METHOD_OPTIONS] = {
+                name: own[name].read(value) for name, value in values.items() if value is not None
+            }
+            return super().invoke(ctx)
+
+    return Command
+
+
+def _method_params() -> list[TyperOption]:
+    from stages.detectors import method
+
+    return _typer_options(tuple(method.own_options().values()))
+
+
+@functools.cache
+def _typer_options(own: tuple[Any, ...]) -> list[TyperOption]:
+    """The options `own` (stages.detectors.method.OwnOption) as typer declares a command's parameters:
+    --help renders them as those written in a command's signature."""
+
+    def options(**values: Any) -> None:
+        """The methods' own options."""
+
+    options.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [
+            inspect.Parameter(
+                o.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[o.kind | None, typer.Option(help=o.help, show_default=_text(o.default))],
+            )
+            for o in own
+        ]
+    )
+    app = typer.Typer(add_completion=False)
+    app.command()(options)
+    return typer.main.get_command(app).params  # type: ignore[return-value]
 
 
 _JOIN = "\x00"  # joins the two values of a two-valued option into the one token click parses

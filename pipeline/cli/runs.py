@@ -13,6 +13,7 @@ import typer
 
 from pipeline import runstore
 from pipeline.cli.options import (
+    METHOD_OPTIONS,
     Backbone,
     BackboneWeights,
     Checkpoint,
@@ -34,10 +35,12 @@ from pipeline.cli.options import (
     Seed,
     Threshold,
     TrainBatchSize,
-    given,
+    config,
     help_defaults,
+    listed,
     log,
     usable_device,
+    with_method_options,
 )
 from pipeline.errors import UserError
 
@@ -52,21 +55,9 @@ def _caches(option: list[str] | None, extra: list[str] | None) -> list[str]:
     return caches
 
 
-def _range(text: str | None, name: str) -> tuple[float, float] | None:
-    """'LOW,HIGH' -> (low, high); None (not given) stays None."""
-    if text is None:
-        return None
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{name} takes two numbers 'LOW,HIGH', not '{text}'") from None
-    if not 0 < lo <= hi:
-        raise UserError(f"{name} needs 0 < LOW <= HIGH, not '{text}'")
-    return lo, hi
-
-
-@app.command(cls=help_defaults("stages.train:TrainConfig"))
+@app.command(cls=with_method_options(help_defaults("stages.train:TrainConfig"), after="backbone_weights"))
 def train(
+    ctx: typer.Context,
     extra_caches: ExtraCaches = None,
     from_cache: Annotated[
         list[str] | None, typer.Option("--from-cache", help="Cache(s) to train on (path or URL).")
@@ -98,10 +89,6 @@ def train(
     crop_size: CropSize = None,
     backbone: Backbone = None,
     backbone_weights: BackboneWeights = None,
-    mask_range: Annotated[str | None, typer.Option(help="LoL: r_mask drawn uniformly in LOW,HIGH.")] = None,
-    aspect_range: Annotated[
-        str | None, typer.Option(help="LoL: r_aspect drawn uniformly in LOW,HIGH.")
-    ] = None,
     shuffle_labels: Annotated[
         bool | None, typer.Option(help="Control: half of each class labelled generated.")
     ] = None,
@@ -153,23 +140,14 @@ def train(
     """Train a detector from caches only; prints the run directory (named by its fingerprint).
 
     Options not given take TrainConfig's defaults or the method's (docs/training.md)."""
+    options = {**locals(), **ctx.meta[METHOD_OPTIONS]}  # the method's own (with_method_options)
     usable_device(device)
     from stages.runs import distributed
     from stages.train import TrainConfig, run_train
 
-    cfg = TrainConfig(
-        caches=_caches(from_cache, extra_caches), verify=not no_verify, max_per_class=max_per_class,
-        epochs=epochs, patience=patience, batch_size=batch_size, lr=lr, stop_after=stop_after, lare=lare,
-        pixels=pixels, perturb=perturb, perturb_only=perturb_only, real_jpeg_quality=real_jpeg_quality,
-        **given(
-            method=method, out=out, seed=seed, val_fraction=val_fraction, min_val_rows=min_val_rows,
-            crop_size=crop_size, backbone=backbone, backbone_weights=backbone_weights,
-            shuffle_labels=shuffle_labels,
-            mask_range=_range(mask_range, "--mask-range"), progress=progress, memory_rows=memory_rows,
-            aspect_range=_range(aspect_range, "--aspect-range"), device=device,
-            loader_workers=loader_workers, precision=precision, split=split,
-            generators=tuple(g.strip() for g in generators.split(",") if g.strip()) if generators else None,
-        ),
+    cfg = config(
+        TrainConfig.from_options, options, skip=("ctx", "extra_caches", "from_cache", "no_verify"),
+        shaped={"generators": listed}, caches=_caches(from_cache, extra_caches), verify=not no_verify,
     )  # fmt: skip
     from stages.runs import listing
 
@@ -210,14 +188,13 @@ def eval_(
 ) -> None:
     """Score every usable row of each test cache: ACC, real/generated ACC and real FPR at the threshold;
     AP, ROC AUC, TPR at FPR 1%/5%, ECE (whole set); a reliability diagram PNG beside each result."""
+    options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
     from stages.evaluate import EvalConfig, run_eval
 
-    cfg = EvalConfig(
-        checkpoint, _caches(from_cache, extra_caches), verify=not no_verify, lare=lare, pixels=pixels,
-        perturb=perturb, perturb_only=perturb_only,
-        **given(out=out, split=split, batch_size=batch_size, epoch=epoch, device=device, progress=progress,
-                threshold=threshold),
+    cfg = config(
+        EvalConfig, options, skip=("extra_caches", "from_cache", "no_verify"),
+        caches=_caches(from_cache, extra_caches), verify=not no_verify,
     )  # fmt: skip
     with runstore.opened(cfg.checkpoint, cfg.epoch) as local:  # a URL: checked, read into a temp folder
         run_eval(replace(cfg, checkpoint=local), log=typer.echo)
@@ -237,11 +214,15 @@ def calibrate(
 ) -> None:
     """Recompute a run's calibrated thresholds from its validation slice (runs trained before
     `train` wrote calibration.json). Prints the thresholds."""
+    options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
     from stages.calibrate import CalibrateConfig, run_calibrate
     from stages.runs.calibrate import FILE
 
-    cfg = CalibrateConfig(checkpoint, from_cache or None, verify=not no_verify, **given(device=device))
+    cfg = config(
+        CalibrateConfig, options, skip=("from_cache", "no_verify"), caches=from_cache or None,
+        verify=not no_verify,
+    )  # fmt: skip
     runstore.require_writable(checkpoint, "pipeline calibrate")
     with runstore.opened(checkpoint, "best") as local:
         record = run_calibrate(replace(cfg, checkpoint=local), log=log)
@@ -295,15 +276,12 @@ def detect(
     progress: Progress = None,
 ) -> None:
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
+    options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
     from stages.detect import DetectConfig, run_detect
     from stages.runs import distributed
 
-    cfg = DetectConfig(
-        folder, checkpoint,
-        **given(out=out, threshold=threshold, batch_size=batch_size, epoch=epoch, device=device,
-                progress=progress),
-    )  # fmt: skip
+    cfg = config(DetectConfig, options)
     with runstore.opened(cfg.checkpoint, cfg.epoch) as local:  # a URL: checked, read into a temp folder
         scored, failed = run_detect(replace(cfg, checkpoint=local), log=log)
     if distributed.world().main:

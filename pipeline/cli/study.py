@@ -4,7 +4,8 @@ passed on to their configs."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -29,6 +30,7 @@ from pipeline.cli.options import (
     Seed,
     Size,
     TrainBatchSize,
+    config,
     given,
     help_defaults,
     log,
@@ -36,6 +38,7 @@ from pipeline.cli.options import (
 )
 
 app = typer.Typer()
+T = TypeVar("T")
 
 EXTRACT_OPTIONS = ("cache_dir", "model", "device", "size", "pixel_size", "preprocess", "ensemble",
                    "extract_batch_size", "rows_per_shard", "seed")  # fmt: skip
@@ -43,14 +46,22 @@ TRAIN_OPTIONS = ("backbone", "backbone_weights", "epochs", "lr", "batch_size", "
                  "seed", "device")  # fmt: skip
 
 
-def stage_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A study command's extraction and training options (its arguments, `locals()`), those the user
-    gave, as the ExtractConfig and TrainConfig fields of its config (its `extract` and `train`)."""
-    renamed = {"extract_batch_size": "batch_size"}  # extract's --batch-size, beside train's
-    return (
-        given(**{renamed.get(k, k): options.get(k) for k in EXTRACT_OPTIONS}),
-        given(**{k: options.get(k) for k in TRAIN_OPTIONS}),
-    )
+def study_config(
+    make: Callable[..., T],
+    options: dict[str, Any],
+    *,
+    skip: tuple[str, ...] = (),
+    shaped: dict[str, Callable[[Any], Any]] | None = None,
+    **fields: Any,
+) -> T:
+    """A study command's config (`make`, pipeline.cli.options.config) of its parsed options: its
+    extraction and training options, those the user gave, as the ExtractConfig and TrainConfig fields
+    of its `extract` and `train`; the others its own fields."""
+    return config(
+        make, options, skip={*skip, *EXTRACT_OPTIONS, *TRAIN_OPTIONS}, shaped=shaped, **fields,
+        extract=given(options, only=EXTRACT_OPTIONS, renamed={"extract_batch_size": "batch_size"}),
+        train=given(options, only=TRAIN_OPTIONS),
+    )  # fmt: skip
 
 
 @app.command(
@@ -93,14 +104,13 @@ def robustness(
     progress: Progress = None,
 ) -> None:
     """A robustness or format-bias study: extract what is missing, train, evaluate; CSV and figures."""
+    options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
     from stages.robustness import RobustnessConfig, run_robustness
 
-    extract, train = stage_options(locals())
-    cfg = RobustnessConfig(
-        data_root=str(data_root), train_subset=train_subset,
+    cfg = study_config(
+        RobustnessConfig, options, data_root=str(data_root),
         test_subsets=[s for item in test_subsets for s in item.split(",") if s.strip()],
-        **given(grid=grid, method=method, out=out, progress=progress), extract=extract, train=train,
     )  # fmt: skip
     cfg.conditions()  # a bad --grid fails before anything is computed
     csv_path, figures = run_robustness(cfg, log=log)
@@ -159,14 +169,13 @@ def reproduce(
     The table's protocol comes before the defaults shown: the class prompt and a 512 px --pixel-size,
     each run's backbone, mask ranges and training images; an option given here applies to every run.
     """
+    options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
     from stages.reproduce import ReproduceConfig, plan_text, run_reproduce
 
-    extract, train = stage_options(locals())
-    cfg = ReproduceConfig(
-        table=table, data_root=str(data_root),
-        subsets=None if subsets is None else [s for s in subsets.split(",") if s.strip()],
-        **given(out=out, scale=scale, progress=progress), extract=extract, train=train,
+    cfg = study_config(
+        ReproduceConfig, options, skip=("dry_run",), data_root=str(data_root),
+        shaped={"subsets": lambda text: [s for s in text.split(",") if s.strip()]},
     )  # fmt: skip
     cfg.protocol()  # a bad TABLE or --scale fails before anything is computed
     cfg.tests()

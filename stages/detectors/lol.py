@@ -14,13 +14,15 @@ evident intent: h = round(min(H, sqrt(S r_aspect))), w = round(min(W, S / h)), S
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stages.detectors import backbone
 from stages.detectors.backbone import CLIP_MEAN, CLIP_STD, embedding, embedding_width
-from stages.detectors.method import Detector, Hparams, Method, register
+from stages.detectors.method import Detector, Hparams, Method, option, recorded, register, value_range
 
 CODE_ID = "stages.lol"  # the name its code is hashed under, wherever the file lives
 
@@ -32,6 +34,18 @@ DEFAULTS = {
 }  # fmt: skip
 MASK_RANGE = (0.6, 0.8)
 ASPECT_RANGE = (0.33, 3.0)
+
+
+@dataclass(frozen=True)
+class Options:
+    """LoL's own options: the ranges its mask's area and aspect are drawn from (Algorithm 1)."""
+
+    mask_range: tuple[float, float] = option(
+        MASK_RANGE, "LoL: r_mask drawn uniformly in LOW,HIGH.", parse=value_range
+    )
+    aspect_range: tuple[float, float] = option(
+        ASPECT_RANGE, "LoL: r_aspect drawn uniformly in LOW,HIGH.", parse=value_range
+    )
 
 
 class LoL(Detector):
@@ -122,16 +136,9 @@ def prepare(images: torch.Tensor, hp: Hparams, train: bool, gen: torch.Generator
         raise ValueError("LoL's training augmentation draws from a generator")
     x = backbone.normalise(augment(images, gen), CLIP_MEAN, CLIP_STD)
     c = x.shape[-1]
-    (mask_low, mask_high), (aspect_low, aspect_high) = hp["mask_range"], hp["aspect_range"]  # JSON lists
-    masks = draw_masks(len(x), c, c, gen, (mask_low, mask_high), (aspect_low, aspect_high), device=x.device)
+    own = recorded(Options, hp)
+    masks = draw_masks(len(x), c, c, gen, own.mask_range, own.aspect_range, device=x.device)
     return x.masked_fill(masks[:, None], 0.0)
 
 
-def extra_hparams(cfg) -> dict:
-    """The mask's ranges (TrainConfig.mask_range, .aspect_range) are LoL's own hyper-parameters."""
-    return {"mask_range": list(cfg.mask_range), "aspect_range": list(cfg.aspect_range)}
-
-
-METHOD = register(
-    Method("lol", LoL, prepare, reads_lare=False, defaults=DEFAULTS, extra_hparams=extra_hparams)
-)
+METHOD = register(Method("lol", LoL, prepare, reads_lare=False, defaults=DEFAULTS, options=Options))

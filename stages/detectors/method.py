@@ -2,17 +2,21 @@
 
 Trainer, evaluation and detection look a method up here and never compare its name: a new detector
 is one module that builds its `Method` and calls `register`, plus one line in BUILTIN (a test
-registers a tiny third method from its own file and trains, evaluates and detects with it).
+registers a tiny third method from its own file and trains, evaluates and detects with it). Its own
+options (LoL's mask ranges) are a dataclass of `option` fields in that module, with their defaults
+and help: `pipeline train` offers them, and a run records them in its hparams.
 Like open_clip's model configs or diffusers' schedulers, what differs between methods is data on
 this object, not `if method == ...` branches elsewhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +24,8 @@ from torch import nn
 from pipeline.errors import UserError
 
 CODE_ID = "stages.method"  # the name its code is hashed under, wherever the file lives
+
+Own = TypeVar("Own")  # a method's options dataclass
 
 BUILTIN = ("stages.detectors.egre", "stages.detectors.lol")  # modules that register a method when imported
 
@@ -67,12 +73,32 @@ class _Hparams(TypedDict):
 
 class Hparams(_Hparams, total=False):
     """A run's hyper-parameters (TrainConfig.hparams): the options, else the method's defaults, plus
-    the method's own (Method.extra_hparams)."""
+    the method's own (Method.options, read back with `recorded`: LoL's mask_range, aspect_range)."""
 
-    mask_range: list[float]  # LoL
-    aspect_range: list[float]  # LoL
     split: str  # the rows' split, where not `train`
     generators: list[str]  # the generators trained on, where not all
+
+
+def option(default: Any, help: str, parse: Callable[[str, str], Any] | None = None) -> Any:
+    """A field of a method's options dataclass (Method.options), declared once: its default, its
+    --help text, and `parse(text, flag)` where the command line gives the value as text (a range)."""
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+def value_range(text: str, flag: str) -> tuple[float, float]:
+    """'LOW,HIGH' -> (low, high), 0 < LOW <= HIGH: a range an option draws from."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} takes two numbers 'LOW,HIGH', not '{text}'") from None
+    if not 0 < lo <= hi:
+        raise UserError(f"{flag} needs 0 < LOW <= HIGH, not '{text}'")
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method with none of its own."""
 
 
 @dataclass(frozen=True)
@@ -88,7 +114,8 @@ class Method:
     reads_lare: whether the network reads LaRE maps (then evaluation checks that a test cache's maps
     were made like the training maps, detection computes them, and aligned maps are cropped with
     the image). defaults: the method's training hyper-parameters (see TrainConfig.hparams).
-    extra_hparams(cfg) adds method-only options of a TrainConfig to a run's hyper-parameters.
+    options: its own options, a frozen dataclass of `option` fields (lol.Options); a run records
+    their values among its hyper-parameters (own_hparams).
     """
 
     name: str
@@ -97,7 +124,17 @@ class Method:
     reads_lare: bool
     defaults: dict[str, Any]
     model_args: Callable[[Hparams, int], dict[str, Any]] = field(default=lambda hp, lare_channels: {})
-    extra_hparams: Callable[[Any], dict[str, Any]] = field(default=lambda cfg: {})
+    options: type = NoOptions
+
+    def own_hparams(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The method's own options, `given` (by name) over their defaults, as a run's hyper-parameters
+        record them (tuples as JSON lists). An option of another method is not this one's (LoL's
+        ranges do not reach EGRE); one of no method is a mistake, said in one line."""
+        own = {f.name for f in dataclasses.fields(self.options)}
+        if unknown := sorted(set(given) - set(own_options())):
+            raise UserError(f"no method has the option(s) {', '.join(unknown)}")
+        values = dataclasses.asdict(self.options(**{k: v for k, v in given.items() if k in own}))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 REGISTRY: dict[str, Method] = {}
@@ -125,3 +162,38 @@ def get(name: str) -> Method:
 def per_method(key: str, fmt: Callable[[Any], str] = str) -> str:
     """'egre 50, lol 20': one default of every built-in method, for --help texts (`fmt` writes a value)."""
     return ", ".join(f"{n} {fmt(get(n).defaults[key])}" for n in names())
+
+
+def recorded(options: type[Own], hp: Mapping[str, object]) -> Own:
+    """A method's own options as a run's hyper-parameters recorded them (Method.own_hparams)."""
+    values = {f.name: hp[f.name] for f in dataclasses.fields(options)}  # type: ignore[arg-type]
+    return options(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+@dataclass(frozen=True)
+class OwnOption:
+    """A method's own option as `pipeline train` offers it: --NAME taking `kind` (text where `parse`
+    reads it), its help and default (as its method module declares them, `option`)."""
+
+    name: str
+    kind: type
+    help: str
+    default: Any
+    parse: Callable[[str, str], Any] | None
+
+    def read(self, value: Any) -> Any:
+        """The option's value of what the command line gave."""
+        return value if self.parse is None else self.parse(value, f"--{self.name.replace('_', '-')}")
+
+
+def own_options() -> dict[str, OwnOption]:
+    """Every registered method's own options by name (the first method declaring a name gives it)."""
+    out: dict[str, OwnOption] = {}
+    for name in names():
+        options = REGISTRY[name].options
+        hints = typing.get_type_hints(options)
+        for f in dataclasses.fields(options):
+            parse = f.metadata.get("parse")
+            kind = str if parse else hints[f.name]
+            out.setdefault(f.name, OwnOption(f.name, kind, f.metadata["help"], f.default, parse))
+    return out

@@ -214,6 +214,7 @@ def test_every_help_shows_each_default_from_the_stage_config():
 
     from stages.calibrate import CalibrateConfig
     from stages.detect import DetectConfig
+    from stages.detectors import lol
     from stages.evaluate import EvalConfig
     from stages.extract import ExtractConfig
     from stages.robustness import RobustnessConfig
@@ -223,7 +224,8 @@ def test_every_help_shows_each_default_from_the_stage_config():
         return {f.name: f.default for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING}
 
     sources = {
-        "extract": [ExtractConfig], "train": [TrainConfig], "eval": [EvalConfig], "detect": [DetectConfig],
+        "extract": [ExtractConfig], "train": [TrainConfig, lol.Options], "eval": [EvalConfig],
+        "detect": [DetectConfig],
         "calibrate": [CalibrateConfig],
         "robustness": [RobustnessConfig, TrainConfig, ExtractConfig],
     }  # fmt: skip

@@ -92,7 +92,11 @@ def test_the_train_config_of_a_run_is_the_tables_under_the_users_options():
     cfg = ReproduceConfig(table="lol-table3", data_root="d", train={"backbone": "tiny-RN", "epochs": 5})
     plan = make_plan(cfg)
     tcfg = reproduce.train_config(cfg, plan, plan.trainings[0], "c")
-    assert isinstance(tcfg, TrainConfig) and (tcfg.backbone, tcfg.epochs, tcfg.mask_range) == (
+    assert isinstance(tcfg, TrainConfig) and (
+        tcfg.backbone,
+        tcfg.epochs,
+        tcfg.method_options["mask_range"],
+    ) == (
         "tiny-RN",
         5,
         (0.0, 0.2),

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
+from stages.detectors import lol
 from stages.genimage.synthetic import make_genimage
 from stages.train import TrainConfig, run_train
 from tests.helpers import ONE_THREAD, TINY_TRAIN, extract_cache, run_cli
@@ -281,12 +282,12 @@ def test_lol_trains_on_the_papers_setting_by_default(tmp_path):
     proc = run_cli(*args, env=ONE_THREAD)
     params = json.loads((Path(proc.stdout.strip()) / "params.json").read_text())
     hp = params["hparams"]
-    defaults = TrainConfig(caches=[])  # the options not typed take TrainConfig's defaults
+    defaults = TrainConfig(caches=[])  # the options not typed take TrainConfig's defaults, LoL's own its
     assert (params["seed"], hp["val_fraction"], hp["memory_rows"], hp["mask_range"]) == (
         defaults.seed,
         defaults.val_fraction,
         defaults.memory_rows,
-        list(defaults.mask_range),
+        list(lol.Options().mask_range),
     )
     assert hp["lr"] == 5e-7 and "lr 5e-07: the lol paper's rate for this training subset" in proc.stderr
     assert hp["max_per_class"] == 1600 and "fewer than --max-per-class 1600" in proc.stderr

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +17,9 @@ from stages.detect import DetectConfig, run_detect
 from stages.detectors import method as method_registry
 from stages.detectors.lol import LoL
 from stages.evaluate import EvalConfig, run_eval
+from stages.runs.checkpoint import load_run
 from stages.train import TrainConfig, run_train
+from tests.helpers import TINY_TRAIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,12 +95,57 @@ def test_a_registered_third_method_trains_evaluates_and_detects(probe, learn_set
         method_registry.get("nope")
 
 
+@dataclasses.dataclass(frozen=True)
+class WidthOptions:
+    """The third method's own option, declared here alone: the CLI offers it, a run records it."""
+
+    width: int = method_registry.option(5, "Probe: hidden units of the mean-colour head.")
+
+
+@pytest.fixture
+def wide():
+    """PROBE with an option of its own: one registration, no other file edited."""
+    wide = dataclasses.replace(
+        PROBE, name="wide", options=WidthOptions, model_args=lambda hp, lare_channels: {"width": hp["width"]}
+    )
+    method_registry.register(wide)
+    yield wide
+    del method_registry.REGISTRY[wide.name]
+
+
+def test_a_third_methods_own_option_reaches_its_model_and_the_runs_hparams(wide, learn_set, tmp_path):
+    """`pipeline train` offers the option with the help and default its module declares; the value
+    typed reaches the model (its constructor arguments) and is recorded in the run's hparams; not
+    typed, the declared default is; the built-in methods' hparams do not get it."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    _, cache = learn_set
+    help_text = " ".join(CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).output.split())
+    assert "--width <int> Probe: hidden units of the mean-colour head. [default: (5)]" in help_text
+    args = ["train", "--from-cache", str(cache), "--method", "wide", "--epochs", "1", *TINY_TRAIN,
+            "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--width", "3"])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+    params = json.loads((run / "params.json").read_text())
+    assert params["method"] == "wide" and params["hparams"]["width"] == 3 and params["model"] == {"width": 3}
+    assert load_run(run).model.head.out_features == 3
+
+    cfg = TrainConfig(
+        caches=[str(cache)], method="wide", out=str(tmp_path), epochs=1, crop_size=32, backbone="tiny-RN",
+        backbone_weights="random", progress=False,
+    )  # fmt: skip
+    assert cfg.hparams({"sdv14"})["width"] == 5  # not given: the default WidthOptions declares
+    egre = dataclasses.replace(cfg, method="egre", method_options={"width": 3})
+    assert "width" not in egre.hparams({"sdv14"})  # another method's option is not EGRE's
+    with pytest.raises(UserError, match="no method has the option"):
+        dataclasses.replace(cfg, method_options={"depth": 2}).hparams({"sdv14"})
+
+
 def test_a_run_is_built_from_the_constructor_arguments_it_saved(egre_run):
     """params.json holds the model's constructor arguments; loading builds from them, not from shapes."""
-    import json
-
-    from stages.runs.checkpoint import load_run
-
     params = json.loads((egre_run / "params.json").read_text())
     assert params["model"] == {"lare_channels": 4, "grid": 2, "heads": 8, "head_dim": 64}
     model = load_run(egre_run).model
