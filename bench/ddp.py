@@ -44,7 +44,7 @@ def cache(tmp: Path, per_class: int, pixel_size: int) -> str:
         device="cpu", splits=("train",), size=pixel_size, pixel_size=pixel_size, preprocess="crop",
         rows_per_shard=64, progress=False,
     )  # fmt: skip
-    return run_extract(cfg, log=print).cache
+    return run_extract(cfg).cache
 
 
 def train(url: str, out: Path, method: str, ranks: int, args) -> dict:

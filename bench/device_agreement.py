@@ -26,7 +26,7 @@ def maps(data: Path, work: Path, model: str, device: str, precision: str, batch:
     cfg = ExtractConfig(data_root=str(data), subset="sdv14", cache_dir=str(work / f"{device}-{precision}"),
                         model=model, device=device, precision=precision, dtype="float32", batch_size=batch,
                         pixels=False, progress=False)  # fmt: skip
-    res = run_extract(cfg, log=lambda m: None)
+    res = run_extract(cfg)
     return zarr.open_group(f"{res.cache}", mode="r")[res.artifacts["lare"]]["maps"][:].astype(np.float64)
 
 

@@ -283,7 +283,7 @@ def main() -> None:
             size=size, ensemble=ensemble, precision=precision, batch_size=args.batch_size, dtype=dtype,
             rows_per_shard=args.rows_per_shard, loader_workers=workers, compile=compile, progress=False,
         )  # fmt: skip
-        res = run_extract(cfg, log=lambda m: None)
+        res = run_extract(cfg)
         out = {"images_per_s": res.rows_done / res.stats["run_s"], "wall_s": res.seconds, "failed": res.failed,
                **res.stats}  # fmt: skip
         out["cache"] = str(cache / "sdv14.zarr")

@@ -123,16 +123,14 @@ def extract_run(args, data: Path, work: Path, size: int, ensemble: int, batch: i
         device=args.device, size=size, ensemble=ensemble, batch_size=batch, rows_per_shard=2 * batch,
         loader_workers=args.workers, progress=False,
     )  # fmt: skip
-    job = plan_extract(cfg, log=lambda m: None)
+    job = plan_extract(cfg)
     computer = ShardComputer(job)
     try:
         apply_levers(computer, levers)
         computer.warmup()  # compiles, autotunes, initialises: outside the timings, for every variant alike
         if levers.get("compile"):
             computer.warmup()  # CUDA graphs record on a later call than the one that compiles
-        res = run_extract(
-            cfg, log=lambda m: None, compute=lambda j, shards, on_rows: computer.run(shards, on_rows)
-        )
+        res = run_extract(cfg, compute=lambda j, shards, on_rows: computer.run(shards, on_rows))
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     s, run_s = computer.stats, res.stats["run_s"]
@@ -234,7 +232,7 @@ def train_rate(args, cache: str, work: Path, method: str, batch: int, epochs: in
         **kw,
     )  # fmt: skip
     with Utilisation(args.device) as util:
-        run = run_train(cfg, log=lambda m: None)
+        run = run_train(cfg)
     infos = [json.loads((run / f"epoch-{e:03d}.json").read_text()) for e in range(1, epochs + 1)]
     steady = infos[1:] or infos
     rate = sum(i["rows"] for i in steady) / sum(i["seconds"] for i in steady)
@@ -329,7 +327,7 @@ def training(bench: Bench, work: Path) -> None:
         ecfg = EvalConfig(
             egre_run, [cache], work / "eval", batch_size=256, device=args.device, progress=False
         )
-        res = run_eval(ecfg, log=lambda m: None)
+        res = run_eval(ecfg)
         t["eval_images_per_s"] = res[0]["metrics"]["n"] / (time.perf_counter() - t0)
 
     def detection() -> None:
@@ -340,7 +338,7 @@ def training(bench: Bench, work: Path) -> None:
         dcfg = DetectConfig(
             folder, egre_run, work / "detect.csv", batch_size=64, device=args.device, progress=False
         )
-        scored, _ = run_detect(dcfg, log=lambda m: None)
+        scored, _ = run_detect(dcfg)
         t["detect_images_per_s"] = scored / (time.perf_counter() - t0)
         t["detect_note"] = (
             "wall time of `pipeline detect` on the val folder, loading the run and the LaRE model included"

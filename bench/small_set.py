@@ -42,7 +42,7 @@ def build(root: Path) -> None:
             data_root=str(data), subset="sdv14", cache_dir=str(root / artifact / "cache"), model="tiny",
             device="cpu", size=64, pixel_size=64, preprocess="crop", rows_per_shard=64, progress=False,
         )  # fmt: skip
-        run_extract(cfg, log=lambda m: None)
+        run_extract(cfg)
         shutil.rmtree(data)
 
 
@@ -72,16 +72,13 @@ def main() -> None:
             for shuffled in (False, True):
                 out = Path(tempfile.mkdtemp(prefix="small-set-runs-"))
                 t0 = time.perf_counter()
-                said: list[str] = []
                 cfg = TrainConfig(
                     caches=[cache], method=method, out=str(out / "runs"), epochs=epochs, batch_size=16,
                     lr=1e-3, crop_size=32, backbone="tiny-RN", backbone_weights="random",
                     shuffle_labels=shuffled, progress=False,
                 )  # fmt: skip
-                run = run_train(cfg, log=said.append)
-                (result,) = run_eval(
-                    EvalConfig(run, [cache], out / "results", progress=False), log=lambda m: None
-                )
+                run = run_train(cfg)
+                (result,) = run_eval(EvalConfig(run, [cache], out / "results", progress=False))
                 done = json.loads((run / "done.json").read_text())
                 m = result["metrics"]
                 rows.append({

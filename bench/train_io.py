@@ -49,7 +49,7 @@ def training_cache(
         splits=tuple(per_class), size=size, pixel_size=256, rows_per_shard=rows_per_shard,
         batch_size=batch_size, progress=False,
     )  # fmt: skip
-    return run_extract(cfg, log=print).cache
+    return run_extract(cfg).cache
 
 
 def main() -> None:

@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from pipeline.errors import UserError
 from pipeline.storage import is_local, now, open_fs
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 LOCKS = "_locks"
 EXTRACT_LOCK = f"{LOCKS}/extract.lock"
@@ -51,11 +54,13 @@ def _holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def extract_lock(cache_url: str, log: Callable[[str], None] = print) -> Iterator[None]:
+def extract_lock(cache_url: str) -> Iterator[None]:
     """Hold the cache's extraction lock for the body; UserError at once when another process holds it."""
     fs, root = open_fs(cache_url, writable=True)
     if not is_local(fs):
-        log(f"note: {cache_url} is not a local path and cannot be locked: run one extraction on it at a time")
+        logger.info(
+            f"note: {cache_url} is not a local path and cannot be locked: run one extraction on it at a time"
+        )
         yield
         return
     os.makedirs(os.path.join(root, LOCKS), exist_ok=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from stages.genimage import index as index_stage
 from stages.runs import calibrate, distributed
 from stages.runs.batches import make_inputs
 from stages.runs.checkpoint import Run, load_run
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 
 def _broken_link(p: Path) -> bool:
@@ -50,7 +53,7 @@ class LaREOnTheFly:
 
     `recipe` prepares each file (the pixel crop as `crop` says, the LaRE input and noises)."""
 
-    def __init__(self, run: Run, device: str, paths: list[Path], crop: PixelParams, log=print):
+    def __init__(self, run: Run, device: str, paths: list[Path], crop: PixelParams):
         rec = run.params["lare"]
         self.params, model_id = LareParams.from_record(rec["params"]), rec["model"]
         if self.params.schema1:
@@ -60,7 +63,7 @@ class LaREOnTheFly:
             )
         ref = sd.resolve_model(model_id["spec"])
         if note := sd.random_weights_note(ref.identity()):
-            log(note)
+            logger.info(note)
         if ref.weights != model_id["weights"]:
             raise UserError(
                 f"the LaRE model '{model_id['spec']}' here has other weights than the one {run.name} "
@@ -115,13 +118,12 @@ class DetectConfig:
     progress: bool = True
 
 
-def run_detect(cfg: DetectConfig, log=print) -> tuple[int, int]:
+def run_detect(cfg: DetectConfig) -> tuple[int, int]:
     """Writes `path,score,decision,error` and the PROVENANCE columns per file to `cfg.out`, in file
     order; returns (scored, failed)."""
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
     device = distributed.init(resolve_device(cfg.device))
-    say = log if distributed.world().main else lambda m: None  # what rank 0 alone says
     run = load_run(cfg.checkpoint, device, cfg.epoch)
     thr = calibrate.resolve(cfg.checkpoint, cfg.threshold, [run.epoch])
     stamp = provenance(run, thr)
@@ -134,13 +136,13 @@ def run_detect(cfg: DetectConfig, log=print) -> tuple[int, int]:
         max_pixels = LareParams.from_record(run.params["lare"]["params"]).max_pixels
         crop = PixelParams(run.params["lare"]["pixel_size"], max_pixels=max_pixels)
     if run.method.reads_lare:
-        lare = LaREOnTheFly(run, device, files, crop, say)
+        lare = LaREOnTheFly(run, device, files, crop)
         recipe = lare.recipe
     else:
         lare, recipe = None, RowRecipe.from_params(None, None, crop)
-    say(f"threshold {thr.value:.6g} ({thr.choice}: {thr.origin})")
+    logger.info(f"threshold {thr.value:.6g} ({thr.choice}: {thr.origin})")
     if note := sd.random_weights_note(run.params["backbone"]):  # once the run is known to be usable
-        say(f"note: {note}")
+        logger.info(f"note: {note}")
     scored = failed = 0
     w = distributed.world()  # under torchrun each rank scores every size-th batch; rank 0 writes
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +156,7 @@ def run_detect(cfg: DetectConfig, log=print) -> tuple[int, int]:
         for first in range(0, len(files), cfg.batch_size * w.size):  # one batch per rank at a time
             start = first + w.rank * cfg.batch_size
             batch = files[start : start + cfg.batch_size]
-            mine = score_batch(batch, run, recipe, lare, thr, stamp, device, log) if batch else []
+            mine = score_batch(batch, run, recipe, lare, thr, stamp, device) if batch else []
             for rows in distributed.gather_json(mine):  # in rank order: file order
                 for row in rows:
                     failed += row[3] != ""
@@ -168,7 +170,7 @@ def run_detect(cfg: DetectConfig, log=print) -> tuple[int, int]:
 
 def score_batch(
     batch: list[Path], run: Run, recipe: RowRecipe, lare: LaREOnTheFly | None, thr: calibrate.Threshold,
-    stamp: list[str], device: str, log,
+    stamp: list[str], device: str,
 ) -> list[list[str]]:  # fmt: skip
     """The CSV rows of a batch of files, in their order: scored, or unreadable with the reason."""
     rows: dict[Path, list[str]] = {}
@@ -180,7 +182,7 @@ def score_batch(
         except (pixels_stage.BadImage, OSError) as e:
             why = f"broken symbolic link to {os.readlink(path)}" if _broken_link(path) else str(e)
             rows[path] = [str(path), "", "error", why, *stamp]
-            log(f"skipped {path}: {why}")
+            logger.warning(f"skipped {path}: {why}")  # every rank says its own
     if ok:
         paths, prepared = (list(col) for col in zip(*ok, strict=True))
         crops = torch.stack([r["crops"] for r in prepared])

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -36,6 +36,8 @@ from stages.features.perturb_spec import Perturbation, describe
 from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, distributed
 from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 from stages.runs.results import EvalResult, from_json, to_json
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 CODE_ID = "stages.evaluate"  # the name its code is hashed under, wherever the file lives
 
@@ -165,7 +167,7 @@ class EvalConfig:
     progress: bool = True
 
 
-def run_eval(cfg: EvalConfig, log=print) -> list[EvalResult]:
+def run_eval(cfg: EvalConfig) -> list[EvalResult]:
     """`pipeline eval`: one CSV (per-image scores) and one JSON (metrics) per test cache, and a
     reliability diagram `<stem>.reliability.png` beside each result."""
     if cfg.batch_size < 1:
@@ -175,15 +177,14 @@ def run_eval(cfg: EvalConfig, log=print) -> list[EvalResult]:
     thr = calibrate.resolve(cfg.checkpoint, cfg.threshold, epochs)
     run = load_run(cfg.checkpoint, distributed.init(resolve_device(cfg.device)), epochs[0])
     main = distributed.world().main  # under torchrun the ranks score their shares, rank 0 writes
-    log = log if main else lambda m: None
     if note := sd.random_weights_note(run.params["backbone"]):
-        log(f"note: {note}")
+        logger.info(f"note: {note}")
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     picked = choice.Choice(cfg.lare, cfg.pixels, run=run.params, perturb=wanted)
-    job = _Evaluation(cfg, run, epochs, thr, main, log)
+    job = _Evaluation(cfg, run, epochs, thr, main)
     results = []
     for url in cfg.caches:
-        data = cachedata.CacheData([url], verify=cfg.verify, split=cfg.split, choice=picked, log=log)
+        data = cachedata.CacheData([url], verify=cfg.verify, split=cfg.split, choice=picked)
         if (result := job.evaluate(url, data)) is not None:
             results.append(result)
     if main:  # a section per test set in the run's model card
@@ -200,7 +201,6 @@ class _Evaluation:
     epochs: list[int]
     thr: calibrate.Threshold
     main: bool  # this process writes (rank 0)
-    log: Callable[[str], None]
 
     def evaluate(self, url: str, data: cachedata.CacheData) -> EvalResult | None:
         """The result on one test cache: read back when done before, else scored and written
@@ -208,11 +208,11 @@ class _Evaluation:
         src = data.sources[0]
         split = src.split or self.cfg.split
         if self.run.method.reads_lare and (note := sd.random_weights_note(data.lare_model)):
-            self.log(f"note: {note}")
+            logger.info(f"note: {note}")
         stem = self.stem(src, split)
         done = stem.with_suffix(".json")
         if distributed.from_main(self.main and done.is_file()):
-            self.log(f"up to date: {stem}.json")
+            logger.info(f"up to date: {stem}.json")
             return from_json(json.loads(done.read_text())) if self.main else cast(EvalResult, {})
         check_compatible(self.run, data)
         rows = data.rows(split)
@@ -307,7 +307,7 @@ class _Evaluation:
             f"{stem}.reliability.png",
         )  # fmt: skip
         atomic_json(stem.with_suffix(".json"), to_json(result))  # last and whole: its presence means done
-        self.log(f"{name} on {src.subset} [{result['test_perturb']}]: {summary(result)} -> {stem}.json")
+        logger.info(f"{name} on {src.subset} [{result['test_perturb']}]: {summary(result)} -> {stem}.json")
 
 
 def mean_std(each: list[dict]) -> tuple[dict, dict]:

@@ -8,6 +8,7 @@ returns before any model is loaded.
 from __future__ import annotations
 
 import contextlib
+import logging
 import platform
 import time
 from collections import deque
@@ -42,6 +43,8 @@ from stages.features.perturb_spec import Perturbation, requested
 from stages.features.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
 from stages.genimage import index as index_stage
 from stages.genimage import layouts
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 STORE_DTYPES = ("float16", "float32")
 
@@ -289,7 +292,7 @@ class ExtractJob:
 
 
 def _load_or_scan_index(
-    store: CacheStore, cfg: ExtractConfig, log=print, listing: layouts.Listing | None = None
+    store: CacheStore, cfg: ExtractConfig, listing: layouts.Listing | None = None
 ) -> tuple[index_stage.Index, str]:
     previous = None
     tables = store.tables("index")
@@ -297,7 +300,7 @@ def _load_or_scan_index(
         cols, attrs = store.read_table(newest)
         previous = index_stage.Index(attrs["subset"], attrs["root"], cols)
     source = cfg.source()
-    idx = index_stage.scan(source, previous=previous, progress=cfg.progress, log=log, listing=listing)
+    idx = index_stage.scan(source, previous=previous, progress=cfg.progress, listing=listing)
     fp = idx.fingerprint
     path = index_path(fp)
     if path not in tables:
@@ -312,7 +315,7 @@ def _load_or_scan_index(
             new["pairs"] = idx.pairs
         store.write_table(path, idx.columns, new)
     if warning := index_stage.format_shortcut(idx.columns):
-        log(f"{idx.subset}: {warning}")
+        logger.info(f"{idx.subset}: {warning}")
     return idx, path
 
 
@@ -324,22 +327,22 @@ def cache_url_for(cfg: ExtractConfig) -> str:
     return f"{cfg.cache_dir.rstrip('/')}/{source.name}.zarr"
 
 
-def plan_extract(cfg: ExtractConfig, log=print, listing: layouts.Listing | None = None) -> ExtractJob:
+def plan_extract(cfg: ExtractConfig, listing: layouts.Listing | None = None) -> ExtractJob:
     """Index the dataset, name the artifacts by fingerprint, create them, and list the shards left.
     `listing`: the dataset's files, when the caller listed them (index_stage.list_files)."""
     cache_url = cache_url_for(cfg)
     subset = cfg.source().name
     store = CacheStore(cache_url, mode="a", subset=subset)
     if note := store.migrate():
-        log(note)
-    idx, index = _load_or_scan_index(store, cfg, log, listing)
+        logger.info(note)
+    idx, index = _load_or_scan_index(store, cfg, listing)
     # usability was checked before anything was created (the CLI's first step); a dask scheduler's
     # workers may hold GPUs this client lacks, so the plan only resolves `auto`
     device = resolve_device(cfg.device, here=False)
     precision = cfg.resolved_precision(device)
     model_ref = sd.resolve_model(cfg.model)
     if note := sd.random_weights_note(model_ref.identity()):
-        log(note)
+        logger.info(note)
     latent = sd.latent_geometry(model_ref, cfg.size)
 
     lare = lare_artifact(cfg, idx.fingerprint, model_ref, precision, latent)
@@ -362,11 +365,11 @@ def plan_extract(cfg: ExtractConfig, log=print, listing: layouts.Listing | None 
         )
     rows_per_shard = layouts.pop()
     if rows_per_shard != cfg.rows_per_shard:
-        log(f"note: continuing with the cache's own layout, {rows_per_shard} rows per shard")
+        logger.info(f"note: continuing with the cache's own layout, {rows_per_shard} rows per shard")
     plan = ShardPlan.for_store(store, [a.path for a in artifacts.values()], n, rows_per_shard)
     if missing and plan.shards():
         shown = ", ".join(str(paths[r]) for r in missing[:3])
-        log(
+        logger.info(
             f"note: {len(missing)} file name(s) name no ImageNet class (e.g. {shown}); "
             f"they use the prompt '{cfg.prompt}'"
         )
@@ -531,7 +534,7 @@ class ShardComputer:
 Compute = Callable[[ExtractJob, list[int], Callable[[int], None]], int]
 
 
-def run_extract(cfg: ExtractConfig, log=print, compute: Compute | None = None) -> ExtractResult:
+def run_extract(cfg: ExtractConfig, compute: Compute | None = None) -> ExtractResult:
     """`pipeline extract`: plan, return at once when nothing is left, else compute every pending shard.
 
     `compute(job, shards, on_rows)` computes and writes the shards and returns the failed-row count;
@@ -540,9 +543,9 @@ def run_extract(cfg: ExtractConfig, log=print, compute: Compute | None = None) -
     """
     t0 = time.perf_counter()
     cache_url = cache_url_for(cfg)
-    listing = index_stage.list_files(cfg.source(), log)  # bad data refused before the cache is made
-    with extract_lock(cache_url, log):
-        return _run_locked(cfg, log, compute, t0, listing)
+    listing = index_stage.list_files(cfg.source())  # bad data refused before the cache is made
+    with extract_lock(cache_url):
+        return _run_locked(cfg, compute, t0, listing)
 
 
 def covering_artifacts(cfg: ExtractConfig) -> ExtractResult | None:
@@ -582,13 +585,13 @@ def covering_artifacts(cfg: ExtractConfig) -> ExtractResult | None:
     return None
 
 
-def run_extract_covering(cfg: ExtractConfig, log=print) -> ExtractResult:
+def run_extract_covering(cfg: ExtractConfig) -> ExtractResult:
     """`run_extract` for a caller that needs `cfg.splits` only: complete artifacts of the same
     parameters from an index covering them are reused (covering_artifacts), else they are extracted."""
     found = covering_artifacts(cfg)
     if found is None:
-        return run_extract(cfg, log=log)
-    log(
+        return run_extract(cfg)
+    logger.info(
         f"{cfg.source().name}: up to date, reusing {', '.join(found.artifacts.values())} of {found.index} "
         f"(its index covers {', '.join(cfg.splits or ())})"
     )
@@ -612,15 +615,15 @@ def _storage_fault(store: CacheStore, job: ExtractJob, e: BaseException) -> User
 
 
 def _run_locked(
-    cfg: ExtractConfig, log, compute: Compute | None, t0: float, listing: layouts.Listing
+    cfg: ExtractConfig, compute: Compute | None, t0: float, listing: layouts.Listing
 ) -> ExtractResult:
-    job = plan_extract(cfg, log, listing)
+    job = plan_extract(cfg, listing)
     kinds = {kind: a.path for kind, a in job.artifacts.items()}
     store = CacheStore(job.cache_url, mode="a")
     if not job.plan.shards():
         store.write_manifest()
         failed = sum(len(r["failed"]) for r in store.done_shards(kinds["lare"]).values())
-        log(
+        logger.info(
             f"{job.subset}: up to date ({', '.join(kinds.values())}; {job.plan.n_rows} rows, {failed} failed)"
         )
         return ExtractResult(job.cache_url, job.index_path, kinds, True, 0, failed, time.perf_counter() - t0)
@@ -651,7 +654,7 @@ def _run_locked(
     bar.close()
     store.write_manifest()
     seconds = time.perf_counter() - t0
-    log(
+    logger.info(
         f"{job.subset}: {rows} rows done, {failed} failed, {seconds:.1f} s, "
         f"{rows / seconds:.1f} images/s -> {job.cache_url}"
     )

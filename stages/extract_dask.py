@@ -38,6 +38,8 @@ from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from pipeline.runner import ShardWriteError
 
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
+
 if TYPE_CHECKING:
     from stages.extract import ExtractJob, ShardComputer
 
@@ -144,7 +146,7 @@ def visible_gpus() -> list[str]:
 
 
 @contextlib.contextmanager
-def connect(device: str, workers: int | None, scheduler: str | None, log=print) -> Iterator[Client]:
+def connect(device: str, workers: int | None, scheduler: str | None) -> Iterator[Client]:
     """A client of an existing scheduler, or of a cluster of `workers` started on this machine for the run."""
     if device.startswith("cuda:"):  # a worker seeing one GPU has no cuda:1; workers seeing all would share it
         raise UserError(f"on a dask cluster pass --device cuda, not {device}: each worker takes one GPU")
@@ -181,7 +183,7 @@ def connect(device: str, workers: int | None, scheduler: str | None, log=print) 
                 silence_logs=logging.ERROR,
             )  # fmt: skip
         with cluster, Client(cluster) as client:
-            log(f"dask: {workers} local worker(s), scheduler {cluster.scheduler_address}")
+            logger.info(f"dask: {workers} local worker(s), scheduler {cluster.scheduler_address}")
             yield client
 
 
@@ -222,7 +224,7 @@ def run_on_cluster(
         client.unregister_worker_plugin(plugin.name)
 
 
-def cluster_compute(workers: int | None, scheduler: str | None, log=print):
+def cluster_compute(workers: int | None, scheduler: str | None):
     """The `compute` of stages.extract.run_extract for --workers N (local cluster) or --scheduler ADDRESS."""
     if workers is not None and scheduler:
         raise UserError("--workers and --scheduler exclude each other: --workers starts a cluster here")
@@ -236,7 +238,7 @@ def cluster_compute(workers: int | None, scheduler: str | None, log=print):
             auto = loader_workers(-1, job.device, DECODE_WORKERS, gpus=workers)
             cfg = dataclasses.replace(job.cfg, loader_workers=auto)
             job = dataclasses.replace(job, cfg=cfg)
-        with connect(job.device, workers, scheduler, log) as client:
+        with connect(job.device, workers, scheduler) as client:
             return sum(r["failed"] for r in run_on_cluster(client, job, shards, on_rows))
 
     return compute

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import textwrap
 from collections.abc import Callable
@@ -54,6 +55,8 @@ from stages.genimage import index as index_stage
 from stages.runs import cachedata, checkpoint, choice
 from stages.runs.results import EvalResult
 from stages.train import TrainConfig, plan_run, run_train
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 GENIMAGE = tuple(index_stage.SUBSETS)  # the eight subsets, in the order of LoL's Table 1
 TOLERANCE_POINTS = 2.0  # percentage points a cell may differ where the paper prints no std
@@ -369,26 +372,26 @@ def train_config(cfg: ReproduceConfig, plan: Plan, training: Training, cache: st
     )  # fmt: skip
 
 
-def run_reproduce(cfg: ReproduceConfig, log=print) -> list[Path]:
+def run_reproduce(cfg: ReproduceConfig) -> list[Path]:
     """Extract what is missing, train, evaluate, write the table; returns the files written."""
     plan = make_plan(cfg)
     caches = {}
     for subset, xcfg in plan.extracts.items():
-        log(f"reproduce: extract {subset} [{', '.join(xcfg.splits or ())}]")
-        caches[subset] = run_extract_covering(xcfg, log=log).cache
+        logger.info(f"reproduce: extract {subset} [{', '.join(xcfg.splits or ())}]")
+        caches[subset] = run_extract_covering(xcfg).cache
     results: dict[tuple[Training, str], EvalResult] = {}
     device = cfg.train.get("device", DEFAULT_DEVICE)
     for training in plan.trainings:
-        log(f"reproduce: train {plan.protocol.method} on {training.subset} ({_describe(training)})")
-        run = run_train(train_config(cfg, plan, training, caches[training.subset]), log=log)
+        logger.info(f"reproduce: train {plan.protocol.method} on {training.subset} ({_describe(training)})")
+        run = run_train(train_config(cfg, plan, training, caches[training.subset]))
         ecfg = EvalConfig(
             run, [caches[t] for t in plan.tests], Path(cfg.out) / "results", epoch=plan.protocol.epoch,
             device=device, progress=cfg.progress,
         )  # fmt: skip
-        for test, result in zip(plan.tests, run_eval(ecfg, log=log), strict=True):
+        for test, result in zip(plan.tests, run_eval(ecfg), strict=True):
             results[(training, test)] = result
     cells = plan.protocol.cells(cfg, plan.trainings, plan.tests, results)
-    return write_outputs(cfg, plan, cells, log)
+    return write_outputs(cfg, plan, cells)
 
 
 def _describe(training: Training) -> str:
@@ -428,7 +431,11 @@ def _run_status(
         return "to train (after its extraction)", None
     tcfg = train_config(cfg, plan, training, cache)
     picked = choice.Choice(tcfg.lare, tcfg.pixels, perturb=choice.wanted_perturbation(None, None))
-    data = cachedata.CacheData([cache], verify=False, split="train", choice=picked, log=lambda m: None)
+    cachedata.logger.disabled = True  # a plan reads the cache to name the run: it says nothing of it
+    try:
+        data = cachedata.CacheData([cache], verify=False, split="train", choice=picked)
+    finally:
+        cachedata.logger.disabled = False
     run, _ = plan_run(tcfg, data)
     if checkpoint.is_done(run):
         return f"done ({run.name})", run
@@ -528,7 +535,7 @@ def _fmt(v: float | None, std: float | None = None) -> str:
     return f"{v:.1f}" + ("" if std is None or math.isnan(std) else f" +- {std:.1f}")
 
 
-def write_outputs(cfg: ReproduceConfig, plan: Plan, cells: list[Cell], log) -> list[Path]:
+def write_outputs(cfg: ReproduceConfig, plan: Plan, cells: list[Cell]) -> list[Path]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / cfg.table
@@ -567,7 +574,7 @@ def write_outputs(cfg: ReproduceConfig, plan: Plan, cells: list[Cell], log) -> l
     lines += [f"Each run on each test subset: `pipeline report {Path(cfg.out) / 'results'}`.", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     figure(stem.with_suffix(".png"), cfg, plan, cells, label)
-    log("\n".join(lines))
+    logger.info("\n".join(lines))
     return [stem.with_suffix(s) for s in (".md", ".csv", ".png")]
 
 

@@ -29,6 +29,7 @@ Every grid has the clean condition as its first row, the baseline the others are
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ from stages.extract import ExtractConfig, run_extract_covering
 from stages.genimage import index as index_stage
 from stages.runs.results import EvalResult
 from stages.train import TrainConfig, run_train
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 A4 = {"noise": "noise:5-20", "blur": "blur:3,5,7,9", "jpeg": "jpeg:10-75", "crop": "crop:5-20"}
 FRANK = {f: f"frank:{f}" for f in ("noise", "blur", "jpeg", "crop", "combined")}
@@ -136,15 +139,15 @@ class RobustnessConfig:
         return GRIDS[self.grid]
 
 
-def _extract(cfg: RobustnessConfig, subset: str, splits: tuple[str, ...], spec: str | None, only, log) -> str:
+def _extract(cfg: RobustnessConfig, subset: str, splits: tuple[str, ...], spec: str | None, only) -> str:
     ecfg = ExtractConfig(
         data_root=cfg.data_root, subset=subset, splits=splits, perturb=spec,
         perturb_only=only if spec else None, progress=cfg.progress, **cfg.extract,
     )  # fmt: skip
-    return run_extract_covering(ecfg, log=log).cache
+    return run_extract_covering(ecfg).cache
 
 
-def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
+def run_robustness(cfg: RobustnessConfig) -> tuple[Path, list[Path]]:
     """Extract what is missing, train, evaluate; returns the CSV and the figures written."""
     conditions = cfg.conditions()
     train_subset = index_stage.canonical_subset(cfg.train_subset)
@@ -161,8 +164,8 @@ def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
             key = (subset, spec, c.only if spec else None)
             if key not in caches:
                 splits = ("train", "val") if subset == train_subset else ("val",)
-                log(f"robustness: extract {subset} [{spec or 'clean'}]")
-                caches[key] = _extract(cfg, subset, splits, spec, c.only, log)
+                logger.info(f"robustness: extract {subset} [{spec or 'clean'}]")
+                caches[key] = _extract(cfg, subset, splits, spec, c.only)
 
     runs: dict[tuple, Path] = {}
     records: list[Record] = []
@@ -173,20 +176,20 @@ def run_robustness(cfg: RobustnessConfig, log=print) -> tuple[Path, list[Path]]:
                 out=str(out / "runs"), perturb=c.train, perturb_only=c.only if c.train else None,
                 real_jpeg_quality=c.real_jpeg_quality, progress=cfg.progress, **cfg.train,
             )  # fmt: skip
-            log(f"robustness: train {cfg.method} on {train_subset} [{c.train or 'clean'}]")
-            runs[c.training] = run_train(tcfg, log=log)
+            logger.info(f"robustness: train {cfg.method} on {train_subset} [{c.train or 'clean'}]")
+            runs[c.training] = run_train(tcfg)
         for subset in tests:
             only = c.only if c.test else None
             ecfg = EvalConfig(
                 runs[c.training], [caches[(subset, c.test, only)]], out / "results", progress=cfg.progress,
                 device=cfg.train.get("device", DEFAULT_DEVICE), perturb=c.test, perturb_only=only,
             )  # fmt: skip
-            (result,) = run_eval(ecfg, log=log)
+            (result,) = run_eval(ecfg)
             records.append(Record(c, subset, result))
     csv_path = write_csv(out / f"robustness-{cfg.grid}-{cfg.method}.csv", cfg, records)
     figures = [table_figure(out / f"robustness-{cfg.grid}-{cfg.method}-table.png", cfg, conditions, records)]
     figures += severity_figures(out, cfg, conditions, tests, records)
-    log(text_table(conditions, records))
+    logger.info(text_table(conditions, records))
     return csv_path, figures
 
 

@@ -32,6 +32,7 @@ No pickle: weights and optimizer tensors are safetensors, the rest JSON.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
@@ -66,6 +67,8 @@ from stages.runs.checkpoint import (
     save_epoch,
 )
 from stages.runs.records import DoneRecord, MicroBatches, RunParams, Selection, ValScores
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
 
@@ -362,30 +365,31 @@ def micro_batch_split(batch_size: int, micro_batches: int, device: str) -> Micro
     return {"count": parts, "batchnorm": "synchronised over the ranks" if synced else "per micro-batch"}
 
 
-def run_train(cfg: TrainConfig, log=print) -> Path:
+def run_train(cfg: TrainConfig) -> Path:
     """`pipeline train`: returns the run directory; a finished run is not retrained.
 
     Reads top to bottom: the rows, the run directory, then `train_epochs` (per epoch `train_epoch`,
     `validate` and the epoch's record); `finish_run` writes done.json and the calibration."""
     device = distributed.init(resolve_device(cfg.device))  # under torchrun: this rank's
     main = distributed.world().main
-    log = log if main else lambda m: None  # rank 0 alone logs and writes
     wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
     picked = choice.Choice(cfg.lare, cfg.pixels, perturb=wanted)
-    data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split=cfg.split, choice=picked, log=log)
+    data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split=cfg.split, choice=picked)
     run, params = distributed.agree(plan_run, cfg, data)
     method = method_registry.get(cfg.method)
     if method.reads_lare and (note := sd.random_weights_note(data.lare_model)):
-        log(f"note: {note}")
+        logger.info(f"note: {note}")
     if checkpoint.is_done(run):
-        log(f"up to date: {run}")
+        logger.info(f"up to date: {run}")
         return run
     hp = params["hparams"]
     if cfg.lr is None and hp["lr"] != method.defaults["lr"]:
-        log(f"lr {hp['lr']:g}: the {cfg.method} paper's rate for this training subset (--lr to override)")
-    rows, val_rows = training_rows(data, hp, cfg.seed, log)
+        logger.info(
+            f"lr {hp['lr']:g}: the {cfg.method} paper's rate for this training subset (--lr to override)"
+        )
+    rows, val_rows = training_rows(data, hp, cfg.seed)
     if no_selection := selection_rule(val_rows.label, hp["min_val_rows"]):
-        log(f"note: {no_selection}")
+        logger.info(f"note: {no_selection}")
     feed = epoch_batches(cfg, data, rows, hp, device, progress=cfg.progress and main)
     params["model"] = method.model_args(hp, feed.lare_channels)  # what load_run builds from
     # Built before the run directory is written: a backbone that cannot be loaded leaves nothing behind.
@@ -399,11 +403,11 @@ def run_train(cfg: TrainConfig, log=print) -> Path:
     }  # fmt: skip
     distributed.agree(open_run_dir if main else lambda *a: None, run, params, sample)
     opt, sched = optimiser(model, hp, plateau=not no_selection)
-    start, history = resume(run, model, opt, sched, log)  # every rank reads the run directory
+    start, history = resume(run, model, opt, sched)  # every rank reads the run directory
     trained = Run(run, params, model, device)
-    stopped = train_epochs(cfg, trained, opt, sched, feed, data, val_rows, start, history, no_selection, log)
+    stopped = train_epochs(cfg, trained, opt, sched, feed, data, val_rows, start, history, no_selection)
     if stopped is not None:
-        finish_run(trained, data, val_rows, history, stopped, no_selection, log)
+        finish_run(trained, data, val_rows, history, stopped, no_selection)
     return run
 
 
@@ -427,7 +431,7 @@ def epoch_batches(
 
 def train_epochs(
     cfg: TrainConfig, trained: Run, opt, sched, feed: EpochBatches, data: cachedata.CacheData,
-    val_rows: cachedata.Rows, start: int, history: dict[int, ValScores], no_selection: str | None, log,
+    val_rows: cachedata.Rows, start: int, history: dict[int, ValScores], no_selection: str | None,
 ) -> str | None:  # fmt: skip
     """The epochs after `start`, each trained, validated and recorded (`history` grows): why
     training stopped, or None when --stop-after stopped it as if interrupted."""
@@ -453,21 +457,19 @@ def train_epochs(
         if main:
             save_epoch(run, epoch, model, opt, info)
         best = epoch if no_selection else best_epoch(history)
-        log(
+        logger.info(
             f"epoch {epoch}: loss {loss:.4f}, validation AUC {v['auc']:.4f} AP {v['ap']:.4f} "
             f"ACC {v['acc']:.4f} ({'last epoch kept' if no_selection else f'best epoch {best}'})"
         )
         if main:  # TensorBoard events and curves.png, from the records
-            curves.update(run, best, log)
+            curves.update(run, best)
         if cfg.stop_after is not None and epoch >= cfg.stop_after and epoch < hp["epochs"]:
-            log(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
+            logger.info(f"stopped after epoch {epoch} (--stop-after); rerun to resume")
             return None
     return stopped
 
 
-def training_rows(
-    data: cachedata.CacheData, hp: Hparams, seed: int, log
-) -> tuple[cachedata.Rows, cachedata.Rows]:
+def training_rows(data: cachedata.CacheData, hp: Hparams, seed: int) -> tuple[cachedata.Rows, cachedata.Rows]:
     """(training sample, validation slice), both from the train split (`--split`; of `--generators`
     and their reals): test splits stay unseen."""
     split = hp.get("split", "train")
@@ -476,7 +478,7 @@ def training_rows(
         which = f"real rows of JPEG quality {hp['real_jpeg_quality']}" if len(pool) else "rows"
         raise UserError(f"no usable training {which} (split '{split}') in the given cache(s)")
     rest, val_rows = hold_out(pool, hp["val_fraction"], hp["max_per_class"], seed)
-    return data.sample(rest, hp["max_per_class"], seed, log), val_rows
+    return data.sample(rest, hp["max_per_class"], seed), val_rows
 
 
 def open_run_dir(run: Path, params: RunParams, sample: dict) -> None:
@@ -508,7 +510,7 @@ def optimiser(model: torch.nn.Module, hp: Hparams, plateau: bool):
     return opt, sched
 
 
-def resume(run: Path, model: torch.nn.Module, opt, sched, log) -> tuple[int, dict[int, ValScores]]:
+def resume(run: Path, model: torch.nn.Module, opt, sched) -> tuple[int, dict[int, ValScores]]:
     """(last finished epoch, validation history): the model, optimizer and schedule are restored to
     the end of that epoch (0 and an empty history for a new run)."""
     records = checkpoint.epoch_records(run)
@@ -518,7 +520,7 @@ def resume(run: Path, model: torch.nn.Module, opt, sched, log) -> tuple[int, dic
         load_epoch(run, start, model, opt)
         if sched is not None:
             sched.load_state_dict(records[start]["scheduler"])
-        log(f"resuming {run.name} after epoch {start}")
+        logger.info(f"resuming {run.name} after epoch {start}")
     return start, history
 
 
@@ -590,7 +592,7 @@ def validate(trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows) 
 
 def finish_run(
     trained: Run, data: cachedata.CacheData, val_rows: cachedata.Rows, history: dict[int, ValScores],
-    stopped: str, no_selection: str | None, log,
+    stopped: str, no_selection: str | None,
 ) -> None:  # fmt: skip
     """done.json (last and best epoch, why it stopped, how the best was chosen), then the calibration
     of the best epoch on the validation slice (derived from the weights, not part of the fingerprint)."""
@@ -600,11 +602,11 @@ def finish_run(
     if chosen is None:  # no selection; else both labels are in the slice: every epoch has an AUC
         best, selection = last, {"by": "last", "why": str(no_selection)}
         kept = f"best epoch = last epoch {last} (model selection off, see the note above)"  # the why: once
-        log(f"done after epoch {last}: {stopped}; {kept}")
+        logger.info(f"done after epoch {last}: {stopped}; {kept}")
     else:
         best, selection = chosen, {"by": "validation AUC"}
         auc = history[best]["auc"]
-        log(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {auc:.4f})")
+        logger.info(f"done after epoch {last}: {stopped}; best epoch {best} (validation AUC {auc:.4f})")
     done: DoneRecord = {
         "epochs": last, "best": best, "best_val": history[best], "stopped": stopped, "selection": selection,
         "final": checkpoint.weights_file(last),
@@ -612,6 +614,6 @@ def finish_run(
     # then every rank scores the best epoch, which rank 0 calibrates
     write = atomic_json if distributed.world().main else lambda *a: None
     distributed.agree(write, trained.path / checkpoint.DONE, done)
-    calibrate.record(trained, data, val_rows, VAL_BATCH, log)
+    calibrate.record(trained, data, val_rows, VAL_BATCH)
     if distributed.world().main:  # README.md, then the run manifest (written last)
         card.publish(trained.path)

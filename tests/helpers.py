@@ -95,7 +95,7 @@ def extract_cache(data_root: Path, cache_dir: Path, subset: str = "sdv14", **kw)
 
     geometry = {"size": 64, "pixel_size": 64, "preprocess": "crop", "rows_per_shard": 16}
     cfg = tiny_extract(data_root, cache_dir, subset, **{**geometry, **kw})
-    return Path(run_extract(cfg, log=lambda m: None).cache)
+    return Path(run_extract(cfg).cache)
 
 
 @contextlib.contextmanager
@@ -124,7 +124,7 @@ def tiny_run(cache: Path, out: Path, method: str, epochs: int) -> Path:
         crop_size=32, backbone="tiny-RN", backbone_weights="random", progress=False,
     )  # fmt: skip
     with torch_threads(1):
-        return run_train(cfg, log=lambda m: None)
+        return run_train(cfg)
 
 
 def add_bad_files(split_dir: str | Path) -> dict[str, str]:
@@ -183,3 +183,28 @@ def save_random_clip(arch: str, path: str | Path, seed: int = 0, image_size: int
     model = open_clip.create_model(arch, pretrained=None, force_image_size=image_size)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return Path(path)
+
+
+@contextlib.contextmanager
+def lines_said():
+    """The progress lines the stages and pipeline modules say (their loggers, INFO and up) inside."""
+    import logging
+
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    keep = Keep()
+    loggers = [logging.getLogger(name) for name in ("stages", "pipeline")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(keep)
+        lg.setLevel(logging.INFO)
+    try:
+        yield said
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.removeHandler(keep)
+            lg.setLevel(level)

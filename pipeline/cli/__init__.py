@@ -21,6 +21,7 @@ import sys
 import typer
 
 from pipeline.cli import cache, extract, run, runs, study
+from pipeline.cli.options import show_progress_lines
 from pipeline.errors import UserError, first_line
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ app.add_typer(study.app)
 app.add_typer(cache.app, name="cache")
 app.add_typer(run.app, name="run")
 app.add_typer(run.table_app)
+show_progress_lines()  # the stages say what they do through `logging`; a command shows it on stderr
 
 # botocore's credential errors are not OSErrors; named, so that botocore need not be imported.
 _STORAGE_ACCESS_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "NoRegionError"}

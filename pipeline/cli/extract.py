@@ -25,7 +25,6 @@ from pipeline.cli.options import (
     config,
     help_defaults,
     listed,
-    log,
     split_pair,
     two_valued,
     usable_device,
@@ -170,7 +169,7 @@ def extract(
     if workers is not None or scheduler:
         from stages.extract_dask import cluster_compute
 
-        compute = cluster_compute(workers, scheduler, log=log)
+        compute = cluster_compute(workers, scheduler)
     from stages.extract import ExtractConfig, run_extract
 
     cfg = config(
@@ -178,7 +177,7 @@ def extract(
         shaped={"data_root": str, "pair": _pairs, "split": _splits, "real_names": _names,
                 "fake_names": _names},
     )  # fmt: skip
-    run_extract(cfg, log=log, compute=compute)
+    run_extract(cfg, compute=compute)
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -12,12 +12,15 @@ Nothing here imports torch: the stages are imported when a --help is printed or 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
+import logging
+import os
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -256,6 +259,41 @@ def usable_device(device: str | None, here: bool = True) -> None:
 def log(msg: str) -> None:
     """Progress and notes go to stderr; stdout carries a command's result."""
     typer.echo(msg, err=True)
+
+
+class _Lines(logging.Handler):
+    """The stages' progress lines (their module loggers, INFO and up) as bare lines on stderr (stdout
+    where they are the command's result: `results_on_stdout`), the stream read at each line so that a
+    test's captured output gets them. Under torchrun, rank 0 alone says what the job does; a warning
+    (a file skipped) is every rank's own."""
+
+    err = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or os.environ.get("RANK", "0") == "0"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(record.getMessage(), err=self.err)
+
+
+@contextlib.contextmanager
+def results_on_stdout() -> Iterator[None]:
+    """Inside, the stages' lines go to stdout: `pipeline eval`'s lines are its results."""
+    _Lines.err = False
+    try:
+        yield
+    finally:
+        _Lines.err = True
+
+
+def show_progress_lines() -> None:
+    """Route the `stages` and `pipeline` loggers to stderr, once."""
+    for name in ("stages", "pipeline"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, _Lines) for h in logger.handlers):
+            logger.addHandler(_Lines())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # a library's root handler (tensorboard's, say) would print them twice
 
 
 # --- every command ------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pipeline.cli.options import (
     config,
     help_defaults,
     listed,
-    log,
+    results_on_stdout,
     usable_device,
     with_method_options,
 )
@@ -152,7 +152,7 @@ def train(
     from stages.runs import listing
 
     try:
-        run = run_train(cfg, log=log)
+        run = run_train(cfg)
     except Exception as e:  # the run directory (if there is one yet) says so to `pipeline runs`
         if distributed.world().main:
             listing.failed(e)
@@ -196,8 +196,9 @@ def eval_(
         EvalConfig, options, skip=("extra_caches", "from_cache", "no_verify"),
         caches=_caches(from_cache, extra_caches), verify=not no_verify,
     )  # fmt: skip
-    with runstore.opened(cfg.checkpoint, cfg.epoch) as local:  # a URL: checked, read into a temp folder
-        run_eval(replace(cfg, checkpoint=local), log=typer.echo)
+    # a URL: checked, read into a temp folder; the lines eval says are its results
+    with runstore.opened(cfg.checkpoint, cfg.epoch) as local, results_on_stdout():
+        run_eval(replace(cfg, checkpoint=local))
 
 
 @app.command(cls=help_defaults("stages.calibrate:CalibrateConfig"))
@@ -225,7 +226,7 @@ def calibrate(
     )  # fmt: skip
     runstore.require_writable(checkpoint, "pipeline calibrate")
     with runstore.opened(checkpoint, "best") as local:
-        record = run_calibrate(replace(cfg, checkpoint=local), log=log)
+        record = run_calibrate(replace(cfg, checkpoint=local))
         if runstore.local_dir(checkpoint) is None:  # a URL: the new files go back, the manifest last
             runstore.copy_run(str(local), checkpoint, progress=False, origin=checkpoint)
     for name, value in record["thresholds"].items():
@@ -283,6 +284,6 @@ def detect(
 
     cfg = config(DetectConfig, options)
     with runstore.opened(cfg.checkpoint, cfg.epoch) as local:  # a URL: checked, read into a temp folder
-        scored, failed = run_detect(replace(cfg, checkpoint=local), log=log)
+        scored, failed = run_detect(replace(cfg, checkpoint=local))
     if distributed.world().main:
         typer.echo(f"scored {scored} image(s), {failed} unreadable -> {cfg.out}")

@@ -33,7 +33,6 @@ from pipeline.cli.options import (
     config,
     given,
     help_defaults,
-    log,
     usable_device,
 )
 
@@ -113,7 +112,7 @@ def robustness(
         test_subsets=[s for item in test_subsets for s in item.split(",") if s.strip()],
     )  # fmt: skip
     cfg.conditions()  # a bad --grid fails before anything is computed
-    csv_path, figures = run_robustness(cfg, log=log)
+    csv_path, figures = run_robustness(cfg)
     typer.echo(f"wrote {csv_path}")
     for f in figures:
         typer.echo(f"wrote {f}")
@@ -182,5 +181,5 @@ def reproduce(
     if dry_run:
         typer.echo(plan_text(cfg))
         return
-    for path in run_reproduce(cfg, log=log):
+    for path in run_reproduce(cfg):
         typer.echo(f"wrote {path}")

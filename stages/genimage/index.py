@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ from tqdm import tqdm
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages.genimage import layouts
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 # alias -> (GenImage archive folder, the top-level folder GenImage ships it in)
 SUBSETS: dict[str, tuple[str, str]] = {
@@ -347,7 +350,7 @@ def _describe(path: Path) -> Described:
         return image_id, "unknown", -1, -1, NOT_JPEG
 
 
-def list_files(source: DataSource, log=print) -> layouts.Listing:
+def list_files(source: DataSource) -> layouts.Listing:
     """The dataset's labelled files (no file is opened but a manifest), checked: none at all is one
     line naming the folder names looked for; images under no label folder are said, and listed by
     `cache info`. Extraction calls it before creating anything."""
@@ -363,12 +366,12 @@ def list_files(source: DataSource, log=print) -> layouts.Listing:
         )
     if listing.unlabelled:
         shown = ", ".join(listing.unlabelled[:3])
-        log(
+        logger.info(
             f"index: {len(listing.unlabelled)} image(s) under no label folder ({shown}"
             f"{', ...' if len(listing.unlabelled) > 3 else ''}) are not indexed; `cache info` lists them"
         )
     if listing.skipped:
-        log(
+        logger.info(
             f"index: skipped {listing.skipped} file(s) without an image suffix "
             f"({', '.join(sorted(IMAGE_SUFFIXES))})"
         )
@@ -449,12 +452,11 @@ def scan(
     previous: Index | None = None,
     threads: int = 16,
     progress: bool = True,
-    log=print,
     listing: layouts.Listing | None = None,
 ) -> Index:
     """Build the index of a dataset; files unchanged since `previous` (size, mtime) are not re-read.
     `listing`: its files, when list_files already listed them."""
-    listing = listing or list_files(source, log)
+    listing = listing or list_files(source)
     root, files = listing.root, listing.rows
     stats = [os.stat(root / f.path) for f in files]
     bar = f"index {source.name}" if progress else None

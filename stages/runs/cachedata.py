@@ -8,6 +8,7 @@ cost a request per row and were 8x slower.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -31,6 +32,8 @@ from stages.genimage import index as index_stage
 from stages.runs import distributed
 from stages.runs.choice import Choice, choose
 from stages.runs.records import CacheRecord
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 CODE_ID = "stages.cachedata"  # the name its code is hashed under, wherever the file lives
 # The split a test reads by default: `test` where the cache's LaRE artifacts cover one, else `val`
@@ -88,7 +91,7 @@ def _finished_rows(art: ManifestArtifact, n: int) -> np.ndarray:
 
 
 def open_source(
-    url: str, verify: bool = True, split: str | None = None, choice: Choice | None = None, log=print,
+    url: str, verify: bool = True, split: str | None = None, choice: Choice | None = None,
     verified: bool = False,
 ) -> tuple[Source, CacheStore]:  # fmt: skip
     """Open a cache and choose its LaRE and pixel artifacts for `split` (see `choose`).
@@ -131,7 +134,7 @@ def open_source(
         usable &= store.array(f"{path}/status")[:] == STATUS_OK
         if not art["complete"]:
             usable &= _finished_rows(art, n)
-            log(
+            logger.info(
                 f"note: {url}: {path} is unfinished ({len(art.get('shards', {}))}/{art['n_shards']} shards); "
                 f"reading the {int(usable.sum())} usable rows of its finished shards (--no-verify)"
             )
@@ -188,7 +191,6 @@ class CacheData:
         verify: bool = True,
         split: str | None = None,
         choice: Choice | None = None,
-        log=print,
     ):
         if not urls:
             raise UserError("no cache given (--from-cache)")
@@ -199,7 +201,7 @@ class CacheData:
         if shared:
             distributed.agree(lambda: [require_intact(u, share=(w.rank, w.size)) for u in urls])
         opened = distributed.agree(
-            lambda: [open_source(u, verify, split, choice, log, verified=shared) for u in urls]
+            lambda: [open_source(u, verify, split, choice, verified=shared) for u in urls]
         )
         self.sources = [s for s, _ in opened]
         self.stores = [st for _, st in opened]
@@ -274,7 +276,7 @@ class CacheData:
             parts.append((np.full(len(r), k), r, s.columns["label"][r].astype(np.int64)))
         return Rows(*(np.concatenate([p[i] for p in parts]) for i in range(3)))
 
-    def sample(self, rows: Rows, max_per_class: int | None, seed: int, log=print) -> Rows:
+    def sample(self, rows: Rows, max_per_class: int | None, seed: int) -> Rows:
         """Up to `max_per_class` real and as many generated rows, drawn without replacement, seeded."""
         if not max_per_class:
             return rows
@@ -283,7 +285,7 @@ class CacheData:
         for label in (0, 1):
             idx = np.flatnonzero(rows.label == label)
             if len(idx) < max_per_class:
-                log(
+                logger.info(
                     f"note: only {len(idx)} rows of label {label}, fewer than --max-per-class {max_per_class}"
                 )
             keep.append(np.sort(rng.choice(idx, size=min(max_per_class, len(idx)), replace=False)))

@@ -18,6 +18,7 @@ the slice is too small for is recorded with its reason; asking for it is one lin
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import TypedDict
 import numpy as np
 
 from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 CODE_ID = "stages.calibrate"  # the name its code is hashed under, wherever the file lives
 
@@ -80,7 +83,7 @@ def calibrate(labels: np.ndarray, scores: np.ndarray) -> dict:
     return {"n_real": n_real, "n_generated": n_gen, "thresholds": thresholds, "not_calibrated": missing}
 
 
-def write(run: Path, labels: np.ndarray, scores: np.ndarray, epoch: int, log=print) -> dict:
+def write(run: Path, labels: np.ndarray, scores: np.ndarray, epoch: int) -> dict:
     """Calibrate on the validation scores of `epoch` and write <run>/calibration.json; one log line
     when the slice is too small for some threshold."""
     from stages.runs.checkpoint import atomic_json
@@ -89,7 +92,7 @@ def write(run: Path, labels: np.ndarray, scores: np.ndarray, epoch: int, log=pri
               "validation_ece": reliability(labels, scores)["ece"]}  # fmt: skip
     if record["not_calibrated"]:
         names = ", ".join(record["not_calibrated"])
-        log(
+        logger.info(
             f"note: validation slice too small to calibrate {names} ({record['n_real']} real, "
             f"{record['n_generated']} generated rows; fpr1 needs {MIN_REAL['fpr1']} real, fpr5 "
             f"{MIN_REAL['fpr5']}, balanced {BALANCED_MIN} of each): the run has no {names} threshold, so "
@@ -100,7 +103,7 @@ def write(run: Path, labels: np.ndarray, scores: np.ndarray, epoch: int, log=pri
     return record
 
 
-def record(run, data, val_rows, batch_size: int, log=print) -> dict:
+def record(run, data, val_rows, batch_size: int) -> dict:
     """At the end of training: score the validation slice with the weights `--epoch best` serves and
     write the run's calibration (`run`: a checkpoint.Run whose model may be changed)."""
     from stages.runs import distributed
@@ -112,7 +115,7 @@ def record(run, data, val_rows, batch_size: int, log=print) -> dict:
     scores = predict(run, data, val_rows, batch_size, progress=False)  # every rank scores its share
     if not distributed.world().main:
         return {}  # rank 0 writes
-    return write(run.path, val_rows.label, scores, epoch, log)
+    return write(run.path, val_rows.label, scores, epoch)
 
 
 class ThresholdRecord(TypedDict):

@@ -15,6 +15,7 @@ and says once that the curves need it (curves.png is drawn either way).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from stages.runs.checkpoint import epoch_records
 from stages.runs.records import EpochRecord
+
+logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 CODE_ID = "stages.runs.curves"
 EVENTS = "tensorboard"
@@ -57,15 +60,15 @@ def logged_epochs(run: Path) -> set[int]:
     return {int(m[1]) for p in folder.glob("events.out.tfevents.*") if (m := _SUFFIX.search(p.name))}
 
 
-def update(run: Path, best: int | None, log=print) -> None:
+def update(run: Path, best: int | None) -> None:
     """After an epoch's record is written: the missing epochs' event files, and curves.png redrawn
     with the `best` epoch so far marked."""
     records = epoch_records(run)
-    write_events(run, records, log)
+    write_events(run, records)
     draw(run / PNG, records, best)
 
 
-def write_events(run: Path, records: dict[int, EpochRecord], log=print) -> None:
+def write_events(run: Path, records: dict[int, EpochRecord]) -> None:
     global _told
     missing = sorted(set(records) - logged_epochs(run))
     if not missing:
@@ -74,7 +77,7 @@ def write_events(run: Path, records: dict[int, EpochRecord], log=print) -> None:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         if not _told:
-            log(f"note: {NEEDS_EXTRA}")
+            logger.info(f"note: {NEEDS_EXTRA}")
             _told = True
         return
     folder = run / EVENTS

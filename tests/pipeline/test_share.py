@@ -39,7 +39,7 @@ def s3():
 def extracted(s3, genimage):
     """`extract --cache-dir s3://...`: a real extraction (tiny model) written straight to the bucket."""
     cfg = tiny_extract(genimage, "s3://team/extracted", ensemble=1, size=64, rows_per_shard=8)
-    return run_extract(cfg, log=lambda msg: None)
+    return run_extract(cfg)
 
 
 def _cli(*args, env, check=True):

@@ -21,7 +21,7 @@ def test_detect_scores_like_eval_and_lists_bad_files(egre_run, learn_set, tmp_pa
     shutil.copytree(subset_dir / "val" / "ai", folder / "nested" / "ai")
     shutil.copytree(subset_dir / "val" / "nature", folder / "nature")
     bad = add_bad_files(folder)
-    run_eval(EvalConfig(egre_run, [str(cache)], tmp_path / "results", progress=False), log=lambda m: None)
+    run_eval(EvalConfig(egre_run, [str(cache)], tmp_path / "results", progress=False))
     (result,) = (tmp_path / "results").glob("*.csv")
     with open(result) as f:
         expected = {r["path"].split("/")[-1]: float(r["score"]) for r in csv.DictReader(f)}
@@ -40,9 +40,7 @@ def test_detect_scores_like_eval_and_lists_bad_files(egre_run, learn_set, tmp_pa
 
     # Another batch size (and batches that mix unreadable files with images): same rows, same order.
     again = tmp_path / "scores-b3.csv"
-    assert run_detect(
-        DetectConfig(folder, egre_run, again, batch_size=3, progress=False), log=lambda m: None
-    ) == (32, 4)
+    assert run_detect(DetectConfig(folder, egre_run, again, batch_size=3, progress=False)) == (32, 4)
     with open(out) as f, open(again) as g:
         first, second = list(csv.DictReader(f)), list(csv.DictReader(g))
     assert [r["path"] for r in first] == [r["path"] for r in second] == sorted(r["path"] for r in first)
@@ -72,7 +70,7 @@ def test_detection_crops_with_the_runs_recorded_window(egre_run, learn_set, tmp_
     Image.open(next(learn_set[0].rglob("*.png"))).convert("RGB").crop((0, 0, 20, 12)).save(small)
     scores = []
     for run in (egre_run, other):
-        run_detect(DetectConfig(small, run, tmp_path / f"{run.name}.csv", progress=False), log=lambda m: None)
+        run_detect(DetectConfig(small, run, tmp_path / f"{run.name}.csv", progress=False))
         with open(tmp_path / f"{run.name}.csv") as f:
             scores.append(float(next(csv.DictReader(f))["score"]))
     assert scores[0] != scores[1]

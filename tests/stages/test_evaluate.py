@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_curve
 
 from stages.evaluate import EvalConfig, metrics, run_eval
-from tests.helpers import ONE_THREAD, run_cli, tiny_run
+from tests.helpers import ONE_THREAD, lines_said, run_cli, tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,8 +67,8 @@ def test_eval_cli_writes_every_row_once_and_is_cached_then_report(egre_run, lear
     assert r["metrics"]["ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-5)
     assert r["train_subsets"] == ["sdv14"] and r["test_subset"] == "sdv14"
     mtime = result.stat().st_mtime_ns
-    said = []
-    (again,) = run_eval(EvalConfig(egre_run, [str(cache)], out, progress=False), log=said.append)
+    with lines_said() as said:
+        (again,) = run_eval(EvalConfig(egre_run, [str(cache)], out, progress=False))
     assert said[-1].startswith("up to date") and result.stat().st_mtime_ns == mtime and again == r
 
     # a second, fake test subset, so the matrix has two columns

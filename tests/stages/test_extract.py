@@ -20,7 +20,7 @@ FP16_ULP = 2.0**-10  # relative spacing of float16 numbers
 
 def _extract(genimage, cache_dir, **overrides):
     cfg = tiny_extract(genimage, cache_dir, **{"rows_per_shard": 8, "batch_size": 4, **overrides})
-    return run_extract(cfg, log=lambda msg: None)
+    return run_extract(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -331,7 +331,7 @@ def test_a_schema_2_cache_is_read_as_one_generator_and_migrated_in_place(genimag
     assert (
         "schema 2: its indexes have no generator and group columns" in info and "migrates it in place" in info
     )
-    source = CacheData([str(cache)], split="val", log=lambda m: None).sources[0]
+    source = CacheData([str(cache)], split="val").sources[0]
     assert set(source.columns["generator"]) == {"sdv14"} and source.generators() == ["sdv14"]
 
     proc = run_cli(*extract_args(genimage, tmp_path, "--split", "val", "--batch-size", "4",

@@ -23,7 +23,7 @@ from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
 from stages import extract_dask
 from stages.extract import ExtractConfig, plan_extract, run_extract
 from stages.genimage.synthetic import make_genimage
-from tests.helpers import PIPELINE, assert_same_cache, run_cli, tiny_extract, torch_threads
+from tests.helpers import PIPELINE, assert_same_cache, lines_said, run_cli, tiny_extract, torch_threads
 
 SHARDS = 8  # one row each: small, so that the tests stay fast, and many, so that a kill lands mid-run
 
@@ -48,7 +48,7 @@ def _cli_args(genimage, cache_dir) -> list[str]:
 
 def _on(client):
     """What `--scheduler ADDRESS` runs: a client of the module's cluster, made for the run."""
-    return extract_dask.cluster_compute(None, client.scheduler.address, log=lambda m: None)
+    return extract_dask.cluster_compute(None, client.scheduler.address)
 
 
 def _assert_same_cache(cache: Path, reference: Path) -> None:
@@ -60,20 +60,20 @@ def reference(genimage, tmp_path_factory):
     """A single-process, one-thread run."""
     cache_dir = tmp_path_factory.mktemp("single")
     with torch_threads(1):
-        run_extract(_cfg(genimage, cache_dir), log=lambda m: None)
+        run_extract(_cfg(genimage, cache_dir))
     return cache_dir
 
 
 @pytest.fixture(scope="module")
 def client():
     """Two CPU worker processes, started by the code behind `--workers 2`."""
-    with extract_dask.connect("cpu", 2, None, log=lambda m: None) as c:
+    with extract_dask.connect("cpu", 2, None) as c:
         c.wait_for_workers(2)
         yield c
 
 
 def test_two_workers_write_the_bytes_of_a_single_process_run(reference, client, genimage, tmp_path):
-    result = run_extract(_cfg(genimage, tmp_path), log=lambda m: None, compute=_on(client))
+    result = run_extract(_cfg(genimage, tmp_path), compute=_on(client))
     assert result.rows_done == SHARDS and result.failed == 0
     _assert_same_cache(tmp_path, reference)
     records = list((tmp_path / "sdv14.zarr" / "_progress" / result.artifacts["lare"]).glob("*.json"))
@@ -93,7 +93,7 @@ def _gone(pid: int, timeout: float = 10) -> bool:
 
 
 def test_killed_worker_is_rescheduled_and_the_cache_is_identical(reference, client, genimage, tmp_path):
-    job = plan_extract(_cfg(genimage, tmp_path), log=lambda m: None)
+    job = plan_extract(_cfg(genimage, tmp_path))
     pids = client.run(os.getpid)
     killed = {}
 
@@ -124,7 +124,7 @@ def test_a_half_written_shard_is_recomputed_on_the_cluster(reference, client, ge
     shard.write_bytes(shard.read_bytes()[:40])  # and torn
     # with a decode process, as on a GPU: the cluster's workers must be allowed children (not daemonic)
     cfg = _cfg(genimage, tmp_path, loader_workers=1)
-    result = run_extract(cfg, log=lambda m: None, compute=_on(client))
+    result = run_extract(cfg, compute=_on(client))
     assert result.rows_done == 1
     _assert_same_cache(tmp_path, reference)
 
@@ -149,7 +149,7 @@ def test_a_torn_shard_object_is_replaced_not_read_back(tmp_path):
 
 
 def test_a_worker_with_other_code_refuses_the_job(client, genimage, tmp_path):
-    job = plan_extract(_cfg(genimage, tmp_path), log=lambda m: None)
+    job = plan_extract(_cfg(genimage, tmp_path))
     lare = job.artifacts["lare"]
     forged = dataclasses.replace(lare, fingerprint="0" * 64, attrs={**lare.attrs, "code_version": "f" * 16})
     job.artifacts["lare"] = forged
@@ -161,14 +161,14 @@ def test_bad_scheduler_address_is_one_line_after_a_short_timeout(genimage, tmp_p
     monkeypatch.setattr(extract_dask, "CONNECT_TIMEOUT_S", 1)
     t0 = time.perf_counter()
     with pytest.raises(UserError, match="cannot reach the dask scheduler at tcp://127.0.0.1:9"):
-        run_extract(_cfg(genimage, tmp_path), log=lambda m: None,
+        run_extract(_cfg(genimage, tmp_path),
                     compute=extract_dask.cluster_compute(None, "tcp://127.0.0.1:9"))  # fmt: skip
     assert time.perf_counter() - t0 < 20
 
 
 def test_a_malformed_scheduler_address_is_one_line(genimage, tmp_path):
     with pytest.raises(UserError, match="--scheduler host-without-port: missing port number"):
-        run_extract(_cfg(genimage, tmp_path), log=lambda m: None,
+        run_extract(_cfg(genimage, tmp_path),
                     compute=extract_dask.cluster_compute(None, "host-without-port"))  # fmt: skip
 
 
@@ -176,7 +176,7 @@ def test_a_numbered_gpu_is_refused_on_a_cluster():
     for workers, scheduler in ((2, None), (None, "tcp://127.0.0.1:9")):
         with (
             pytest.raises(UserError, match="pass --device cuda, not cuda:1"),
-            extract_dask.connect("cuda:1", workers, scheduler, log=lambda m: None),
+            extract_dask.connect("cuda:1", workers, scheduler),
         ):
             pass
 
@@ -197,7 +197,7 @@ def test_gpu_workers_get_one_device_each_and_the_gpu_resource():
 def test_a_held_lock_refuses_a_second_extraction_naming_the_holder(genimage, tmp_path):
     cache_url = str(tmp_path / "sdv14.zarr")
     with extract_lock(cache_url), pytest.raises(UserError, match=f"being extracted by pid {os.getpid()}"):
-        run_extract(_cfg(genimage, tmp_path), log=lambda m: None)
+        run_extract(_cfg(genimage, tmp_path))
     holder = json.loads((tmp_path / "sdv14.zarr" / EXTRACT_LOCK).read_text())
     assert holder["pid"] == os.getpid()
 
@@ -253,7 +253,6 @@ def test_two_extractions_at_once_one_refuses_nothing_is_lost(reference, client, 
 
 
 def test_an_object_store_cache_is_not_locked_and_the_user_is_told():
-    notes = []
-    with extract_lock("memory://bucket/caches/sdv14.zarr", log=notes.append):
+    with lines_said() as notes, extract_lock("memory://bucket/caches/sdv14.zarr"):
         pass
     assert len(notes) == 1 and "cannot be locked" in notes[0]

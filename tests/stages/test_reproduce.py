@@ -189,7 +189,7 @@ def test_a_killed_reproduction_resumes_inside_the_run_it_was_in(tmp_path):
     command goes on from epoch 3 instead of starting the run again."""
     from stages.extract import run_extract_covering
     from stages.train import run_train
-    from tests.helpers import torch_threads
+    from tests.helpers import lines_said, torch_threads
 
     make_genimage(tmp_path / "data", "sdv14", {"train": 8, "val": 4})
     tiny_extract = {"model": "tiny", "device": "cpu", "size": 32, "pixel_size": 64, "preprocess": "crop",
@@ -202,14 +202,14 @@ def test_a_killed_reproduction_resumes_inside_the_run_it_was_in(tmp_path):
     )  # fmt: skip
     plan = make_plan(cfg)
     with torch_threads(1):
-        cache = run_extract_covering(plan.extracts["sdv14"], log=lambda m: None).cache
+        cache = run_extract_covering(plan.extracts["sdv14"]).cache
         tcfg = reproduce.train_config(cfg, plan, plan.trainings[0], cache)
         tcfg.stop_after = 2
-        run = run_train(tcfg, log=lambda m: None)
+        run = run_train(tcfg)
         plan_text = reproduce.plan_text(cfg)
         assert "sdv14 on sdv14 (max_per_class 6): to train, resumes after epoch 2" in plan_text
-        logs: list[str] = []
-        reproduce.run_reproduce(cfg, log=logs.append)
+        with lines_said() as logs:
+            reproduce.run_reproduce(cfg)
     assert f"resuming {run.name} after epoch 2" in logs
     assert [m.split(":")[0] for m in logs if re.match(r"epoch \d+:", m)] == ["epoch 3", "epoch 4", "epoch 5"]
 

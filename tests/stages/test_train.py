@@ -14,7 +14,7 @@ from pipeline.errors import UserError
 from stages.detectors import lol
 from stages.genimage.synthetic import make_genimage
 from stages.train import TrainConfig, run_train
-from tests.helpers import ONE_THREAD, TINY_TRAIN, extract_cache, run_cli
+from tests.helpers import ONE_THREAD, TINY_TRAIN, extract_cache, lines_said, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,9 +51,10 @@ def test_cli_trains_from_deleted_folder_concatenated_resumes_and_is_not_retraine
     assert "resuming" in second.stderr and Path(second.stdout.strip()) == run
     assert (run / "done.json").is_file() and (run / "epoch-002.json").is_file()
     assert not (run / "epoch-001.optim.safetensors").exists()  # only the latest optimizer state is kept
-    said = []
     cfg = cfg_for(two_caches, tmp_path / "runs", method="lol", epochs=2, batch_size=4, max_per_class=4)
-    assert run_train(cfg, log=said.append) == run and said == [f"up to date: {run}"]  # not retrained
+    with lines_said() as said:
+        assert run_train(cfg) == run
+    assert said == [f"up to date: {run}"]  # not retrained
 
     sample = json.loads((run / "sample.json").read_text())
     assert [c["subset"] for c in sample["caches"]] == ["sdv14", "adm"]  # both caches, concatenated
@@ -66,13 +67,11 @@ def test_cli_trains_from_deleted_folder_concatenated_resumes_and_is_not_retraine
 
 @pytest.mark.parametrize("memory_rows", [16384, 7])  # rows held in memory, or streamed by shard
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(two_caches, tmp_path, memory_rows):
-    whole = run_train(cfg_for(two_caches[:1], tmp_path / "a", memory_rows=memory_rows), log=lambda m: None)
-    part = run_train(
-        cfg_for(two_caches[:1], tmp_path / "b", stop_after=1, memory_rows=memory_rows), log=lambda m: None
-    )
+    whole = run_train(cfg_for(two_caches[:1], tmp_path / "a", memory_rows=memory_rows))
+    part = run_train(cfg_for(two_caches[:1], tmp_path / "b", stop_after=1, memory_rows=memory_rows))
     assert part.name == whole.name  # stopping is not part of what the run is
     assert not (part / "done.json").exists()
-    resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b", memory_rows=memory_rows), log=lambda m: None)
+    resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b", memory_rows=memory_rows))
     for name in ("epoch-002.safetensors", "epoch-003.safetensors", "epoch-003.optim.safetensors"):
         assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
 
@@ -85,15 +84,15 @@ def test_loader_workers_change_no_bit(two_caches, tmp_path, memory_rows):
             "--memory-rows", str(memory_rows), "--out", str(tmp_path / "two"), "--no-progress"]  # fmt: skip
     two = Path(run_cli(*args, "--loader-workers", "2", env=ONE_THREAD).stdout.strip())
     cfg = cfg_for(two_caches[:1], tmp_path / "none", method="lol", epochs=2, memory_rows=memory_rows)
-    none = run_train(dataclasses.replace(cfg, loader_workers=0), log=lambda m: None)
+    none = run_train(dataclasses.replace(cfg, loader_workers=0))
     assert none.name == two.name
     for name in ("epoch-001.safetensors", "epoch-002.safetensors", "epoch-002.optim.safetensors"):
         assert (two / name).read_bytes() == (none / name).read_bytes(), name
 
 
 def test_precision_is_recorded_in_the_fingerprint(two_caches, tmp_path):
-    fp32 = run_train(cfg_for(two_caches[:1], tmp_path, epochs=1), log=lambda m: None)
-    bf16 = run_train(cfg_for(two_caches[:1], tmp_path, epochs=1, precision="bf16"), log=lambda m: None)
+    fp32 = run_train(cfg_for(two_caches[:1], tmp_path, epochs=1))
+    bf16 = run_train(cfg_for(two_caches[:1], tmp_path, epochs=1, precision="bf16"))
     assert fp32 != bf16  # bf16 autocast (here on the CPU) is another run
     assert json.loads((bf16 / "params.json").read_text())["precision"] == "bf16"
     assert json.loads((fp32 / "params.json").read_text())["precision"] == "fp32"  # auto on the CPU
@@ -105,12 +104,12 @@ def test_precision_is_recorded_in_the_fingerprint(two_caches, tmp_path):
 
 
 def test_fingerprint_follows_parameters_and_sampling_is_seeded(two_caches, tmp_path):
-    a = run_train(cfg_for(two_caches, tmp_path, epochs=1, max_per_class=3), log=lambda m: None)
-    b = run_train(cfg_for(two_caches, tmp_path, epochs=1, max_per_class=3, seed=1), log=lambda m: None)
+    a = run_train(cfg_for(two_caches, tmp_path, epochs=1, max_per_class=3))
+    b = run_train(cfg_for(two_caches, tmp_path, epochs=1, max_per_class=3, seed=1))
     assert a != b
     rows = [json.loads((r / "sample.json").read_text())["caches"] for r in (a, b)]
     assert [c["rows"] for c in rows[0]] != [c["rows"] for c in rows[1]]
-    again = run_train(cfg_for(two_caches, tmp_path / "other", epochs=1, max_per_class=3), log=lambda m: None)
+    again = run_train(cfg_for(two_caches, tmp_path / "other", epochs=1, max_per_class=3))
     assert again.name == a.name and (again / "sample.json").read_text() == (a / "sample.json").read_text()
 
 
@@ -122,10 +121,10 @@ def test_tampered_cache_is_refused_unless_no_verify(two_caches, tmp_path):
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"failed verification: shard 0 of pixels/.*crops/c/0/0/0/0"):
-        run_train(cfg_for([cache], tmp_path / "runs", epochs=1), log=lambda m: None)
+        run_train(cfg_for([cache], tmp_path / "runs", epochs=1))
     with pytest.raises(UserError, match="pass --no-verify to use it anyway"):
-        run_train(cfg_for([cache], tmp_path / "runs", epochs=1), log=lambda m: None)
-    run_train(cfg_for([cache], tmp_path / "runs", epochs=1, verify=False), log=lambda m: None)
+        run_train(cfg_for([cache], tmp_path / "runs", epochs=1))
+    run_train(cfg_for([cache], tmp_path / "runs", epochs=1, verify=False))
 
 
 def test_streamed_epoch_visits_every_row_once_in_full_batches(two_caches):
@@ -209,10 +208,8 @@ def test_val_split_is_never_read_and_validation_comes_from_the_train_split(two_c
     validation slice is a seeded, label-stratified part of the train split, disjoint from the
     training rows."""
     assert _spoil_val_split(two_caches[0], tmp_path / "spoiled.zarr") == 6
-    clean = run_train(cfg_for(two_caches[:1], tmp_path / "a", epochs=2), log=lambda m: None)
-    spoiled = run_train(
-        cfg_for([tmp_path / "spoiled.zarr"], tmp_path / "b", epochs=2, verify=False), log=lambda m: None
-    )
+    clean = run_train(cfg_for(two_caches[:1], tmp_path / "a", epochs=2))
+    spoiled = run_train(cfg_for([tmp_path / "spoiled.zarr"], tmp_path / "b", epochs=2, verify=False))
     assert clean.name == spoiled.name
     for name in ("epoch-001.safetensors", "epoch-002.safetensors", "done.json", "calibration.json"):
         assert (clean / name).read_bytes() == (spoiled / name).read_bytes(), name
@@ -228,7 +225,7 @@ def test_val_split_is_never_read_and_validation_comes_from_the_train_split(two_c
     assert not set(train["rows"]) & set(val["rows"])
     assert sorted(val["labels"]) == [0, 1]  # round(0.05 * 5) -> at least one row per label
     assert len(train["rows"]) + len(val["rows"]) == 10  # every other train-split row trains
-    other = run_train(cfg_for(two_caches[:1], tmp_path / "c", epochs=1, seed=3), log=lambda m: None)
+    other = run_train(cfg_for(two_caches[:1], tmp_path / "c", epochs=1, seed=3))
     (val3,) = json.loads((other / "sample.json").read_text())["validation"]
     assert val3["rows"] != val["rows"]  # seeded: another seed holds out other rows
     assert json.loads((clean / "params.json").read_text())["hparams"]["val_fraction"] == 0.05
@@ -243,9 +240,9 @@ def test_plateau_schedule_and_early_stop_follow_the_validation_scores(two_caches
     from stages.train import best_epoch
 
     for patience, epochs in ((0, 7), (1, 7)):
-        said: list[str] = []
         cfg = cfg_for(two_caches, tmp_path / f"p{patience}", epochs=epochs, patience=patience, min_val_rows=1)
-        run = run_train(cfg, log=said.append)
+        with lines_said() as said:
+            run = run_train(cfg)
         params = json.loads((run / "params.json").read_text())
         assert params["hparams"]["plateau"] == {"mode": "max", "factor": 0.5, "patience": 4, "min_lr": 1e-7}
         done = json.loads((run / "done.json").read_text())
@@ -291,9 +288,9 @@ def test_lol_trains_on_the_papers_setting_by_default(tmp_path):
     )
     assert hp["lr"] == 5e-7 and "lr 5e-07: the lol paper's rate for this training subset" in proc.stderr
     assert hp["max_per_class"] == 1600 and "fewer than --max-per-class 1600" in proc.stderr
-    said: list[str] = []
     cfg = cfg_for([cache], tmp_path / "runs", method="lol", epochs=1, lr=1e-3, max_per_class="all")
-    hp = json.loads((run_train(cfg, log=said.append) / "params.json").read_text())["hparams"]
+    with lines_said() as said:
+        hp = json.loads((run_train(cfg) / "params.json").read_text())["hparams"]
     assert hp["lr"] == 1e-3 and hp["max_per_class"] is None and not [m for m in said if m.startswith("lr")]
 
 
@@ -302,9 +299,9 @@ def test_resume_restores_the_plateau_schedule_and_the_validation_history(two_cac
     plateau schedule's reduction included: here the validation AUC peaks at epoch 5 and the rate
     halves at epoch 10; a schedule restarted at the resume would count its bad epochs from 8."""
     kw = dict(epochs=10, patience=0, min_val_rows=1)
-    whole = run_train(cfg_for(two_caches[:1], tmp_path / "a", **kw), log=lambda m: None)
-    run_train(cfg_for(two_caches[:1], tmp_path / "b", stop_after=7, **kw), log=lambda m: None)
-    resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b", **kw), log=lambda m: None)
+    whole = run_train(cfg_for(two_caches[:1], tmp_path / "a", **kw))
+    run_train(cfg_for(two_caches[:1], tmp_path / "b", stop_after=7, **kw))
+    resumed = run_train(cfg_for(two_caches[:1], tmp_path / "b", **kw))
 
     def lrs(run: Path) -> list[float]:
         return [
@@ -403,7 +400,7 @@ def test_the_batch_code_is_in_a_runs_fingerprint(two_caches, monkeypatch):
     from stages.runs import batches, cachedata
 
     cfg = cfg_for(two_caches[:1], "unused", method="lol")
-    data = cachedata.CacheData(cfg.caches, split="train", log=lambda m: None)
+    data = cachedata.CacheData(cfg.caches, split="train")
     _, params = train.plan_run(cfg, data)
     real = train.stage_code
     monkeypatch.setattr(train, "stage_code", lambda *parts: real(*(p for p in parts if p is not batches)))

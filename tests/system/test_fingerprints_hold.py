@@ -92,8 +92,7 @@ def test_the_fixed_evaluation_keeps_its_key(fixed):
 
     cache, runs, root = fixed
     with torch_threads(1):
-        run_eval(EvalConfig(checkpoint=runs["egre"], caches=[str(cache)], out=root / "res", progress=False),
-                 log=lambda m: None)  # fmt: skip
+        run_eval(EvalConfig(checkpoint=runs["egre"], caches=[str(cache)], out=root / "res", progress=False))
     assert sorted(p.name for p in (root / "res").glob("*.json")) == EVAL_STEMS
 
 

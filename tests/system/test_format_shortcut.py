@@ -30,14 +30,14 @@ def _control(cache, tmp_path, quality: int, epochs: int = 30) -> dict[str, dict]
         caches=[str(cache)], method="lol", out=str(tmp_path / "runs"), epochs=epochs, batch_size=16, lr=1e-3,
         crop_size=32, backbone="tiny-RN", backbone_weights="random", progress=False,
     )  # fmt: skip
-    run = run_train(cfg, log=lambda m: None)
+    run = run_train(cfg)
     out = {}
     for name, spec in (("clean", None), ("jpeg", f"jpeg:{quality}")):
         only = "generated" if spec else None
         ecfg = EvalConfig(
             run, [str(cache)], tmp_path / "results", progress=False, perturb=spec, perturb_only=only
         )
-        (result,) = run_eval(ecfg, log=lambda m: None)
+        (result,) = run_eval(ecfg)
         out[name] = result
     return out
 

@@ -28,12 +28,10 @@ def test_learns_the_artifact_and_not_shuffled_labels(learn_set, tmp_path, method
             crop_size=32, backbone="tiny-RN", backbone_weights="random", shuffle_labels=shuffled,
             progress=False,
         )  # fmt: skip
-        run = run_train(cfg, log=lambda m: None)
+        run = run_train(cfg)
         done = json.loads((run / "done.json").read_text())
         assert done["selection"]["by"] == "last" and done["best"] == done["epochs"] == 30
-        (result,) = run_eval(
-            EvalConfig(run, [str(cache)], tmp_path / "results", progress=False), log=lambda m: None
-        )
+        (result,) = run_eval(EvalConfig(run, [str(cache)], tmp_path / "results", progress=False))
         assert result["metrics"]["n"] == 32  # every held-out (val) image, none sampled twice
         got[shuffled] = result["metrics"]
     print(f"{method}: held-out AP {got[False]['ap']:.3f} ACC {got[False]['acc']:.3f}; "

@@ -164,7 +164,7 @@ def test_a_lol_run_trains_a_vit_from_a_weight_file(learn_set, tmp_path):
         lr=1e-3, crop_size=32, backbone="tiny-ViT", backbone_weights=str(weights), progress=False,
     )  # fmt: skip
     with torch_threads(1):
-        run = run_train(cfg, log=lambda m: None)
+        run = run_train(cfg)
     assert (run / "done.json").is_file() and (run / "epoch-001.safetensors").is_file()
     import pytest
 
@@ -172,5 +172,5 @@ def test_a_lol_run_trains_a_vit_from_a_weight_file(learn_set, tmp_path):
 
     cfg.method, cfg.out = "egre", str(tmp_path / "egre")
     with pytest.raises(UserError, match="not a CLIP ResNet"):  # before any run directory is written
-        run_train(cfg, log=lambda m: None)
+        run_train(cfg)
     assert not (tmp_path / "egre").exists()

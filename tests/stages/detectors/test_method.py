@@ -70,20 +70,16 @@ def test_a_registered_third_method_trains_evaluates_and_detects(probe, learn_set
         caches=[str(cache)], method="probe", out=str(tmp_path / "runs"), crop_size=32, backbone="tiny-RN",
         backbone_weights="random", progress=False,
     )  # fmt: skip
-    run = run_train(cfg, log=lambda m: None)
+    run = run_train(cfg)
     assert run.name.startswith("probe-sdv14-") and (run / "epoch-002.safetensors").is_file()
-    (result,) = run_eval(
-        EvalConfig(run, [str(cache)], tmp_path / "results", progress=False), log=lambda m: None
-    )
+    (result,) = run_eval(EvalConfig(run, [str(cache)], tmp_path / "results", progress=False))
     assert result["method"] == "probe" and result["metrics"]["n"] == 32
     with open(next((tmp_path / "results").glob("*.csv"))) as f:
         expected = {r["path"].split("/")[-1]: float(r["score"]) for r in csv.DictReader(f)}
 
     (subset_dir,) = [p for p in data.rglob("imagenet_ai_0419_sdv4") if p.is_dir()]
     shutil.copytree(subset_dir / "val", tmp_path / "images")
-    assert run_detect(
-        DetectConfig(tmp_path / "images", run, tmp_path / "scores.csv", progress=False), log=lambda m: None
-    ) == (
+    assert run_detect(DetectConfig(tmp_path / "images", run, tmp_path / "scores.csv", progress=False)) == (
         32,
         0,
     )

@@ -134,7 +134,7 @@ def reference(small, tmp_path_factory):
     """A perturbed single-process run with one torch thread (as each dask worker has)."""
     cache = tmp_path_factory.mktemp("perturb-ref")
     with torch_threads(1):
-        run_extract(_cfg(small, cache), log=lambda m: None)
+        run_extract(_cfg(small, cache))
     return cache
 
 
@@ -142,8 +142,8 @@ def test_a_perturbed_artifact_lives_beside_the_clean_one(small, reference, tmp_p
     manifest = json.loads((reference / "sdv14.zarr" / "manifest.json").read_text())
     recorded = {a["params"]["perturb"]["spec"] for a in manifest["artifacts"].values()}
     assert recorded == {SPEC}
-    clean = run_extract(_cfg(small, tmp_path, perturb=None), log=lambda m: None)
-    perturbed = run_extract(_cfg(small, tmp_path), log=lambda m: None)
+    clean = run_extract(_cfg(small, tmp_path, perturb=None))
+    perturbed = run_extract(_cfg(small, tmp_path))
     assert set(clean.artifacts.values()).isdisjoint(perturbed.artifacts.values())  # other fingerprints
     cache = tmp_path / "sdv14.zarr"
     crops = [artifact_arrays(cache, r.artifacts["pixels"])["crops"] for r in (clean, perturbed)]
@@ -158,15 +158,15 @@ def test_artifacts_of_earlier_code_stay_readable_beside_a_changed_family(small, 
     with monkeypatch.context() as patch:
         patch.setattr(extract, "lare_code_version", lambda: "earlier perturbation code")
         patch.setattr(extract, "pixel_code_version", lambda: "earlier perturbation code")
-        old = run_extract(_cfg(small, tmp_path, perturb="resize:16px"), log=lambda m: None)
+        old = run_extract(_cfg(small, tmp_path, perturb="resize:16px"))
     cache = tmp_path / "sdv14.zarr"
     before = {path: artifact_arrays(cache, path) for path in old.artifacts.values()}
-    new = run_extract(_cfg(small, tmp_path, perturb="genimage:lowres=16"), log=lambda m: None)
+    new = run_extract(_cfg(small, tmp_path, perturb="genimage:lowres=16"))
     assert set(new.artifacts.values()).isdisjoint(old.artifacts.values())
     assert {path: artifact_arrays(cache, path) for path in old.artifacts.values()} == before
     run_cli("cache", "verify", str(cache))
     picked = choice.Choice(perturb=choice.wanted_perturbation("resize:16px"))
-    source, _ = cachedata.open_source(str(cache), split="train", choice=picked, log=lambda m: None)
+    source, _ = cachedata.open_source(str(cache), split="train", choice=picked)
     assert (source.lare, source.pixels) == (old.artifacts["lare"], old.artifacts["pixels"])
 
 
@@ -177,14 +177,14 @@ def test_resumed_with_decode_workers_the_perturbed_cache_is_bitwise_the_same(sma
 
     with torch_threads(1):
         with pytest.raises(KeyboardInterrupt):
-            run_extract(_cfg(small, tmp_path), log=lambda m: None, compute=two_shards_then_stop)
-        resumed = run_extract(_cfg(small, tmp_path, loader_workers=2), log=lambda m: None)
+            run_extract(_cfg(small, tmp_path), compute=two_shards_then_stop)
+        resumed = run_extract(_cfg(small, tmp_path, loader_workers=2))
     assert resumed.rows_done == 2  # 6 rows in shards of 2: only the third shard was left
     assert_same_cache(tmp_path / "sdv14.zarr", reference / "sdv14.zarr")
 
 
 def test_other_batch_size_gives_the_same_perturbed_crops(small, reference, tmp_path):
-    result = run_extract(_cfg(small, tmp_path, batch_size=1, rows_per_shard=2), log=lambda m: None)
+    result = run_extract(_cfg(small, tmp_path, batch_size=1, rows_per_shard=2))
     pixels = result.artifacts["pixels"]
     assert artifact_arrays(tmp_path / "sdv14.zarr", pixels) == artifact_arrays(
         reference / "sdv14.zarr", pixels

@@ -6,7 +6,7 @@ import xxhash
 from pipeline.errors import UserError
 from stages.genimage import index
 from stages.genimage.synthetic import make_genimage
-from tests.helpers import run_cli
+from tests.helpers import lines_said, run_cli
 
 
 def test_every_alias_maps_to_its_genimage_folder(tmp_path):
@@ -105,7 +105,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
 def test_files_without_an_image_suffix_are_skipped_and_said_through_the_log(tmp_path):
     base = make_genimage(tmp_path, "adm", {"train": 2, "val": 1})
     (base / "train" / "ai" / "notes.txt").write_text("not an image")
-    said: list[str] = []
-    assert len(index.scan(index.DataSource.genimage(tmp_path, "adm"), progress=False, log=said.append)) == 6
+    with lines_said() as said:
+        assert len(index.scan(index.DataSource.genimage(tmp_path, "adm"), progress=False)) == 6
     (line,) = said
     assert line.startswith("index: skipped 1 file(s) without an image suffix (.bmp, ")

@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 from pipeline.errors import UserError
 from stages.evaluate import metrics
 from stages.runs import calibrate
-from tests.helpers import ONE_THREAD, TINY_TRAIN, run_cli
+from tests.helpers import ONE_THREAD, TINY_TRAIN, lines_said, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,8 +71,8 @@ def test_threshold_choices_resolve_or_say_why(tmp_path):
                          ("1.5", "must lie in"), ("fpr1", "no calibrated thresholds")):  # fmt: skip
         with pytest.raises(UserError, match=message):
             calibrate.resolve(tmp_path, bad, [1])
-    said: list[str] = []
-    calibrate.write(tmp_path, *draw(np.random.default_rng(3), 30, 30), epoch=2, log=said.append)
+    with lines_said() as said:
+        calibrate.write(tmp_path, *draw(np.random.default_rng(3), 30, 30), epoch=2)
     (line,) = said
     # the note says what happens (issue 27): asking for a missing threshold is an error, 0.5 still works
     assert "too small to calibrate fpr1" in line and "stay at" not in line

@@ -28,7 +28,7 @@ def calibrated_run(learn_set, tmp_path_factory):
         progress=False,
     )  # fmt: skip
     with torch_threads(1):
-        return run_train(cfg, log=lambda m: None)
+        return run_train(cfg)
 
 
 def _header(run) -> dict:
@@ -72,9 +72,7 @@ def test_eval_and_calibrate_rewrite_the_card_and_keep_the_manifest_honest(
     run = tmp_path / calibrated_run.name
     shutil.copytree(calibrated_run, run)
     with torch_threads(1):
-        (result,) = run_eval(
-            EvalConfig(run, [str(cache)], out=tmp_path / "results", progress=False), log=lambda m: None
-        )
+        (result,) = run_eval(EvalConfig(run, [str(cache)], out=tmp_path / "results", progress=False))
     head = _header(run)
     (entry,) = head["lare_pipeline"]["evaluations"]
     assert entry["test"] == "sdv14" and entry["split"] == "val" and entry["metrics"] == result["metrics"]
@@ -83,7 +81,7 @@ def test_eval_and_calibrate_rewrite_the_card_and_keep_the_manifest_honest(
     assert runstore.verify(str(run)) == []  # README.md and evals/ re-listed in the manifest
     # the same evaluation again: one section still
     with torch_threads(1):
-        run_eval(EvalConfig(run, [str(cache)], out=tmp_path / "results", progress=False), log=lambda m: None)
+        run_eval(EvalConfig(run, [str(cache)], out=tmp_path / "results", progress=False))
     assert len(_header(run)["lare_pipeline"]["evaluations"]) == 1
 
     # a weight byte flipped, then calibrate rewrites the card: the damaged file is still refused
@@ -93,6 +91,6 @@ def test_eval_and_calibrate_rewrite_the_card_and_keep_the_manifest_honest(
     weights.write_bytes(bytes(data))
     (run / calibrate.FILE).unlink()
     with torch_threads(1):
-        record = run_calibrate(CalibrateConfig(run), log=lambda m: None)
+        record = run_calibrate(CalibrateConfig(run))
     assert _header(run)["lare_pipeline"]["thresholds"] == record["thresholds"]
     assert runstore.verify(str(run)) == ["epoch-001.safetensors does not match its checksum"]

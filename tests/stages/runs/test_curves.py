@@ -12,7 +12,7 @@ from PIL import Image
 
 from stages.runs import curves
 from stages.train import TrainConfig, run_train
-from tests.helpers import torch_threads
+from tests.helpers import lines_said, torch_threads
 
 
 def _cfg(cache, out, **kw) -> TrainConfig:
@@ -23,9 +23,9 @@ def _cfg(cache, out, **kw) -> TrainConfig:
     return TrainConfig(caches=[str(cache)], out=str(out), **{**tiny, **kw})
 
 
-def _train(cfg: TrainConfig, log=lambda m: None):
+def _train(cfg: TrainConfig):
     with torch_threads(1):
-        return run_train(cfg, log=log)
+        return run_train(cfg)
 
 
 def _events(run) -> dict[str, list[tuple[int, float]]]:
@@ -77,8 +77,8 @@ def test_without_tensorboard_training_goes_on_and_says_so_once(learn_set, tmp_pa
     _, cache = learn_set
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
     monkeypatch.setattr(curves, "_told", False)
-    said: list[str] = []
-    run = _train(_cfg(cache, tmp_path, epochs=2), log=said.append)
+    with lines_said() as said:
+        run = _train(_cfg(cache, tmp_path, epochs=2))
     assert (run / "done.json").is_file() and (run / curves.PNG).is_file()
     assert not (run / curves.EVENTS).exists()
     assert [m for m in said if "tensorboard" in m] == [f"note: {curves.NEEDS_EXTRA}"]

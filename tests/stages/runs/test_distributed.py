@@ -67,7 +67,7 @@ def reference(cache: Path, out: Path, method: str, epochs: int, micro_batches: i
         micro_batches=micro_batches, **kw,
     )  # fmt: skip
     with torch_threads(1):
-        return run_train(cfg, log=lambda m: None)
+        return run_train(cfg)
 
 
 def the_run(out: Path) -> Path:
