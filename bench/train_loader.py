@@ -33,6 +33,7 @@ from stages.detectors import backbone, egre, lol
 from stages.runs.batches import EpochBatches, make_inputs
 from stages.runs.cachedata import CacheData
 
+METHODS = {"egre": egre.METHOD, "lol": lol.METHOD}
 HP = {"crop_size": 224, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}
 
 
@@ -100,7 +101,9 @@ def prep_rates(repeat: int, device: str = "cpu") -> dict[str, dict[str, float]]:
         crops = torch.randint(0, 256, (bs, 3, 256, 256), dtype=torch.uint8)
         maps = torch.randn(bs, 4, 32, 32)
         gen = torch.Generator().manual_seed(0)
-        batched = partial(make_inputs, method, HP, crops.to(device), maps.to(device), True, gen, True)
+        batched = partial(
+            make_inputs, METHODS[method], HP, crops.to(device), maps.to(device), True, gen, True
+        )
         row = {"batched": samples_per_s(batched, bs, repeat)}
         if device == "cpu":
             row["per_sample"] = samples_per_s(

@@ -192,7 +192,9 @@ def build_random(folder: Path, arch: str) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         _tiny_tokenizer_files(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+        # local_files_only said, not read from HF_HUB_OFFLINE: the saved tokenizer_config records it,
+        # and the model's identity must not depend on the environment it was built in
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77, local_files_only=True)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),

@@ -1,5 +1,8 @@
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,3 +64,19 @@ def test_bad_model_specs_are_user_errors(tmp_path):
         sd.resolve_model(str(tmp_path))
     with pytest.raises(UserError, match="neither a local diffusers folder"):
         sd.resolve_model("not a model!")
+
+
+def test_the_tiny_model_is_the_same_built_online_or_offline(tmp_path):
+    """Its identity names every tiny-model cache: it must not depend on HF_HUB_OFFLINE (transformers
+    records the flag it read in the tokenizer's saved config)."""
+    code = "from stages.features import sd; print(sd.resolve_model('tiny').weights)"
+    built = []
+    for offline in ("1", None):
+        env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+        env["PIPELINE_HOME"] = str(tmp_path / f"home-{offline}")
+        if offline:
+            env["HF_HUB_OFFLINE"] = offline
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        built.append(proc.stdout.strip())
+    assert built[0] == built[1] == sd.resolve_model("tiny").weights
