@@ -32,7 +32,7 @@ from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from stages.features import sd
-from stages.features.perturb_spec import Perturbation, describe
+from stages.features.perturb_spec import Perturbation, describe, requested
 from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, distributed
 from stages.runs.checkpoint import Run, atomic_json, load_run, predict, select_epochs
 from stages.runs.results import EvalResult, from_json, to_json
@@ -172,7 +172,7 @@ def run_eval(cfg: EvalConfig) -> list[EvalResult]:
     reliability diagram `<stem>.reliability.png` beside each result."""
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {cfg.batch_size}")
-    wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
+    wanted = requested(cfg.perturb, cfg.perturb_only)
     epochs = select_epochs(cfg.checkpoint, cfg.epoch, several=True)
     thr = calibrate.resolve(cfg.checkpoint, cfg.threshold, epochs)
     run = load_run(cfg.checkpoint, distributed.init(resolve_device(cfg.device)), epochs[0])

@@ -430,7 +430,7 @@ def _run_status(
     if cache is None:
         return "to train (after its extraction)", None
     tcfg = train_config(cfg, plan, training, cache)
-    picked = choice.Choice(tcfg.lare, tcfg.pixels, perturb=choice.wanted_perturbation(None, None))
+    picked = choice.Choice(tcfg.lare, tcfg.pixels, perturb=None)  # clean
     cachedata.logger.disabled = True  # a plan reads the cache to name the run: it says nothing of it
     try:
         data = cachedata.CacheData([cache], verify=False, split="train", choice=picked)

@@ -56,6 +56,7 @@ from stages.detectors import backbone
 from stages.detectors import method as method_registry
 from stages.detectors.method import Hparams
 from stages.features import sd
+from stages.features.perturb_spec import requested
 from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, curves, distributed, listing
 from stages.runs.batches import READ_WORKERS, EpochBatches, make_inputs
 from stages.runs.checkpoint import (
@@ -372,7 +373,7 @@ def run_train(cfg: TrainConfig) -> Path:
     `validate` and the epoch's record); `finish_run` writes done.json and the calibration."""
     device = distributed.init(resolve_device(cfg.device))  # under torchrun: this rank's
     main = distributed.world().main
-    wanted = choice.wanted_perturbation(cfg.perturb, cfg.perturb_only)
+    wanted = requested(cfg.perturb, cfg.perturb_only)
     picked = choice.Choice(cfg.lare, cfg.pixels, perturb=wanted)
     data = cachedata.CacheData(cfg.caches, verify=cfg.verify, split=cfg.split, choice=picked)
     run, params = distributed.agree(plan_run, cfg, data)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from pipeline.errors import UserError
 from pipeline.schema import ArtifactAttrs, ArtifactOrigin, Manifest, ManifestArtifact, index_splits
 from stages.features.params import PixelParams
-from stages.features.perturb_spec import Perturbation, describe, requested
+from stages.features.perturb_spec import Perturbation, describe
 
 if TYPE_CHECKING:  # types only: the records import no torch, but cache info need not read them
     from stages.runs.records import RunParams
@@ -26,11 +26,6 @@ CODE_ID = "stages.choice"  # the name its code is hashed under, wherever the fil
 
 
 # ---- which perturbation (`--perturb SPEC`, `--perturb-only CLASS`): a filter of every artifact choice --
-def wanted_perturbation(spec: str | None, only: str | None = None) -> Perturbation | None:
-    """The user's `--perturb SPEC [--perturb-only CLASS]` as artifacts are looked up by; None: clean."""
-    return requested(spec, only)
-
-
 def perturbation_of(art: ArtifactOrigin) -> Perturbation | None:
     return Perturbation.from_record(art.get("params", {}).get("perturb"))
 

@@ -165,7 +165,7 @@ def test_artifacts_of_earlier_code_stay_readable_beside_a_changed_family(small, 
     assert set(new.artifacts.values()).isdisjoint(old.artifacts.values())
     assert {path: artifact_arrays(cache, path) for path in old.artifacts.values()} == before
     run_cli("cache", "verify", str(cache))
-    picked = choice.Choice(perturb=choice.wanted_perturbation("resize:16px"))
+    picked = choice.Choice(perturb=perturb_spec.requested("resize:16px"))
     source, _ = cachedata.open_source(str(cache), split="train", choice=picked)
     assert (source.lare, source.pixels) == (old.artifacts["lare"], old.artifacts["pixels"])
 

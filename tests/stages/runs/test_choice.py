@@ -103,16 +103,13 @@ def test_a_run_prefers_the_artifact_it_was_trained_on_then_one_like_it():
 
 
 def test_a_perturbation_is_chosen_only_when_asked_for():
-    from stages.runs.choice import wanted_perturbation
+    from stages.features.perturb_spec import requested
 
     record = {"spec": "jpeg:75", "only": None, "seed": 0}
     clean, jpeg = _lare("1111" * 16), _lare("2222" * 16, created="2026-02-01", perturb=record)
     m = _manifest(clean, jpeg)
     assert _path(choose(m, "c.zarr", "lare", "train", None)) == "11111111"  # newer, but perturbed
-    assert (
-        _path(choose(m, "c.zarr", "lare", "train", None, perturb=wanted_perturbation("jpeg:75")))
-        == "22222222"
-    )
+    assert _path(choose(m, "c.zarr", "lare", "train", None, perturb=requested("jpeg:75"))) == "22222222"
     assert _path(choose(m, "c.zarr", "lare", "train", "2222")) == "22222222"  # a prefix: perturbed or not
     with pytest.raises(UserError, match=r"holds no complete LaRE artifact .*\(it holds: .*jpeg:75"):
         choose(_manifest(jpeg), "c.zarr", "lare", "train", None)
@@ -124,16 +121,16 @@ def test_perturbation_options_are_checked_and_recorded_in_one_place():
 
     from pipeline.errors import UserError
     from stages.extract import ExtractConfig
-    from stages.features.perturb_spec import Perturbation
-    from stages.runs.choice import perturbation_of, wanted_perturbation
+    from stages.features.perturb_spec import Perturbation, requested
+    from stages.runs.choice import perturbation_of
 
     cfg = ExtractConfig(".", "sdv14", perturb="JPEG: 10-75", perturb_only="generated", seed=3)
     assert cfg.perturbation().record() == {"spec": "jpeg:10-75", "only": "generated", "seed": 3}
     recorded = perturbation_of({"params": {"perturb": cfg.perturbation().record()}})
-    wanted = wanted_perturbation("JPEG: 10-75", "generated")
+    wanted = requested("JPEG: 10-75", "generated")
     assert recorded == wanted == Perturbation("jpeg:10-75", "generated")
-    assert wanted_perturbation(None) is None and ExtractConfig(".", "sdv14").perturbation() is None
+    assert requested(None) is None and ExtractConfig(".", "sdv14").perturbation() is None
     unpaired = ExtractConfig(".", "sdv14", perturb_only="real")
-    for check in (lambda: wanted_perturbation(None, "real"), unpaired.check):
+    for check in (lambda: requested(None, "real"), unpaired.check):
         with pytest.raises(UserError, match="--perturb-only needs --perturb SPEC"):
             check()
