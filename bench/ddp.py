@@ -24,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from stages.extract import ExtractConfig, run_extract
+from stages.configs import ExtractConfig
+from stages.extract import run_extract
 from stages.genimage.synthetic import make_genimage
 
 TORCHRUN = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"

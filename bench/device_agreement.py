@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from stages.extract import ExtractConfig, run_extract
+from stages.configs import ExtractConfig
+from stages.extract import run_extract
 from stages.genimage.synthetic import make_genimage
 
 RESULTS = Path(__file__).parent / "results"

@@ -35,7 +35,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.config import loader_workers
-from stages.extract import DECODE_WORKERS, ExtractConfig, RowDataset, run_extract
+from stages.configs import DECODE_WORKERS, ExtractConfig
+from stages.extract import RowDataset, run_extract
 from stages.features import lare as lare_math
 from stages.features import sd
 from stages.genimage.index import SUBSETS

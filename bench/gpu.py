@@ -42,8 +42,8 @@ from extract import decode_per_core, flops_per_image, make_dataset, sync
 from train_io import training_cache
 
 from pipeline.config import loader_workers
-from stages.extract import ExtractConfig, ShardComputer, plan_extract, run_extract
-from stages.runs.batches import READ_WORKERS
+from stages.configs import READ_WORKERS, ExtractConfig
+from stages.extract import ShardComputer, plan_extract, run_extract
 
 RESULTS = Path(__file__).parent / "results"
 RUN_NUMBER = itertools.count()
@@ -224,7 +224,8 @@ class Utilisation:
 
 def train_rate(args, cache: str, work: Path, method: str, batch: int, epochs: int, **kw) -> dict:
     """samples/s of `run_train` epochs after the first (which holds cuDNN's and the allocator's warm-up)."""
-    from stages.train import TrainConfig, run_train
+    from stages.configs import TrainConfig
+    from stages.train import run_train
 
     cfg = TrainConfig(
         caches=[cache], method=method, out=str(work / "runs"), epochs=epochs, batch_size=batch,
@@ -321,7 +322,8 @@ def training(bench: Bench, work: Path) -> None:
     egre_run = t["egre_batch48"]["run"]
 
     def evaluation() -> None:
-        from stages.evaluate import EvalConfig, run_eval
+        from stages.configs import EvalConfig
+        from stages.evaluate import run_eval
 
         t0 = time.perf_counter()
         ecfg = EvalConfig(
@@ -331,7 +333,8 @@ def training(bench: Bench, work: Path) -> None:
         t["eval_images_per_s"] = res[0]["metrics"]["n"] / (time.perf_counter() - t0)
 
     def detection() -> None:
-        from stages.detect import DetectConfig, run_detect
+        from stages.configs import DetectConfig
+        from stages.detect import run_detect
 
         folder = next((work / "train" / "data").rglob("val"))
         t0 = time.perf_counter()

@@ -24,15 +24,17 @@ from pathlib import Path
 
 import torch
 
-from stages.evaluate import EvalConfig, run_eval
-from stages.train import TrainConfig, run_train
+from stages.configs import EvalConfig, TrainConfig
+from stages.evaluate import run_eval
+from stages.train import run_train
 
 SETS = {"upsample": ({"train": 24, "val": 16}, 3), "grid": ({"train": 50, "val": 25}, 7)}
 
 
 def build(root: Path) -> None:
     """Extract each set into root/<artifact>/cache/sdv14.zarr (64 px, tiny SD model), then delete the images."""
-    from stages.extract import ExtractConfig, run_extract
+    from stages.configs import ExtractConfig
+    from stages.extract import run_extract
     from stages.genimage.synthetic import make_genimage
 
     for artifact, (per_class, seed) in SETS.items():

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.extract import ExtractConfig, run_extract
+from stages.configs import ExtractConfig
+from stages.extract import run_extract
 from stages.features.pixels import crop_tiled, decode_rgb
 from stages.genimage.synthetic import make_genimage
 from stages.runs.cachedata import CacheData

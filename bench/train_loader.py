@@ -29,11 +29,11 @@ import torch
 from extract import decode_per_core, make_dataset
 from train_io import training_cache
 
-from stages.detectors import backbone, egre, lol
+from stages.detectors import backbone, egre, egre_method, lol, lol_method
 from stages.runs.batches import EpochBatches, make_inputs
 from stages.runs.cachedata import CacheData
 
-METHODS = {"egre": egre.METHOD, "lol": lol.METHOD}
+METHODS = {"egre": egre_method.METHOD, "lol": lol_method.METHOD}
 HP = {"crop_size": 224, "mask_range": [0.6, 0.8], "aspect_range": [0.33, 3.0]}
 
 
@@ -129,7 +129,7 @@ def loader_rates(cache: str, workers: list[int], epochs: int) -> dict[str, dict[
         for e in range(epochs):
             gen = torch.Generator().manual_seed(e)
             for _, crops, maps, _ in stream.epoch(gen):
-                make_inputs(egre.METHOD, HP, crops, maps, True, gen, True)
+                make_inputs(egre_method.METHOD, HP, crops, maps, True, gen, True)
         out[f"workers_{w}"] = {"epoch_samples_per_s": len(rows) * epochs / (time.perf_counter() - t0),
                                "in_memory_load_rows_per_s": load}  # fmt: skip
     return out

@@ -7,27 +7,15 @@ stages.runs.calibrate's, which training, evaluation and detection use too: this 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 
-from pipeline.config import DEFAULT_DEVICE, resolve_device
+from pipeline.config import resolve_device
 from pipeline.errors import UserError
+from stages.configs import CalibrateConfig
 from stages.features.perturb_spec import Perturbation
 from stages.runs import cachedata, calibrate, card, checkpoint, choice
 
 RESCORE_BATCH = 64  # rows per model call (train's validation batch)
-
-
-@dataclass
-class CalibrateConfig:
-    """Everything `pipeline calibrate` takes; the defaults here are the command's."""
-
-    checkpoint: str | Path  # a finished run directory
-    caches: list[str] | None = None  # where its training caches are now (None: the URLs it recorded)
-    device: str = DEFAULT_DEVICE
-    verify: bool = True
 
 
 def run_calibrate(cfg: CalibrateConfig) -> dict:

@@ -8,15 +8,15 @@ import contextlib
 import csv
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import xxhash
 from tqdm import tqdm
 
-from pipeline.config import DEFAULT_DEVICE, resolve_device
+from pipeline.config import resolve_device
 from pipeline.errors import UserError
+from stages.configs import DetectConfig
 from stages.features import lare as lare_math
 from stages.features import pixels as pixels_stage
 from stages.features import sd
@@ -99,23 +99,6 @@ def provenance(run: Run, threshold: calibrate.Threshold) -> list[str]:
     spec, weights = (model.get("spec", ""), model.get("weights", "")) if model else ("", "")
     return [run.name, run.params["fingerprint"], str(run.epoch), f"{threshold.value:.6g}", threshold.choice,
             threshold.origin, spec, weights]  # fmt: skip
-
-
-@dataclass
-class DetectConfig:
-    """Everything `pipeline detect` takes; the defaults here are the command's.
-
-    `epoch`: the weights used, best (by the run's validation slice), last or a number. `threshold`:
-    0.5, a number, fpr1, fpr5 or balanced (calibrated on the run's validation slice)."""
-
-    folder: str | Path  # images, searched recursively, or one image
-    checkpoint: str | Path  # a finished run directory
-    out: str | Path = "scores.csv"
-    threshold: str | float = calibrate.DEFAULT
-    epoch: str | int = "best"
-    batch_size: int = 16
-    device: str = DEFAULT_DEVICE  # where the backbone and (EGRE) the LaRE model run
-    progress: bool = True
 
 
 def run_detect(cfg: DetectConfig) -> tuple[int, int]:

@@ -28,9 +28,10 @@ import numpy as np
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score, roc_curve
 
 from pipeline.code_versions import stage_code
-from pipeline.config import DEFAULT_DEVICE, resolve_device
+from pipeline.config import resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
+from stages.configs import EvalConfig
 from stages.features import sd
 from stages.features.perturb_spec import Perturbation, describe, requested
 from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, distributed
@@ -136,35 +137,6 @@ def check_compatible(run: Run, data: cachedata.CacheData) -> None:
 def scoring_code() -> str:
     """The version of the code that turns a run and a cache into these results: part of their key."""
     return stage_code(batches, checkpoint, calibrate, sys.modules[__name__])
-
-
-@dataclass
-class EvalConfig:
-    """Everything `pipeline eval` takes; the defaults here are the command's.
-
-    `epoch` picks the weights: best (by the run's validation slice), last, a number, or last5: each
-    of the final five epochs scored apart, the metrics reported as mean and std over them (LoL's
-    protocol; std is numpy's, ddof 0). In each cache, the artifacts the run was trained on are read
-    by default (`lare`/`pixels` selectors choose others, see choice.Choice), from an index that
-    covers `split`; `perturb`, `perturb_only`: the test artifacts extracted with that `--perturb`
-    (None: clean). `threshold`: 0.5, a number, or a threshold calibrated on the run's validation
-    slice (fpr1, fpr5, balanced; see stages.runs.calibrate); the result records which.
-    """
-
-    checkpoint: str | Path  # a finished run directory
-    caches: list[str]  # test caches, each evaluated apart
-    out: str | Path = "results"
-    split: str = cachedata.AUTO  # test where a cache has a test split, else val (GenImage's test set)
-    epoch: str | int = "best"
-    threshold: str | float = calibrate.DEFAULT
-    batch_size: int = 64
-    device: str = DEFAULT_DEVICE
-    lare: str | None = None
-    pixels: str | None = None
-    perturb: str | None = None
-    perturb_only: str | None = None
-    verify: bool = True
-    progress: bool = True
 
 
 def run_eval(cfg: EvalConfig) -> list[EvalResult]:

@@ -21,12 +21,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.config import (
-    DEFAULT_DEVICE,
-    describe_loader_workers,
-    describe_precision,
     loader_workers,
     resolve_device,
-    resolve_precision,
 )
 from pipeline.errors import UserError, first_line
 from pipeline.fingerprint import fingerprint
@@ -35,139 +31,17 @@ from pipeline.runner import ShardAssembler, ShardPlan, ShardWriteError, ShardWri
 from pipeline.schema import VALUES_SCHEMA, ArtifactOrigin, IndexAttrs, WriterInfo, index_path
 from pipeline.storage import now
 from pipeline.store import ArraySpec, Artifact, CacheStore, latest
+from stages import configs
+from stages.configs import ExtractConfig
 from stages.features import lare as lare_math
 from stages.features import pixels as pixels_stage
 from stages.features import sd
-from stages.features.params import DEFAULT_PROMPT, LareParams, PixelParams
-from stages.features.perturb_spec import Perturbation, requested
-from stages.features.recipe import PREPROCESS, RowRecipe, lare_code_version, pixel_code_version
+from stages.features.params import LareParams, PixelParams
+from stages.features.recipe import RowRecipe, lare_code_version, pixel_code_version
 from stages.genimage import index as index_stage
 from stages.genimage import layouts
 
 logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
-
-STORE_DTYPES = ("float16", "float32")
-
-
-# The most decode workers per GPU (see pipeline.config.loader_workers). Measured on an H100 host: 8
-# workers decode about 700 JPEG (500x375) or 290 PNG (512x512) images/s, below what the GPU computes
-# at 256 px, so the GPU path takes nearly every core.
-DECODE_WORKERS = 16
-# --precision (pipeline.config.resolve_precision): any precision LaRE has dtypes for; `auto` is fp16 on
-# CUDA, within 5e-3 of fp32 (tests/stages/features/test_lare.py).
-EXTRACT_PRECISIONS = tuple(lare_math.PRECISIONS)
-EXTRACT_ON_CUDA = "fp16"
-
-
-def precision_help() -> str:
-    """--precision's rule, said with the arguments ExtractConfig.resolved_precision passes (its --help)."""
-    return describe_precision(EXTRACT_PRECISIONS, EXTRACT_ON_CUDA)
-
-
-def loader_workers_help() -> str:
-    """--loader-workers's rule, said with the `most` extraction passes (its --help)."""
-    return describe_loader_workers(DECODE_WORKERS)
-
-
-@dataclass
-class ExtractConfig:
-    """Everything `pipeline extract` takes. Which fields decide values is said in `lare_params`."""
-
-    data_root: str | None = None  # a GenImage root (with `subset`) or a labelled-folder root
-    subset: str | None = None  # a GenImage subset: the dataset and its name
-    cache_dir: str = "cache"
-    model: str = sd.DEFAULT_MODEL
-    # split folders to index (all when None; GenImage: train and val); one value is also the split
-    # of files that name none (else `test`)
-    splits: tuple[str, ...] | None = None
-    dataset: str | None = None  # the name of a dataset given by `data_root`, `pairs` or `manifest`
-    pairs: tuple[tuple[str, str], ...] = ()  # (REAL_DIR, FAKE_DIR[=GENERATOR])
-    manifest: str | None = None
-    generator: str | None = None  # the generator of every labelled-folder file
-    real_names: tuple[str, ...] = layouts.REAL_NAMES
-    fake_names: tuple[str, ...] = layouts.FAKE_NAMES
-    timestep: int = 200
-    ensemble: int = 4
-    size: int = 256
-    preprocess: str = "resize"
-    prompt: str = DEFAULT_PROMPT
-    prompt_template: str | None = None
-    dtype: str = "float16"
-    precision: str = "auto"  # see precision_help
-    seed: int = 0
-    pixels: bool = True
-    pixel_size: int = 256
-    # the pixel crop (and `crop` LaRE geometry) of images smaller than the window
-    small_images: str = pixels_stage.SMALL_IMAGES[0]
-    max_pixels: int = pixels_stage.DEFAULT_MAX_PIXELS
-    batch_size: int = 16
-    rows_per_shard: int = 512
-    device: str = DEFAULT_DEVICE
-    loader_workers: int = -1  # -1: automatic (loader_workers_help); decoding must outrun a GPU
-    compile: bool = False  # torch.compile the VAE encoder and the UNet (last bits only, like batch size)
-    progress: bool = True
-    perturb: str | None = (
-        None  # a stages.features.perturb SPEC applied to the decoded image before the geometry
-    )
-    perturb_only: str | None = None  # "generated" or "real": perturb that class only
-
-    def source(self) -> index_stage.DataSource:
-        """Which files, named how: the one data option given (`--subset` with `--data-root`, or
-        `--dataset NAME` with `--data-root`, `--pair` or `--manifest`)."""
-        named = [o for o, v in (("--pair", self.pairs), ("--manifest", self.manifest)) if v]
-        if self.subset is not None:
-            if self.dataset is not None or named:
-                raise UserError(
-                    "--subset is a GenImage subset and names its cache: give it alone with --data-root"
-                )
-            if self.data_root is None:
-                raise UserError("--subset needs --data-root, the folder holding GenImage's subsets")
-            return index_stage.DataSource.genimage(
-                self.data_root, self.subset, self.splits or index_stage.SPLITS
-            )
-        if self.data_root is not None:
-            named.insert(0, "--data-root")
-        if len(named) != 1:
-            raise UserError(
-                "give the data one way: --subset NAME --data-root DIR (GenImage), or --dataset NAME with "
-                "one of --data-root DIR, --pair REAL_DIR FAKE_DIR[=GENERATOR], --manifest FILE "
-                f"(given: {', '.join(named) or 'none'})"
-            )
-        if self.dataset is None:
-            raise UserError(f"{named[0]} needs --dataset NAME: the cache is <cache-dir>/NAME.zarr")
-        if self.generator is not None and named[0] != "--data-root":
-            raise UserError("--generator names the generator of labelled folders (--data-root) only")
-        kind = {"--data-root": "folders", "--pair": "pairs", "--manifest": "manifest"}[named[0]]
-        return index_stage.DataSource(
-            self.dataset, kind, self.data_root, self.pairs, self.manifest, self.splits, None,
-            self.generator, self.real_names, self.fake_names,
-        )  # fmt: skip
-
-    def perturbation(self) -> Perturbation | None:
-        """The `perturb` param of both artifacts: SPEC (canonical), class, seed; None when clean."""
-        return requested(self.perturb, self.perturb_only, self.seed)
-
-    def check(self) -> None:
-        if self.preprocess not in PREPROCESS:
-            raise UserError(f"--preprocess must be one of {', '.join(PREPROCESS)}, not '{self.preprocess}'")
-        if self.small_images not in pixels_stage.SMALL_IMAGES:
-            choices = ", ".join(pixels_stage.SMALL_IMAGES)
-            raise UserError(f"--small-images must be one of {choices}, not '{self.small_images}'")
-        if self.dtype not in STORE_DTYPES:
-            raise UserError(f"--dtype must be one of {', '.join(STORE_DTYPES)}, not '{self.dtype}'")
-        self.resolved_precision("cpu")  # checks the name
-        if not 0 <= self.timestep < 1000:
-            raise UserError(f"--timestep must be in [0, 1000), not {self.timestep}")
-        for name in ("ensemble", "size", "pixel_size", "batch_size", "rows_per_shard", "max_pixels"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be positive")
-        if self.prompt_template is not None and "{cls}" not in self.prompt_template:
-            raise UserError("--prompt-template must contain '{cls}', e.g. 'a photo of a {cls}'")
-        self.perturbation()
-
-    def resolved_precision(self, device: str) -> str:
-        """The compute precision on `device` (pipeline.config's rule: see precision_help)."""
-        return resolve_precision(self.precision, device, EXTRACT_PRECISIONS, on_cuda=EXTRACT_ON_CUDA)
 
 
 def lare_artifact(
@@ -429,7 +303,7 @@ class ShardComputer:
             PixelParams.from_record(arts["pixels"].attrs["params"]) if "pixels" in arts else None,
         )
         dataset = RowDataset(job.files, job.ids, job.prompt_idx, recipe, job.labels)
-        workers = loader_workers(cfg.loader_workers, job.device, DECODE_WORKERS)
+        workers = loader_workers(cfg.loader_workers, job.device, configs.DECODE_WORKERS)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sub.batches(cfg.batch_size), num_workers=workers, pin_memory=self.cuda,
             prefetch_factor=4 if workers else None,

@@ -233,7 +233,7 @@ def cluster_compute(workers: int | None, scheduler: str | None):
 
     def compute(job: ExtractJob, shards: list[int], on_rows: Callable[[int], None]) -> int:
         if workers and job.cfg.loader_workers < 0:  # the local GPUs share this host's decode cores
-            from stages.extract import DECODE_WORKERS
+            from stages.configs import DECODE_WORKERS
 
             auto = loader_workers(-1, job.device, DECODE_WORKERS, gpus=workers)
             cfg = dataclasses.replace(job.cfg, loader_workers=auto)

@@ -48,19 +48,20 @@ import numpy as np
 from pipeline.config import DEFAULT_DEVICE, resolve_device
 from pipeline.errors import UserError
 from stages import papers
-from stages.detectors import lol
-from stages.evaluate import EvalConfig, run_eval
-from stages.extract import ExtractConfig, covering_artifacts, run_extract_covering
+from stages.configs import EvalConfig, ExtractConfig, ReproduceConfig, TrainConfig
+from stages.detectors import lol_method
+from stages.evaluate import run_eval
+from stages.extract import covering_artifacts, run_extract_covering
 from stages.genimage import index as index_stage
 from stages.runs import cachedata, checkpoint, choice
 from stages.runs.results import EvalResult
-from stages.train import TrainConfig, plan_run, run_train
+from stages.train import plan_run, run_train
 
 logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 GENIMAGE = tuple(index_stage.SUBSETS)  # the eight subsets, in the order of LoL's Table 1
 TOLERANCE_POINTS = 2.0  # percentage points a cell may differ where the paper prints no std
-LOL_PER_CLASS = cast(int, lol.DEFAULTS["max_per_class"])  # 1,600 real + 1,600 generated (Sec. 4.4)
+LOL_PER_CLASS = cast(int, lol_method.DEFAULTS["max_per_class"])  # 1,600 real + 1,600 generated (Sec. 4.4)
 FULL_SDV14_TRAIN = 323_994  # LoL Table 2's 100% row: every image of SD v1.4's train split
 GENIMAGE_TRAIN_PER_CLASS = FULL_SDV14_TRAIN // 2  # a GenImage subset's train split, per class (about)
 VOLUMES = (400, 800, 1_600, 3_200, 6_400, 12_800, 25_600, 64_000, 160_000, FULL_SDV14_TRAIN)
@@ -123,58 +124,6 @@ class Protocol:
     trainings: Callable[[ReproduceConfig], list[Training]]
     cells: Callable[[ReproduceConfig, list[Training], list[str], dict], list[Cell]]
     extract: dict = field(default_factory=dict)  # the table's ExtractConfig fields (the user's win)
-
-
-@dataclass
-class ReproduceConfig:
-    """What `pipeline reproduce` takes: the table, the data, and the usual extraction and training options."""
-
-    table: str
-    data_root: str
-    out: str = "results/reproduce"
-    subsets: list[str] | None = None  # test subsets (None: the eight); lol-table1 also trains on each
-    scale: float = 1.0  # fraction of the paper's training images per class
-    extract: dict = field(default_factory=dict)  # ExtractConfig fields (model, device, cache_dir, ...)
-    train: dict = field(default_factory=dict)  # TrainConfig fields (backbone, epochs, crop_size, ...)
-    progress: bool = True
-
-    def protocol(self) -> Protocol:
-        if self.table not in PROTOCOLS:
-            raise UserError(f"TABLE must be one of {', '.join(PROTOCOLS)}, not '{self.table}'")
-        if not 0 < self.scale <= 1:
-            raise UserError(f"--scale must be in (0, 1], not {self.scale}")
-        return PROTOCOLS[self.table]
-
-    def tests(self) -> list[str]:
-        if self.subsets is None:
-            return list(GENIMAGE)
-        tests = list(dict.fromkeys(index_stage.canonical_subset(s) for s in self.subsets))
-        if not tests:
-            raise UserError("--subsets: give at least one subset")
-        return tests
-
-    def per_class(self, images_per_class: int) -> int:
-        return max(1, round(images_per_class * self.scale))
-
-    def deviations(self) -> list[str]:
-        """What differs from the paper's protocol: the label of a cheaper (or other) version."""
-        out = []
-        if self.subsets is not None:
-            out.append(f"subsets {', '.join(self.tests())} (the paper: all eight)")
-        if self.scale != 1:
-            out.append(f"--scale {self.scale:g}: {self.scale:g} x the paper's training images per class")
-        for k, v in sorted(self.train.items()):
-            if k not in ("device", "seed"):
-                out.append(f"--{k.replace('_', '-')} {v}" + (" (in every run)" if k == "backbone" else ""))
-        model = self.extract.get("model")
-        if model is not None and model not in ("stable-diffusion-v1-5/stable-diffusion-v1-5",):
-            out.append(f"--model {model} (the reference: stable-diffusion-v1-5/stable-diffusion-v1-5)")
-        out += [
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in sorted(self.extract.items())
-            if k in ("size", "pixel_size", "preprocess", "ensemble", "timestep")
-        ]
-        return out
 
 
 # ---- the tables ---------------------------------------------------------------------------------
@@ -337,6 +286,15 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
+def protocol_of(cfg: ReproduceConfig) -> Protocol:
+    """The protocol of `cfg.table`, once its TABLE and --scale are checked."""
+    if cfg.table not in PROTOCOLS:
+        raise UserError(f"TABLE must be one of {', '.join(PROTOCOLS)}, not '{cfg.table}'")
+    if not 0 < cfg.scale <= 1:
+        raise UserError(f"--scale must be in (0, 1], not {cfg.scale}")
+    return PROTOCOLS[cfg.table]
+
+
 # ---- the plan -------------------------------------------------------------------------------------
 @dataclass
 class Plan:
@@ -349,7 +307,7 @@ class Plan:
 
 
 def make_plan(cfg: ReproduceConfig) -> Plan:
-    protocol = cfg.protocol()
+    protocol = protocol_of(cfg)
     tests = cfg.tests()
     trainings = protocol.trainings(cfg)
     trained = {t.subset for t in trainings}

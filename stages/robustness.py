@@ -31,18 +31,19 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import DEFAULT_DEVICE
 from pipeline.errors import UserError
-from stages.evaluate import EvalConfig, run_eval
-from stages.extract import ExtractConfig, run_extract_covering
+from stages.configs import EvalConfig, ExtractConfig, RobustnessConfig, TrainConfig
+from stages.evaluate import run_eval
+from stages.extract import run_extract_covering
 from stages.genimage import index as index_stage
 from stages.runs.results import EvalResult
-from stages.train import TrainConfig, run_train
+from stages.train import run_train
 
 logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
@@ -119,24 +120,11 @@ GRIDS: dict[str, list[Condition]] = {
 }
 
 
-@dataclass
-class RobustnessConfig:
-    """What `pipeline robustness` takes: the study, and the usual extraction and training options."""
-
-    data_root: str
-    train_subset: str
-    test_subsets: list[str]
-    grid: str = "lol-a4"
-    method: str = "lol"
-    out: str = "results/robustness"
-    extract: dict = field(default_factory=dict)  # ExtractConfig fields (model, device, cache_dir, ...)
-    train: dict = field(default_factory=dict)  # TrainConfig fields (backbone, epochs, crop_size, ...)
-    progress: bool = True
-
-    def conditions(self) -> list[Condition]:
-        if self.grid not in GRIDS:
-            raise UserError(f"--grid must be one of {', '.join(GRIDS)}, not '{self.grid}'")
-        return GRIDS[self.grid]
+def grid(name: str) -> list[Condition]:
+    """The conditions of the study `name` (--grid)."""
+    if name not in GRIDS:
+        raise UserError(f"--grid must be one of {', '.join(GRIDS)}, not '{name}'")
+    return GRIDS[name]
 
 
 def _extract(cfg: RobustnessConfig, subset: str, splits: tuple[str, ...], spec: str | None, only) -> str:
@@ -149,7 +137,7 @@ def _extract(cfg: RobustnessConfig, subset: str, splits: tuple[str, ...], spec: 
 
 def run_robustness(cfg: RobustnessConfig) -> tuple[Path, list[Path]]:
     """Extract what is missing, train, evaluate; returns the CSV and the figures written."""
-    conditions = cfg.conditions()
+    conditions = grid(cfg.grid)
     train_subset = index_stage.canonical_subset(cfg.train_subset)
     tests = list(dict.fromkeys(index_stage.canonical_subset(s) for s in cfg.test_subsets))
     if not tests:

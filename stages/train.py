@@ -21,7 +21,7 @@ epoch without an AUC is never chosen); EGRE's plateau schedule steps on that AUC
 without a new best end the run. No row of any cache's val split is read by training.
 
 Selection only where it means something: a slice with fewer than --min-val-rows (50) rows of either
-label judges epochs by noise (see MIN_VAL_ROWS), so then the best epoch is the last one, and neither
+label judges epochs by noise (see configs.MIN_VAL_ROWS), so then the best epoch is the last one, and neither
 early stopping nor the plateau schedule acts; the log and done.json ("selection") say so.
 
 Every random number of epoch k (order, crops, flips, masks, dropout) comes from generators seeded
@@ -37,7 +37,6 @@ import math
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,17 +47,19 @@ from tqdm import tqdm
 
 from pipeline import config
 from pipeline.code_versions import stage_code
-from pipeline.config import DEFAULT_DEVICE, loader_workers, resolve_device
+from pipeline.config import loader_workers, resolve_device
 from pipeline.errors import UserError
 from pipeline.fingerprint import fingerprint
 from pipeline.storage import now
+from stages import configs
+from stages.configs import TrainConfig
 from stages.detectors import backbone
 from stages.detectors import method as method_registry
 from stages.detectors.method import Hparams
 from stages.features import sd
 from stages.features.perturb_spec import requested
 from stages.runs import batches, cachedata, calibrate, card, checkpoint, choice, curves, distributed, listing
-from stages.runs.batches import READ_WORKERS, EpochBatches, make_inputs
+from stages.runs.batches import EpochBatches, make_inputs
 from stages.runs.checkpoint import (
     Run,
     atomic_json,
@@ -74,126 +75,6 @@ logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on st
 CODE_ID = "stages.train"  # the name its code is hashed under, wherever the file lives
 
 VAL_BATCH = 64  # validation rows per model call (inference only; part of the code, not an option)
-
-# Validation rows of EACH label below which the slice cannot choose an epoch. The AUC of n real +
-# n generated rows has a standard error of about 0.03 at n = 50 and AUC 0.9 (Hanley & McNeil 1982),
-# below the differences between a model's epochs late in training; at n = 10 it is 0.07, at n = 2
-# the AUC takes only the values 0, 0.25, 0.5, 0.75 and 1, and the "best" epoch is drawn at random.
-MIN_VAL_ROWS = 50
-
-
-@dataclass
-class TrainConfig:
-    caches: list[str]
-    method: str = "egre"
-    out: str = "runs"
-    max_per_class: int | str | None = None  # None: the method's default; 'all': every training row
-    seed: int = 0
-    epochs: int | None = None  # None: the method's default (see egre.DEFAULTS, lol.DEFAULTS)
-    patience: int | None = None  # epochs without a new best before stopping; 0: never; None: default
-    val_fraction: float = 0.05  # of the training rows, per label, held out from the train split
-    min_val_rows: int = MIN_VAL_ROWS  # per label, for the slice to choose epochs (else: the last epoch)
-    batch_size: int | None = None
-    lr: float | None = None
-    crop_size: int = 224
-    backbone: str = "RN50"
-    backbone_weights: str = "openai"  # 'openai', 'random', or a local open_clip checkpoint file
-    # the method's own options given, by name (its module declares them and their defaults: lol.Options)
-    method_options: dict[str, Any] = field(default_factory=dict)
-    shuffle_labels: bool = False  # a control: uninformative labels (see uninformative_labels)
-    verify: bool = True
-    progress: bool = True
-    device: str = DEFAULT_DEVICE  # where it trains; not in the fingerprint (last bits only, like batch order)
-    stop_after: int | None = None  # stop after this epoch as if interrupted (tests); not in the fingerprint
-    # Micro-batches per process that each global batch is cut into, gradients accumulated: one process
-    # with N of them is the reference that N torchrun processes (1 each) equal (docs/training.md).
-    micro_batches: int = 1
-    memory_rows: int = 16384  # up to this many training rows are held in memory; more are streamed
-    loader_workers: int = -1  # cache-reading processes (-1: automatic, loader_workers_help). Changes no bit.
-    precision: str = "auto"  # see precision_help
-    lare: str | None = None  # --lare / --pixels: which artifact of each cache (see choice.Choice)
-    pixels: str | None = None
-    perturb: str | None = None  # train on the artifacts extracted with this --perturb SPEC (None: clean)
-    perturb_only: str | None = None  # ... and this --perturb-only class
-    real_jpeg_quality: int | None = None  # real rows of this JPEG quality only (the JPEG-96 control)
-    split: str = "train"  # the split the rows come from (the validation slice too)
-    generators: tuple[str, ...] | None = None  # these generators' rows and their reals (None: all)
-
-    @classmethod
-    def from_options(cls, **options: Any) -> TrainConfig:
-        """A TrainConfig of flat options, as a user or a study's plan names them: a method's own
-        options (LoL's mask_range) beside the TrainConfig fields go to `method_options`."""
-        own = {f.name for f in fields(cls)}
-        method_options = {k: v for k, v in options.items() if k not in own}
-        return cls(**{k: v for k, v in options.items() if k in own}, method_options=method_options)
-
-    def hparams(self, subsets: set[str]) -> Hparams:
-        """The hyper-parameters of a run on caches of `subsets`: the options, else the method's defaults."""
-        method = method_registry.get(self.method)
-        for name in ("epochs", "batch_size", "lr"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, not {value}")
-        if self.patience is not None and self.patience < 0:
-            raise UserError(f"--patience must be 0 (never stop early) or more, not {self.patience}")
-        if not 0 < self.val_fraction < 1:
-            raise UserError(
-                f"--val-fraction must lie strictly between 0 and 1 (a validation slice and training rows "
-                f"are both needed), not {self.val_fraction}"
-            )
-        d = method.defaults
-        (only,) = subsets if len(subsets) == 1 else (None,)
-        hp: Hparams = {
-            "epochs": self.epochs or d["epochs"],
-            "patience": d["patience"] if self.patience is None else self.patience,
-            "batch_size": self.batch_size or d["batch_size"],
-            "lr": self.lr or d.get("lr_by_subset", {}).get(only, d["lr"]),
-            "betas": list(d["betas"]),
-            "grad_clip": d["grad_clip"],
-            "plateau": d["plateau"],
-            "val_fraction": self.val_fraction,
-            "min_val_rows": self.min_val_rows,
-            "crop_size": self.crop_size,
-            "max_per_class": per_class(self.max_per_class, d["max_per_class"]),
-            "shuffle_labels": self.shuffle_labels,
-            "memory_rows": self.memory_rows,
-            "real_jpeg_quality": self.real_jpeg_quality,
-        }
-        # which rows, recorded (and hashed) only when not the whole train split: the runs of before
-        # these options keep their fingerprints
-        if self.split != "train":
-            hp["split"] = self.split
-        if self.generators:
-            hp["generators"] = sorted(set(self.generators))
-        if self.min_val_rows < 1:
-            raise UserError(f"--min-val-rows must be at least 1, not {self.min_val_rows}")
-        if self.real_jpeg_quality is not None and not 1 <= self.real_jpeg_quality <= 100:
-            raise UserError(f"--real-jpeg-quality must be in 1..100, not {self.real_jpeg_quality}")
-        hp = cast(Hparams, {**hp, **method.own_hparams(self.method_options)})  # Hparams lists them
-        if self.loader_workers < -1:
-            raise UserError(
-                f"--loader-workers must be -1 (automatic) or at least 0, not {self.loader_workers}"
-            )
-        if self.crop_size % 32:
-            raise UserError(
-                f"--crop-size must be a multiple of 32 (the ResNet's stride), not {self.crop_size}"
-            )
-        return hp
-
-
-def per_class(value: int | str | None, default: int | None) -> int | None:
-    """--max-per-class: a positive number, 'all' (None: every row), or None for the method's default."""
-    if value is None:
-        return default
-    if value == "all":
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise UserError(f"--max-per-class takes a positive number or 'all', not '{value}'") from None
-    if n <= 0:
-        raise UserError(f"--max-per-class must be positive (or 'all'), not {value}")
-    return n
 
 
 def hold_out(rows: cachedata.Rows, fraction: float, per_class_max: int | None, seed: int):
@@ -248,7 +129,7 @@ def best_epoch(history: Mapping[int, ValScores]) -> int | None:
 def selection_rule(val_labels: np.ndarray, min_rows: int) -> str | None:
     """Why the validation slice cannot choose an epoch (None: it can).
 
-    Too few rows of a label make the AUC noise (MIN_VAL_ROWS): the run then keeps its last epoch,
+    Too few rows of a label make the AUC noise (configs.MIN_VAL_ROWS): the run then keeps its last epoch,
     and neither --patience nor the plateau schedule acts on those scores."""
     counts = [int((val_labels == label).sum()) for label in (0, 1)]
     if min(counts) >= min_rows:
@@ -280,24 +161,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) & ((1 << 63) - 1)
 
 
-TRAIN_PRECISIONS = ("fp32", "bf16")  # bf16: autocast, the master weights stay fp32
-TRAIN_ON_CUDA = "bf16"  # `auto` on CUDA: tensor cores
-
-
 def resolve_precision(precision: str, device: str) -> str:
-    """The training precision on `device` (pipeline.config's rule: see precision_help).
+    """The training precision on `device` (pipeline.config's rule: see configs.train_precision_help).
     Part of the fingerprint: a bf16 run's weights differ from an fp32 run's by more than the last bits."""
-    return config.resolve_precision(precision, device, TRAIN_PRECISIONS, on_cuda=TRAIN_ON_CUDA)
-
-
-def precision_help() -> str:
-    """--precision's rule, said with the arguments resolve_precision passes (its --help)."""
-    return config.describe_precision(TRAIN_PRECISIONS, TRAIN_ON_CUDA)
-
-
-def loader_workers_help() -> str:
-    """--loader-workers's rule, said with the `most` training passes (its --help)."""
-    return config.describe_loader_workers(READ_WORKERS)
+    offered, on_cuda = configs.TRAIN_PRECISIONS, configs.TRAIN_ON_CUDA
+    return config.resolve_precision(precision, device, offered, on_cuda=on_cuda)
 
 
 def training_code(method: str) -> str:
@@ -308,7 +176,7 @@ def training_code(method: str) -> str:
         batches,
         *checkpoint.TRAINING,
         method_registry,
-        sys.modules[method_registry.get(method).model.__module__],
+        method_registry.get(method).network_module(),
         sys.modules[__name__],
     )
 
@@ -424,7 +292,7 @@ def epoch_batches(
     labels = torch.from_numpy(rows.label)
     if hp["shuffle_labels"]:
         labels = uninformative_labels(labels, cfg.seed)
-    workers = loader_workers(cfg.loader_workers, device, READ_WORKERS)
+    workers = loader_workers(cfg.loader_workers, device, configs.READ_WORKERS)
     return EpochBatches(
         data, rows, labels, hp["batch_size"], hp["memory_rows"], progress, workers=workers, device=device
     )

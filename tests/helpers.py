@@ -82,7 +82,7 @@ TINY_TRAIN = ("--backbone", "tiny-RN", "--backbone-weights", "random", "--crop-s
 def tiny_extract(data_root: Path | str, cache_dir: Path | str, subset: str = "sdv14", **kw):
     """The ExtractConfig of an in-process extraction with the tiny SD model on CPU, without progress
     bars; `kw`: its other fields, these three included (the command's defaults otherwise)."""
-    from stages.extract import ExtractConfig
+    from stages.configs import ExtractConfig
 
     tiny = {"model": "tiny", "device": "cpu", "progress": False}
     return ExtractConfig(data_root=str(data_root), subset=subset, cache_dir=str(cache_dir), **{**tiny, **kw})
@@ -117,7 +117,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same for the `pipeline` subprocesse
 
 def tiny_run(cache: Path, out: Path, method: str, epochs: int) -> Path:
     """A short run (tiny backbone, batch 16, lr 1e-3, 32 px crops) on one thread."""
-    from stages.train import TrainConfig, run_train
+    from stages.configs import TrainConfig
+    from stages.train import run_train
 
     cfg = TrainConfig(
         caches=[str(cache)], method=method, out=str(out), epochs=epochs, batch_size=16, lr=1e-3,

@@ -37,9 +37,9 @@ app = typer.Typer()
 @app.command(
     cls=two_valued(
         help_defaults(
-            "stages.extract:ExtractConfig",
-            split="stages.extract:ExtractConfig.splits",
-            pair="stages.extract:ExtractConfig.pairs",
+            "stages.configs:ExtractConfig",
+            split="stages.configs:ExtractConfig.splits",
+            pair="stages.configs:ExtractConfig.pairs",
         ),
         "--pair",
         "REAL_DIR FAKE_DIR[=GENERATOR]",
@@ -119,7 +119,7 @@ def extract(
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="Storage dtype of the maps: float16 or float32.")] = None,
     precision: Annotated[
-        str | None, typer.Option(help="Compute precision: {stages.extract:precision_help}.")
+        str | None, typer.Option(help="Compute precision: {stages.configs:extract_precision_help}.")
     ] = None,
     seed: Seed = None,
     pixels: Annotated[
@@ -139,7 +139,8 @@ def extract(
     batch_size: LareBatchSize = None,
     rows_per_shard: RowsPerShard = None,
     loader_workers: Annotated[
-        int | None, typer.Option(help="DataLoader decode workers, or {stages.extract:loader_workers_help}.")
+        int | None,
+        typer.Option(help="DataLoader decode workers, or {stages.configs:extract_loader_workers_help}."),
     ] = None,
     compile: Annotated[
         bool | None, typer.Option("--compile", help="torch.compile the VAE encoder and UNet (GPU).")
@@ -170,7 +171,8 @@ def extract(
         from stages.extract_dask import cluster_compute
 
         compute = cluster_compute(workers, scheduler)
-    from stages.extract import ExtractConfig, run_extract
+    from stages.configs import ExtractConfig
+    from stages.extract import run_extract
 
     cfg = config(
         ExtractConfig, options, skip=("workers", "scheduler"), renamed={"pair": "pairs", "split": "splits"},

@@ -128,7 +128,7 @@ _LATE = re.compile(r"\{([\w.]+):(\w+)\}")
 def late_help(text: str) -> str:
     """`text` with each `{module:function}` replaced by what the function returns: a rule in the words
     of the stage that applies it, from the very constants it applies it with (e.g.
-    `{stages.train:precision_help}`), so that no rule is restated in a help text."""
+    `{stages.configs:train_precision_help}`), so that no rule is restated in a help text."""
     return _LATE.sub(lambda m: getattr(importlib.import_module(m[1]), m[2])(), text)
 
 

@@ -55,7 +55,7 @@ def _caches(option: list[str] | None, extra: list[str] | None) -> list[str]:
     return caches
 
 
-@app.command(cls=with_method_options(help_defaults("stages.train:TrainConfig"), after="backbone_weights"))
+@app.command(cls=with_method_options(help_defaults("stages.configs:TrainConfig"), after="backbone_weights"))
 def train(
     ctx: typer.Context,
     extra_caches: ExtraCaches = None,
@@ -105,15 +105,15 @@ def train(
     loader_workers: Annotated[
         int | None,
         typer.Option(
-            help="Processes reading cache shards, or {stages.train:loader_workers_help}. Changes no bit "
-            "of the run."
+            help="Processes reading cache shards, or {stages.configs:train_loader_workers_help}. "
+            "Changes no bit of the run."
         ),
     ] = None,
     precision: Annotated[
         str | None,
         typer.Option(
-            help="Training precision (bf16: autocast, fp32 master weights): {stages.train:precision_help}. "
-            "Part of the fingerprint."
+            help="Training precision (bf16: autocast, fp32 master weights): "
+            "{stages.configs:train_precision_help}. Part of the fingerprint."
         ),
     ] = None,
     perturb: PerturbRead = None,
@@ -142,8 +142,9 @@ def train(
     Options not given take TrainConfig's defaults or the method's (docs/training.md)."""
     options = {**locals(), **ctx.meta[METHOD_OPTIONS]}  # the method's own (with_method_options)
     usable_device(device)
+    from stages.configs import TrainConfig
     from stages.runs import distributed
-    from stages.train import TrainConfig, run_train
+    from stages.train import run_train
 
     cfg = config(
         TrainConfig.from_options, options, skip=("ctx", "extra_caches", "from_cache", "no_verify"),
@@ -161,7 +162,7 @@ def train(
         typer.echo(str(run))
 
 
-@app.command("eval", cls=help_defaults("stages.evaluate:EvalConfig"))
+@app.command("eval", cls=help_defaults("stages.configs:EvalConfig"))
 def eval_(
     checkpoint: Checkpoint,
     extra_caches: ExtraCaches = None,
@@ -190,7 +191,8 @@ def eval_(
     AP, ROC AUC, TPR at FPR 1%/5%, ECE (whole set); a reliability diagram PNG beside each result."""
     options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
-    from stages.evaluate import EvalConfig, run_eval
+    from stages.configs import EvalConfig
+    from stages.evaluate import run_eval
 
     cfg = config(
         EvalConfig, options, skip=("extra_caches", "from_cache", "no_verify"),
@@ -201,7 +203,7 @@ def eval_(
         run_eval(replace(cfg, checkpoint=local))
 
 
-@app.command(cls=help_defaults("stages.calibrate:CalibrateConfig"))
+@app.command(cls=help_defaults("stages.configs:CalibrateConfig"))
 def calibrate(
     checkpoint: Checkpoint,
     from_cache: Annotated[
@@ -217,7 +219,8 @@ def calibrate(
     `train` wrote calibration.json). Prints the thresholds."""
     options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
-    from stages.calibrate import CalibrateConfig, run_calibrate
+    from stages.calibrate import run_calibrate
+    from stages.configs import CalibrateConfig
     from stages.runs.calibrate import FILE
 
     cfg = config(
@@ -262,7 +265,7 @@ def report(
         typer.echo(f"wrote {heatmap(matrix, out)}")
 
 
-@app.command(cls=help_defaults("stages.detect:DetectConfig"))
+@app.command(cls=help_defaults("stages.configs:DetectConfig"))
 def detect(
     folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively) or one image.")],
     checkpoint: Checkpoint,
@@ -279,7 +282,8 @@ def detect(
     """Score any folder of images with a trained run; unreadable files are listed with a reason."""
     options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
-    from stages.detect import DetectConfig, run_detect
+    from stages.configs import DetectConfig
+    from stages.detect import run_detect
     from stages.runs import distributed
 
     cfg = config(DetectConfig, options)

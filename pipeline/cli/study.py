@@ -65,10 +65,10 @@ def study_config(
 
 @app.command(
     cls=help_defaults(
-        "stages.robustness:RobustnessConfig",
-        "stages.train:TrainConfig",
-        "stages.extract:ExtractConfig",
-        extract_batch_size="stages.extract:ExtractConfig.batch_size",
+        "stages.configs:RobustnessConfig",
+        "stages.configs:TrainConfig",
+        "stages.configs:ExtractConfig",
+        extract_batch_size="stages.configs:ExtractConfig.batch_size",
     )
 )
 def robustness(
@@ -105,14 +105,15 @@ def robustness(
     """A robustness or format-bias study: extract what is missing, train, evaluate; CSV and figures."""
     options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
-    from stages.robustness import RobustnessConfig, run_robustness
+    from stages import robustness
+    from stages.configs import RobustnessConfig
 
     cfg = study_config(
         RobustnessConfig, options, data_root=str(data_root),
         test_subsets=[s for item in test_subsets for s in item.split(",") if s.strip()],
     )  # fmt: skip
-    cfg.conditions()  # a bad --grid fails before anything is computed
-    csv_path, figures = run_robustness(cfg)
+    robustness.grid(cfg.grid)  # a bad --grid fails before anything is computed
+    csv_path, figures = robustness.run_robustness(cfg)
     typer.echo(f"wrote {csv_path}")
     for f in figures:
         typer.echo(f"wrote {f}")
@@ -120,10 +121,10 @@ def robustness(
 
 @app.command(
     cls=help_defaults(
-        "stages.reproduce:ReproduceConfig",
-        "stages.train:TrainConfig",
-        "stages.extract:ExtractConfig",
-        extract_batch_size="stages.extract:ExtractConfig.batch_size",
+        "stages.configs:ReproduceConfig",
+        "stages.configs:TrainConfig",
+        "stages.configs:ExtractConfig",
+        extract_batch_size="stages.configs:ExtractConfig.batch_size",
     )
 )
 def reproduce(
@@ -170,13 +171,14 @@ def reproduce(
     """
     options = dict(locals())  # the parsed options, before any other name is bound
     usable_device(device)
-    from stages.reproduce import ReproduceConfig, plan_text, run_reproduce
+    from stages.configs import ReproduceConfig
+    from stages.reproduce import plan_text, protocol_of, run_reproduce
 
     cfg = study_config(
         ReproduceConfig, options, skip=("dry_run",), data_root=str(data_root),
         shaped={"subsets": lambda text: [s for s in text.split(",") if s.strip()]},
     )  # fmt: skip
-    cfg.protocol()  # a bad TABLE or --scale fails before anything is computed
+    protocol_of(cfg)  # a bad TABLE or --scale fails before anything is computed
     cfg.tests()
     if dry_run:
         typer.echo(plan_text(cfg))

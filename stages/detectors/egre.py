@@ -17,18 +17,11 @@ from torch import nn
 
 from stages.detectors import backbone
 from stages.detectors.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
-from stages.detectors.method import Detector, Hparams, Method, register
+from stages.detectors.detector import Detector
+from stages.detectors.egre_method import HEAD_DIM, HEADS
+from stages.detectors.method import Hparams
 
 CODE_ID = "stages.egre"  # the name its code is hashed under, wherever the file lives
-
-HEADS, HEAD_DIM = 8, 64  # the reference's MultiHeadMapAttention: h = 8, d_k = d_v = 64
-# `epochs` caps a run; `patience` epochs without a better validation score end it (the reference
-# trains until stopped). `plateau` is the reference's ReduceLROnPlateau, stepped on the validation
-# AUC (the reference steps it on test files: we do not). max_per_class None: every training row.
-DEFAULTS = {
-    "lr": 1e-4, "batch_size": 48, "epochs": 50, "patience": 10, "grad_clip": 5.0, "betas": (0.9, 0.999),
-    "max_per_class": None, "plateau": {"mode": "max", "factor": 0.5, "patience": 4, "min_lr": 1e-7},
-}  # fmt: skip
 
 
 class EGRE(Detector):
@@ -89,16 +82,3 @@ def prepare(images: torch.Tensor, hp: Hparams, train: bool, gen: torch.Generator
     """EGRE's input: the crop, normalised with ImageNet's mean and std (the reference's choice; it uses
     no other augmentation)."""
     return backbone.normalise(images, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def model_args(hp: Hparams, lare_channels: int) -> dict:
-    """EGRE's constructor arguments besides the tower (saved in params.json, built from on load)."""
-    return {
-        "lare_channels": lare_channels,
-        "grid": hp["crop_size"] // 16,
-        "heads": HEADS,
-        "head_dim": HEAD_DIM,
-    }
-
-
-METHOD = register(Method("egre", EGRE, prepare, reads_lare=True, defaults=DEFAULTS, model_args=model_args))

@@ -14,38 +14,17 @@ evident intent: h = round(min(H, sqrt(S r_aspect))), w = round(min(W, S / h)), S
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from stages.detectors import backbone
 from stages.detectors.backbone import CLIP_MEAN, CLIP_STD, embedding, embedding_width
-from stages.detectors.method import Detector, Hparams, Method, option, recorded, register, value_range
+from stages.detectors.detector import Detector
+from stages.detectors.lol_method import ASPECT_RANGE, MASK_RANGE, Options
+from stages.detectors.method import Hparams, recorded
 
 CODE_ID = "stages.lol"  # the name its code is hashed under, wherever the file lives
-
-# The paper's setting (Sec. 4.2): 1,600 real + 1,600 generated training images, 20 epochs (no early
-# stop: patience 0), Adam 5e-6, or 5e-7 when the training subset is BigGAN (`lr_by_subset`).
-DEFAULTS = {
-    "lr": 5e-6, "batch_size": 4, "epochs": 20, "patience": 0, "grad_clip": None, "betas": (0.9, 0.999),
-    "max_per_class": 1600, "plateau": None, "lr_by_subset": {"biggan": 5e-7},
-}  # fmt: skip
-MASK_RANGE = (0.6, 0.8)
-ASPECT_RANGE = (0.33, 3.0)
-
-
-@dataclass(frozen=True)
-class Options:
-    """LoL's own options: the ranges its mask's area and aspect are drawn from (Algorithm 1)."""
-
-    mask_range: tuple[float, float] = option(
-        MASK_RANGE, "LoL: r_mask drawn uniformly in LOW,HIGH.", parse=value_range
-    )
-    aspect_range: tuple[float, float] = option(
-        ASPECT_RANGE, "LoL: r_aspect drawn uniformly in LOW,HIGH.", parse=value_range
-    )
 
 
 class LoL(Detector):
@@ -139,6 +118,3 @@ def prepare(images: torch.Tensor, hp: Hparams, train: bool, gen: torch.Generator
     own = recorded(Options, hp)
     masks = draw_masks(len(x), c, c, gen, own.mask_range, own.aspect_range, device=x.device)
     return x.masked_fill(masks[:, None], 0.0)
-
-
-METHOD = register(Method("lol", LoL, prepare, reads_lare=False, defaults=DEFAULTS, options=Options))

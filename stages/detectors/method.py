@@ -5,6 +5,9 @@ is one module that builds its `Method` and calls `register`, plus one line in BU
 registers a tiny third method from its own file and trains, evaluates and detects with it). Its own
 options (LoL's mask ranges) are a dataclass of `option` fields in that module, with their defaults
 and help: `pipeline train` offers them, and a run records them in its hparams.
+Nothing here imports torch, so that a command's --help reads the methods' defaults and options in a
+fraction of a second: the built-in methods are declared in egre_method and lol_method, their networks
+(egre, lol) named there as `Later` references and imported when a run first builds one.
 Like open_clip's model configs or diffusers' schedulers, what differs between methods is data on
 this object, not `if method == ...` branches elsewhere.
 """
@@ -16,37 +19,28 @@ import importlib
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict, TypeVar
-
-import torch
-from torch import nn
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from stages.detectors.detector import Detector
 
 CODE_ID = "stages.method"  # the name its code is hashed under, wherever the file lives
 
 Own = TypeVar("Own")  # a method's options dataclass
 
-BUILTIN = ("stages.detectors.egre", "stages.detectors.lol")  # modules that register a method when imported
-
-
-class Detector(nn.Module):
-    """A method's network: forward(images, lare_maps) -> logits, and what training and scoring
-    need of those logits (each method defines both)."""
-
-    @staticmethod
-    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @staticmethod
-    def score(logits: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+# modules that register a method when imported: each declares its method without importing its network
+BUILTIN = ("stages.detectors.egre_method", "stages.detectors.lol_method")
 
 
 # A run's hyper-parameters, as params.json records them ("hparams"; stages.runs.records holds the rest
 # of the run's records). Here, with the methods that read them: detectors may not import runs.
 class Plateau(TypedDict):
-    """EGRE's ReduceLROnPlateau arguments (stages.detectors.egre.DEFAULTS)."""
+    """EGRE's ReduceLROnPlateau arguments (stages.detectors.egre_method.DEFAULTS)."""
 
     mode: Literal["min", "max"]
     factor: float
@@ -96,6 +90,20 @@ def value_range(text: str, flag: str) -> tuple[float, float]:
     return lo, hi
 
 
+class Later:
+    """A function or class named 'module:name', imported when first called: how a method names its
+    network and its input preparation without importing their module (torch) where it is declared."""
+
+    def __init__(self, ref: str):
+        self.module, _, self.name = ref.partition(":")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Later('{self.module}:{self.name}')"
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """The options of a method with none of its own."""
@@ -114,7 +122,8 @@ class Method:
     reads_lare: whether the network reads LaRE maps (then evaluation checks that a test cache's maps
     were made like the training maps, detection computes them, and aligned maps are cropped with
     the image). defaults: the method's training hyper-parameters (see TrainConfig.hparams).
-    options: its own options, a frozen dataclass of `option` fields (lol.Options); a run records
+    model and prepare are callables or `Later` references to them.
+    options: its own options, a frozen dataclass of `option` fields (lol_method.Options); a run records
     their values among its hyper-parameters (own_hparams).
     """
 
@@ -136,6 +145,12 @@ class Method:
         values = dataclasses.asdict(self.options(**{k: v for k, v in given.items() if k in own}))
         return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
+    def network_module(self) -> ModuleType:
+        """The module of the method's network (its docstring says what the method is; its code is part
+        of a run's code version), imported here."""
+        ref = self.model
+        return importlib.import_module(ref.module if isinstance(ref, Later) else ref.__module__)
+
 
 REGISTRY: dict[str, Method] = {}
 
@@ -147,9 +162,10 @@ def register(method: Method) -> Method:
 
 
 def names() -> list[str]:
-    """The registered methods' names, built-in ones first."""
-    order = {importlib.import_module(module).__name__: k for k, module in enumerate(BUILTIN)}
-    return sorted(REGISTRY, key=lambda n: order.get(REGISTRY[n].model.__module__, len(order)))
+    """The registered methods' names, built-in ones first (in BUILTIN's order), then the others as
+    registered."""
+    builtin = [importlib.import_module(module).METHOD.name for module in BUILTIN]
+    return sorted(REGISTRY, key=lambda n: builtin.index(n) if n in builtin else len(builtin))
 
 
 def get(name: str) -> Method:

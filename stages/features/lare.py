@@ -14,9 +14,12 @@ from __future__ import annotations
 import torch
 import xxhash
 
+from stages.features import params
+
 CODE_ID = "stages.lare"  # the name its code is hashed under, wherever the file lives
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the torch dtype of each precision params.PRECISIONS names
+PRECISIONS = dict(zip(params.PRECISIONS, (torch.float32, torch.bfloat16, torch.float16), strict=True))
 
 
 def content_seed(seed: int, image_id: str) -> int:

@@ -21,6 +21,8 @@ CODE_ID = "stages.params"  # the name its code is hashed under, wherever the fil
 
 DEFAULT_PROMPT = "a photo"  # `--prompt`'s default; a schema-1 record with a template holds null for it
 SCHEMA1_RESAMPLE = "bilinear"  # what a schema-1 `resize` did (it recorded no `resample`)
+PREPROCESS = ("resize", "crop")  # LareParams.preprocess: what the recipe computes (stages.features.recipe)
+PRECISIONS = ("fp32", "bf16", "fp16")  # LareParams.precision: the dtypes LaRE computes in (lare.PRECISIONS)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,6 @@ from stages.genimage import classes
 
 CODE_ID = "stages.recipe"  # the name its code is hashed under, wherever the file lives
 
-PREPROCESS = ("resize", "crop")
-
 
 def lare_code_version() -> str:
     """The code (and data) that decides a LaRE map's value; docstrings and comments excluded."""

@@ -22,9 +22,6 @@ from stages.runs.cachedata import CacheData, Rows
 CODE_ID = "stages.batches"  # the name its code is hashed under, wherever the file lives
 
 LARE_GRID = 8  # pixels per LaRE cell (the VAE's downsampling)
-# The most cache-reading processes on a GPU (see pipeline.config.loader_workers): a process reads
-# roughly 1,000-2,000 rows/s of 256 px crops (bench/train_io.py), enough to outrun it.
-READ_WORKERS = 8
 
 
 def crop_offsets(

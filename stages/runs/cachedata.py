@@ -30,15 +30,12 @@ from pipeline.store import CacheStore
 from stages.features.params import LareParams, PixelParams
 from stages.genimage import index as index_stage
 from stages.runs import distributed
-from stages.runs.choice import Choice, choose
+from stages.runs.choice import AUTO, Choice, choose
 from stages.runs.records import CacheRecord
 
 logger = logging.getLogger(__name__)  # progress lines: the CLI shows INFO on stderr
 
 CODE_ID = "stages.cachedata"  # the name its code is hashed under, wherever the file lives
-# The split a test reads by default: `test` where the cache's LaRE artifacts cover one, else `val`
-# (GenImage's test set is its val split).
-AUTO = "auto"
 
 
 def default_split(manifest: Manifest) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ def _reads_lare(method: str) -> bool:
 def _about(method: str) -> str:
     """The first line of the method module's docstring (each method module says what it is)."""
     try:
-        doc = sys.modules[method_registry.get(method).model.__module__].__doc__ or ""
+        doc = method_registry.get(method).network_module().__doc__ or ""
     except Exception:
         doc = ""
     return doc.strip().splitlines()[0] if doc.strip() else f"the '{method}' detector"

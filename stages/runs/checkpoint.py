@@ -31,7 +31,8 @@ from pipeline.errors import UserError
 from pipeline.storage import atomic_write
 from stages.detectors import backbone
 from stages.detectors import method as method_registry
-from stages.detectors.method import Detector, Method
+from stages.detectors.detector import Detector
+from stages.detectors.method import Method
 from stages.runs import cachedata, distributed
 from stages.runs.batches import make_inputs
 from stages.runs.records import DoneRecord, EpochRecord, RunParams

@@ -24,6 +24,10 @@ if TYPE_CHECKING:  # types only: the records import no torch, but cache info nee
 
 CODE_ID = "stages.choice"  # the name its code is hashed under, wherever the file lives
 
+# The split a test reads by default (stages.runs.cachedata.default_split): `test` where the cache's
+# LaRE artifacts cover one, else `val` (GenImage's test set is its val split).
+AUTO = "auto"
+
 
 # ---- which perturbation (`--perturb SPEC`, `--perturb-only CLASS`): a filter of every artifact choice --
 def perturbation_of(art: ArtifactOrigin) -> Perturbation | None:

@@ -145,11 +145,16 @@ def _without_torch(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_help_and_the_cache_commands_start_without_torch(tmp_path):
-    """`pipeline --help`, `pipeline cache --help` and a cache command import no torch (seconds at each
-    start): the stages are imported inside the commands that need them."""
-    for args in (["--help"], ["cache", "--help"], ["cache", "info", str(tmp_path / "none.zarr")]):
+    """`pipeline --help`, every command's --help (its defaults, its rules and the methods' own options
+    read from stages.configs and the methods' declarations) and a cache command import no torch
+    (seconds at each start): the stages are imported inside the commands that need them."""
+    commands = [[c] for c in ("extract", "synth", "train", "eval", "calibrate", "report", "detect",
+                              "robustness", "reproduce", "cache", "run", "runs")]  # fmt: skip
+    info = ["cache", "info", str(tmp_path / "none.zarr")]
+    for args in (["--help"], *([*c, "--help"] for c in commands), info):
         proc = _without_torch(*args)
         assert proc.returncode == 0, (args, proc.stderr)
+        assert "Usage:" in proc.stdout or args[0] == "cache", (args, proc.stdout)
 
 
 def test_cache_info_describes_perturbed_artifacts_without_torch(genimage, tmp_path):
@@ -212,13 +217,15 @@ def test_every_help_shows_each_default_from_the_stage_config():
     value is the one the stage's config dataclass holds (the CLI retypes none of them)."""
     import dataclasses
 
-    from stages.calibrate import CalibrateConfig
-    from stages.detect import DetectConfig
+    from stages.configs import (
+        CalibrateConfig,
+        DetectConfig,
+        EvalConfig,
+        ExtractConfig,
+        RobustnessConfig,
+        TrainConfig,
+    )
     from stages.detectors import lol
-    from stages.evaluate import EvalConfig
-    from stages.extract import ExtractConfig
-    from stages.robustness import RobustnessConfig
-    from stages.train import TrainConfig
 
     def defaults(source) -> dict:
         return {f.name: f.default for f in dataclasses.fields(source) if f.default is not dataclasses.MISSING}
@@ -269,7 +276,7 @@ def test_precision_and_loader_workers_help_say_the_stages_rule_with_its_constant
     from pipeline.cli import app
     from pipeline.config import describe_loader_workers, describe_precision
     from pipeline.errors import UserError
-    from stages import extract, train
+    from stages import configs, train
 
     def shown(command: str) -> str:  # the help's words in order, the table's frame and wrapping removed
         out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "300"}).output
@@ -277,24 +284,24 @@ def test_precision_and_loader_workers_help_say_the_stages_rule_with_its_constant
 
     def constants():  # command -> (offered precisions, auto on CUDA, most loader workers), as applied
         return {
-            "extract": (extract.EXTRACT_PRECISIONS, extract.EXTRACT_ON_CUDA, extract.DECODE_WORKERS),
-            "train": (train.TRAIN_PRECISIONS, train.TRAIN_ON_CUDA, train.READ_WORKERS),
+            "extract": (configs.EXTRACT_PRECISIONS, configs.EXTRACT_ON_CUDA, configs.DECODE_WORKERS),
+            "train": (configs.TRAIN_PRECISIONS, configs.TRAIN_ON_CUDA, configs.READ_WORKERS),
         }
 
     for changed in (False, True):
         if changed:
-            monkeypatch.setattr(extract, "EXTRACT_ON_CUDA", "bf16")
-            monkeypatch.setattr(extract, "DECODE_WORKERS", 5)
-            monkeypatch.setattr(train, "TRAIN_PRECISIONS", ("fp32",))
-            monkeypatch.setattr(train, "TRAIN_ON_CUDA", "fp32")
-            monkeypatch.setattr(train, "READ_WORKERS", 3)
+            monkeypatch.setattr(configs, "EXTRACT_ON_CUDA", "bf16")
+            monkeypatch.setattr(configs, "DECODE_WORKERS", 5)
+            monkeypatch.setattr(configs, "TRAIN_PRECISIONS", ("fp32",))
+            monkeypatch.setattr(configs, "TRAIN_ON_CUDA", "fp32")
+            monkeypatch.setattr(configs, "READ_WORKERS", 3)
         for command, (offered, on_cuda, most) in constants().items():
             text = shown(command)
             assert describe_precision(offered, on_cuda) in text, (command, text)
             assert describe_loader_workers(most) in text, (command, text)
             assert f"({on_cuda} on CUDA" in text and f"at most {most} per GPU" in text, (command, text)
     # the rule applies the same constants the help describes
-    assert extract.ExtractConfig(data_root="unused", subset="sdv14").resolved_precision("cuda") == "bf16"
+    assert configs.ExtractConfig(data_root="unused", subset="sdv14").resolved_precision("cuda") == "bf16"
     assert train.resolve_precision("auto", "cuda") == "fp32"
     with pytest.raises(UserError, match="one of auto, fp32, not 'bf16'"):
         train.resolve_precision("bf16", "cpu")

@@ -49,7 +49,8 @@ def test_checksum_files_uses_relative_names_and_stat_cache(tmp_path):
 # ---- the LaRE artifact's fingerprint covers everything that decides a map ---------------------------
 _FP_SCRIPT = """
 from types import SimpleNamespace
-from stages.extract import ExtractConfig, lare_artifact
+from stages.configs import ExtractConfig
+from stages.extract import lare_artifact
 cfg = ExtractConfig(data_root=".", subset="sdv14", prompt_template="a photo of a {cls}")
 model = SimpleNamespace(weights="w" * 64, identity=lambda: {"spec": "x"})
 print(lare_artifact(cfg, "i" * 64, model, "fp32", (4, 32)).fingerprint)

@@ -7,8 +7,9 @@ import shutil
 
 import pytest
 
-from stages.detect import DetectConfig, run_detect
-from stages.evaluate import EvalConfig, run_eval
+from stages.configs import DetectConfig, EvalConfig
+from stages.detect import run_detect
+from stages.evaluate import run_eval
 from tests.helpers import ONE_THREAD, add_bad_files, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_curve
 
-from stages.evaluate import EvalConfig, metrics, run_eval
+from stages.configs import EvalConfig
+from stages.evaluate import metrics, run_eval
 from tests.helpers import ONE_THREAD, lines_said, run_cli, tiny_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,7 +146,8 @@ def test_epoch_choices_that_cannot_be_served_are_one_line(egre_run, learn_set, t
         proc = run_cli("eval", *args, "--from-cache", str(cache), "--out", str(tmp_path / "r"), check=False)
         assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     from pipeline.errors import UserError
-    from stages.detect import DetectConfig, run_detect
+    from stages.configs import DetectConfig
+    from stages.detect import run_detect
 
     for choice, message in (("9", "has no finished epoch 9"), ("first", "--epoch takes best, last")):
         with pytest.raises(UserError, match=message):

@@ -9,7 +9,8 @@ import zarr
 from pipeline.integrity import verify
 from pipeline.schema import STATUS_FAILED, STATUS_OK
 from pipeline.store import CacheStore
-from stages.extract import ExtractConfig, RowDataset, run_extract
+from stages.configs import ExtractConfig
+from stages.extract import RowDataset, run_extract
 from stages.features import pixels, sd
 from stages.features.params import LareParams, PixelParams
 from stages.features.recipe import RowRecipe

@@ -21,7 +21,8 @@ from pipeline.errors import UserError
 from pipeline.lock import EXTRACT_LOCK, extract_lock
 from pipeline.store import ArraySpec, Artifact, CacheStore, ShardWrite
 from stages import extract_dask
-from stages.extract import ExtractConfig, plan_extract, run_extract
+from stages.configs import ExtractConfig
+from stages.extract import plan_extract, run_extract
 from stages.genimage.synthetic import make_genimage
 from tests.helpers import PIPELINE, assert_same_cache, lines_said, run_cli, tiny_extract, torch_threads
 

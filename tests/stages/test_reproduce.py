@@ -11,10 +11,9 @@ import re
 import pytest
 
 from stages import papers, reproduce
-from stages.extract import ExtractConfig
+from stages.configs import ExtractConfig, ReproduceConfig, TrainConfig
 from stages.genimage.synthetic import make_genimage
-from stages.reproduce import GENIMAGE, Cell, ReproduceConfig, make_plan
-from stages.train import TrainConfig
+from stages.reproduce import GENIMAGE, Cell, make_plan
 from tests.helpers import ONE_THREAD, ROOT, run_cli
 
 

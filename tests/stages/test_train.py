@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
+from stages.configs import TrainConfig
 from stages.detectors import lol
 from stages.genimage.synthetic import make_genimage
-from stages.train import TrainConfig, run_train
+from stages.train import run_train
 from tests.helpers import ONE_THREAD, TINY_TRAIN, extract_cache, lines_said, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -337,7 +338,8 @@ def test_best_epoch_never_chosen_by_a_nan_auc_and_ties_go_to_the_lower_loss_then
 
 
 def test_selection_rule_needs_min_val_rows_of_each_label():
-    from stages.train import MIN_VAL_ROWS, selection_rule
+    from stages.configs import MIN_VAL_ROWS
+    from stages.train import selection_rule
 
     assert MIN_VAL_ROWS == 50
     assert selection_rule(np.array([0] * 50 + [1] * 50), 50) is None
@@ -351,8 +353,9 @@ def test_selection_rule_needs_min_val_rows_of_each_label():
 def test_the_default_slice_selects_from_1000_training_rows_per_label(per_label, max_per_class, selects):
     """docs/training.md: with --val-fraction 0.05 a slice chooses epochs from about 1,000 rows per label on,
     and LoL's 1,600 + 1,600 hold out 80 + 80."""
+    from stages.configs import MIN_VAL_ROWS
     from stages.runs.cachedata import Rows
-    from stages.train import MIN_VAL_ROWS, hold_out, selection_rule
+    from stages.train import hold_out, selection_rule
 
     labels = np.repeat([0, 1], per_label)
     rows = Rows(np.zeros(len(labels), dtype=int), np.arange(len(labels)), labels)

@@ -155,19 +155,19 @@ def test_make_test_fast_leaves_out_processes_and_long_trainings():
 
 def test_readme_states_the_precision_and_decode_worker_rules_with_the_stages_constants():
     """The README's `--precision` row and its `--loader-workers` note say what the stage applies
-    (stages.extract's constants through pipeline.config's rules), so a changed constant fails here."""
+    (stages.configs' constants through pipeline.config's rules), so a changed constant fails here."""
     import re
 
-    from stages import extract
+    from stages import configs, extract
 
     readme = " ".join((ROOT / "README.md").read_text().split())
     (row,) = re.findall(r"\| `--precision` \| `(\w+)` \| compute: fp32 on CPU, (\w+) on GPU", readme)
-    assert row == ("auto", extract.EXTRACT_ON_CUDA)
-    assert extract.ExtractConfig(".", "sdv14").precision == "auto"
-    assert extract.ExtractConfig(".", "sdv14").resolved_precision("cpu") == "fp32"
-    assert f"at least 2 and at most {extract.DECODE_WORKERS})" in readme
-    assert extract.loader_workers(-1, "cuda", extract.DECODE_WORKERS, gpus=1) >= 2
-    assert extract.loader_workers(-1, "cpu", extract.DECODE_WORKERS) == 0
+    assert row == ("auto", configs.EXTRACT_ON_CUDA)
+    assert configs.ExtractConfig(".", "sdv14").precision == "auto"
+    assert configs.ExtractConfig(".", "sdv14").resolved_precision("cpu") == "fp32"
+    assert f"at least 2 and at most {configs.DECODE_WORKERS})" in readme
+    assert extract.loader_workers(-1, "cuda", configs.DECODE_WORKERS, gpus=1) >= 2
+    assert extract.loader_workers(-1, "cpu", configs.DECODE_WORKERS) == 0
 
 
 def test_readme_share_and_compare_runs_commands_exist_with_their_options():

@@ -88,7 +88,8 @@ def test_the_fixed_runs_keep_their_fingerprints(fixed):
 
 
 def test_the_fixed_evaluation_keeps_its_key(fixed):
-    from stages.evaluate import EvalConfig, run_eval
+    from stages.configs import EvalConfig
+    from stages.evaluate import run_eval
 
     cache, runs, root = fixed
     with torch_threads(1):

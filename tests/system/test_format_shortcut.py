@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from pipeline.store import CacheStore
-from stages.evaluate import EvalConfig, run_eval
+from stages.configs import EvalConfig, TrainConfig
+from stages.evaluate import run_eval
 from stages.genimage.synthetic import make_genimage
-from stages.train import TrainConfig, run_train
+from stages.train import run_train
 from tests.helpers import extract_cache
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # 30- and 60-epoch trainings

@@ -3,7 +3,7 @@
 nothing is learned when the labels are shuffled.
 
 The set is small (24 train images per class, so a 1 + 1 row validation slice): the run must keep
-its last epoch rather than one chosen by the noise of two rows (train.MIN_VAL_ROWS), and still
+its last epoch rather than one chosen by the noise of two rows (configs.MIN_VAL_ROWS), and still
 score on held-out files as it did before the validation slice existed."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from stages.evaluate import EvalConfig, run_eval
-from stages.train import TrainConfig, run_train
+from stages.configs import EvalConfig, TrainConfig
+from stages.evaluate import run_eval
+from stages.train import run_train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # 30-epoch trainings
 

@@ -365,7 +365,8 @@ def test_an_absurd_array_shape_is_refused_in_one_line(cache, tmp_path):
 def test_the_egre_recipe_trains_on_sd_v1_5_like_the_reference_script():
     """README, "Reproduce the papers": `lare2-reference` trains EGRE on the subset the reference's script
     uses (SD v1.5), `lare2` on GenImage's (SD v1.4)."""
-    from stages.reproduce import ReproduceConfig, make_plan
+    from stages.configs import ReproduceConfig
+    from stages.reproduce import make_plan
 
     readme = (ROOT / "README.md").read_text()
     assert "- `lare2-reference`: the same trained on SD v1.5, as the reference's training script" in readme

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.detectors import backbone, egre
+from stages.detectors import backbone, egre, egre_method
 from stages.detectors.egre import EGRE
 from stages.runs.batches import make_inputs
 from tests.helpers import save_random_clip
@@ -46,13 +46,14 @@ def test_aligned_crop_takes_the_same_window_of_map_and_image():
         crops[:, :, 8 * i : 8 * i + 8] = 10 * i
         maps[:, :, i] = i
     hp = {"crop_size": 32}
-    x, m = make_inputs(egre.METHOD, hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=True)
+    gen = torch.Generator().manual_seed(0)
+    x, m = make_inputs(egre_method.METHOD, hp, crops, maps, True, gen, aligned=True)
     assert m.shape == (4, 4, 4, 4)
     for img, mp in zip(x, m, strict=True):
         first_pixel_value = round(float(img[0, 0, 0] * 0.229 + 0.485) * 255)
         assert first_pixel_value == 10 * int(mp[0, 0, 0])  # the window starts on the same cell
     _, m_whole = make_inputs(
-        egre.METHOD, hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=False
+        egre_method.METHOD, hp, crops, maps, True, torch.Generator().manual_seed(0), aligned=False
     )
     assert m_whole.shape == (4, 4, 8, 8)  # reference (resize) maps: whole map, pooled later
 
@@ -98,7 +99,7 @@ def test_batched_crops_are_the_per_sample_windows():
     crops = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
     maps = torch.randn(16, 4, 8, 8)
     x, m = make_inputs(
-        egre.METHOD, {"crop_size": 32}, crops, maps, True, torch.Generator().manual_seed(2), True
+        egre_method.METHOD, {"crop_size": 32}, crops, maps, True, torch.Generator().manual_seed(2), True
     )
     off = torch.randint(0, 5, (16, 2), generator=torch.Generator().manual_seed(2)) * 8  # the same draw
     assert len({tuple(o) for o in off.tolist()}) > 4

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.detectors import backbone, lol
+from stages.detectors import backbone, lol, lol_method
 from stages.detectors import method as method_registry
 from stages.runs import batches
 from stages.runs.batches import make_inputs
@@ -62,10 +62,10 @@ def test_masks_differ_per_sample_and_follow_the_ranges():
 def test_mask_applied_after_normalisation_in_training_only():
     crops = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(1)
-    x, _ = make_inputs(lol.METHOD, HP, crops, torch.zeros(8, 1, 1, 1), True, gen, aligned=False)
+    x, _ = make_inputs(lol_method.METHOD, HP, crops, torch.zeros(8, 1, 1, 1), True, gen, aligned=False)
     zero_frac = (x == 0).all(dim=1).float().mean(dim=(1, 2))
     assert (zero_frac >= 0.5).all()  # masked pixels are exactly 0 in normalised space, all channels
-    x_eval, _ = make_inputs(lol.METHOD, HP, crops, torch.zeros(8, 1, 1, 1), False, None, aligned=False)
+    x_eval, _ = make_inputs(lol_method.METHOD, HP, crops, torch.zeros(8, 1, 1, 1), False, None, aligned=False)
     # at test: centre crop (here the whole crop), no mask
     assert torch.equal(x_eval, backbone.normalise(crops, lol.CLIP_MEAN, lol.CLIP_STD))
     assert not (x_eval == 0).all(dim=1).any()
@@ -128,7 +128,7 @@ def test_lol_crops_at_any_pixel_while_egre_keeps_the_map_grid(monkeypatch):
     )
     monkeypatch.setattr(batches, "crop_windows", real)
     odd = torch.randint(0, 256, (2, 3, 60, 60), dtype=torch.uint8)  # centre offset 14, off the grid
-    x, _ = make_inputs(lol.METHOD, HP, odd, torch.zeros(2, 4, 1, 1), False, None, aligned=True)
+    x, _ = make_inputs(lol_method.METHOD, HP, odd, torch.zeros(2, 4, 1, 1), False, None, aligned=True)
     assert torch.equal(x, backbone.normalise(odd[..., 14:46, 14:46], lol.CLIP_MEAN, lol.CLIP_STD))
 
 
@@ -155,7 +155,8 @@ def test_lol_heads_the_image_embedding_of_a_resnet_or_a_vit_and_egre_refuses_a_v
 
 def test_a_lol_run_trains_a_vit_from_a_weight_file(learn_set, tmp_path):
     """--backbone tiny-ViT --backbone-weights FILE: the loading code of a real ViT-L-14 checkpoint."""
-    from stages.train import TrainConfig, run_train
+    from stages.configs import TrainConfig
+    from stages.train import run_train
     from tests.helpers import torch_threads
 
     weights = save_random_clip("tiny-ViT", tmp_path / "vit.safetensors", image_size=32)

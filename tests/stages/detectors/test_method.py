@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from pipeline.errors import UserError
-from stages.detect import DetectConfig, run_detect
+from stages.configs import DetectConfig, EvalConfig, TrainConfig
+from stages.detect import run_detect
 from stages.detectors import method as method_registry
 from stages.detectors.lol import LoL
-from stages.evaluate import EvalConfig, run_eval
+from stages.evaluate import run_eval
 from stages.runs.checkpoint import load_run
-from stages.train import TrainConfig, run_train
+from stages.train import run_train
 from tests.helpers import TINY_TRAIN
 
 pytestmark = pytest.mark.usefixtures("one_thread")

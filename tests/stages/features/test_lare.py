@@ -117,7 +117,7 @@ def test_half_precision_agrees_with_fp32_within_the_stated_tolerance(model, comp
 
 
 def test_gpu_default_is_the_precision_within_tolerance():
-    from stages.extract import ExtractConfig
+    from stages.configs import ExtractConfig
 
     cfg = ExtractConfig(data_root=".", subset="sdv14")
     assert cfg.resolved_precision("cuda") == "fp16"

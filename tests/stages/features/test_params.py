@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from stages.extract import ExtractConfig, lare_artifact, pixel_artifact
+from stages.configs import ExtractConfig
+from stages.extract import lare_artifact, pixel_artifact
 from stages.features.params import LareParams, PixelParams
 from stages.features.perturb_spec import Perturbation
 

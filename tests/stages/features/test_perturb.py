@@ -16,7 +16,8 @@ from scipy import ndimage
 
 from pipeline.errors import UserError
 from stages import extract
-from stages.extract import ExtractConfig, ShardComputer, run_extract
+from stages.configs import ExtractConfig
+from stages.extract import ShardComputer, run_extract
 from stages.features import perturb, perturb_spec
 from stages.genimage.index import jpeg_quality
 from stages.genimage.synthetic import make_genimage, make_image

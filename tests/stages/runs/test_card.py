@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from pipeline import runstore
-from stages.calibrate import CalibrateConfig, run_calibrate
-from stages.evaluate import EvalConfig, run_eval
+from stages.calibrate import run_calibrate
+from stages.configs import CalibrateConfig, EvalConfig, TrainConfig
+from stages.evaluate import run_eval
 from stages.runs import calibrate, card
-from stages.train import TrainConfig, run_train
+from stages.train import run_train
 from tests.helpers import torch_threads
 
 

@@ -120,7 +120,7 @@ def test_perturbation_options_are_checked_and_recorded_in_one_place():
     import pytest
 
     from pipeline.errors import UserError
-    from stages.extract import ExtractConfig
+    from stages.configs import ExtractConfig
     from stages.features.perturb_spec import Perturbation, requested
     from stages.runs.choice import perturbation_of
 

@@ -10,8 +10,9 @@ import sys
 import pytest
 from PIL import Image
 
+from stages.configs import TrainConfig
 from stages.runs import curves
-from stages.train import TrainConfig, run_train
+from stages.train import run_train
 from tests.helpers import lines_said, torch_threads
 
 

@@ -59,7 +59,8 @@ def train_args(cache: Path, out: Path, method: str = "egre", epochs: int = 2, *e
 
 def reference(cache: Path, out: Path, method: str, epochs: int, micro_batches: int, **kw) -> Path:
     """One process, in-process, each global batch cut into `micro_batches` (gradients accumulated)."""
-    from stages.train import TrainConfig, run_train
+    from stages.configs import TrainConfig
+    from stages.train import run_train
 
     cfg = TrainConfig(
         caches=[str(cache)], method=method, out=str(out), epochs=epochs, batch_size=16, lr=1e-3,
