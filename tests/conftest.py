@@ -3,6 +3,7 @@ and the `cli` / `slow` marks. The plain helpers the tests import are in tests/he
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -45,6 +46,32 @@ def _module_functions(module) -> dict[str, str]:
         for name, f in vars(module).items()
         if inspect.isfunction(f) and f.__module__ == module.__name__
     }
+
+
+# ---- two workers (`-n 2`): a module's shared fixture built once, not once per worker ---------------
+# pytest-xdist's `load` deals tests out one by one, so two tests of a module sharing a module-scoped
+# fixture (the README datasets' 13 extractions, say) mostly land on both workers and each builds it.
+# (`--dist loadgroup` would group them by mark, but this pytest's node ids ignore the group xdist
+# appends.) Here `load` hands out a module that defines a module-scoped fixture as one unit, to one
+# worker, and any other test alone; the units are handed out largest first (xdist's loadscope
+# order), so the single tests fill in at the end and neither worker idles.
+@functools.cache
+def _defines_a_module_fixture(path: str) -> bool:
+    return bool(re.search(r"@pytest\.fixture\(scope=\"module\"", (helpers.ROOT / path).read_text()))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":
+        return None  # another --dist: xdist's own
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedModuleFixtures(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if _defines_a_module_fixture(path) else nodeid
+
+    return SharedModuleFixtures(config, log)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -124,14 +124,16 @@ def test_readme_demo_robustness_command_runs(tmp_path):
 
 
 def test_make_test_fast_leaves_out_processes_and_long_trainings():
-    """README, Tests: `make test-fast` is `-m "not slow"`; a test that starts a process (here through
-    run_cli, or a helper of its module) is marked slow by conftest, the long trainings where written."""
+    """README, Tests: `make test` is the command the README writes, `make test-fast` the same with
+    `-m "not slow"`; a test that starts a process (here through run_cli, or a helper of its module) is
+    marked slow by conftest, the long trainings where written."""
     import re
     import sys
 
-    assert re.search(
-        r'^test-fast:.*\n\t.*pytest -q -n 2 -m "not slow"$', (ROOT / "Makefile").read_text(), re.M
-    )
+    makefile = (ROOT / "Makefile").read_text()
+    (command,) = re.findall(r"^test:.*\n\t\$\(BIN\)/(python -m pytest .*)$", makefile, re.M)
+    assert f"make test          # = .venv/bin/{command} ;" in (ROOT / "README.md").read_text()
+    assert re.search(rf'^test-fast:.*\n\t\$\(BIN\)/{re.escape(command)} -m "not slow"$', makefile, re.M)
     files = [
         str(ROOT / "tests" / f)
         for f in (
@@ -245,3 +247,21 @@ def test_the_lock_pins_every_declared_dependency_and_make_and_ci_install_from_it
     assert "-c " not in unpinned and "-e .[dev]" in unpinned.replace("'", "")
     assert re.search(r"^make install LOCK=requirements\.lock\b", (ROOT / ".ci" / "run").read_text(), re.M)
     assert "pip-compile" in _make("-n", "lock") and "--output-file requirements.lock" in _make("-n", "lock")
+
+
+def test_a_module_sharing_a_fixture_runs_in_one_worker():
+    """README, Tests: under `-n 2` the tests of a module that defines a module-scoped fixture run in
+    one worker (tests/conftest.py's scheduler), so the fixture is built once, not once per worker."""
+    import re
+    import sys
+
+    module = "tests/stages/test_papers.py"  # five fast tests sharing the papers' text (a module fixture)
+    assert '@pytest.fixture(scope="module")' in (ROOT / module).read_text()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-n", "2", "-v", "-p", "no:cacheprovider", module,
+         "tests/system/test_layers.py"], cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    ran = re.findall(r"^\[(gw\d)\] .* (?:PASSED|SKIPPED) (\S+)", proc.stdout, re.M)
+    workers = {gw for gw, test in ran if test.startswith(module)}
+    assert len([t for _, t in ran if t.startswith(module)]) == 5 and len(workers) == 1, proc.stdout
+    assert {gw for gw, test in ran} == {"gw0", "gw1"}, proc.stdout  # the other tests went to both
