@@ -45,7 +45,16 @@ MANIFEST = "run-manifest.json"
 KIND = "lare-pipeline run"
 VERSION = 1
 _TMP = re.compile(r"\.tmp\d+\.\d+$")  # atomic_write's temporary files (left only by a crash)
+# The names of the run files sharing reads, defined here once: stages.runs.checkpoint, through which
+# every stage builds a run's paths, takes them from here (pipeline/ imports no stage).
+PARAMS = "params.json"
+DONE = "done.json"
 _WEIGHTS = re.compile(r"epoch-(\d{3})\.safetensors")
+
+
+def weights_file(epoch: int) -> str:
+    """The name of epoch `epoch`'s weights (done.json's "final" names the last one)."""
+    return f"epoch-{epoch:03d}.safetensors"
 
 
 class FileEntry(TypedDict):
@@ -87,7 +96,7 @@ def seal(run: Path) -> RunManifest:
     """Write a local run's manifest from the files as they are now (a finished run, by `train`)."""
     import json
 
-    params = json.loads((run / "params.json").read_text())
+    params = json.loads((run / PARAMS).read_text())
     files = {
         key: FileEntry(xxh3=checksum_file(run / key), size=(run / key).stat().st_size)
         for key in _local_files(run)
@@ -154,7 +163,7 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str, url: str) -> RunMani
 def locate(url: str, writable: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, root) of the run at `url`; a zip may hold the run's files or its one folder."""
     fs, root = open_fs(url, writable)
-    here = (posixpath.join(root, name) for name in (MANIFEST, "params.json"))
+    here = (posixpath.join(root, name) for name in (MANIFEST, PARAMS))
     if writable or any(fs.exists(p) for p in here):
         return fs, root
     with contextlib.suppress(FileNotFoundError, NotImplementedError):
@@ -232,10 +241,10 @@ def opened(url: str | Path, epoch: str | int = "best") -> Iterator[Path]:
     files = manifest["files"]
     records = {k for k in files if k.endswith(".json") or k == "README.md"}  # not the curves
     done = None
-    if "done.json" in files:
-        done = parse_json(_checked(fs, root, url, "done.json", files["done.json"]), f"{url}/done.json")
+    if DONE in files:
+        done = parse_json(_checked(fs, root, url, DONE, files[DONE]), f"{url}/{DONE}")
     listed = sorted(int(m[1]) for k in files if (m := _WEIGHTS.fullmatch(k)))
-    wanted = records | {f"epoch-{e:03d}.safetensors" for e in needed_epochs(done, str(epoch), listed)}
+    wanted = records | {weights_file(e) for e in needed_epochs(done, str(epoch), listed)}
     wanted &= set(files)
     if local is not None:
         for key in sorted(wanted):
@@ -289,11 +298,11 @@ def copy_run(
     start = time.perf_counter()
     local = local_dir(src_url)
     if local is not None and not (local / MANIFEST).is_file():
-        if not (local / "params.json").is_file():
-            raise UserError(f"{src_url} is not a run directory (no params.json)")
-        if not (local / "done.json").is_file():
+        if not (local / PARAMS).is_file():
+            raise UserError(f"{src_url} is not a run directory (no {PARAMS})")
+        if not (local / DONE).is_file():
             raise UserError(
-                f"{src_url} has not finished training (no done.json): only finished runs are shared"
+                f"{src_url} has not finished training (no {DONE}): only finished runs are shared"
             )
         seal(local)
     src_fs, src_root = locate(src_url)

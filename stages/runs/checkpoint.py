@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from pipeline.errors import UserError
+from pipeline.runstore import DONE, PARAMS, weights_file
 from pipeline.storage import atomic_write
 from stages.detectors import backbone
 from stages.detectors import method as method_registry
@@ -40,15 +41,9 @@ from stages.runs.records import DoneRecord, EpochRecord, RunParams
 CODE_ID = "stages.checkpoint"  # the name its code is hashed under, wherever the file lives
 
 
-# The names of the run's files (the layout above): every other module builds a run's paths with these.
-PARAMS = "params.json"
+# The names of the run's files (the layout above): every other stage builds a run's paths with these.
+# Those that sharing reads too (PARAMS, DONE, weights_file) are pipeline.runstore's, defined there once.
 SAMPLE = "sample.json"
-DONE = "done.json"
-
-
-def weights_file(epoch: int) -> str:
-    """The name of epoch `epoch`'s weights (done.json's "final" names the last one)."""
-    return f"epoch-{epoch:03d}.safetensors"
 
 
 def _optim_file(epoch: int) -> str:
