@@ -301,9 +301,7 @@ def copy_run(
         if not (local / PARAMS).is_file():
             raise UserError(f"{src_url} is not a run directory (no {PARAMS})")
         if not (local / DONE).is_file():
-            raise UserError(
-                f"{src_url} has not finished training (no {DONE}): only finished runs are shared"
-            )
+            raise UserError(f"{src_url} has not finished training (no {DONE}): only finished runs are shared")
         seal(local)
     src_fs, src_root = locate(src_url)
     manifest = read_manifest(src_fs, src_root, src_url)

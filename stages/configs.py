@@ -2,10 +2,9 @@
 checks of its values and the rules its --help states (precision, loader workers).
 
 Torch-free (tests/pipeline/test_cli.py holds it), like transformers' configuration_*.py beside its
-modeling_*.py: `pipeline <command> --help` reads its defaults here in a fraction of a second, and a
-config is built and checked before anything heavy is imported. The commands' modules (stages.extract,
-stages.train, ...) take these and compute; the CLI builds them from the parsed options in one step
-(pipeline.cli.options.config).
+modeling_*.py: `pipeline <command> --help` reads its defaults here in a fraction of a second. The
+commands' modules (stages.extract, stages.train, ...) take these and compute; the CLI builds them
+from the parsed options in one step (pipeline.cli.options.config).
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from stages.genimage import layouts
 from stages.runs import calibrate, choice
 
 # ---- pipeline extract -------------------------------------------------------------------------
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the reference's (REFERENCE_NOTES.md)
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD v1.5, the reference's (REFERENCE_NOTES.md)
 STORE_DTYPES = ("float16", "float32")
 # The most decode workers per GPU (see pipeline.config.loader_workers). Measured on an H100 host: 8
 # workers decode about 700 JPEG (500x375) or 290 PNG (512x512) images/s, below what the GPU computes

@@ -9,8 +9,8 @@ Bad input ends in one line on stderr and exit code 2 (pipeline.errors.UserError)
 
 Layering: `pipeline/` (orchestration) is used by `stages/`; the CLI is the one place where
 `pipeline/` calls into `stages/` (tests/system/test_layers.py checks it). It imports each
-stage inside its command, so that `pipeline --help` and the cache commands start without torch (a
-command's own --help imports its stage, to show the defaults its config holds).
+stage inside its command, so that `pipeline --help`, every command's --help (the defaults come from
+the torch-free stages.configs) and the cache commands start without torch.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ config dataclass from a command's parsed options in one step and leaves those ou
 dataclass (the one place a default is written) decides. `help_defaults` reads those defaults into
 --help, and resolves each `{module:function}` in a help text (`late_help`): a rule the stage
 applies, in the words of the function that describes it. A detection method's own options are
-declared in its method module (stages.detectors.method.option); `with_method_options` offers them.
-Nothing here imports torch: the stages are imported when a --help is printed or a command runs.
+declared in its method's declaration (stages.detectors.method.option); `with_method_options` offers
+them. Nothing here imports torch, nor does a --help (it reads stages.configs and the methods'
+declarations); a command imports its stage when it runs.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def help_defaults(*sources: str, **renamed: str) -> type[TyperCommand]:
     config) or are flags: its --help shows each option's real default (a flag's: off), read from
     `sources` ('module:Name' of config dataclasses; the first holding the option's name wins) so
     that no default is written twice, and each help text's `{module:function}` parts (late_help).
-    Read when --help is printed: the stages import torch, which every start would otherwise pay.
+    Read when --help is printed, from stages.configs and the methods' declarations, which import no
+    torch (tests/pipeline/test_cli.py holds it); a command's start pays for none of it.
     `renamed`: option -> 'module:Name.field' where the names differ."""
     declared: dict[str | None, str | None] = {}  # option -> its help as written, `{module:function}` kept
 
@@ -164,7 +166,8 @@ def with_method_options(command: type[TyperCommand], after: str) -> type[TyperCo
     default in its method module (stages.detectors.method.option), so that a new method's option is
     written there alone; --help lists them after the option `after`. The values given, parsed, reach
     the command in ctx.meta[METHOD_OPTIONS]. The registry is read when the command parses its
-    arguments or prints its help (the method modules import torch), not when `pipeline` starts."""
+    arguments or prints its help, not when `pipeline` starts; the methods' declarations it reads
+    import no torch (their networks are imported when a run builds one)."""
 
     class Command(command):  # type: ignore[valid-type, misc]  # a class made at run time
         def get_params(self, ctx: Any) -> list[Any]:
