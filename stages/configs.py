@@ -186,7 +186,7 @@ class TrainConfig:
     backbone_weights: str = "openai"  # 'openai', 'random', or a local open_clip checkpoint file
     # the method's own options given, by name (its module declares them, defaults too: lol_method.Options)
     method_options: dict[str, Any] = field(default_factory=dict)
-    shuffle_labels: bool = False  # a control: uninformative labels (see uninformative_labels)
+    shuffle_labels: bool = False  # a control: uninformative labels (see train.uninformative_labels)
     verify: bool = True
     progress: bool = True
     device: str = DEFAULT_DEVICE  # where it trains; not in the fingerprint (last bits only, like batch order)

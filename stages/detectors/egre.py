@@ -18,10 +18,11 @@ from torch import nn
 from stages.detectors import backbone
 from stages.detectors.backbone import IMAGENET_MEAN, IMAGENET_STD, dims, visual_features
 from stages.detectors.detector import Detector
-from stages.detectors.egre_method import HEAD_DIM, HEADS
 from stages.detectors.method import Hparams
 
 CODE_ID = "stages.egre"  # the name its code is hashed under, wherever the file lives
+
+HEADS, HEAD_DIM = 8, 64  # the reference's MultiHeadMapAttention: h = 8, d_k = d_v = 64
 
 
 class EGRE(Detector):
@@ -82,3 +83,13 @@ def prepare(images: torch.Tensor, hp: Hparams, train: bool, gen: torch.Generator
     """EGRE's input: the crop, normalised with ImageNet's mean and std (the reference's choice; it uses
     no other augmentation)."""
     return backbone.normalise(images, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def model_args(hp: Hparams, lare_channels: int) -> dict:
+    """EGRE's constructor arguments besides the tower (saved in params.json, built from on load)."""
+    return {
+        "lare_channels": lare_channels,
+        "grid": hp["crop_size"] // 16,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+    }

@@ -122,7 +122,7 @@ class Method:
     reads_lare: whether the network reads LaRE maps (then evaluation checks that a test cache's maps
     were made like the training maps, detection computes them, and aligned maps are cropped with
     the image). defaults: the method's training hyper-parameters (see TrainConfig.hparams).
-    model and prepare are callables or `Later` references to them.
+    model, prepare and model_args are callables or `Later` references to them.
     options: its own options, a frozen dataclass of `option` fields (lol_method.Options); a run records
     their values among its hyper-parameters (own_hparams).
     """

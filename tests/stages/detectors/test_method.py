@@ -147,3 +147,15 @@ def test_a_run_is_built_from_the_constructor_arguments_it_saved(egre_run):
     assert params["model"] == {"lare_channels": 4, "grid": 2, "heads": 8, "head_dim": 64}
     model = load_run(egre_run).model
     assert (model.heads, model.head_dim, model.grid, model.to_heads.in_channels) == (8, 64, 2, 4)
+
+
+def test_the_code_of_a_methods_constructor_arguments_is_in_a_runs_code_version():
+    """A run's constructor arguments (Method.model_args) are saved in params.json after its fingerprint
+    is taken, so the code that makes them must be where train.training_code hashes: the network's
+    module or the registry. A declaration module (egre_method), which no code version covers, may only
+    name it (`Later`)."""
+    for name in method_registry.names():
+        method = method_registry.get(name)
+        ref = method.model_args
+        module = ref.module if isinstance(ref, method_registry.Later) else ref.__module__
+        assert module in (method.network_module().__name__, method_registry.__name__), (name, module)
